@@ -1,0 +1,403 @@
+"""The cascade engine: stages in order, score, decide, escalate; the attempt log. No fastapi here.
+
+``Engine.run`` returns either a ``Completed`` answer (non-stream clients) or a ``Streamed`` one whose
+``events`` yield the SSE bytes to send. Before it returns, nothing has been sent, so any failure can
+still become a proper HTTP error status. The last stage of a streaming request streams straight
+through: ``run`` returns as soon as its first chunk arrived, and the rest is relayed as it comes.
+Every request ends in exactly one ``on_finish(trace, ok, seconds)`` call (metrics, log, trace store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from app.cascade.plan import Plan, Stage
+from app.cascade.relay import StreamRelay
+from app.cascade.trace import Attempt, Trace, price_usd
+from app.errors import (
+    AllStagesFailed,
+    DeadlineExceeded,
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+)
+from app.protocol import (
+    completion_to_chunks,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    include_usage,
+    new_id,
+    shape_completion,
+    wants_logprobs,
+)
+from app.scoring.base import Answer, ScoreContext, score_stage
+from app.upstream.sse import DONE, encode
+
+Json = dict[str, Any]
+FinishHook = Callable[[Trace, bool, float], None]
+log = logging.getLogger("cascade.engine")
+
+_CLIENT_4XX = frozenset({400, 404, 413, 422})
+
+
+@dataclass(slots=True)
+class Completed:
+    body: Json
+    trace: Trace
+
+
+@dataclass(slots=True)
+class Streamed:
+    trace: Trace
+    events: AsyncIterator[bytes]
+
+
+class Engine:
+    def __init__(
+        self, on_finish: FinishHook, *, on_first_byte: Callable[[str, float], None] | None = None
+    ) -> None:
+        self._on_finish = on_finish
+        self._on_first_byte = on_first_byte
+
+    async def run(self, plan: Plan, body: Json, *, request_id: str, stream: bool) -> Completed | Streamed:
+        started = time.perf_counter()
+        trace = Trace(plan.name, request_id, new_id(), stream, plan.final.upstream.cfg.price, started=started)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + plan.deadline_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await self._stages(plan, body, trace, stream, deadline)
+        except TimeoutError as exc:
+            self._deadline_passed(trace, plan)
+            self._finish(trace, False)
+            raise DeadlineExceeded(
+                f"The cascade deadline of {plan.deadline_s:g}s passed. {_summary(trace)}"
+            ) from exc
+        except ProxyError:
+            self._finish(trace, False)
+            raise
+        except BaseException:
+            # Cancelled (client gone, shutdown) or a bug: account for what was spent, then propagate.
+            self._finish(trace, False)
+            raise
+        return result
+
+    # --- the stage loop --------------------------------------------------------------------------------
+
+    async def _stages(
+        self, plan: Plan, body: Json, trace: Trace, stream: bool, deadline: float
+    ) -> Completed | Streamed:
+        previous: list[Answer] = []
+        last = len(plan.stages) - 1
+        thresholds = list(plan.thresholds)
+        for stage in plan.stages:
+            final = stage.index == last
+            att = Attempt(stage.index, stage.upstream.name, threshold=thresholds[stage.index])
+            trace.attempts.append(att)
+            t0 = time.perf_counter()
+            if final and stream:
+                try:
+                    return await self._open_stream(stage, body, trace, att, t0, deadline)
+                except UpstreamError as err:
+                    _failed(att, err, t0, final=True)
+                    break
+            up = stage.upstream
+            req = up.prepare(body, stream=False)
+            if stage.needs_logprobs and "logprobs" not in body:
+                req["logprobs"] = True
+            try:
+                reply = await up.complete(req)
+            except UpstreamError as err:
+                _failed(att, err, t0, final)
+                continue
+            att.latency_ms = reply.latency_s * 1000
+            completion = reply.body
+            _account(att, stage, body, completion)
+            if final:
+                return self._accept(att, trace, body, completion, stream, reason="last stage")
+            choices = completion["choices"]
+            ch0 = choices[0]
+            answer = Answer(
+                ch0.get("message") or {}, ch0.get("finish_reason"), completion, up.name, stage.index
+            )
+            threshold = att.threshold if att.threshold is not None else 0.0
+            ctx = ScoreContext(plan.name, stage.index, body, answer, tuple(previous))
+            verdict = await score_stage(stage.scorers, ctx, threshold)
+            att.score = verdict.value
+            att.scores = verdict.scores
+            att.reasons = verdict.reasons
+            att.scoring = verdict.spend
+            if verdict.value >= threshold:
+                return self._accept(
+                    att, trace, body, completion, stream, reason=verdict.reason or "score >= threshold"
+                )
+            att.outcome = "rejected"
+            att.escalation_reason = "low_score"
+            att.reason = "low_score"
+            att.detail = verdict.reason
+            previous.append(answer)
+        raise _all_failed(trace)
+
+    def _accept(
+        self, att: Attempt, trace: Trace, body: Json, completion: Json, stream: bool, *, reason: str
+    ) -> Completed | Streamed:
+        att.outcome = "accepted"
+        att.reason = "accepted"
+        att.detail = reason
+        trace.accepted = trace.serving = att
+        keep_lp = wants_logprobs(body)
+        shape_completion(
+            completion,
+            completion_id=trace.completion_id,
+            fallback_model=_model_of(trace, completion),
+            keep_logprobs=keep_lp,
+        )
+        if att.usage_estimated or not isinstance(completion.get("usage"), dict):
+            completion["usage"] = _usage(att)
+        completion["cascade"] = trace.extension()
+        if not stream:
+            self._finish(trace, True)
+            return Completed(completion, trace)
+        chunks = completion_to_chunks(completion, with_usage=include_usage(body), keep_logprobs=keep_lp)
+        chunks[-1]["cascade"] = completion["cascade"]
+        return Streamed(trace, self._replay(trace, chunks))
+
+    async def _replay(self, trace: Trace, chunks: list[Json]) -> AsyncIterator[bytes]:
+        ok = False
+        try:
+            first = True
+            for c in chunks:
+                yield encode(orjson.dumps(c))
+                if first:
+                    self._first_byte(trace)
+                    first = False
+            yield DONE
+            ok = True
+        finally:
+            self._finish(trace, ok)
+
+    # --- the streamed last stage -------------------------------------------------------------------------
+
+    async def _open_stream(
+        self, stage: Stage, body: Json, trace: Trace, att: Attempt, t0: float, deadline: float
+    ) -> Streamed:
+        up = stage.upstream
+        stack = AsyncExitStack()
+        try:
+            chunks = await stack.enter_async_context(up.stream(up.prepare(body, stream=True)))
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                raise UpstreamProtocolError(up.name, "stream ended before any chunk") from None
+        except BaseException:
+            await stack.aclose()
+            raise
+        trace.serving = att
+        relay = StreamRelay(
+            trace.completion_id,
+            keep_logprobs=wants_logprobs(body),
+            with_usage=include_usage(body),
+            fallback_model=up.cfg.model,
+        )
+        return Streamed(
+            trace, self._relay(stage, body, trace, att, t0, deadline, stack, chunks, first, relay)
+        )
+
+    async def _relay(
+        self,
+        stage: Stage,
+        body: Json,
+        trace: Trace,
+        att: Attempt,
+        t0: float,
+        deadline: float,
+        stack: AsyncExitStack,
+        chunks: AsyncIterator[Json],
+        first: Json,
+        relay: StreamRelay,
+    ) -> AsyncIterator[bytes]:
+        ok = False
+        accounted = False
+        sent_any = False
+        try:
+            try:
+                chunk: Json | None = first
+                while chunk is not None:
+                    out = relay.process(chunk)
+                    if out is not None:
+                        yield out
+                        if not sent_any:
+                            sent_any = True
+                            self._first_byte(trace)
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        chunk = None
+            except UpstreamError as err:
+                _failed(att, err, t0, final=True)
+                _account_stream(att, stage, body, relay)
+                accounted = True
+                yield _error_event(
+                    f"The upstream stream failed: {err.detail}", "upstream_error", "upstream_stream_failed"
+                )
+                yield DONE
+                return
+            except TimeoutError:
+                att.outcome, att.reason, att.error_kind = "error", "timeout", "timeout"
+                att.detail = "cascade deadline passed while streaming"
+                att.latency_ms = (time.perf_counter() - t0) * 1000
+                _account_stream(att, stage, body, relay)
+                accounted = True
+                yield _error_event(
+                    "The cascade deadline passed while streaming.", "timeout_error", "deadline_exceeded"
+                )
+                yield DONE
+                return
+            att.latency_ms = (time.perf_counter() - t0) * 1000
+            usage = _account_stream(att, stage, body, relay)
+            accounted = True
+            att.outcome, att.reason, att.detail = "accepted", "accepted", "last stage"
+            trace.accepted = att
+            for b in relay.finish(trace.extension(), usage):
+                yield b
+                if not sent_any:
+                    sent_any = True
+                    self._first_byte(trace)
+            yield DONE
+            ok = True
+        finally:
+            await stack.aclose()
+            if not accounted:
+                # Client went away mid-stream: charge what was generated so far.
+                att.outcome, att.reason, att.detail = "error", "cancelled", "client disconnected"
+                att.latency_ms = (time.perf_counter() - t0) * 1000
+                _account_stream(att, stage, body, relay)
+            self._finish(trace, ok)
+
+    # --- endings -------------------------------------------------------------------------------------------
+
+    def _first_byte(self, trace: Trace) -> None:
+        if self._on_first_byte is not None:
+            self._on_first_byte(trace.cascade, time.perf_counter() - trace.started)
+
+    def _finish(self, trace: Trace, ok: bool) -> None:
+        try:
+            self._on_finish(trace, ok, time.perf_counter() - trace.started)
+        except Exception:  # accounting must never turn a served answer into an error
+            log.exception("recording a finished request failed")
+
+    def _deadline_passed(self, trace: Trace, plan: Plan) -> None:
+        if trace.attempts and trace.attempts[-1].outcome == "error" and not trace.attempts[-1].reason:
+            a = trace.attempts[-1]
+            a.reason, a.error_kind, a.detail = "timeout", "timeout", "cancelled at the cascade deadline"
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def _model_of(trace: Trace, completion: Json) -> str:
+    m = completion.get("model")
+    return m if isinstance(m, str) and m else trace.cascade
+
+
+def _usage(att: Attempt) -> Json:
+    return {
+        "prompt_tokens": att.prompt_tokens,
+        "completion_tokens": att.completion_tokens,
+        "total_tokens": att.prompt_tokens + att.completion_tokens,
+    }
+
+
+def _account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:
+    usage = completion.get("usage")
+    pt = ct = None
+    if isinstance(usage, dict):
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(pt, int) and isinstance(ct, int):
+        att.prompt_tokens, att.completion_tokens = pt, ct
+    else:
+        att.usage_estimated = True
+        att.prompt_tokens = estimate_prompt_tokens(body)
+        chars = 0
+        for ch in completion.get("choices") or ():
+            msg = ch.get("message") or {}
+            c = msg.get("content")
+            chars += len(c) if isinstance(c, str) else 0
+            for tc in msg.get("tool_calls") or ():
+                chars += len(str((tc.get("function") or {}).get("arguments") or ""))
+        att.completion_tokens = estimate_tokens("x" * chars) if chars else 0
+    reported = usage.get("cost") if isinstance(usage, dict) else None
+    att.answer_cost_usd = price_usd(
+        stage.upstream.cfg.price, att.prompt_tokens, att.completion_tokens, reported
+    )
+
+
+def _account_stream(att: Attempt, stage: Stage, body: Json, relay: StreamRelay) -> Json:
+    usage = relay.usage
+    pt = usage.get("prompt_tokens") if usage else None
+    ct = usage.get("completion_tokens") if usage else None
+    if isinstance(pt, int) and isinstance(ct, int):
+        att.prompt_tokens, att.completion_tokens = pt, ct
+    else:
+        att.usage_estimated = True
+        att.prompt_tokens = estimate_prompt_tokens(body)
+        att.completion_tokens = (relay.text_chars + 3) // 4
+    reported = usage.get("cost") if usage else None
+    att.answer_cost_usd = price_usd(
+        stage.upstream.cfg.price, att.prompt_tokens, att.completion_tokens, reported
+    )
+    return _usage(att)
+
+
+def _failed(att: Attempt, err: UpstreamError, t0: float, final: bool) -> None:
+    att.outcome = "error"
+    att.reason = err.reason
+    att.error_kind = err.kind
+    att.detail = err.detail
+    att.latency_ms = (time.perf_counter() - t0) * 1000
+    if isinstance(err, UpstreamStatusError):
+        att.status = err.status
+        att.retry_after = err.retry_after
+    if not final:
+        att.escalation_reason = err.reason
+
+
+def _summary(trace: Trace) -> str:
+    parts = []
+    for a in trace.attempts:
+        what = a.reason or a.outcome
+        if a.outcome == "rejected" and a.score is not None:
+            what += f" (score {a.score:.2f}{': ' + a.detail if a.detail else ''})"
+        elif a.detail:
+            what += f" ({a.detail})"
+        parts.append(f"stage {a.stage} ({a.upstream}): {what}")
+    return "Attempts: " + "; ".join(parts) + "." if parts else "No stage was attempted."
+
+
+def _all_failed(trace: Trace) -> ProxyError:
+    atts = trace.attempts
+    errors = [a for a in atts if a.outcome == "error"]
+    if errors and len(errors) == len(atts):
+        if all(a.status == 429 for a in errors):
+            waits = [a.retry_after for a in errors if a.retry_after is not None]
+            headers = {"retry-after": str(max(1, round(max(waits))))} if waits else {"retry-after": "1"}
+            return RateLimited(f"Every stage is rate-limited upstream. {_summary(trace)}", headers=headers)
+        if all(a.status in _CLIENT_4XX for a in errors):
+            return InvalidRequest(f"Every stage rejected the request as invalid. {_summary(trace)}")
+    return AllStagesFailed(f"Every stage failed. {_summary(trace)}")
+
+
+def _error_event(message: str, type_: str, code: str) -> bytes:
+    return encode(orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}))

@@ -1,0 +1,83 @@
+"""What a request runs: a cascade's stages with their upstream clients, scorers and thresholds.
+
+Plans are built once per config load. A pass-through request (model = an upstream name) runs a
+one-stage plan named after that upstream. Thresholds live in a small mutable table so online tuning can
+move them without rebuilding anything; each request reads them once, at its start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from app.config import Config
+from app.errors import ModelNotFound
+from app.scoring.base import Configured, StreamCheck
+from app.scoring.registry import ScorerDeps, build_stage_scorers
+from app.upstream.client import Upstream
+
+
+@dataclass(slots=True)
+class Stage:
+    index: int
+    upstream: Upstream
+    threshold: float | None  # None on the last stage: always accepted
+    scorers: Sequence[Configured] = ()
+    stream_checks: Sequence[StreamCheck] = ()
+    needs_logprobs: bool = False
+
+
+@dataclass(slots=True)
+class Plan:
+    name: str
+    stages: Sequence[Stage]
+    deadline_s: float
+    passthrough: bool = False
+    thresholds: list[float | None] = field(default_factory=list)
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+
+class Plans:
+    def __init__(self, plans: Mapping[str, Plan], created: int) -> None:
+        self._plans = dict(plans)
+        self.created = created
+
+    def resolve(self, model: str) -> Plan:
+        plan = self._plans.get(model)
+        if plan is None:
+            raise ModelNotFound(
+                f"The model '{model[:200]}' does not exist: "
+                "it is neither a cascade nor an upstream of this proxy.",
+                param="model",
+            )
+        return plan
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._plans.values())
+
+    def get(self, name: str) -> Plan | None:
+        return self._plans.get(name)
+
+
+def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps, created: int) -> Plans:
+    plans: dict[str, Plan] = {}
+    for name, up in upstreams.items():
+        ucfg = cfg.upstreams[name]
+        deadline = max(120.0, ucfg.timeout_s * (ucfg.max_retries + 1) + 10)
+        plan = Plan(name, [Stage(0, up, None)], deadline, passthrough=True)
+        plan.thresholds = [None]
+        plans[name] = plan
+    for cname, ccfg in cfg.cascades.items():
+        stages = []
+        for i, scfg in enumerate(ccfg.stages):
+            scorers = build_stage_scorers(f"cascades.{cname}.stages[{i}]", scfg, deps)
+            checks = [c.scorer for c in scorers if isinstance(c.scorer, StreamCheck)]
+            needs_lp = any(getattr(c.scorer, "needs_logprobs", False) for c in scorers)
+            stages.append(Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp))
+        plan = Plan(cname, stages, ccfg.deadline_s)
+        plan.thresholds = [s.threshold for s in stages]
+        plans[cname] = plan
+    return Plans(plans, created)

@@ -1,0 +1,127 @@
+"""The evidence a cascade run leaves: every attempt, with scores, costs and latency, and the money sums.
+
+``Trace.extension()`` is the ``cascade`` object of CONTRACT section 1. ``Trace.record(metrics)`` is the
+only place request-level metrics are written, so the response body and the counters always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.config import Price
+from app.metrics import Metrics
+from app.scoring.base import Spend
+
+Json = dict[str, Any]
+
+
+def price_usd(price: Price, prompt_tokens: int, completion_tokens: int, reported: object = None) -> float:
+    if price.reported and isinstance(reported, int | float) and not isinstance(reported, bool):
+        return float(reported)
+    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+
+
+@dataclass(slots=True)
+class Attempt:
+    stage: int
+    upstream: str
+    outcome: str = "error"  # accepted | rejected | error
+    reason: str = ""
+    score: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    threshold: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_estimated: bool = False
+    answer_cost_usd: float = 0.0
+    scoring: list[Spend] = field(default_factory=list)
+    latency_ms: float = 0.0
+    error_kind: str | None = None  # metric kind for upstream failures
+    escalation_reason: str | None = None  # low_score | upstream_error | timeout | early_abort
+    detail: str = ""  # why, in a few words; never a prompt, an answer or a key
+    status: int | None = None  # upstream HTTP status of a failed attempt
+    retry_after: float | None = None
+
+    @property
+    def cost_usd(self) -> float:
+        return self.answer_cost_usd + sum(s.cost_usd for s in self.scoring)
+
+    def as_json(self) -> Json:
+        out: Json = {
+            "stage": self.stage,
+            "upstream": self.upstream,
+            "outcome": self.outcome,
+            "score": None if self.score is None else round(self.score, 6),
+            "scores": self.scores,
+            "reason": self.reason,
+            "detail": self.detail,
+            "reasons": self.reasons,
+            "threshold": self.threshold,
+            "cost_usd": round(self.cost_usd, 10),
+            "latency_ms": round(self.latency_ms, 1),
+        }
+        if self.usage_estimated:
+            out["usage_estimated"] = True
+        return out
+
+
+@dataclass(slots=True)
+class Trace:
+    cascade: str
+    request_id: str
+    completion_id: str
+    stream: bool
+    final_price: Price
+    attempts: list[Attempt] = field(default_factory=list)
+    accepted: Attempt | None = None
+    started: float = 0.0
+    # The attempt whose answer goes to the client: set before a stream starts, so headers can name it.
+    serving: Attempt | None = None
+
+    @property
+    def escalations(self) -> int:
+        # The last attempt never escalates: nothing came after it.
+        return sum(1 for a in self.attempts[:-1] if a.escalation_reason)
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(a.cost_usd for a in self.attempts)
+
+    @property
+    def baseline_usd(self) -> float:
+        a = self.accepted
+        if a is None:
+            return 0.0
+        return price_usd(self.final_price, a.prompt_tokens, a.completion_tokens)
+
+    def extension(self) -> Json:
+        a = self.accepted
+        cost = self.cost_usd
+        baseline = self.baseline_usd
+        return {
+            "cascade": self.cascade,
+            "stage": a.stage if a else None,
+            "upstream": a.upstream if a else None,
+            "escalations": self.escalations,
+            "score": None if a is None or a.score is None else round(a.score, 6),
+            "cost_usd": round(cost, 10),
+            "baseline_cost_usd": round(baseline, 10),
+            "savings_usd": round(baseline - cost, 10),
+            "attempts": [x.as_json() for x in self.attempts],
+        }
+
+    def record(self, metrics: Metrics, *, ok: bool, seconds: float) -> None:
+        """Write every request-level metric for this trace (once, when the request ends)."""
+        c = self.cascade
+        for i, a in enumerate(self.attempts):
+            metrics.attempt(c, a.stage, a.upstream, a.outcome)
+            metrics.spend(c, a.upstream, "answer", a.answer_cost_usd, a.prompt_tokens, a.completion_tokens)
+            for s in a.scoring:
+                metrics.spend(c, s.upstream, "scoring", s.cost_usd, s.prompt_tokens, s.completion_tokens)
+            for name, value in a.scores.items():
+                metrics.scored(c, a.stage, name.split("#", 1)[0], value)
+            if a.escalation_reason and i + 1 < len(self.attempts):
+                metrics.escalation(c, a.upstream, self.attempts[i + 1].upstream, a.escalation_reason)
+        metrics.finished(c, ok, self.stream, seconds, self.baseline_usd if ok else 0.0)

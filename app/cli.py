@@ -1,0 +1,132 @@
+"""The ``cascade`` command: serve, check-config (calibrate and replay live in their own modules)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.config import Config, ConfigError, load_config
+from app.settings import EnvSettings, apply_overrides, config_path
+
+EXIT_CONFIG = 2
+
+
+def _fail(problems: Sequence[str]) -> int:
+    for line in problems:
+        print(line, file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _env() -> EnvSettings:
+    try:
+        return EnvSettings()
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"CASCADE_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors(include_url=False)]
+        ) from exc
+
+
+def load_effective(path: str | None, cli: dict[str, Any]) -> tuple[str, Config]:
+    env = _env()
+    p = config_path(path, env)
+    cfg = load_config(p)
+    try:
+        return p, apply_overrides(cfg, env, cli)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"server.{e['loc'][0]}: {e['msg']}" for e in exc.errors(include_url=False)]
+        ) from exc
+
+
+def _check_buildable(cfg: Config) -> None:
+    """Build every upstream client and scorer once, as serving would, to surface their errors now."""
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from app.metrics import Metrics
+    from app.runtime import build_runtime
+
+    build_runtime(cfg, httpx.AsyncClient(), Metrics(CollectorRegistry()))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        path, cfg = load_effective(args.path, {})
+        _check_buildable(cfg)
+    except ConfigError as exc:
+        return _fail(exc.problems)
+    print(f"{path}: ok ({len(cfg.upstreams)} upstreams, {len(cfg.cascades)} cascades)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cli = {"host": args.host, "port": args.port, "workers": args.workers}
+    try:
+        path, cfg = load_effective(args.config, cli)
+        _check_buildable(cfg)
+    except ConfigError as exc:
+        return _fail(exc.problems)
+
+    from app.logs import setup_logging
+    from app.server import serve
+
+    setup_logging(cfg.server.log_level, cfg.server.log_format)
+    metrics_dir = None
+    if cfg.server.workers > 1:
+        metrics_dir = _EnvMetricsDir.prepare()
+    return serve(os.path.abspath(path), cfg, cli, metrics_dir)
+
+
+class _EnvMetricsDir:
+    @staticmethod
+    def prepare() -> str:
+        """A clean prometheus multiprocess directory, exported so every worker writes to it."""
+        base = os.environ.get("CASCADE_METRICS_DIR")
+        if base:
+            shutil.rmtree(base, ignore_errors=True)
+            os.makedirs(base, exist_ok=True)
+            path = base
+        else:
+            path = tempfile.mkdtemp(prefix="cascade-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cascade", description="Quality-based model cascade proxy (OpenAI-compatible)."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", help="config file (default: $CASCADE_CONFIG or ./config.yaml)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a config file and exit (0 ok, 2 problems)")
+    c.add_argument("path", nargs="?")
+    c.set_defaults(func=cmd_check_config)
+
+    from app import cli_learning
+
+    cli_learning.add_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""config.yaml: closed, frozen models, validated once with one dotted-path message per problem.
+
+``load_config(path)`` reads the YAML, interpolates ``${VAR}`` / ``${VAR:-default}`` in every string,
+validates the tree and the cross references (stage -> upstream, judge -> upstream, names) and either
+returns a ``Config`` or raises ``ConfigError`` whose ``problems`` are lines like
+``cascades.default.stages[1].upstream: unknown upstream 'medum'``. Values are never echoed back in a
+message (they may be keys).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.errors import CascadeBaseError
+
+
+class ConfigError(CascadeBaseError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- server / auth ------------------------------------------------------------------------------------
+
+
+class ServerConfig(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(2048, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    # Tune the shared upstream connection pool (per upstream host).
+    max_connections: int = Field(1024, ge=1)
+    max_keepalive: int = Field(256, ge=0)
+
+
+class AuthConfig(_Model):
+    api_keys: tuple[str, ...] = ()
+    protect_metrics: bool = False
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _drop_empty(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        # "${CASCADE_API_KEY:-}" with the variable unset means "no key", not "the empty key".
+        return tuple(k for k in keys if k)
+
+
+# --- upstreams ------------------------------------------------------------------------------------------
+
+
+class Price(_Model):
+    """USD per 1M tokens. ``reported: true`` charges the ``usage.cost`` the upstream reports (OpenRouter
+    style) when present, and falls back to the token prices otherwise."""
+
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
+    reported: bool = False
+
+
+class UpstreamConfig(_Model):
+    base_url: str
+    model: str
+    api_key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    price: Price = Price()
+    timeout_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_retries: int = Field(1, ge=0, le=10)
+    # False for upstreams that cannot return token logprobs: a logprob scorer on them is a config error.
+    logprobs: bool = True
+    # Whether the upstream honours ``n`` (llama.cpp ignores it): consistency then uses parallel calls.
+    supports_n: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL like http://127.0.0.1:8081/v1")
+        return v.rstrip("/")
+
+
+# --- scorers --------------------------------------------------------------------------------------------
+
+
+class ScorerCommon(_Model):
+    weight: float = Field(1.0, gt=0)
+    veto: bool = False
+    timeout_s: float = Field(10.0, gt=0)
+    on_error: Literal["reject", "ignore", "accept"] = "reject"
+
+
+class HeuristicScorer(ScorerCommon):
+    type: Literal["heuristic"]
+    # Extra refusal/hedging phrases (case-insensitive substrings) on top of the built-in list.
+    phrases: tuple[str, ...] = ()
+    min_chars: int = Field(1, ge=0)
+    # Early abort on streams: look at the first ``early_chars`` characters for a refusal.
+    early_chars: int = Field(200, ge=0)
+
+
+class LogprobScorer(ScorerCommon):
+    type: Literal["logprob"]
+    aggregate: Literal["p10", "mean", "min", "first"] = "p10"
+
+
+class JudgeScorer(ScorerCommon):
+    type: Literal["judge"]
+    upstream: str
+    prompt: str | None = None
+
+
+class SelfVerifyScorer(ScorerCommon):
+    type: Literal["self_verify"]
+    prompt: str | None = None
+
+
+class ConsistencyScorer(ScorerCommon):
+    type: Literal["consistency"]
+    k: int = Field(3, ge=2, le=16)
+    temperature: float = Field(0.7, ge=0, le=2)
+
+
+class AgreementScorer(ScorerCommon):
+    type: Literal["agreement"]
+    with_: Literal["previous", "any"] = Field("previous", alias="with")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class HttpScorer(ScorerCommon):
+    type: Literal["http"]
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+
+class LearnedScorer(ScorerCommon):
+    type: Literal["learned"]
+    model: str
+
+
+class PythonScorer(ScorerCommon):
+    type: Literal["python"]
+    class_: str = Field(alias="class")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("class_")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        if not re.match(r"^[\w.]+:[\w.]+$", v):
+            raise ValueError("must be 'module:Class'")
+        return v
+
+
+ScorerConfig = Annotated[
+    HeuristicScorer
+    | LogprobScorer
+    | JudgeScorer
+    | SelfVerifyScorer
+    | ConsistencyScorer
+    | AgreementScorer
+    | HttpScorer
+    | LearnedScorer
+    | PythonScorer,
+    Field(discriminator="type"),
+]
+SCORER_TYPES = (
+    "heuristic",
+    "logprob",
+    "judge",
+    "self_verify",
+    "consistency",
+    "agreement",
+    "http",
+    "learned",
+    "python",
+)
+
+
+# --- cascades -------------------------------------------------------------------------------------------
+
+
+class StageConfig(_Model):
+    upstream: str
+    threshold: float | None = Field(None, ge=0, le=1)
+    scorers: tuple[ScorerConfig, ...] = ()
+
+
+class CascadeConfig(_Model):
+    stages: tuple[StageConfig, ...] = Field(min_length=1)
+    deadline_s: float = Field(120.0, gt=0)
+
+
+class LearningConfig(_Model):
+    store: str = "sqlite:///./data/traces.db"
+    store_text: bool = False
+    queue_size: int = Field(10_000, ge=1)
+    shadow_rate: float = Field(0.0, ge=0, le=1)
+    shadow_budget_usd_per_hour: float = Field(1.0, ge=0)
+    shadow_judge: str | None = None  # upstream name; default: normalised answer match
+    target_quality: float = Field(0.95, gt=0, le=1)
+    auto_tune: bool = False
+    tune_every: int = Field(50, ge=1)
+    min_labels: int = Field(200, ge=1)
+    max_step: float = Field(0.05, gt=0, le=1)
+    threshold_bounds: tuple[float, float] = (0.05, 0.99)
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    cascades: dict[str, CascadeConfig] = Field(default_factory=dict)
+    learning: LearningConfig | None = None
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(3)
+            if name in env:
+                return env[name]
+            if m.group(2) is not None:
+                return default or ""
+            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: object) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    prev: int | str | None = None
+    prev2: int | str | None = None
+    for part in loc:
+        # pydantic adds the discriminator tag to the location of a tagged-union member: drop it.
+        if isinstance(part, str) and part in SCORER_TYPES and isinstance(prev, int) and prev2 == "scorers":
+            prev2, prev = prev, part
+            continue
+        if part == "class_":
+            part = "class"
+        elif part == "with_":
+            part = "with"
+        path = _join(path, part)
+        prev2, prev = prev, part
+    return path
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False, include_input=False):
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown scorer type; expected one of: {', '.join(SCORER_TYPES)}"
+        elif err["type"] == "union_tag_not_found":
+            msg = "scorer needs a 'type'"
+        msg = msg.removeprefix("Value error, ")
+        out.append(f"{_loc_to_path(err['loc']) or '<root>'}: {msg}")
+    return out
+
+
+def _cross_check(cfg: Config) -> list[str]:
+    problems = []
+    names = set(cfg.upstreams)
+    for cname, cascade in cfg.cascades.items():
+        if cname in names:
+            problems.append(f"cascades.{cname}: name clashes with an upstream of the same name")
+        last = len(cascade.stages) - 1
+        for i, stage in enumerate(cascade.stages):
+            p = f"cascades.{cname}.stages[{i}]"
+            if stage.upstream not in names:
+                problems.append(f"{p}.upstream: unknown upstream '{stage.upstream}'")
+            if i < last and stage.threshold is None:
+                problems.append(f"{p}.threshold: required on every stage but the last")
+            if i < last and not stage.scorers:
+                problems.append(f"{p}.scorers: a stage before the last needs at least one scorer")
+            if i == last and stage.threshold is not None:
+                problems.append(f"{p}.threshold: the last stage is always accepted; remove its threshold")
+            for j, sc in enumerate(stage.scorers):
+                sp = f"{p}.scorers[{j}]"
+                if isinstance(sc, JudgeScorer) and sc.upstream not in names:
+                    problems.append(f"{sp}.upstream: unknown upstream '{sc.upstream}'")
+                if (
+                    isinstance(sc, LogprobScorer)
+                    and stage.upstream in names
+                    and not cfg.upstreams[stage.upstream].logprobs
+                ):
+                    problems.append(
+                        f"{sp}: upstream '{stage.upstream}' does not return logprobs (logprobs: false)"
+                    )
+                if isinstance(sc, AgreementScorer) and i == 0:
+                    problems.append(f"{sp}: the first stage has no earlier answer to agree with")
+    if cfg.learning and cfg.learning.shadow_judge and cfg.learning.shadow_judge not in names:
+        problems.append(f"learning.shadow_judge: unknown upstream '{cfg.learning.shadow_judge}'")
+    return problems
+
+
+def parse_config(raw: Any, env: dict[str, str] | None = None) -> Config:
+    """Validate an already-parsed YAML tree. Raises ConfigError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: must be a mapping"])
+    problems: list[str] = []
+    data = _interpolate(raw, "", dict(os.environ) if env is None else env, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc)) from exc
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read config file ({exc.strerror})"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{p}:{where}: {problem}"]) from exc
+    return parse_config(raw, env)

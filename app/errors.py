@@ -1,0 +1,156 @@
+"""The exception tree and the one table from exception to HTTP status + OpenAI error body.
+
+Client-facing errors (``ProxyError`` subclasses) carry their own status, OpenAI ``type`` and ``code``.
+Upstream failures (``UpstreamError`` subclasses) are raised by ``app.upstream`` and never reach a client
+directly: the cascade turns them into attempts and, when every stage failed, into one ``AllStagesFailed``.
+Third-party exceptions (httpx, orjson) are translated at the boundary where they happen, ``from exc``.
+Messages never contain upstream keys, proxy keys, prompts or answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CascadeBaseError(Exception):
+    """Root of every exception this package raises on purpose."""
+
+
+# --- errors a client sees -------------------------------------------------------------------------
+
+
+class ProxyError(CascadeBaseError):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationFailed(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    """Every stage was rate-limited upstream, or the proxy's own concurrency limit is full."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class AllStagesFailed(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "all_stages_failed"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class DeadlineExceeded(ProxyError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+# --- upstream failures (internal; become attempts) --------------------------------------------------
+
+
+class UpstreamError(CascadeBaseError):
+    """An upstream call failed. ``kind`` is the metric label: timeout, connect, status_4xx, status_5xx,
+    protocol. ``retryable`` says whether a retry inside the same attempt may help."""
+
+    kind: str = "protocol"
+    reason: str = "upstream_error"  # escalation reason
+
+    def __init__(self, upstream: str, detail: str, *, retryable: bool = False) -> None:
+        super().__init__(f"upstream '{upstream}': {detail}")
+        self.upstream = upstream
+        self.detail = detail
+        self.retryable = retryable
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+    reason = "timeout"
+
+
+class UpstreamConnectError(UpstreamError):
+    kind = "connect"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """Bad JSON, bad SSE, wrong content type, an error object inside a 200, a stream cut short."""
+
+    kind = "protocol"
+
+
+class UpstreamStatusError(UpstreamError):
+    def __init__(
+        self,
+        upstream: str,
+        status: int,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(upstream, f"HTTP {status}: {message}", retryable=retryable)
+        self.status = status
+        self.upstream_message = message
+        self.retry_after = retry_after
+        self.kind = "status_4xx" if status < 500 else "status_5xx"
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,93 @@
+"""The app factory. Nothing runs at import: ``create_app(config)`` builds everything, the lifespan owns
+the shared upstream HTTP client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.api.routes import router
+from app.api.transport import json_response
+from app.config import Config
+from app.errors import InternalError, ProxyError, error_body
+from app.metrics import Metrics
+from app.runtime import build_runtime
+from app.state import AppState
+
+log = logging.getLogger("cascade.app")
+
+
+def _http_client(config: Config, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    s = config.server
+    limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive)
+    return httpx.AsyncClient(limits=limits, transport=transport, follow_redirects=False, trust_env=False)
+
+
+def create_app(
+    config: Config,
+    *,
+    registry: Any = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    multiprocess_dir: str | None = None,
+) -> FastAPI:
+    """Build the proxy. ``registry``: a prometheus ``CollectorRegistry`` (a fresh one when None);
+    ``transport``: an httpx transport for upstream calls (tests); ``multiprocess_dir``: the
+    prometheus multiprocess directory when running several workers."""
+    from prometheus_client import CollectorRegistry
+
+    metrics = Metrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
+    http = _http_client(config, transport)
+    # Built now, not in the lifespan, so a config whose scorers can't be built fails at startup.
+    state = AppState(build_runtime(config, http, metrics), metrics, multiprocess_dir=multiprocess_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            state.draining = True
+            await http.aclose()
+
+    app = FastAPI(title="cascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.cascade = state
+    app.state.http = http
+    app.include_router(router)
+
+    def _rid(request: Request) -> dict[str, str]:
+        rid = getattr(request.state, "request_id", None)
+        return {"x-request-id": rid} if rid else {}
+
+    @app.exception_handler(ProxyError)
+    async def proxy_error(request: Request, exc: ProxyError) -> Response:
+        return json_response(exc.body(), exc.status, {**exc.headers, **_rid(request)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return json_response(error_body(msg, "invalid_request_error", code), exc.status_code, _rid(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = f"'{loc}': {first.get('msg', 'invalid')}" if loc else "invalid request"
+        return json_response(error_body(msg, "invalid_request_error", "invalid_request", loc or None), 400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug, not the client's fault: 500, logged by type and place only (no stack trace, no data).
+        log.error("unhandled error", exc_info=exc, extra=_rid(request))
+        err = InternalError("The proxy hit an internal error; it has been logged.")
+        return json_response(err.body(), 500, _rid(request))
+
+    return app

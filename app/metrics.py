@@ -1,0 +1,139 @@
+"""Prometheus metrics (CONTRACT section 4), bound to an injected ``CollectorRegistry``.
+
+Labels are low-cardinality by construction: cascade, stage, upstream and scorer names come from the
+config; outcome, reason, purpose and kind from fixed sets. Label children are cached so the hot path
+pays one dict lookup per update instead of prometheus-client's label validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, *, multiprocess: bool = False) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "cascade_requests", "Requests by final outcome.", ["cascade", "outcome"], registry=r
+        )
+        self.attempts = Counter(
+            "cascade_attempts",
+            "Stage attempts by outcome.",
+            ["cascade", "stage", "upstream", "outcome"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "cascade_escalations",
+            "Escalations from one stage to the next, by reason.",
+            ["cascade", "from_upstream", "to_upstream", "reason"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "cascade_cost_usd", "USD spent, by purpose.", ["cascade", "upstream", "purpose"], registry=r
+        )
+        self.baseline_cost = Counter(
+            "cascade_baseline_cost_usd",
+            "USD the last stage alone would have cost for the same requests.",
+            ["cascade"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "cascade_tokens", "Tokens by upstream and kind.", ["upstream", "kind"], registry=r
+        )
+        self.score = Histogram(
+            "cascade_score",
+            "Scores by scorer.",
+            ["cascade", "stage", "scorer"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "cascade_request_duration_seconds",
+            "Whole request duration, through the last byte.",
+            ["cascade", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "cascade_time_to_first_token_seconds",
+            "Time from request to the first streamed content byte.",
+            ["cascade"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "cascade_upstream_duration_seconds",
+            "Duration of each upstream call.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "cascade_upstream_errors", "Failed upstream calls by kind.", ["upstream", "kind"], registry=r
+        )
+        self.threshold = Gauge(
+            "cascade_threshold",
+            "Current acceptance threshold per stage.",
+            ["cascade", "stage"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.in_flight = Gauge(
+            "cascade_in_flight_requests",
+            "Requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    # --- recording helpers used by the engine and the upstream client -------------------------------
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        self._child(self.upstream_errors, upstream, kind).inc()
+
+    def upstream_call(self, upstream: str, seconds: float) -> None:
+        self._child(self.upstream_duration, upstream).observe(seconds)
+
+    def attempt(self, cascade: str, stage: int, upstream: str, outcome: str) -> None:
+        self._child(self.attempts, cascade, str(stage), upstream, outcome).inc()
+
+    def escalation(self, cascade: str, src: str, dst: str, reason: str) -> None:
+        self._child(self.escalations, cascade, src, dst, reason).inc()
+
+    def spend(
+        self, cascade: str, upstream: str, purpose: str, usd: float, prompt: int, completion: int
+    ) -> None:
+        if usd:
+            self._child(self.cost, cascade, upstream, purpose).inc(usd)
+        if prompt:
+            self._child(self.tokens, upstream, "prompt").inc(prompt)
+        if completion:
+            self._child(self.tokens, upstream, "completion").inc(completion)
+
+    def scored(self, cascade: str, stage: int, scorer: str, value: float) -> None:
+        self._child(self.score, cascade, str(stage), scorer).observe(value)
+
+    def finished(self, cascade: str, ok: bool, stream: bool, seconds: float, baseline_usd: float) -> None:
+        self._child(self.requests, cascade, "success" if ok else "error").inc()
+        self._child(self.request_duration, cascade, "true" if stream else "false").observe(seconds)
+        if baseline_usd:
+            self._child(self.baseline_cost, cascade).inc(baseline_usd)
+
+    def first_token(self, cascade: str, seconds: float) -> None:
+        self._child(self.ttft, cascade).observe(seconds)
+
+    def set_threshold(self, cascade: str, stage: int, value: float) -> None:
+        self._child(self.threshold, cascade, str(stage)).set(value)

@@ -1,0 +1,237 @@
+"""OpenAI wire format: request checks, completion/chunk shaping. Imports nothing from ``app`` but errors.
+
+Bodies stay plain dicts (parsed with orjson): the proxy reads a handful of fields and passes everything
+else through untouched, so a pydantic round-trip per request or per chunk would be pure cost.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from app.errors import InvalidRequest
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+
+Json = dict[str, Any]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _bad(param: str, msg: str) -> InvalidRequest:
+    return InvalidRequest(f"'{param}': {msg}", param=param)
+
+
+def _check_number(body: Json, name: str, lo: float, hi: float, *, integer: bool = False) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    ok = _is_int(v) if integer else _is_num(v)
+    if not ok:
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}")
+    if not lo <= v <= hi:
+        raise _bad(name, f"must be between {lo:g} and {hi:g}")
+
+
+def validate_chat_request(body: object, *, max_messages: int) -> Json:
+    """Check the fields the proxy relies on; return the body. Raises InvalidRequest naming the field.
+
+    Only shape is checked here. Semantics (e.g. a tool message without a preceding tool call) are the
+    upstream's to judge, exactly as OpenAI would.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise _bad("model", "is required")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "must be a non-empty string")
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("messages", "is required")
+    if not isinstance(messages, list):
+        raise _bad("messages", "must be an array of message objects")
+    if not messages:
+        raise _bad("messages", "must contain at least one message")
+    if len(messages) > max_messages:
+        raise _bad("messages", f"has {len(messages)} messages; the limit is {max_messages}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(f"messages[{i}].role", f"must be one of {', '.join(sorted(ROLES))}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(f"messages[{i}].content", "must be a string, an array of content parts or null")
+    for name in ("stream", "logprobs", "parallel_tool_calls", "store"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise _bad(name, "must be a boolean")
+    so = body.get("stream_options")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad("stream_options", "must be an object")
+        if "include_usage" in so and not isinstance(so["include_usage"], bool | None):
+            raise _bad("stream_options.include_usage", "must be a boolean")
+    _check_number(body, "n", 1, 128, integer=True)
+    _check_number(body, "temperature", 0, 2)
+    _check_number(body, "top_p", 0, 1)
+    _check_number(body, "presence_penalty", -2, 2)
+    _check_number(body, "frequency_penalty", -2, 2)
+    _check_number(body, "top_logprobs", 0, 20, integer=True)
+    _check_number(body, "max_tokens", 1, 10**9, integer=True)
+    _check_number(body, "max_completion_tokens", 1, 10**9, integer=True)
+    _check_number(body, "seed", -(2**63), 2**63 - 1, integer=True)
+    stop = body.get("stop")
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise _bad("stop", "must be a string, an array of strings or null")
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools", "must be an array")
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict):
+                raise _bad(f"tools[{i}]", "must be an object")
+            fn = t.get("function")
+            if t.get("type", "function") == "function":
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise _bad(f"tools[{i}].function.name", "is required and must be a string")
+                params = fn.get("parameters")
+                if params is not None and not isinstance(params, dict):
+                    raise _bad(f"tools[{i}].function.parameters", "must be a JSON schema object")
+    rf = body.get("response_format")
+    if rf is not None and (not isinstance(rf, dict) or not isinstance(rf.get("type"), str)):
+        raise _bad("response_format.type", "is required and must be a string")
+    for name in ("user", "service_tier", "reasoning_effort"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, str):
+            raise _bad(name, "must be a string")
+    md = body.get("metadata")
+    if md is not None and not isinstance(md, dict):
+        raise _bad("metadata", "must be an object")
+    return body
+
+
+# --- ids and shapes -------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def include_usage(body: Json) -> bool:
+    so = body.get("stream_options")
+    return bool(isinstance(so, dict) and so.get("include_usage"))
+
+
+def wants_logprobs(body: Json) -> bool:
+    return body.get("logprobs") is True
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (about 4 characters per token) for upstreams that report no usage."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def prompt_text(body: Json) -> str:
+    parts: list[str] = []
+    for m in body.get("messages") or ():
+        c = m.get("content") if isinstance(m, dict) else None
+        if isinstance(c, str):
+            parts.append(c)
+        elif isinstance(c, list):
+            parts.extend(
+                p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+    return "\n".join(parts)
+
+
+def estimate_prompt_tokens(body: Json) -> int:
+    # ~4 tokens of chat framing per message, as OpenAI's own counting guide does.
+    return estimate_tokens(prompt_text(body)) + 4 * len(body.get("messages") or ())
+
+
+def shape_completion(resp: Json, *, completion_id: str, fallback_model: str, keep_logprobs: bool) -> Json:
+    """Make an upstream ``chat.completion`` conform to the schema the client expects (in place)."""
+    resp["id"] = completion_id
+    resp["object"] = "chat.completion"
+    if not isinstance(resp.get("created"), int):
+        resp["created"] = now()
+    if not resp.get("model"):
+        resp["model"] = fallback_model
+    for i, ch in enumerate(resp.get("choices") or ()):
+        if not isinstance(ch, dict):
+            continue
+        ch.setdefault("index", i)
+        msg = ch.get("message")
+        if not isinstance(msg, dict):
+            msg = ch["message"] = {"role": "assistant", "content": None}
+        msg.setdefault("role", "assistant")
+        msg.setdefault("content", None)
+        msg.setdefault("refusal", None)
+        if ch.get("finish_reason") not in FINISH_REASONS:
+            ch["finish_reason"] = "stop"
+        if not keep_logprobs or "logprobs" not in ch:
+            ch["logprobs"] = None
+    if resp.get("system_fingerprint", "") is None:
+        del resp["system_fingerprint"]
+    return resp
+
+
+def completion_to_chunks(resp: Json, *, with_usage: bool, keep_logprobs: bool) -> list[Json]:
+    """Replay a buffered ``chat.completion`` as the ``chat.completion.chunk`` events OpenAI would send."""
+    base = {
+        "id": resp["id"],
+        "object": "chat.completion.chunk",
+        "created": resp["created"],
+        "model": resp["model"],
+    }
+    if resp.get("system_fingerprint"):
+        base["system_fingerprint"] = resp["system_fingerprint"]
+    first: list[Json] = []
+    finish: list[Json] = []
+    for ch in resp.get("choices") or ():
+        idx = ch.get("index", 0)
+        msg = ch.get("message") or {}
+        delta: Json = {"role": "assistant", "content": msg.get("content")}
+        if msg.get("refusal"):
+            delta["refusal"] = msg["refusal"]
+        if msg.get("tool_calls"):
+            delta["tool_calls"] = [
+                {"index": k, **{key: tc[key] for key in ("id", "type", "function") if key in tc}}
+                for k, tc in enumerate(msg["tool_calls"])
+            ]
+        c: Json = {"index": idx, "delta": delta, "finish_reason": None}
+        lp = ch.get("logprobs") if keep_logprobs else None
+        c["logprobs"] = lp
+        first.append(c)
+        finish.append(
+            {"index": idx, "delta": {}, "finish_reason": ch.get("finish_reason") or "stop", "logprobs": None}
+        )
+    chunks = [{**base, "choices": first}, {**base, "choices": finish}]
+    if with_usage:
+        for c in chunks:
+            c["usage"] = None
+        chunks.append({**base, "choices": [], "usage": resp.get("usage")})
+    return chunks
+
+
+def model_object(model_id: str, owned_by: str, created: int) -> Json:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}

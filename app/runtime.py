@@ -1,0 +1,69 @@
+"""Everything built from one config load: upstream clients, plans, the engine, and the request hook.
+
+A reload builds a new ``Runtime`` beside the old one and swaps a single reference, so a request keeps the
+runtime it started with and a bad config never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from app.cascade.engine import Engine
+from app.cascade.plan import Plans, build_plans
+from app.cascade.trace import Trace
+from app.config import Config
+from app.metrics import Metrics
+from app.scoring.registry import ScorerDeps
+from app.upstream.client import Upstream
+
+log = logging.getLogger("cascade.request")
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    upstreams: dict[str, Upstream]
+    plans: Plans
+    engine: Engine
+    keys: tuple[bytes, ...]
+
+
+def build_runtime(config: Config, http: httpx.AsyncClient, metrics: Metrics) -> Runtime:
+    upstreams = {
+        name: Upstream(name, ucfg, http, on_error=metrics.upstream_error, on_duration=metrics.upstream_call)
+        for name, ucfg in config.upstreams.items()
+    }
+    plans = build_plans(config, upstreams, ScorerDeps(http, upstreams), int(time.time()))
+    for plan in plans:
+        if plan.passthrough:
+            continue
+        for i, t in enumerate(plan.thresholds):
+            if t is not None:
+                metrics.set_threshold(plan.name, i, t)
+
+    def on_finish(trace: Trace, ok: bool, seconds: float) -> None:
+        trace.record(metrics, ok=ok, seconds=seconds)
+        a = trace.accepted
+        log.info(
+            "request",
+            extra={
+                "request_id": trace.request_id,
+                "cascade": trace.cascade,
+                "outcome": "success" if ok else "error",
+                "stream": trace.stream,
+                "stage": a.stage if a else None,
+                "upstream": a.upstream if a else None,
+                "escalations": trace.escalations,
+                "attempts": len(trace.attempts),
+                "cost_usd": round(trace.cost_usd, 10),
+                "latency_ms": round(seconds * 1000, 1),
+            },
+        )
+
+    engine = Engine(on_finish, on_first_byte=metrics.first_token)
+    keys = tuple(k.encode() for k in config.auth.api_keys)
+    return Runtime(config, upstreams, plans, engine, keys)

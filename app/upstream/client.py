@@ -1,0 +1,308 @@
+"""Talking to one OpenAI-compatible upstream: request building, retries, error mapping, SSE chunks.
+
+One pooled ``httpx.AsyncClient`` per process is shared by every ``Upstream`` (lifespan-owned). All httpx
+and orjson exceptions are translated here into the ``UpstreamError`` tree, ``from exc``.
+Retries (connect errors, 429, 5xx) happen only before the first byte of an answer, with exponential
+backoff and jitter, honouring ``retry-after`` up to a cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from app.config import UpstreamConfig
+from app.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from app.upstream.sse import SSEDecoder
+
+Json = dict[str, Any]
+# Called with (upstream name, error kind) for every failed call, retried or not.
+ErrorHook = Callable[[str, str], None]
+DurationHook = Callable[[str, float], None]
+
+_KEYLIKE = re.compile(r"(sk|pk|rk|key)[-_][A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
+_RETRY_AFTER_CAP_S = 5.0
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+
+
+@dataclass(slots=True)
+class Reply:
+    """A whole non-streamed answer."""
+
+    body: Json
+    latency_s: float
+
+
+class Upstream:
+    __slots__ = (
+        "_headers",
+        "_http",
+        "_on_duration",
+        "_on_error",
+        "_secret",
+        "_timeout",
+        "_url",
+        "cfg",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        cfg: UpstreamConfig,
+        http: httpx.AsyncClient,
+        *,
+        on_error: ErrorHook | None = None,
+        on_duration: DurationHook | None = None,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self._http = http
+        self._url = cfg.base_url + "/chat/completions"
+        self._headers = {"content-type": "application/json", **cfg.headers}
+        if cfg.api_key:
+            self._headers["authorization"] = f"Bearer {cfg.api_key}"
+        self._secret = cfg.api_key or None
+        self._timeout = httpx.Timeout(
+            connect=cfg.connect_timeout_s, read=cfg.timeout_s, write=cfg.timeout_s, pool=cfg.timeout_s
+        )
+        self._on_error = on_error
+        self._on_duration = on_duration
+
+    # --- public ------------------------------------------------------------------------------------
+
+    def prepare(self, body: Json, *, stream: bool) -> Json:
+        """The request sent upstream: the client's fields untouched, our model id, stream settings."""
+        out = dict(body)
+        out["model"] = self.cfg.model
+        if stream:
+            out["stream"] = True
+            so = out.get("stream_options")
+            # Always ask for usage so streamed cost is exact; the reply strips it if the client didn't ask.
+            out["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+        else:
+            out.pop("stream", None)
+            out.pop("stream_options", None)
+        return out
+
+    async def complete(self, body: Json) -> Reply:
+        """POST a non-streamed request (``body`` already prepared). Raises UpstreamError."""
+        payload = orjson.dumps(body)
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    reply = await self._post_once(payload)
+            except TimeoutError as exc:
+                err: UpstreamError = UpstreamTimeout(self.name, f"no answer within {self.cfg.timeout_s:g}s")
+                self._failed(err)
+                raise err from exc
+            except UpstreamError as err:
+                self._failed(err)
+                if err.retryable and attempt < self.cfg.max_retries:
+                    await asyncio.sleep(self._backoff(attempt, err))
+                    attempt += 1
+                    continue
+                raise
+            latency = time.perf_counter() - started
+            if self._on_duration is not None:
+                self._on_duration(self.name, latency)
+            return Reply(reply, latency)
+
+    @asynccontextmanager
+    async def stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
+        """Open a streamed request (``body`` already prepared) and yield an iterator of parsed chunks.
+
+        Connection, status and retries are settled before this yields, so an error raised here happened
+        before any byte of the answer. Errors while iterating are ``UpstreamError`` too. Leaving the
+        ``async with`` early closes the connection, which stops the upstream generating.
+        """
+        payload = orjson.dumps(body)
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            try:
+                resp = await self._open_stream(payload)
+                break
+            except UpstreamError as err:
+                self._failed(err)
+                if err.retryable and attempt < self.cfg.max_retries:
+                    await asyncio.sleep(self._backoff(attempt, err))
+                    attempt += 1
+                    continue
+                raise
+        try:
+            yield self._chunks(resp)
+        finally:
+            await resp.aclose()
+            if self._on_duration is not None:
+                self._on_duration(self.name, time.perf_counter() - started)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    async def _post_once(self, payload: bytes) -> Json:
+        try:
+            resp = await self._http.post(
+                self._url, content=payload, headers=self._headers, timeout=self._timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(self.name, "timed out") from exc
+        except httpx.ConnectError as exc:
+            raise UpstreamConnectError(self.name, "cannot connect", retryable=True) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamProtocolError(
+                self.name, f"connection failed mid-answer ({type(exc).__name__})"
+            ) from exc
+        if resp.status_code != 200:
+            raise self._status_error(resp.status_code, resp.headers, resp.content)
+        return self._parse_body(resp.headers, resp.content)
+
+    async def _open_stream(self, payload: bytes) -> httpx.Response:
+        req = self._http.build_request(
+            "POST", self._url, content=payload, headers=self._headers, timeout=self._timeout
+        )
+        try:
+            resp = await self._http.send(req, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(self.name, "timed out before the first byte") from exc
+        except httpx.ConnectError as exc:
+            raise UpstreamConnectError(self.name, "cannot connect", retryable=True) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamProtocolError(self.name, f"connection failed ({type(exc).__name__})") from exc
+        if resp.status_code != 200:
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await resp.aclose()
+            raise self._status_error(resp.status_code, resp.headers, content)
+        ctype = resp.headers.get("content-type", "")
+        if "json" in ctype:
+            # Some servers answer a stream request with a plain JSON error in a 200.
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await resp.aclose()
+            self._parse_body(resp.headers, content)  # raises on an error body
+            raise UpstreamProtocolError(self.name, "expected an event stream, got a JSON body")
+        if "text/event-stream" not in ctype:
+            await resp.aclose()
+            raise UpstreamProtocolError(self.name, f"expected text/event-stream, got '{ctype[:60]}'")
+        return resp
+
+    async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Json]:
+        decoder = SSEDecoder()
+        done = False
+        try:
+            async for raw in resp.aiter_raw():
+                for ev in decoder.feed(raw):
+                    if ev.data == "[DONE]":
+                        done = True
+                        return
+                    yield self._parse_chunk(ev.data, ev.event)
+            for ev in decoder.flush():
+                if ev.data == "[DONE]":
+                    done = True
+                    return
+                yield self._parse_chunk(ev.data, ev.event)
+        except httpx.TimeoutException as exc:
+            err: UpstreamError = UpstreamTimeout(self.name, f"stream stalled for {self.cfg.timeout_s:g}s")
+            self._failed(err)
+            raise err from exc
+        except httpx.HTTPError as exc:
+            err = UpstreamProtocolError(self.name, f"stream broke off ({type(exc).__name__})")
+            self._failed(err)
+            raise err from exc
+        except UpstreamError as err:
+            self._failed(err)
+            raise
+        if not done:
+            err = UpstreamProtocolError(self.name, "stream ended without [DONE]")
+            self._failed(err)
+            raise err
+
+    def _parse_chunk(self, data: str, event: str) -> Json:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(self.name, "invalid JSON in an SSE event") from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError(self.name, "SSE event is not a JSON object")
+        if ("error" in chunk and "choices" not in chunk) or event == "error":
+            raise UpstreamProtocolError(self.name, f"error event in stream: {self._message_of(chunk)}")
+        return chunk
+
+    def _parse_body(self, headers: httpx.Headers, content: bytes) -> Json:
+        ctype = headers.get("content-type", "")
+        if ctype and "json" not in ctype:
+            raise UpstreamProtocolError(self.name, f"expected application/json, got '{ctype[:60]}'")
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(self.name, "invalid JSON body") from exc
+        if not isinstance(body, dict):
+            raise UpstreamProtocolError(self.name, "JSON body is not an object")
+        if "error" in body and not body.get("choices"):
+            raise UpstreamProtocolError(self.name, f"error in a 200 reply: {self._message_of(body)}")
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            raise UpstreamProtocolError(self.name, "reply has no choices")
+        return body
+
+    def _status_error(self, status: int, headers: httpx.Headers, content: bytes) -> UpstreamStatusError:
+        message = f"HTTP {status}"
+        try:
+            parsed = orjson.loads(content) if content else None
+            if isinstance(parsed, dict):
+                message = self._message_of(parsed)
+        except orjson.JSONDecodeError:
+            pass
+        retry_after: float | None = None
+        ra = headers.get("retry-after")
+        if ra:
+            try:
+                retry_after = max(0.0, float(ra))
+            except ValueError:
+                retry_after = None
+        retryable = status == 429 or status >= 500
+        return UpstreamStatusError(self.name, status, message, retryable=retryable, retry_after=retry_after)
+
+    def _message_of(self, body: Json) -> str:
+        err = body.get("error")
+        msg: object = err.get("message") if isinstance(err, dict) else err
+        text = str(msg) if msg else "no message"
+        return self.redact(text[:300])
+
+    def redact(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, "[redacted]")
+        return _KEYLIKE.sub("[redacted]", text)
+
+    def _backoff(self, attempt: int, err: UpstreamError) -> float:
+        if isinstance(err, UpstreamStatusError) and err.retry_after is not None:
+            return min(err.retry_after, _RETRY_AFTER_CAP_S)
+        return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (2**attempt)) * (0.5 + random.random() / 2)
+
+    def _failed(self, err: UpstreamError) -> None:
+        if self._on_error is not None:
+            self._on_error(self.name, err.kind)

@@ -1,0 +1,122 @@
+"""Shared fixtures: the fake upstream, a proxy built on it, and helpers to read SSE replies."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app.config import parse_config
+from app.main import create_app
+from tests.fake_upstream import FakeUpstream, create_fake_upstream
+
+FAKE = "http://fake.local/v1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's CASCADE_* settings or proxy variables."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("CASCADE_") or key == "PROMETHEUS_MULTIPROC_DIR":
+            monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def fake() -> FakeUpstream:
+    return create_fake_upstream()
+
+
+def upstream(model: str, **extra: Any) -> dict[str, Any]:
+    """An upstream entry on the fake: ``model`` picks the fake's behaviour."""
+    return {"base_url": FAKE, "model": model, "price": {"input": 1.0, "output": 2.0}, "timeout_s": 5, **extra}
+
+
+def base_config(**cascades: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "server": {"log_level": "warning"},
+        "upstreams": {
+            "small": upstream("ok", price={"input": 0.1, "output": 0.2}),
+            "large": upstream("answer-large_says_hi", price={"input": 10.0, "output": 20.0}),
+        },
+        "cascades": {
+            "default": {
+                "stages": [
+                    {"upstream": "small", "threshold": 0.7, "scorers": [{"type": "heuristic"}]},
+                    {"upstream": "large"},
+                ]
+            }
+        },
+    }
+    cfg["cascades"].update(cascades)
+    return cfg
+
+
+def two_stage(first_model: str, last_model: str = "answer-large_says_hi", **stage0: Any) -> dict[str, Any]:
+    cfg = base_config()
+    cfg["upstreams"]["small"]["model"] = first_model
+    cfg["upstreams"]["large"]["model"] = last_model
+    cfg["cascades"]["default"]["stages"][0].update(stage0)
+    return cfg
+
+
+class Router(httpx.AsyncBaseTransport):
+    """Routes upstream calls by host to in-process ASGI apps (the fake upstream, a scoring service...)."""
+
+    def __init__(self, apps: Mapping[str, Any]) -> None:
+        self._t = {host: httpx.ASGITransport(app=app) for host, app in apps.items()}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        t = self._t.get(request.url.host)
+        if t is None:
+            raise httpx.ConnectError(f"no route to {request.url.host}", request=request)
+        return await t.handle_async_request(request)
+
+
+@asynccontextmanager
+async def proxy(
+    cfg: dict[str, Any],
+    fake: FakeUpstream,
+    *,
+    registry: CollectorRegistry | None = None,
+    apps: Mapping[str, Any] | None = None,
+) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    config = parse_config(copy.deepcopy(cfg), env={})
+    app = create_app(
+        config,
+        registry=registry or CollectorRegistry(),
+        transport=Router({"fake.local": fake, **(apps or {})}),
+    )
+    async with LifespanManager(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://proxy", timeout=30
+    ) as client:
+        yield client, app
+
+
+def chat(model: str = "default", content: str = "What is 6*7?", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def sse_events(text: str) -> list[Any]:
+    """Parse an SSE body into its data payloads: JSON objects, and the string "[DONE]"."""
+    out: list[Any] = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                data = line[6:]
+                out.append(data if data == "[DONE]" else orjson.loads(data))
+    return out
