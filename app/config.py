@@ -294,6 +294,8 @@ def _format_validation(exc: ValidationError) -> list[str]:
             msg = "required key is missing"
         elif err["type"] == "union_tag_invalid":
             msg = f"unknown scorer type; expected one of: {', '.join(SCORER_TYPES)}"
+        elif err["type"] == "too_short":
+            msg = f"must have at least {err.get('ctx', {}).get('min_length', 1)} item(s)"
         elif err["type"] == "union_tag_not_found":
             msg = "scorer needs a 'type'"
         msg = msg.removeprefix("Value error, ")

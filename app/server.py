@@ -81,5 +81,5 @@ def serve(config_path: str, cfg: Config, cli: dict[str, Any], metrics_dir: str |
     ucfg = _uvicorn_config("app.server:worker_app", cfg, factory=True)
     ucfg.workers = cfg.server.workers
     sock = ucfg.bind_socket()
-    Multiprocess(ucfg, target=_Server(config=ucfg).run, sockets=[sock]).run()
+    Multiprocess(ucfg, sockets=[sock]).run()
     return 0

@@ -101,9 +101,12 @@ async def proxy(
         registry=registry or CollectorRegistry(),
         transport=Router({"fake.local": fake, **(apps or {})}),
     )
-    async with LifespanManager(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://proxy", timeout=30
-    ) as client:
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://proxy", timeout=30
+        ) as client,
+    ):
         yield client, app
 
 

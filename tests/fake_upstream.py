@@ -366,12 +366,14 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"}, the last 1000
         self.counts: dict[str, int] = {}
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
+        self.cancelled_waits = 0  # non-stream requests whose client left while the fake was waiting
         self._ids = itertools.count(1)
 
     def reset(self) -> None:
         self.requests.clear()
         self.counts.clear()
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
+        self.cancelled_waits = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -427,6 +429,7 @@ class FakeUpstream:
         watch = _ClientWatch(receive)
         try:
             if await watch.pause(delay):
+                self.cancelled_waits += 1
                 return
             await self._reply(send, request, b, count, stream, watch)
         finally:

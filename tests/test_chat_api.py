@@ -72,7 +72,9 @@ async def test_escalates_on_low_score(fake: FakeUpstream, model: str, detail: st
     assert body["cascade"]["escalations"] == 1
     assert r.headers["x-cascade-stage"] == "1" and r.headers["x-cascade-escalations"] == "1"
     # Both answers were paid for.
-    assert body["cascade"]["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in body["cascade"]["attempts"]))
+    assert body["cascade"]["cost_usd"] == pytest.approx(
+        sum(a["cost_usd"] for a in body["cascade"]["attempts"])
+    )
 
 
 async def test_escalates_on_upstream_500_after_retry(fake: FakeUpstream) -> None:
@@ -268,7 +270,9 @@ async def test_stream_accepted_early_is_replayed_as_chunks(fake: FakeUpstream) -
 
 async def test_stream_escalated_streams_the_last_stage_with_usage(fake: FakeUpstream) -> None:
     async with proxy(two_stage("refuse"), fake) as (c, _):
-        r = await c.post("/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True}))
+        r = await c.post(
+            "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+        )
     assert r.headers["x-cascade-upstream"] == "large" and r.headers["x-cascade-stage"] == "1"
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
@@ -299,7 +303,9 @@ async def test_stream_without_include_usage_strips_usage_and_keeps_cost_exact(fa
 
 async def test_stream_usage_is_estimated_when_upstream_sends_none(fake: FakeUpstream) -> None:
     async with proxy(two_stage("refuse", "no-usage+answer-large_says_hi"), fake) as (c, _):
-        r = await c.post("/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True}))
+        r = await c.post(
+            "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+        )
     chunks = sse_events(r.text)[:-1]
     last = chunks[-1]
     assert last["usage"]["completion_tokens"] > 0
@@ -334,7 +340,9 @@ async def test_stream_passthrough_streams_straight_through(fake: FakeUpstream) -
 
 
 async def test_stream_tool_call_replay_is_valid(fake: FakeUpstream) -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    ]
     async with proxy(two_stage("tools"), fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(stream=True, tools=tools))
     chunks = sse_events(r.text)[:-1]
@@ -358,19 +366,43 @@ async def test_stream_tool_call_replay_is_valid(fake: FakeUpstream) -> None:
         (b'{"model": "default"}', 400, "'messages': is required"),
         (b'{"model": "default", "messages": []}', 400, "'messages': must contain at least one"),
         (b'{"model": "default", "messages": "hi"}', 400, "'messages': must be an array"),
-        (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', 400, "'model': must be a non-empty"),
-        (b'{"model": "default", "messages": [{"role": "wizard", "content": "x"}]}', 400, "'messages[0].role'"),
+        (
+            b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "'model': must be a non-empty",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "wizard", "content": "x"}]}',
+            400,
+            "'messages[0].role'",
+        ),
         (b'{"model": "default", "messages": [{"role": "user", "content": 5}]}', 400, "'messages[0].content'"),
-        (b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "'stream'"),
-        (b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', 400, "'temperature'"),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+            400,
+            "'stream'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+            400,
+            "'temperature'",
+        ),
         (b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "n": 0}', 400, "'n'"),
-        (b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}', 400, "'tools[0]"),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}',
+            400,
+            "'tools[0]",
+        ),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "'nope' does not exist"),
     ],
 )
-async def test_bad_requests_get_clear_errors(fake: FakeUpstream, payload: bytes, status: int, needle: str) -> None:
+async def test_bad_requests_get_clear_errors(
+    fake: FakeUpstream, payload: bytes, status: int, needle: str
+) -> None:
     async with proxy(base_config(), fake) as (c, _):
-        r = await c.post("/v1/chat/completions", content=payload, headers={"content-type": "application/json"})
+        r = await c.post(
+            "/v1/chat/completions", content=payload, headers={"content-type": "application/json"}
+        )
     assert r.status_code == status
     body = r.json()
     check_error(body)

@@ -94,7 +94,10 @@ class SSEResponse(Response):
         headers: Mapping[str, str],
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(None, 200, {"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        # Like StreamingResponse: no body attribute, so no content-length header is added.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
         self.events = events
         self.on_close = on_close
 

@@ -233,13 +233,13 @@ class Upstream:
             err = UpstreamProtocolError(self.name, f"stream broke off ({type(exc).__name__})")
             self._failed(err)
             raise err from exc
-        except UpstreamError as err:
-            self._failed(err)
+        except UpstreamError as failure:
+            self._failed(failure)
             raise
         if not done:
-            err = UpstreamProtocolError(self.name, "stream ended without [DONE]")
-            self._failed(err)
-            raise err
+            cut = UpstreamProtocolError(self.name, "stream ended without [DONE]")
+            self._failed(cut)
+            raise cut
 
     def _parse_chunk(self, data: str, event: str) -> Json:
         try:
@@ -300,8 +300,8 @@ class Upstream:
 
     def _backoff(self, attempt: int, err: UpstreamError) -> float:
         if isinstance(err, UpstreamStatusError) and err.retry_after is not None:
-            return min(err.retry_after, _RETRY_AFTER_CAP_S)
-        return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (2**attempt)) * (0.5 + random.random() / 2)
+            return min(float(err.retry_after), _RETRY_AFTER_CAP_S)
+        return min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (1 << attempt)) * (0.5 + random.random() / 2)
 
     def _failed(self, err: UpstreamError) -> None:
         if self._on_error is not None:

@@ -1,0 +1,133 @@
+"""config.yaml loading, interpolation, validation messages, settings precedence, the CLI's exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.cli import load_effective, main
+from app.config import ConfigError, load_config, parse_config
+from tests.conftest import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _problems(raw: object, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env=env or {})
+    return info.value.problems
+
+
+def test_the_bundled_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config.yaml", env={})
+    assert cfg.cascades, "the default config must define a cascade"
+
+
+def test_dotted_paths_one_line_per_problem() -> None:
+    raw = base_config()
+    raw["upstreams"]["small"]["bogus"] = 1
+    raw["upstreams"]["large"]["base_url"] = "ftp://x"
+    raw["cascades"]["default"]["stages"][1]["upstream"] = "medum"
+    raw["cascades"]["default"]["stages"][0]["scorers"] = [
+        {"type": "heuristic", "weight": -1},
+        {"type": "nah"},
+    ]
+    problems = _problems(raw)
+    assert "upstreams.small.bogus: unknown key" in problems
+    assert any(p.startswith("upstreams.large.base_url: must be an http(s) URL") for p in problems)
+    assert any(p.startswith("cascades.default.stages[0].scorers[0].weight:") for p in problems)
+    assert any(p.startswith("cascades.default.stages[0].scorers[1]: unknown scorer type") for p in problems)
+
+
+def test_cross_reference_problems() -> None:
+    raw = base_config()
+    raw["cascades"]["default"]["stages"][1]["upstream"] = "medum"
+    raw["cascades"]["default"]["stages"][0].pop("threshold")
+    raw["cascades"]["small"] = {"stages": [{"upstream": "small", "threshold": 0.5}]}
+    problems = _problems(raw)
+    assert "cascades.default.stages[1].upstream: unknown upstream 'medum'" in problems
+    assert "cascades.default.stages[0].threshold: required on every stage but the last" in problems
+    assert "cascades.small: name clashes with an upstream of the same name" in problems
+    assert (
+        "cascades.small.stages[0].threshold: the last stage is always accepted; remove its threshold"
+        in problems
+    )
+
+
+def test_interpolation_with_defaults_and_missing_variables() -> None:
+    raw = base_config()
+    raw["upstreams"]["small"]["api_key"] = "${KEY_A}"
+    raw["upstreams"]["large"]["api_key"] = "${KEY_B:-fallback}"
+    raw["auth"] = {"api_keys": ["${PROXY_KEY:-}", "k2"]}
+    cfg = parse_config(raw, env={"KEY_A": "sk-a"})
+    assert cfg.upstreams["small"].api_key == "sk-a"
+    assert cfg.upstreams["large"].api_key == "fallback"
+    assert cfg.auth.api_keys == ("k2",)  # an unset optional key is no key, not the empty key
+    assert _problems(raw, env={}) == ["upstreams.small.api_key: environment variable KEY_A is not set"]
+
+
+def test_problem_messages_never_echo_values() -> None:
+    raw = base_config()
+    raw["upstreams"]["small"]["timeout_s"] = "sk-SECRET-VALUE"
+    problems = _problems(raw)
+    assert problems and not any("SECRET" in p for p in problems)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("upstreams:\n  small: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert "line" in info.value.problems[0]
+
+
+def test_settings_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = base_config()
+    raw["server"] = {"host": "127.0.0.9", "port": 9001}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    _, cfg = load_effective(str(p), {})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.9", 9001)
+    monkeypatch.setenv("CASCADE_PORT", "9002")
+    monkeypatch.setenv("CASCADE_HOST", "127.0.0.2")
+    _, cfg = load_effective(str(p), {})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.2", 9002)
+    _, cfg = load_effective(str(p), {"port": 9003, "host": None})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.2", 9003)
+    monkeypatch.setenv("CASCADE_CONFIG", str(p))
+    path, _ = load_effective(None, {})
+    assert path == str(p)
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base_config()))
+    assert main(["check-config", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    raw = base_config()
+    raw["cascades"]["default"]["stages"][1]["upstream"] = "medum"
+    raw["upstreams"]["small"]["api_key"] = "sk-SECRET-KEY-xyz"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "cascades.default.stages[1].upstream: unknown upstream 'medum'"
+    assert "SECRET" not in err
+
+
+def test_serve_with_a_bad_config_exits_2_before_binding(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams: {}\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--config", str(bad), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["upstreams: must have at least 1 item(s)"]

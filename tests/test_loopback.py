@@ -1,0 +1,211 @@
+"""Real servers on 127.0.0.1: the official OpenAI SDK against the proxy, first-byte timing, disconnects.
+
+These catch what in-process ASGI hides: buffering, keep-alive, and a client going away mid-request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.config import parse_config
+from app.main import create_app
+from tests.conftest import base_config, two_stage
+from tests.fake_upstream import FakeUpstream, create_fake_upstream, serve_in_background
+from tests.schema import check_chunk, check_completion
+
+pytestmark = [pytest.mark.anyio, pytest.mark.loopback]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+@asynccontextmanager
+async def stack(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUpstream, CollectorRegistry]]:
+    """Fake upstream and proxy, both under uvicorn on loopback; yields the proxy's /v1 URL."""
+    fake = create_fake_upstream()
+    registry = CollectorRegistry()
+    async with serve_in_background(fake) as fake_url:
+        cfg = copy.deepcopy(cfg)
+        for up in cfg["upstreams"].values():
+            up["base_url"] = fake_url + "/v1"
+        app = create_app(parse_config(cfg, env={}), registry=registry)
+        async with serve_in_background(app) as proxy_url:
+            yield proxy_url + "/v1", fake, registry
+
+
+def _sdk_dump(obj: Any) -> Any:
+    return obj.model_dump(exclude_unset=True)
+
+
+async def test_official_async_client_create_stream_and_tools() -> None:
+    async with stack(two_stage("refuse")) as (url, _, _):
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(
+            model="default", messages=[{"role": "user", "content": "hi"}]
+        )
+        body = raw.http_response.json()
+        check_completion(body)
+        assert raw.headers["x-cascade-stage"] == "1"
+        resp = raw.parse()
+        assert resp.choices[0].message.content == "large says hi"
+        assert resp.model_extra and resp.model_extra["cascade"]["escalations"] == 1
+
+        stream = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, last = "", None
+        async for chunk in stream:
+            check_chunk(_sdk_dump(chunk))
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            last = chunk
+        assert text == "large says hi"
+        assert last is not None and last.usage is not None and last.usage.total_tokens > 0
+        assert last.model_extra and last.model_extra["cascade"]["upstream"] == "large"
+        await client.close()
+
+    async with stack(two_stage("tools", "tools")) as (url, _, _):
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+        resp = await client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "weather in Paris?"}], tools=TOOLS
+        )
+        call = resp.choices[0].message.tool_calls[0]  # type: ignore[index]
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        assert resp.model_extra and resp.model_extra["cascade"]["stage"] == 0
+        await client.close()
+
+
+async def test_official_sync_client_create_and_stream() -> None:
+    async with stack(base_config()) as (url, _, _):
+
+        def run() -> tuple[str, str, list[Any]]:
+            with openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
+                resp = client.chat.completions.create(
+                    model="default", messages=[{"role": "user", "content": "hi"}]
+                )
+                chunks = list(
+                    client.chat.completions.create(
+                        model="default", messages=[{"role": "user", "content": "hi"}], stream=True
+                    )
+                )
+                try:
+                    client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+                except openai.NotFoundError as exc:
+                    err = str(exc.code)
+                return resp.choices[0].message.content or "", err, chunks
+
+        content, err, chunks = await anyio.to_thread.run_sync(run)
+        assert content == "The answer is 42."
+        assert err == "model_not_found"
+        for ch in chunks:
+            check_chunk(_sdk_dump(ch))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "The answer is 42."
+
+
+async def test_last_stage_first_byte_is_not_delayed_by_buffering() -> None:
+    """The final stage streams through: its first chunk reaches the client long before its last."""
+    cfg = two_stage("refuse", "chunkdelay-250+words-6")
+    async with stack(cfg) as (url, _, _), httpx.AsyncClient(timeout=30) as client:
+        t0 = time.perf_counter()
+        arrivals: list[float] = []
+        async with client.stream(
+            "POST",
+            url + "/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                    arrivals.append(time.perf_counter() - t0)
+        assert len(arrivals) >= 6
+        # 6 words at 250 ms apart: the stream spans >= 1.25 s; the first word must arrive in the first
+        # ~half of that, and the chunks must spread out in time rather than land together.
+        assert arrivals[0] < arrivals[-1] - 1.0
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        assert sum(g > 0.15 for g in gaps) >= 4
+
+
+async def test_client_disconnect_mid_stream_stops_the_upstream() -> None:
+    cfg = two_stage("refuse", "stall")
+    async with stack(cfg) as (url, fake, registry), httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST",
+            url + "/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    break  # got the first chunk; leave while the upstream is stalled
+        for _ in range(100):
+            if fake.cancelled_streams:
+                break
+            await asyncio.sleep(0.02)
+        assert fake.cancelled_streams == 1 and fake.active_streams == 0
+        for _ in range(50):
+            if registry.get_sample_value(
+                "cascade_requests_total", {"cascade": "default", "outcome": "error"}
+            ):
+                break
+            await asyncio.sleep(0.02)
+        assert (
+            registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"})
+            == 1
+        )
+        assert registry.get_sample_value("cascade_in_flight_requests") == 0
+
+
+async def test_client_disconnect_while_waiting_cancels_the_upstream_call() -> None:
+    cfg = two_stage("slow-5000")
+    async with stack(cfg) as (url, fake, registry):
+        async with httpx.AsyncClient(timeout=0.3) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(
+                    url + "/chat/completions",
+                    json={"model": "default", "messages": [{"role": "user", "content": "x"}]},
+                )
+        for _ in range(100):
+            if fake.cancelled_waits:
+                break
+            await asyncio.sleep(0.02)
+        assert fake.cancelled_waits == 1
+        assert registry.get_sample_value("cascade_in_flight_requests") == 0
+
+
+async def test_keep_alive_connection_is_reused() -> None:
+    async with stack(base_config()) as (url, _, _), httpx.AsyncClient(timeout=10) as client:
+        ports = set()
+        for _ in range(5):
+            r = await client.post(
+                url + "/chat/completions",
+                json={"model": "default", "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 200
+            stream = r.extensions["network_stream"]
+            ports.add(stream.get_extra_info("client_addr"))
+        assert len(ports) == 1
