@@ -47,13 +47,13 @@ def load_effective(path: str | None, cli: dict[str, Any]) -> tuple[str, Config]:
 
 def _check_buildable(cfg: Config) -> None:
     """Build every upstream client and scorer once, as serving would, to surface their errors now."""
-    import httpx
     from prometheus_client import CollectorRegistry
 
     from app.metrics import Metrics
     from app.runtime import build_runtime
+    from app.upstream.transport import AiohttpTransport
 
-    build_runtime(cfg, httpx.AsyncClient(), Metrics(CollectorRegistry()))
+    build_runtime(cfg, AiohttpTransport(max_connections=1), Metrics(CollectorRegistry()))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

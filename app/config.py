@@ -44,7 +44,6 @@ class ServerConfig(_Model):
     log_format: Literal["json", "text"] = "json"
     # Tune the shared upstream connection pool (per upstream host).
     max_connections: int = Field(1024, ge=1)
-    max_keepalive: int = Field(256, ge=0)
 
 
 class AuthConfig(_Model):

@@ -22,14 +22,17 @@ from app.errors import InternalError, ProxyError, error_body
 from app.metrics import Metrics
 from app.runtime import build_runtime
 from app.state import AppState
+from app.upstream.transport import AiohttpTransport, HttpxTransport, Transport
 
 log = logging.getLogger("cascade.app")
 
 
-def _http_client(config: Config, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-    s = config.server
-    limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive)
-    return httpx.AsyncClient(limits=limits, transport=transport, follow_redirects=False, trust_env=False)
+def _transport(config: Config, httpx_transport: httpx.AsyncBaseTransport | None) -> Transport:
+    if httpx_transport is not None:
+        return HttpxTransport(
+            httpx.AsyncClient(transport=httpx_transport, follow_redirects=False, trust_env=False)
+        )
+    return AiohttpTransport(max_connections=config.server.max_connections)
 
 
 def create_app(
@@ -40,22 +43,24 @@ def create_app(
     multiprocess_dir: str | None = None,
 ) -> FastAPI:
     """Build the proxy. ``registry``: a prometheus ``CollectorRegistry`` (a fresh one when None);
-    ``transport``: an httpx transport for upstream calls (tests); ``multiprocess_dir``: the
-    prometheus multiprocess directory when running several workers."""
+    ``transport``: an httpx transport for upstream calls (tests run upstreams in-process with
+    ``httpx.ASGITransport``; production uses aiohttp); ``multiprocess_dir``: the prometheus
+    multiprocess directory when running several workers."""
     from prometheus_client import CollectorRegistry
 
     metrics = Metrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
-    http = _http_client(config, transport)
+    http = _transport(config, transport)
     # Built now, not in the lifespan, so a config whose scorers can't be built fails at startup.
     state = AppState(build_runtime(config, http, metrics), metrics, multiprocess_dir=multiprocess_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await http.start()
         try:
             yield
         finally:
             state.draining = True
-            await http.aclose()
+            await http.close()
 
     app = FastAPI(title="cascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.cascade = state

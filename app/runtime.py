@@ -10,8 +10,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import httpx
-
 from app.cascade.engine import Engine
 from app.cascade.plan import Plans, build_plans
 from app.cascade.trace import Trace
@@ -19,6 +17,7 @@ from app.config import Config
 from app.metrics import Metrics
 from app.scoring.registry import ScorerDeps
 from app.upstream.client import Upstream
+from app.upstream.transport import Transport
 
 log = logging.getLogger("cascade.request")
 
@@ -32,7 +31,7 @@ class Runtime:
     keys: tuple[bytes, ...]
 
 
-def build_runtime(config: Config, http: httpx.AsyncClient, metrics: Metrics) -> Runtime:
+def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
     upstreams = {
         name: Upstream(name, ucfg, http, on_error=metrics.upstream_error, on_duration=metrics.upstream_call)
         for name, ucfg in config.upstreams.items()

@@ -209,3 +209,64 @@ async def test_keep_alive_connection_is_reused() -> None:
             stream = r.extensions["network_stream"]
             ports.add(stream.get_extra_info("client_addr"))
         assert len(ports) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("error-500", "upstream_error"),
+        ("error-429", "upstream_error"),
+        ("slow-3000", "timeout"),
+        ("drop", "upstream_error"),
+        ("badjson-body", "upstream_error"),
+        ("html", "upstream_error"),
+        ("error-in-200", "upstream_error"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_fault_matrix_on_the_production_transport(model: str, reason: str, stream: bool) -> None:
+    """The aiohttp transport maps every upstream fault to an escalation, stream or not."""
+    cfg = two_stage(model)
+    cfg["upstreams"]["small"]["timeout_s"] = 0.5
+    async with stack(cfg) as (url, _, registry), httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(
+            url + "/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": stream},
+        )
+        assert r.status_code == 200
+        if stream:
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            import orjson
+
+            ext = orjson.loads(events[-2])["cascade"]
+        else:
+            ext = r.json()["cascade"]
+        assert ext["upstream"] == "large"
+        assert ext["attempts"][0]["outcome"] == "error" and ext["attempts"][0]["reason"] == reason
+        kinds = {
+            s.labels["kind"]
+            for m in registry.collect()
+            if m.name == "cascade_upstream_errors"
+            for s in m.samples
+            if s.labels.get("upstream") == "small"
+        }
+        assert kinds
+
+
+async def test_stalled_final_stream_becomes_an_error_event() -> None:
+    cfg = two_stage("refuse", "stall")
+    cfg["upstreams"]["large"]["timeout_s"] = 0.5
+    async with stack(cfg) as (url, _, registry), httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(
+            url + "/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        )
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and '"upstream_stream_failed"' in events[-2]
+        assert (
+            registry.get_sample_value(
+                "cascade_upstream_errors_total", {"upstream": "large", "kind": "timeout"}
+            )
+            == 1
+        )

@@ -7,11 +7,11 @@ POST ``{"request": {...}, "response": {...}, "upstream": "small", "stage": 0}`` 
 
 from __future__ import annotations
 
-import httpx
 import orjson
 
 from app.config import HttpScorer as HttpConfig
 from app.scoring.base import Score, ScoreContext
+from app.upstream.transport import Timeouts, Transport, TransportError
 
 
 class ScorerServiceError(Exception):
@@ -21,11 +21,11 @@ class ScorerServiceError(Exception):
 class HttpScore:
     kind = "http"
 
-    def __init__(self, cfg: HttpConfig, http: httpx.AsyncClient) -> None:
+    def __init__(self, cfg: HttpConfig, http: Transport) -> None:
         self.cfg = cfg
         self._http = http
         self._headers = {"content-type": "application/json", **cfg.headers}
-        self._timeout = httpx.Timeout(cfg.timeout_s)
+        self._timeouts = Timeouts(connect=min(5.0, cfg.timeout_s), read=cfg.timeout_s)
 
     async def score(self, ctx: ScoreContext) -> Score:
         payload = orjson.dumps(
@@ -37,15 +37,13 @@ class HttpScore:
             }
         )
         try:
-            resp = await self._http.post(
-                self.cfg.url, content=payload, headers=self._headers, timeout=self._timeout
-            )
-        except httpx.HTTPError as exc:
+            resp = await self._http.post(self.cfg.url, self._headers, payload, self._timeouts)
+        except TransportError as exc:
             raise ScorerServiceError(f"scoring service unreachable ({type(exc).__name__})") from exc
-        if resp.status_code != 200:
-            raise ScorerServiceError(f"scoring service answered HTTP {resp.status_code}")
+        if resp.status != 200:
+            raise ScorerServiceError(f"scoring service answered HTTP {resp.status}")
         try:
-            body = orjson.loads(resp.content)
+            body = orjson.loads(resp.body)
         except orjson.JSONDecodeError as exc:
             raise ScorerServiceError("scoring service sent invalid JSON") from exc
         value = body.get("score") if isinstance(body, dict) else None

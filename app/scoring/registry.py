@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import httpx
-
 from app.config import ConfigError, HeuristicScorer, HttpScorer, StageConfig
 from app.scoring.base import Configured, Scorer, unique_names
 from app.scoring.heuristic import Heuristic
 from app.scoring.http import HttpScore
 from app.upstream.client import Upstream
+from app.upstream.transport import Transport
 
 
 @dataclass(slots=True)
 class ScorerDeps:
-    http: httpx.AsyncClient
+    http: Transport
     upstreams: Mapping[str, Upstream]
 
 

@@ -1,9 +1,9 @@
 """Talking to one OpenAI-compatible upstream: request building, retries, error mapping, SSE chunks.
 
-One pooled ``httpx.AsyncClient`` per process is shared by every ``Upstream`` (lifespan-owned). All httpx
-and orjson exceptions are translated here into the ``UpstreamError`` tree, ``from exc``.
-Retries (connect errors, 429, 5xx) happen only before the first byte of an answer, with exponential
-backoff and jitter, honouring ``retry-after`` up to a cap.
+One pooled HTTP transport per process is shared by every ``Upstream`` (lifespan-owned; see
+``app.upstream.transport``). Transport errors and bad payloads are translated here into the
+``UpstreamError`` tree, ``from exc``. Retries (connect errors, 429, 5xx) happen only before the first
+byte of an answer, with exponential backoff and jitter, honouring ``retry-after`` up to a cap.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 
 from app.config import UpstreamConfig
@@ -29,6 +28,14 @@ from app.errors import (
     UpstreamTimeout,
 )
 from app.upstream.sse import SSEDecoder
+from app.upstream.transport import (
+    Stream,
+    Timeouts,
+    Transport,
+    TransportConnectError,
+    TransportError,
+    TransportTimeout,
+)
 
 Json = dict[str, Any]
 # Called with (upstream name, error kind) for every failed call, retried or not.
@@ -56,7 +63,7 @@ class Upstream:
         "_on_duration",
         "_on_error",
         "_secret",
-        "_timeout",
+        "_timeouts",
         "_url",
         "cfg",
         "name",
@@ -66,7 +73,7 @@ class Upstream:
         self,
         name: str,
         cfg: UpstreamConfig,
-        http: httpx.AsyncClient,
+        http: Transport,
         *,
         on_error: ErrorHook | None = None,
         on_duration: DurationHook | None = None,
@@ -75,13 +82,12 @@ class Upstream:
         self.cfg = cfg
         self._http = http
         self._url = cfg.base_url + "/chat/completions"
-        self._headers = {"content-type": "application/json", **cfg.headers}
+        self._headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        self._headers.update(cfg.headers)
         if cfg.api_key:
             self._headers["authorization"] = f"Bearer {cfg.api_key}"
         self._secret = cfg.api_key or None
-        self._timeout = httpx.Timeout(
-            connect=cfg.connect_timeout_s, read=cfg.timeout_s, write=cfg.timeout_s, pool=cfg.timeout_s
-        )
+        self._timeouts = Timeouts(connect=cfg.connect_timeout_s, read=cfg.timeout_s)
         self._on_error = on_error
         self._on_duration = on_duration
 
@@ -114,10 +120,10 @@ class Upstream:
                 err: UpstreamError = UpstreamTimeout(self.name, f"no answer within {self.cfg.timeout_s:g}s")
                 self._failed(err)
                 raise err from exc
-            except UpstreamError as err:
-                self._failed(err)
-                if err.retryable and attempt < self.cfg.max_retries:
-                    await asyncio.sleep(self._backoff(attempt, err))
+            except UpstreamError as failure:
+                self._failed(failure)
+                if failure.retryable and attempt < self.cfg.max_retries:
+                    await asyncio.sleep(self._backoff(attempt, failure))
                     attempt += 1
                     continue
                 raise
@@ -139,107 +145,103 @@ class Upstream:
         attempt = 0
         while True:
             try:
-                resp = await self._open_stream(payload)
-                break
-            except UpstreamError as err:
-                self._failed(err)
-                if err.retryable and attempt < self.cfg.max_retries:
-                    await asyncio.sleep(self._backoff(attempt, err))
+                async with self._open_stream(payload) as chunks:
+                    try:
+                        yield chunks
+                    finally:
+                        if self._on_duration is not None:
+                            self._on_duration(self.name, time.perf_counter() - started)
+                    return
+            except _BeforeFirstByte as wrapped:
+                failure = wrapped.error
+                self._failed(failure)
+                if failure.retryable and attempt < self.cfg.max_retries:
+                    await asyncio.sleep(self._backoff(attempt, failure))
                     attempt += 1
                     continue
-                raise
-        try:
-            yield self._chunks(resp)
-        finally:
-            await resp.aclose()
-            if self._on_duration is not None:
-                self._on_duration(self.name, time.perf_counter() - started)
+                raise failure from wrapped.__cause__
 
     # --- internals -----------------------------------------------------------------------------------
 
     async def _post_once(self, payload: bytes) -> Json:
         try:
-            resp = await self._http.post(
-                self._url, content=payload, headers=self._headers, timeout=self._timeout
-            )
-        except httpx.TimeoutException as exc:
+            r = await self._http.post(self._url, self._headers, payload, self._timeouts)
+        except TransportTimeout as exc:
             raise UpstreamTimeout(self.name, "timed out") from exc
-        except httpx.ConnectError as exc:
+        except TransportConnectError as exc:
             raise UpstreamConnectError(self.name, "cannot connect", retryable=True) from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamProtocolError(
-                self.name, f"connection failed mid-answer ({type(exc).__name__})"
-            ) from exc
-        if resp.status_code != 200:
-            raise self._status_error(resp.status_code, resp.headers, resp.content)
-        return self._parse_body(resp.headers, resp.content)
+        except TransportError as exc:
+            raise UpstreamProtocolError(self.name, f"connection failed mid-answer ({exc})") from exc
+        if r.status != 200:
+            raise self._status_error(r.status, r.headers, r.body)
+        return self._parse_body(r.headers, r.body)
 
-    async def _open_stream(self, payload: bytes) -> httpx.Response:
-        req = self._http.build_request(
-            "POST", self._url, content=payload, headers=self._headers, timeout=self._timeout
-        )
+    @asynccontextmanager
+    async def _open_stream(self, payload: bytes) -> AsyncIterator[AsyncIterator[Json]]:
+        """Errors before the first byte of the answer come out wrapped in ``_BeforeFirstByte``."""
         try:
-            resp = await self._http.send(req, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(self.name, "timed out before the first byte") from exc
-        except httpx.ConnectError as exc:
-            raise UpstreamConnectError(self.name, "cannot connect", retryable=True) from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamProtocolError(self.name, f"connection failed ({type(exc).__name__})") from exc
-        if resp.status_code != 200:
+            opened = self._http.stream(self._url, self._headers, payload, self._timeouts)
+            resp = await opened.__aenter__()
+        except TransportTimeout as exc:
+            raise _BeforeFirstByte(UpstreamTimeout(self.name, "timed out before the first byte")) from exc
+        except TransportConnectError as exc:
+            raise _BeforeFirstByte(UpstreamConnectError(self.name, "cannot connect", retryable=True)) from exc
+        except TransportError as exc:
+            raise _BeforeFirstByte(UpstreamProtocolError(self.name, f"connection failed ({exc})")) from exc
+        try:
             try:
-                content = await resp.aread()
-            except httpx.HTTPError:
+                await self._check_stream(resp)
+            except UpstreamError as err:
+                raise _BeforeFirstByte(err) from err
+            yield self._chunks(resp)
+        finally:
+            await opened.__aexit__(None, None, None)
+
+    async def _check_stream(self, resp: Stream) -> None:
+        if resp.status != 200:
+            try:
+                content = await resp.read()
+            except TransportError:
                 content = b""
-            finally:
-                await resp.aclose()
-            raise self._status_error(resp.status_code, resp.headers, content)
+            raise self._status_error(resp.status, resp.headers, content)
         ctype = resp.headers.get("content-type", "")
         if "json" in ctype:
             # Some servers answer a stream request with a plain JSON error in a 200.
             try:
-                content = await resp.aread()
-            except httpx.HTTPError:
+                content = await resp.read()
+            except TransportError:
                 content = b""
-            finally:
-                await resp.aclose()
             self._parse_body(resp.headers, content)  # raises on an error body
             raise UpstreamProtocolError(self.name, "expected an event stream, got a JSON body")
         if "text/event-stream" not in ctype:
-            await resp.aclose()
             raise UpstreamProtocolError(self.name, f"expected text/event-stream, got '{ctype[:60]}'")
-        return resp
 
-    async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Json]:
+    async def _chunks(self, resp: Stream) -> AsyncIterator[Json]:
         decoder = SSEDecoder()
-        done = False
         try:
-            async for raw in resp.aiter_raw():
+            async for raw in resp.chunks:
                 for ev in decoder.feed(raw):
                     if ev.data == "[DONE]":
-                        done = True
                         return
                     yield self._parse_chunk(ev.data, ev.event)
             for ev in decoder.flush():
                 if ev.data == "[DONE]":
-                    done = True
                     return
                 yield self._parse_chunk(ev.data, ev.event)
-        except httpx.TimeoutException as exc:
+        except TransportTimeout as exc:
             err: UpstreamError = UpstreamTimeout(self.name, f"stream stalled for {self.cfg.timeout_s:g}s")
             self._failed(err)
             raise err from exc
-        except httpx.HTTPError as exc:
-            err = UpstreamProtocolError(self.name, f"stream broke off ({type(exc).__name__})")
+        except TransportError as exc:
+            err = UpstreamProtocolError(self.name, f"stream broke off ({exc})")
             self._failed(err)
             raise err from exc
         except UpstreamError as failure:
             self._failed(failure)
             raise
-        if not done:
-            cut = UpstreamProtocolError(self.name, "stream ended without [DONE]")
-            self._failed(cut)
-            raise cut
+        cut = UpstreamProtocolError(self.name, "stream ended without [DONE]")
+        self._failed(cut)
+        raise cut
 
     def _parse_chunk(self, data: str, event: str) -> Json:
         try:
@@ -252,7 +254,7 @@ class Upstream:
             raise UpstreamProtocolError(self.name, f"error event in stream: {self._message_of(chunk)}")
         return chunk
 
-    def _parse_body(self, headers: httpx.Headers, content: bytes) -> Json:
+    def _parse_body(self, headers: Mapping[str, str], content: bytes) -> Json:
         ctype = headers.get("content-type", "")
         if ctype and "json" not in ctype:
             raise UpstreamProtocolError(self.name, f"expected application/json, got '{ctype[:60]}'")
@@ -269,7 +271,7 @@ class Upstream:
             raise UpstreamProtocolError(self.name, "reply has no choices")
         return body
 
-    def _status_error(self, status: int, headers: httpx.Headers, content: bytes) -> UpstreamStatusError:
+    def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> UpstreamStatusError:
         message = f"HTTP {status}"
         try:
             parsed = orjson.loads(content) if content else None
@@ -306,3 +308,11 @@ class Upstream:
     def _failed(self, err: UpstreamError) -> None:
         if self._on_error is not None:
             self._on_error(self.name, err.kind)
+
+
+class _BeforeFirstByte(Exception):
+    """Carries an UpstreamError that happened before any byte of the answer (so a retry is safe)."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(str(error))
+        self.error = error
