@@ -106,6 +106,12 @@ class Engine:
             att = Attempt(stage.index, stage.upstream.name, threshold=thresholds[stage.index])
             trace.attempts.append(att)
             t0 = time.perf_counter()
+            skip = stage.upstream.blocked()
+            if skip is not None:
+                att.outcome, att.reason, att.detail = "error", "upstream_error", skip
+                if not final:
+                    att.escalation_reason = "upstream_error"
+                continue
             if final and stream:
                 try:
                     return await self._open_stream(stage, body, trace, att, t0, deadline)

@@ -93,6 +93,10 @@ class Upstream:
 
     # --- public ------------------------------------------------------------------------------------
 
+    def blocked(self) -> str | None:
+        """Why this upstream must be skipped right now (e.g. an open circuit), or None to call it."""
+        return None
+
     def prepare(self, body: Json, *, stream: bool) -> Json:
         """The request sent upstream: the client's fields untouched, our model id, stream settings."""
         out = dict(body)
