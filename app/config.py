@@ -108,6 +108,8 @@ class HeuristicScorer(ScorerCommon):
     min_chars: int = Field(1, ge=0)
     # Early abort on streams: look at the first ``early_chars`` characters for a refusal.
     early_chars: int = Field(200, ge=0)
+    # Reject answers longer than this many characters (also checked while streaming, with early_abort).
+    max_chars: int | None = Field(None, ge=1)
 
 
 class LogprobScorer(ScorerCommon):
@@ -204,6 +206,9 @@ class StageConfig(_Model):
     upstream: str
     threshold: float | None = Field(None, ge=0, le=1)
     scorers: tuple[ScorerConfig, ...] = ()
+    # Stream this stage upstream and let scorers that can (heuristic) reject it while it is still being
+    # generated: a refusal in the first tokens is cancelled at once instead of paid for in full.
+    early_abort: bool = False
 
 
 class CascadeConfig(_Model):
@@ -317,6 +322,8 @@ def _cross_check(cfg: Config) -> list[str]:
                 problems.append(f"{p}.threshold: required on every stage but the last")
             if i < last and not stage.scorers:
                 problems.append(f"{p}.scorers: a stage before the last needs at least one scorer")
+            if i == last and stage.early_abort:
+                problems.append(f"{p}.early_abort: the last stage is never scored, so it cannot abort early")
             if i == last and stage.threshold is not None:
                 problems.append(f"{p}.threshold: the last stage is always accepted; remove its threshold")
             for j, sc in enumerate(stage.scorers):

@@ -19,9 +19,10 @@ from typing import Any
 
 import orjson
 
+from app.cascade.assemble import Assembler
 from app.cascade.plan import Plan, Stage
 from app.cascade.relay import StreamRelay
-from app.cascade.trace import Attempt, Trace, price_usd
+from app.cascade.trace import Attempt, Trace
 from app.errors import (
     AllStagesFailed,
     DeadlineExceeded,
@@ -42,6 +43,7 @@ from app.protocol import (
     wants_logprobs,
 )
 from app.scoring.base import Answer, ScoreContext, score_stage
+from app.upstream.client import price_usd
 from app.upstream.sse import DONE, encode
 
 Json = dict[str, Any]
@@ -119,16 +121,24 @@ class Engine:
                     _failed(att, err, t0, final=True)
                     break
             up = stage.upstream
-            req = up.prepare(body, stream=False)
-            if stage.needs_logprobs and "logprobs" not in body:
-                req["logprobs"] = True
             try:
-                reply = await up.complete(req)
+                if stage.early_abort and not final:
+                    completion = await _collect_streamed(stage, body)
+                else:
+                    req = up.prepare(body, stream=False)
+                    if stage.needs_logprobs and "logprobs" not in body:
+                        req["logprobs"] = True
+                    completion = (await up.complete(req)).body
             except UpstreamError as err:
                 _failed(att, err, t0, final)
                 continue
-            att.latency_ms = reply.latency_s * 1000
-            completion = reply.body
+            except _EarlyAbort as abort:
+                att.latency_ms = (time.perf_counter() - t0) * 1000
+                _account(att, stage, body, abort.partial)
+                att.outcome, att.reason, att.detail = "rejected", "early_abort", abort.reason
+                att.score, att.escalation_reason = 0.0, "early_abort"
+                continue
+            att.latency_ms = (time.perf_counter() - t0) * 1000
             _account(att, stage, body, completion)
             if final:
                 return self._accept(att, trace, body, completion, stream, reason="last stage")
@@ -311,6 +321,38 @@ class Engine:
 
 
 # --- helpers --------------------------------------------------------------------------------------------
+
+
+class _EarlyAbort(Exception):
+    def __init__(self, reason: str, partial: Json) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.partial = partial
+
+
+async def _collect_streamed(stage: Stage, body: Json) -> Json:
+    """Stream a scored stage upstream, checking the growing answer; return the whole completion, or
+    raise _EarlyAbort (leaving the stream closes the connection, which stops the upstream)."""
+    up = stage.upstream
+    req = up.prepare(body, stream=True)
+    if stage.needs_logprobs and "logprobs" not in body:
+        req["logprobs"] = True
+    asm = Assembler()
+    seen = 0
+    async with up.stream(req) as chunks:
+        async for chunk in chunks:
+            asm.add(chunk)
+            text = asm.text(0)
+            if len(text) == seen:
+                continue
+            seen = len(text)
+            for check in stage.stream_checks:
+                why = check.check_partial(body, text)
+                if why is not None:
+                    partial = asm.completion()
+                    partial.pop("usage", None)  # whatever was reported so far is not the final count
+                    raise _EarlyAbort(why, partial)
+    return asm.completion()
 
 
 def _model_of(trace: Trace, completion: Json) -> str:

@@ -25,6 +25,7 @@ class Stage:
     scorers: Sequence[Configured] = ()
     stream_checks: Sequence[StreamCheck] = ()
     needs_logprobs: bool = False
+    early_abort: bool = False
 
 
 @dataclass(slots=True)
@@ -74,9 +75,14 @@ def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps
         stages = []
         for i, scfg in enumerate(ccfg.stages):
             scorers = build_stage_scorers(f"cascades.{cname}.stages[{i}]", scfg, deps)
-            checks = [c.scorer for c in scorers if isinstance(c.scorer, StreamCheck)]
+            checks = (
+                [c.scorer for c in scorers if isinstance(c.scorer, StreamCheck)] if scfg.early_abort else []
+            )
             needs_lp = any(getattr(c.scorer, "needs_logprobs", False) for c in scorers)
-            stages.append(Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp))
+            early = bool(checks)
+            stages.append(
+                Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp, early)
+            )
         plan = Plan(cname, stages, ccfg.deadline_s)
         plan.thresholds = [s.threshold for s in stages]
         plans[cname] = plan

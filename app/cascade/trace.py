@@ -12,14 +12,9 @@ from typing import Any
 from app.config import Price
 from app.metrics import Metrics
 from app.scoring.base import Spend
+from app.upstream.client import price_usd
 
 Json = dict[str, Any]
-
-
-def price_usd(price: Price, prompt_tokens: int, completion_tokens: int, reported: object = None) -> float:
-    if price.reported and isinstance(reported, int | float) and not isinstance(reported, bool):
-        return float(reported)
-    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
 
 
 @dataclass(slots=True)

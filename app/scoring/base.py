@@ -72,6 +72,11 @@ class ScoreContext:
     previous: Sequence[Answer] = ()  # answers of earlier stages of this request, in stage order
 
 
+class Abstain(Exception):
+    """Raised by a scorer that has no opinion on this answer (e.g. logprob on a tool call): it is left
+    out of the stage's mean, whatever its ``on_error`` policy."""
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """``kind`` is the scorer type, used as the ``scorer`` metric label."""
@@ -124,6 +129,8 @@ async def _run_one(item: Configured, ctx: ScoreContext) -> Score | None:
         if not 0.0 <= s.value <= 1.0 or s.value != s.value:
             raise ValueError(f"score {s.value!r} is outside [0, 1]")
         return s
+    except Abstain:
+        return None
     except TimeoutError:
         reason = f"timeout after {item.cfg.timeout_s:g}s"
     except Exception as exc:  # a scorer is user-pluggable code: its failure is policy, not a crash

@@ -184,6 +184,8 @@ class Heuristic:
             return Score(0.0, "a tool call was required but none was made")
         if len(text.strip()) < max(1, self.cfg.min_chars):
             return Score(0.0, "empty answer")
+        if self.cfg.max_chars is not None and len(text) > self.cfg.max_chars:
+            return Score(0.0, f"longer than {self.cfg.max_chars} characters")
         head = _normalise(text[:400])
         for p in self._refusals:
             if p in head:
@@ -206,7 +208,11 @@ class Heuristic:
     # --- StreamCheck ------------------------------------------------------------------------------------
 
     def check_partial(self, request: Json, text: str) -> str | None:
-        if not self.cfg.early_chars or not text:
+        if not text:
+            return None
+        if self.cfg.max_chars is not None and len(text) > self.cfg.max_chars:
+            return f"longer than {self.cfg.max_chars} characters"
+        if not self.cfg.early_chars:
             return None
         head = _normalise(text[: self.cfg.early_chars])
         for p in self._refusals:

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from app.config import UpstreamConfig
+from app.config import Price, UpstreamConfig
 from app.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -46,6 +46,13 @@ _KEYLIKE = re.compile(r"(sk|pk|rk|key)[-_][A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
 _RETRY_AFTER_CAP_S = 5.0
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_CAP_S = 2.0
+
+
+def price_usd(price: Price, prompt_tokens: int, completion_tokens: int, reported: object = None) -> float:
+    """USD for a call: the upstream's own ``usage.cost`` when ``price.reported``, else tokens x prices."""
+    if price.reported and isinstance(reported, int | float) and not isinstance(reported, bool):
+        return float(reported)
+    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
 
 
 @dataclass(slots=True)
@@ -92,6 +99,15 @@ class Upstream:
         self._on_duration = on_duration
 
     # --- public ------------------------------------------------------------------------------------
+
+    def cost(self, usage: object) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, USD) for a reply's ``usage`` (zeros when it has none)."""
+        if not isinstance(usage, dict):
+            return 0, 0, 0.0
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        pt = pt if isinstance(pt, int) else 0
+        ct = ct if isinstance(ct, int) else 0
+        return pt, ct, price_usd(self.cfg.price, pt, ct, usage.get("cost"))
 
     def blocked(self) -> str | None:
         """Why this upstream must be skipped right now (e.g. an open circuit), or None to call it."""

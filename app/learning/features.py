@@ -1,0 +1,750 @@
+"""Feature extraction for learned answer scorers.
+
+Pure, dependency-free (stdlib only) and fast (well under 1 ms for a few-KB prompt and answer).
+
+What a scorer sees at request time, for stage ``k`` of a cascade:
+
+* ``prompt``: the request text. For chat requests use :func:`messages_to_prompt` so that live traffic and
+  recorded datasets (whose ``prompt`` is the single user message) produce the same text.
+* ``answer``: the stage's answer text (``message.content``; tool calls serialised by the caller).
+* ``previous``: the answer texts of stages ``0..k-1`` in order (empty at stage 0).
+* ``logprobs``: optional token log-probabilities of the answer (natural log), ``None`` when unknown.
+* ``finish_reason``: optional (``"length"`` marks truncation).
+
+Public API::
+
+    normalize_answer(text, prompt=None, kind="auto") -> str    # "A", "18", "2.5" or normalised text
+    extract_number(text) -> float | None                      # the final number of an answer
+    FeatureSpec(hash_dim=256, prompt_tail_chars=1500)         # fixed-size vector layout, saved with a model
+    feature_names(spec) -> list[str]
+    extract_features(prompt, answer, previous=(), logprobs=None, finish_reason=None, spec=FeatureSpec())
+        -> list[float]                                        # len == spec.dim, deterministic
+
+The vector is ``[engineered features..., hashed token features...]``. Engineered features are generic
+(length, hedging, truncation, refusal), task-shaped but harmless elsewhere (choice letters, verified
+arithmetic in math answers, code that parses) and cross-stage agreement (the answer's normalised form
+equals an earlier stage's). Hashed features are CRC32 buckets of answer tokens and of the prompt's tail,
+signed (feature hashing), scaled by 1/sqrt(count) so long texts do not dominate.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+FEATURE_SPEC_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------------
+# answer normalisation
+# ----------------------------------------------------------------------------------------------------
+
+_NUM_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
+_FINAL_MARK_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_BOXED_RE = re.compile(r"\\boxed\{\s*\$?\s*(-?[\d,]*\.?\d+)")
+_ANSWER_IS_NUM_RE = re.compile(
+    r"(?:final answer|answer)\s*(?:is|:|=)?\s*(?:\*\*)?\s*[:=]?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE
+)
+_CHOICE_ONLY_RE = re.compile(r"^\s*([\(\[]?)\s*([A-Ea-e])\s*([\)\]\.:,]?)(?:\s|$)")
+_ANSWER_IS_CHOICE_RE = re.compile(
+    r"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?:\*\*)?\s*[\(\[]?([A-E])(?:[\)\]\.:,\s*]|$)"
+)
+_OPTION_LINE_RE = re.compile(r"^\s*[\(\[]?([A-E])[\)\]\.:]\s+(.+?)\s*$", re.MULTILINE)
+_WS_RE = re.compile(r"\s+")
+_PUNCT_RE = re.compile(r"[^\w\s]")
+_CODE_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_PY_TAG_RE = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|\Z)", re.DOTALL)
+_TOKEN_RE = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
+_FINAL_LINE_RE = re.compile(r"####([^\n]*)")
+_NUMBER_WORDS: dict[str, str] = {
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "eleven": "11",
+    "twelve": "12",
+    "fifteen": "15",
+    "twenty": "20",
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "hundred": "100",
+    "thousand": "1000",
+    "dozen": "12",
+    "twice": "2",
+    "double": "2",
+    "triple": "3",
+    "thrice": "3",
+    "half": "2",
+    "quarter": "4",
+    "third": "3",
+}
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def _canon_number(s: str) -> str | None:
+    s = s.replace(",", "").strip()
+    if not s or s in {"-", ".", "-."}:
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    if not math.isfinite(v):
+        return None
+    if abs(v - round(v)) < 1e-9 and abs(v) < 1e15:
+        return str(round(v))
+    return f"{v:.6g}"
+
+
+def _last_number(text: str) -> str | None:
+    nums = _NUM_RE.findall(text)
+    for n in reversed(nums):
+        c = _canon_number(n)
+        if c is not None:
+            return c
+    return None
+
+
+def extract_number(text: str) -> float | None:
+    """The final numeric answer: ``#### N``, ``\\boxed{N}``, "answer is N", else the last number."""
+    s = _final_number_str(text)
+    return float(s) if s is not None else None
+
+
+def _final_number_str(text: str) -> str | None:
+    for rx in (_FINAL_MARK_RE, _BOXED_RE):
+        found = rx.findall(text)
+        if found:
+            c = _canon_number(found[-1])
+            if c is not None:
+                return c
+    found = _ANSWER_IS_NUM_RE.findall(text)
+    if found:
+        c = _canon_number(found[-1])
+        if c is not None:
+            return c
+    return _last_number(text)
+
+
+def _prompt_options(prompt: str) -> dict[str, str]:
+    """Options of the last multiple-choice question in the prompt: normalised option text -> letter."""
+    tail = prompt[-800:]
+    opts: dict[str, str] = {}
+    for m in _OPTION_LINE_RE.finditer(tail):
+        letter, text = m.group(1), _norm_text(m.group(2))
+        if text:
+            opts[text] = letter  # later (= last question's) options win
+    return opts
+
+
+def _norm_text(text: str) -> str:
+    return _WS_RE.sub(" ", _PUNCT_RE.sub(" ", text.lower())).strip()
+
+
+def _choice_letter(text: str, prompt: str | None) -> str | None:
+    s = text.strip()
+    if not s:
+        return None
+    if len(s) <= 40:
+        m = _CHOICE_ONLY_RE.match(s)
+        if m and (len(s) <= 3 or (m.group(2).isupper() and (m.group(1) or m.group(3)))):
+            return m.group(2).upper()
+    m2 = _ANSWER_IS_CHOICE_RE.search(s[:400])
+    if m2:
+        return m2.group(1).upper()
+    if prompt:
+        opts = _prompt_options(prompt)
+        if opts:
+            t = _norm_text(s[:200])
+            if t in opts:
+                return opts[t]
+            for opt_text, letter in opts.items():
+                if t.startswith(opt_text + " ") or t == opt_text:
+                    return letter
+    return None
+
+
+def normalize_answer(text: str, prompt: str | None = None, kind: str = "auto") -> str:
+    """Canonical form of an answer, for agreement between stages.
+
+    ``kind``: ``"choice"`` (a letter A-E), ``"number"`` (canonical number string), ``"text"``
+    (lower-cased, punctuation-free, whitespace-collapsed, at most 300 chars) or ``"auto"``:
+    a choice letter when the answer is one (or, given ``prompt``, names one of its options), else a
+    number when the answer marks one (``#### N``, ``\\boxed{N}``, "answer is N") or is a short
+    computation, else text. Returns ``""`` for an empty answer.
+    """
+    s = text.strip()
+    if not s:
+        return ""
+    if kind == "choice":
+        return _choice_letter(s, prompt) or _norm_text(s)[:300]
+    if kind == "number":
+        return _final_number_str(s) or _norm_text(s)[:300]
+    if kind == "text":
+        return _norm_text(s)[:300]
+    letter = _choice_letter(s, prompt)
+    if letter is not None:
+        return letter
+    if "```" not in s and "[PYTHON]" not in s:
+        for rx in (_FINAL_MARK_RE, _BOXED_RE):
+            found = rx.findall(s)
+            if found:
+                c = _canon_number(found[-1])
+                if c is not None:
+                    return c
+        m = _ANSWER_IS_NUM_RE.findall(s)
+        if m:
+            c = _canon_number(m[-1])
+            if c is not None:
+                return c
+        if len(s) <= 3000 and ("=" in s or len(s) <= 20):
+            c2 = _last_number(s)
+            if c2 is not None:
+                return c2
+    return _norm_text(s)[:300]
+
+
+# ----------------------------------------------------------------------------------------------------
+# arithmetic verification
+# ----------------------------------------------------------------------------------------------------
+
+_ANNOT_RE = re.compile(r"<<([^<>=]{1,120})=([^<>]{1,40})>>")
+_EQ_CLEAN_RE = re.compile(r"(?<=\d),(?=\d{3})")
+_EQ_RE = re.compile(
+    r"((?:\(?\s*-?\d+(?:\.\d+)?\s*\)?\s*[-+*/x×÷]\s*)+\(?\s*-?\d+(?:\.\d+)?\s*\)?)\s*=\s*(-?\d+(?:\.\d+)?)"
+)
+
+_ALLOWED_BINOPS: dict[type[ast.operator], Any] = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+}
+
+
+def _safe_eval(node: ast.AST, depth: int = 0) -> float:
+    if depth > 40:
+        raise ValueError("too deep")
+    if isinstance(node, ast.Expression):
+        return _safe_eval(node.body, depth + 1)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        v = _safe_eval(node.operand, depth + 1)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_BINOPS:
+        a = _safe_eval(node.left, depth + 1)
+        b = _safe_eval(node.right, depth + 1)
+        return float(_ALLOWED_BINOPS[type(node.op)](a, b))
+    raise ValueError("unsupported")
+
+
+def _eval_expr(expr: str) -> float | None:
+    e = expr.replace(",", "").replace("$", "").replace("×", "*").replace("÷", "/").replace("\\*", "*")
+    e = re.sub(r"(?<=[\d)\s])x(?=[\s\d(])", "*", e)
+    e = re.sub(r"(\d+(?:\.\d+)?)\s*%", r"(\1/100)", e)
+    e = e.strip()
+    if not e or len(e) > 160 or re.search(r"[^\d\s.+\-*/()%]", e):
+        return None
+    try:
+        return _safe_eval(ast.parse(e, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError):
+        return None
+
+
+def _close(a: float, b: float) -> bool:
+    if abs(a - b) <= 1e-6 + 1e-4 * max(abs(a), abs(b)):
+        return True
+    # rounded presentations: 2.3333 -> 2.33, 33.333 -> 33
+    return abs(a - b) < 0.01 or (abs(b) >= 1 and round(a) == b and abs(a - b) < 0.5 and abs(a) > 20)
+
+
+def arithmetic_checks(answer: str) -> tuple[int, int, int, int]:
+    """(annotations checked, annotations wrong, equations checked, equations wrong) in an answer."""
+    n_ann = n_ann_bad = 0
+    for expr, res in _ANNOT_RE.findall(answer):
+        v = _eval_expr(expr)
+        r = _eval_expr(res)
+        if v is None or r is None:
+            continue
+        n_ann += 1
+        if not _close(v, r):
+            n_ann_bad += 1
+    text = _ANNOT_RE.sub(" ", answer)
+    text = _EQ_CLEAN_RE.sub("", text).replace("$", "").replace("\\*", "*")
+    text = re.sub(r"(\d)\s*%", r"\1", text)
+    n_eq = n_eq_bad = 0
+    for expr, res in _EQ_RE.findall(text):
+        v = _eval_expr(expr)
+        if v is None:
+            continue
+        try:
+            r = float(res)
+        except ValueError:
+            continue
+        n_eq += 1
+        # a percentage written as "x * 60 = 24" (60 meaning 60%) is not an error
+        if not _close(v, r) and not _close(v / 100.0, r):
+            n_eq_bad += 1
+    return n_ann, n_ann_bad, n_eq, n_eq_bad
+
+
+# ----------------------------------------------------------------------------------------------------
+# code helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def extract_code(answer: str) -> tuple[str, str]:
+    """(language tag, code) of the answer's first fenced or [PYTHON] block; ("", "") when none."""
+    m = _CODE_FENCE_RE.search(answer)
+    if m:
+        return m.group(1).lower(), m.group(2)
+    m2 = _PY_TAG_RE.search(answer)
+    if m2:
+        return "python", m2.group(1)
+    return "", ""
+
+
+def _python_parses(code: str) -> bool:
+    if not code.strip() or len(code) > 20000:
+        return False
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# feature vector
+# ----------------------------------------------------------------------------------------------------
+
+_HEDGES = (
+    "not sure",
+    "unsure",
+    "i think",
+    "perhaps",
+    "maybe",
+    "probably",
+    "might be",
+    "it seems",
+    "unclear",
+    "approximately",
+    "assume",
+    "assuming",
+    "estimate",
+    "roughly",
+    "round",
+    "?",
+    "cannot determine",
+    "not enough information",
+    "ambiguous",
+    "depends",
+)
+_SELF_CORRECT = (
+    "however",
+    "actually",
+    "wait",
+    "mistake",
+    "correction",
+    "recalculate",
+    "re-evaluate",
+    "let me re",
+    "i apologize",
+    "error in",
+    "incorrect",
+    "let's try again",
+    "but this",
+)
+_REFUSALS = (
+    "i'm sorry",
+    "i am sorry",
+    "i cannot",
+    "i can't",
+    "i can not",
+    "as an ai",
+    "unfortunately",
+    "i'm unable",
+    "i am unable",
+    "i do not have",
+    "i don't have",
+)
+_NON_PY = ("function ", "console.log", "public static", "#include", "=> {", "var ", "let ", "const ")
+
+ENGINEERED_NAMES: tuple[str, ...] = (
+    "bias_one",
+    "empty",
+    "log_answer_chars",
+    "log_prompt_chars",
+    "log_answer_prompt_ratio",
+    "answer_lines",
+    "hedge_count",
+    "self_correct_count",
+    "refusal",
+    "ends_clean",
+    "unbalanced_annotation",
+    "finish_length",
+    "is_choice",
+    "choice_clean",
+    "choice_from_option_text",
+    "choice_A",
+    "choice_B",
+    "choice_C",
+    "choice_D",
+    "choice_E",
+    "answer_words_log",
+    "has_final_mark",
+    "final_mark_decorated",
+    "final_mark_conflict",
+    "final_decimal_zero",
+    "has_number",
+    "final_integer",
+    "final_negative",
+    "final_log_magnitude",
+    "final_in_prompt",
+    "final_in_body",
+    "final_is_last_eq_result",
+    "prompt_numbers_used_frac",
+    "answer_numbers_log",
+    "n_ann_log",
+    "ann_wrong",
+    "ann_wrong_frac",
+    "n_eq_log",
+    "eq_wrong",
+    "eq_wrong_frac",
+    "any_arith_wrong",
+    "has_code",
+    "code_python_parses",
+    "code_defines_function",
+    "code_non_python",
+    "code_lines_log",
+    "has_prev",
+    "n_prev",
+    "agree_prev",
+    "agree_any",
+    "agree_frac",
+    "disagree_prev",
+    "prev_agree_each_other",
+    "max_jaccard_prev",
+    "prev_choice_A",
+    "prev_choice_B",
+    "prev_choice_C",
+    "prev_choice_D",
+    "prev_choice_E",
+    "has_logprobs",
+    "lp_mean",
+    "lp_min",
+    "lp_p10",
+)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Layout of the feature vector; saved with a model so that scoring rebuilds the same vector."""
+
+    hash_dim: int = 256
+    prompt_tail_chars: int = 1500
+    hash_answer: bool = True
+    hash_prompt: bool = True
+    version: int = FEATURE_SPEC_VERSION
+
+    @property
+    def dim(self) -> int:
+        return len(ENGINEERED_NAMES) + self.hash_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "hash_dim": self.hash_dim,
+            "prompt_tail_chars": self.prompt_tail_chars,
+            "hash_answer": self.hash_answer,
+            "hash_prompt": self.hash_prompt,
+            "engineered": list(ENGINEERED_NAMES),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
+        version = int(d.get("version", FEATURE_SPEC_VERSION))
+        if version != FEATURE_SPEC_VERSION:
+            raise ValueError(f"feature spec version {version} is not supported (want {FEATURE_SPEC_VERSION})")
+        eng = d.get("engineered")
+        if eng is not None and list(eng) != list(ENGINEERED_NAMES):
+            raise ValueError("feature spec lists different engineered features than this version computes")
+        return cls(
+            hash_dim=int(d.get("hash_dim", 256)),
+            prompt_tail_chars=int(d.get("prompt_tail_chars", 1500)),
+            hash_answer=bool(d.get("hash_answer", True)),
+            hash_prompt=bool(d.get("hash_prompt", True)),
+            version=version,
+        )
+
+
+_INDEX: dict[str, int] = {n: i for i, n in enumerate(ENGINEERED_NAMES)}
+
+
+def feature_names(spec: FeatureSpec | None = None) -> list[str]:
+    spec = spec or FeatureSpec()
+    return list(ENGINEERED_NAMES) + [f"h{i}" for i in range(spec.hash_dim)]
+
+
+def messages_to_prompt(messages: Sequence[dict[str, Any]]) -> str:
+    """Flatten OpenAI chat messages into the prompt text features are computed on.
+
+    A single user message yields exactly its content (the shape of recorded datasets); otherwise the
+    contents are joined with blank lines (text parts of multi-part contents only).
+    """
+    parts: list[str] = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    parts.append(part["text"])
+    return "\n\n".join(parts)
+
+
+def _count_any(text: str, needles: Sequence[str]) -> int:
+    return sum(text.count(n) for n in needles)
+
+
+def _log1p(x: float) -> float:
+    return math.log1p(max(0.0, x))
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(text.lower())
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / max(1, len(a | b))
+
+
+def _hash_into(vec: list[float], offset: int, dim: int, prefix: bytes, toks: Sequence[str]) -> None:
+    if not toks or dim <= 0:
+        return
+    counts: dict[str, int] = {}
+    for t in toks:
+        counts[t] = counts.get(t, 0) + 1
+    scale = 1.0 / math.sqrt(len(counts))
+    for t, c in counts.items():
+        h = zlib.crc32(prefix + t.encode("utf-8"))
+        idx = offset + (h % dim)
+        sign = 1.0 if (h >> 31) & 1 == 0 else -1.0
+        vec[idx] += sign * scale * (1.0 + math.log(c))
+
+
+PREVIOUS_NAMES: tuple[str, ...] = (
+    "has_prev",
+    "n_prev",
+    "agree_prev",
+    "agree_any",
+    "agree_frac",
+    "disagree_prev",
+    "prev_agree_each_other",
+    "max_jaccard_prev",
+    "prev_choice_A",
+    "prev_choice_B",
+    "prev_choice_C",
+    "prev_choice_D",
+    "prev_choice_E",
+)
+
+
+def previous_features(prompt: str, answer: str, previous: Sequence[str]) -> dict[str, float]:
+    """Cross-stage features (agreement with earlier stages' answers); empty when there are none."""
+    f: dict[str, float] = {}
+    if not previous:
+        return f
+    a = answer.strip()
+    _, code = extract_code(a)
+    has_code = bool(code.strip())
+    f["has_prev"] = 1.0
+    f["n_prev"] = float(len(previous))
+    norm = normalize_answer(a, prompt)
+    prev_norm = [normalize_answer(p, prompt) for p in previous]
+    eq = [1.0 if (norm and norm == p) else 0.0 for p in prev_norm]
+    f["agree_prev"] = eq[-1]
+    if len(prev_norm[-1]) == 1 and prev_norm[-1] in "ABCDE":
+        f["prev_choice_" + prev_norm[-1]] = 1.0
+    f["agree_any"] = max(eq)
+    f["agree_frac"] = sum(eq) / len(eq)
+    f["disagree_prev"] = 1.0 - eq[-1]
+    if len(prev_norm) >= 2:
+        f["prev_agree_each_other"] = 1.0 if len(set(prev_norm)) == 1 and prev_norm[0] else 0.0
+    code_toks = set(_tokens(code)) if has_code else None
+    my = code_toks if code_toks else set(_tokens(a[:4000]))
+    best = 0.0
+    for p in previous:
+        _, pcode = extract_code(p)
+        other = set(_tokens(pcode)) if (code_toks and pcode) else set(_tokens(p[:4000]))
+        best = max(best, _jaccard(my, other))
+    f["max_jaccard_prev"] = best
+
+    return f
+
+
+def with_previous(
+    base: Sequence[float], prompt: str, answer: str, previous: Sequence[str], spec: FeatureSpec | None = None
+) -> list[float]:
+    """``base`` (computed with no previous answers) completed with the cross-stage features.
+
+    ``extract_features(p, a, prev, ...) == with_previous(extract_features(p, a, (), ...), p, a, prev)``;
+    lets a caller that scores one answer against many earlier-stage combinations reuse the base vector.
+    """
+    vec = list(base)
+    for name, value in previous_features(prompt, answer, previous).items():
+        vec[_INDEX[name]] = value
+    return vec
+
+
+def extract_features(
+    prompt: str,
+    answer: str,
+    previous: Sequence[str] = (),
+    logprobs: Sequence[float] | None = None,
+    finish_reason: str | None = None,
+    spec: FeatureSpec | None = None,
+) -> list[float]:
+    """Fixed-size feature vector (``spec.dim`` floats) for one stage answer. Deterministic."""
+    spec = spec or FeatureSpec()
+    ptail = prompt[-spec.prompt_tail_chars :] if spec.prompt_tail_chars > 0 else ""
+    a = answer.strip()
+    al = a.lower()
+    f: dict[str, float] = {"bias_one": 1.0}
+    f["empty"] = 1.0 if not a else 0.0
+    f["log_answer_chars"] = _log1p(len(a))
+    f["log_prompt_chars"] = _log1p(len(prompt))
+    f["log_answer_prompt_ratio"] = math.log((len(a) + 1.0) / (len(ptail) + 1.0))
+    f["answer_lines"] = _log1p(a.count("\n"))
+    f["hedge_count"] = _log1p(_count_any(al, _HEDGES))
+    f["self_correct_count"] = _log1p(_count_any(al, _SELF_CORRECT))
+    f["refusal"] = 1.0 if any(r in al[:300] for r in _REFUSALS) else 0.0
+    last = a[-1:] if a else ""
+    last_line = a.rsplit("\n", 1)[-1].strip() if a else ""
+    f["ends_clean"] = (
+        1.0
+        if (
+            last in ".!?)\"'`]*>}"
+            or (last.isdigit() and (len(a) <= 20 or "####" in last_line))
+            or (last.isalpha() and len(a) <= 40)
+        )
+        else 0.0
+    )
+    f["unbalanced_annotation"] = 1.0 if a.count("<<") != a.count(">>") else 0.0
+    f["finish_length"] = 1.0 if finish_reason == "length" else 0.0
+
+    letter = _choice_letter(a, None)
+    letter_opt = None if letter is not None else _choice_letter(a, prompt)
+    f["is_choice"] = 1.0 if (letter or letter_opt) else 0.0
+    f["choice_clean"] = 1.0 if letter is not None and len(a) <= 3 else 0.0
+    f["choice_from_option_text"] = 1.0 if letter_opt is not None else 0.0
+    if letter or letter_opt:
+        f["choice_" + str(letter or letter_opt)] = 1.0
+    f["answer_words_log"] = _log1p(len(a.split()))
+
+    lang, code = extract_code(a)
+    has_code = bool(code.strip())
+    final_mark = _FINAL_MARK_RE.findall(a) or _BOXED_RE.findall(a)
+    f["has_final_mark"] = 1.0 if final_mark else 0.0
+    final_lines = _FINAL_LINE_RE.findall(a) if "####" in a else []
+    if final_lines:
+        raw = final_lines[-1].strip()
+        f["final_mark_decorated"] = 0.0 if re.fullmatch(r"-?[\d,]*\.?\d+", raw) else 1.0
+        f["final_decimal_zero"] = 1.0 if re.search(r"\d\.0+\b", raw) else 0.0
+        vals = {_canon_number(m) for m in (_NUM_RE.findall(x) for x in final_lines) for m in m[:1]}
+        f["final_mark_conflict"] = 1.0 if len(vals) > 1 else 0.0
+    final = None if has_code else _final_number_str(a)
+    f["has_number"] = 1.0 if final is not None else 0.0
+    if final is not None:
+        fv = float(final)
+        f["final_integer"] = 1.0 if abs(fv - round(fv)) < 1e-9 else 0.0
+        f["final_negative"] = 1.0 if fv < 0 else 0.0
+        f["final_log_magnitude"] = math.log10(abs(fv) + 1.0)
+    p_nums = {c for c in (_canon_number(n) for n in _NUM_RE.findall(ptail)) if c is not None}
+    if not has_code and len(ptail) <= 3000:
+        p_nums.update(_NUMBER_WORDS[w] for w in _WORD_RE.findall(ptail.lower()) if w in _NUMBER_WORDS)
+    a_nums_list = (
+        [c for c in (_canon_number(n) for n in _NUM_RE.findall(a)) if c is not None] if not has_code else []
+    )
+    a_nums = set(a_nums_list)
+    if final is not None:
+        f["final_in_prompt"] = 1.0 if final in p_nums else 0.0
+        f["final_in_body"] = 1.0 if a_nums_list[:-1].count(final) > 0 else 0.0
+    f["prompt_numbers_used_frac"] = (len(p_nums & a_nums) / len(p_nums)) if p_nums and a_nums else 0.0
+    f["answer_numbers_log"] = _log1p(len(a_nums_list))
+    if not has_code and ("=" in a):
+        n_ann, ann_bad, n_eq, eq_bad = arithmetic_checks(a)
+    else:
+        n_ann = ann_bad = n_eq = eq_bad = 0
+    f["n_ann_log"] = _log1p(n_ann)
+    f["ann_wrong"] = _log1p(ann_bad)
+    f["ann_wrong_frac"] = ann_bad / n_ann if n_ann else 0.0
+    f["n_eq_log"] = _log1p(n_eq)
+    f["eq_wrong"] = _log1p(eq_bad)
+    f["eq_wrong_frac"] = eq_bad / n_eq if n_eq else 0.0
+    f["any_arith_wrong"] = 1.0 if (ann_bad + eq_bad) > 0 else 0.0
+    if final is not None and (n_ann or n_eq):
+        results = [r for _, r in _ANNOT_RE.findall(a)]
+        last_res = _canon_number(results[-1]) if results else None
+        if last_res is None:
+            eqs = _EQ_RE.findall(_EQ_CLEAN_RE.sub("", a).replace("$", ""))
+            last_res = _canon_number(eqs[-1][1]) if eqs else None
+        f["final_is_last_eq_result"] = 1.0 if last_res == final else 0.0
+
+    f["has_code"] = 1.0 if has_code else 0.0
+    if has_code:
+        parses = _python_parses(code)
+        f["code_python_parses"] = 1.0 if parses else 0.0
+        f["code_defines_function"] = 1.0 if ("def " in code) else 0.0
+        f["code_non_python"] = (
+            1.0
+            if (
+                lang not in ("", "python", "py", "python3")
+                or (not parses and any(n in code for n in _NON_PY))
+            )
+            else 0.0
+        )
+        f["code_lines_log"] = _log1p(code.count("\n") + 1)
+
+    if logprobs:
+        lps = sorted(float(x) for x in logprobs)
+        f["has_logprobs"] = 1.0
+        f["lp_mean"] = sum(lps) / len(lps)
+        f["lp_min"] = max(-30.0, lps[0])
+        f["lp_p10"] = max(-30.0, lps[int(0.1 * (len(lps) - 1))])
+
+    if previous:
+        f.update(previous_features(prompt, answer, previous))
+    vec = [f.get(name, 0.0) for name in ENGINEERED_NAMES]
+    if spec.hash_dim > 0:
+        vec.extend([0.0] * spec.hash_dim)
+        off = len(ENGINEERED_NAMES)
+        if spec.hash_answer:
+            atoks = _tokens(a[:4000])
+            _hash_into(vec, off, spec.hash_dim, b"a:", atoks)
+            if not a:
+                _hash_into(vec, off, spec.hash_dim, b"a:", ["<empty>"])
+        if spec.hash_prompt and ptail:
+            _hash_into(vec, off, spec.hash_dim, b"p:", _tokens(ptail[-600:]))
+    return vec

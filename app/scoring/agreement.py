@@ -1,0 +1,87 @@
+"""Agreement scorers: answers that agree are evidence of a right answer.
+
+``consistency`` samples the stage's model k-1 more times (one call with ``n`` when the upstream honours
+it, else parallel calls) and scores the share of samples whose normalised final answer (choice letter,
+final number, or normalised text) equals the scored answer's. ``agreement`` compares the answer with
+the answers earlier stages of the same request already produced (paid for, so free here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.config import AgreementScorer as AgreementConfig
+from app.config import ConsistencyScorer as ConsistencyConfig
+from app.learning.features import normalize_answer
+from app.protocol import prompt_text
+from app.scoring.base import Answer, Score, ScoreContext, Spend
+from app.upstream.client import Upstream
+
+Json = dict[str, Any]
+
+
+def _norm(answer: Answer, prompt: str) -> str:
+    return normalize_answer(answer.text, prompt)
+
+
+class Consistency:
+    kind = "consistency"
+
+    def __init__(self, cfg: ConsistencyConfig, own: Upstream) -> None:
+        self.cfg = cfg
+        self._up = own
+
+    async def _sample(self, request: Json, n: int) -> tuple[list[str], list[Spend]]:
+        body = {
+            k: v
+            for k, v in request.items()
+            if k not in ("stream", "stream_options", "logprobs", "top_logprobs")
+        }
+        body["temperature"] = self.cfg.temperature
+        up = self._up
+        if up.cfg.supports_n:
+            body["n"] = n
+            replies = [await up.complete(up.prepare(body, stream=False))]
+        else:
+            body.pop("n", None)
+            replies = list(
+                await asyncio.gather(*(up.complete(up.prepare(body, stream=False)) for _ in range(n)))
+            )
+        texts: list[str] = []
+        spend: list[Spend] = []
+        for r in replies:
+            pt, ct, usd = up.cost(r.body.get("usage"))
+            spend.append(Spend(up.name, pt, ct, usd))
+            for ch in r.body.get("choices") or ():
+                c = (ch.get("message") or {}).get("content")
+                texts.append(c if isinstance(c, str) else "")
+        return texts, spend
+
+    async def score(self, ctx: ScoreContext) -> Score:
+        prompt = prompt_text(ctx.request)
+        mine = _norm(ctx.answer, prompt)
+        texts, spend = await self._sample(ctx.request, self.cfg.k - 1)
+        if not texts:
+            return Score(0.0, "no samples", spend)
+        same = sum(1 for t in texts if normalize_answer(t, prompt) == mine)
+        return Score(same / len(texts), f"{same}/{len(texts)} samples agree", spend)
+
+
+class Agreement:
+    kind = "agreement"
+
+    def __init__(self, cfg: AgreementConfig) -> None:
+        self.cfg = cfg
+
+    async def score(self, ctx: ScoreContext) -> Score:
+        earlier = [a for a in ctx.previous if a.text or a.message.get("tool_calls")]
+        if not earlier:
+            raise LookupError("no earlier answer to compare with")
+        prompt = prompt_text(ctx.request)
+        mine = _norm(ctx.answer, prompt)
+        pool = earlier[-1:] if self.cfg.with_ == "previous" else earlier
+        for other in reversed(pool):
+            if _norm(other, prompt) == mine and mine:
+                return Score(1.0, f"agrees with stage {other.stage} ({other.upstream})")
+        return Score(0.0, f"disagrees with stage {pool[-1].stage} ({pool[-1].upstream})")

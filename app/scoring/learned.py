@@ -1,0 +1,37 @@
+"""``learned`` scorers: a light model fitted from labelled traces or a replay train split
+(``cascade fit-scorer``), loaded from its JSON file at startup. Scoring is pure Python (well under 1 ms):
+features of the prompt, the answer, the earlier stages' answers and logprob statistics, then a
+logistic regression. The score is the estimated probability that the answer is good enough."""
+
+from __future__ import annotations
+
+from app.config import LearnedScorer as LearnedConfig
+from app.learning.features import messages_to_prompt
+from app.learning.model import LearnedScorer as Model
+from app.scoring.base import Score, ScoreContext
+
+
+class Learned:
+    kind = "learned"
+
+    def __init__(self, cfg: LearnedConfig) -> None:
+        self.cfg = cfg
+        self._model = Model.load(cfg.model)
+
+    async def score(self, ctx: ScoreContext) -> Score:
+        lp = ctx.answer.logprobs
+        token_lps = None
+        if lp and isinstance(lp.get("content"), list):
+            token_lps = [
+                t["logprob"]
+                for t in lp["content"]
+                if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)
+            ]
+        p = self._model.score(
+            messages_to_prompt(ctx.request.get("messages") or []),
+            ctx.answer.text,
+            previous=[a.text for a in ctx.previous],
+            logprobs=token_lps or None,
+            finish_reason=ctx.answer.finish_reason,
+        )
+        return Score(p, f"learned P(good) = {p:.2f}")

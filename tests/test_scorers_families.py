@@ -1,0 +1,355 @@
+"""logprob, judge, self_verify, consistency, agreement, python scorers, and early abort on streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.config import ConfigError, parse_config
+from app.main import create_app
+from app.scoring.asking import parse_grade, yes_probability
+from app.scoring.logprob import aggregate, token_probs
+from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
+from tests.fake_upstream import FakeUpstream
+from tests.test_loopback import stack
+
+pytestmark = pytest.mark.anyio
+FIXTURES = Path(__file__).parent / "fixtures" / "llamacpp"
+
+
+def _ext(r: Any) -> dict[str, Any]:
+    return r.json()["cascade"]  # type: ignore[no-any-return]
+
+
+# --- logprob ---------------------------------------------------------------------------------------------
+
+
+def test_aggregates_on_a_real_llamacpp_payload() -> None:
+    reply = json.loads((FIXTURES / "chat_logprobs.smollm2-135m.json").read_text())
+    probs = token_probs(reply["choices"][0]["logprobs"])
+    assert len(probs) == len(reply["choices"][0]["logprobs"]["content"]) > 3
+    assert all(0 < p <= 1 for p in probs)
+    assert aggregate(probs, "min") == min(probs)
+    assert aggregate(probs, "first") == pytest.approx(
+        math.exp(reply["choices"][0]["logprobs"]["content"][0]["logprob"])
+    )
+    assert aggregate(probs, "min") <= aggregate(probs, "p10") <= aggregate(probs, "mean")
+
+
+def test_p10_is_a_quantile_not_a_length_sensitive_product() -> None:
+    # Same share (10%) of unsure tokens, 10 vs 100 tokens long: the same p10, while the sequence
+    # probability (a product) would punish the longer answer 10 times harder.
+    short = [0.9] * 9 + [0.2]
+    long = [0.9] * 90 + [0.2] * 10
+    assert aggregate(short, "p10") == aggregate(long, "p10") == 0.2
+    assert aggregate([0.9] * 99 + [0.01], "p10") == 0.9  # one slip in 100 tokens is not "unsure"
+    assert aggregate([0.9] * 99 + [0.01], "min") == 0.01
+
+
+@pytest.mark.parametrize(("conf", "expected"), [("0.95", "small"), ("0.3", "large")])
+async def test_logprob_scorer_asks_for_logprobs_and_strips_them(
+    fake: FakeUpstream, conf: str, expected: str
+) -> None:
+    cfg = two_stage(
+        f"conf-{conf}",
+        scorers=[{"type": "heuristic", "veto": True}, {"type": "logprob", "aggregate": "mean"}],
+    )
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    body = r.json()
+    assert body["cascade"]["upstream"] == expected
+    assert body["cascade"]["attempts"][0]["scores"]["logprob"] == pytest.approx(float(conf))
+    assert fake.requests[0]["body"]["logprobs"] is True
+    assert body["choices"][0]["logprobs"] is None  # the client did not ask
+
+
+async def test_logprob_on_an_upstream_without_logprobs_is_a_startup_error() -> None:
+    cfg = two_stage("ok", scorers=[{"type": "logprob"}])
+    cfg["upstreams"]["small"]["logprobs"] = False
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg, env={})
+    assert info.value.problems == [
+        "cascades.default.stages[0].scorers[0]: upstream 'small' does not return logprobs (logprobs: false)"
+    ]
+
+
+async def test_logprob_missing_from_reply_follows_on_error(fake: FakeUpstream) -> None:
+    # The fake only sends logprobs when asked; drop the proxy's ask by claiming the client set it false.
+    cfg = two_stage("ok", scorers=[{"type": "logprob", "on_error": "reject"}])
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(logprobs=False))
+    att = _ext(r)["attempts"][0]
+    assert att["reasons"]["logprob"] == "error: MissingLogprobs" and _ext(r)["upstream"] == "large"
+
+
+# --- judge and self-verify ----------------------------------------------------------------------------------
+
+
+def test_parse_grade() -> None:
+    assert parse_grade("8") == pytest.approx(7 / 9)
+    assert parse_grade("Rating: 10/10") == 1.0
+    assert parse_grade("1") == 0.0
+    assert parse_grade("0.85") == 0.85
+    assert parse_grade("75/100") == 0.75
+    assert parse_grade("no idea") is None
+
+
+@pytest.mark.parametrize(("grade", "expected"), [("9", "small"), ("3", "large")])
+async def test_judge_grades_and_its_cost_is_scoring_spend(
+    fake: FakeUpstream, grade: str, expected: str
+) -> None:
+    cfg = two_stage("ok", scorers=[{"type": "judge", "upstream": "grader"}])
+    cfg["upstreams"]["grader"] = upstream(f"answer-{grade}", price={"input": 3.0, "output": 4.0})
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(content="What is 6*7?"))
+    ext = _ext(r)
+    assert ext["upstream"] == expected
+    att0 = ext["attempts"][0]
+    assert att0["scores"]["judge"] == pytest.approx((int(grade) - 1) / 9)
+    judge_req = next(x["body"] for x in fake.requests if x["body"]["model"].startswith("answer-"))
+    prompt = judge_req["messages"][0]["content"]
+    assert "What is 6*7?" in prompt and "The answer is 42." in prompt
+    # judge tokens are priced at the grader's prices and count toward the attempt's and request's cost
+    spend = registry.get_sample_value(
+        "cascade_cost_usd_total", {"cascade": "default", "upstream": "grader", "purpose": "scoring"}
+    )
+    assert spend and spend > 0
+    answer_cost = registry.get_sample_value(
+        "cascade_cost_usd_total", {"cascade": "default", "upstream": "small", "purpose": "answer"}
+    )
+    assert att0["cost_usd"] == pytest.approx(answer_cost + spend)
+    assert ext["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in ext["attempts"]))
+
+
+def test_yes_probability() -> None:
+    reply = {
+        "choices": [
+            {
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "Yes",
+                            "logprob": math.log(0.6),
+                            "top_logprobs": [
+                                {"token": "Yes", "logprob": math.log(0.6)},
+                                {"token": " No", "logprob": math.log(0.2)},
+                                {"token": "Maybe", "logprob": math.log(0.2)},
+                            ],
+                        }
+                    ]
+                }
+            }
+        ]
+    }
+    assert yes_probability(reply) == pytest.approx(0.75)
+    assert yes_probability({"choices": [{"logprobs": None}]}) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "logprobs"),
+    [("Yes", "small", True), ("No", "large", True), ("Yes", "small", False), ("No", "large", False)],
+)
+async def test_self_verify(fake: FakeUpstream, answer: str, expected: str, logprobs: bool) -> None:
+    cfg = two_stage(f"answer-{answer}", scorers=[{"type": "self_verify"}])
+    cfg["upstreams"]["small"]["logprobs"] = logprobs
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    ext = _ext(r)
+    assert ext["upstream"] == expected
+    verify = fake.requests[1]["body"]
+    assert "Is the proposed answer correct?" in verify["messages"][0]["content"]
+    assert verify.get("logprobs", False) is logprobs
+    assert (
+        ext["attempts"][0]["cost_usd"] > ext["attempts"][0]["cost_usd"] - 1
+    )  # spend included (non-negative)
+
+
+# --- consistency and agreement --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "supports_n", "value"),
+    [("answer-42", True, 1.0), ("answer-42+varied", True, 0.5), ("answer-42", False, 1.0)],
+)
+async def test_consistency(fake: FakeUpstream, model: str, supports_n: bool, value: float) -> None:
+    cfg = two_stage(model, scorers=[{"type": "consistency", "k": 3}])
+    cfg["upstreams"]["small"]["supports_n"] = supports_n
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    att = _ext(r)["attempts"][0]
+    # "varied" makes choice i say "42 v{i}": the answer is "42 v0"; the samples (the n=2 call) are
+    # "42 v0" and "42 v1": one of two agrees.
+    assert att["scores"]["consistency"] == value
+    calls = [x["body"] for x in fake.requests if x["body"]["model"] == model]
+    if supports_n:
+        assert len(calls) == 2 and calls[1]["n"] == 2 and calls[1]["temperature"] == 0.7
+    else:
+        assert len(calls) == 3 and "n" not in calls[1]
+
+
+@pytest.mark.parametrize(("second", "expected"), [("answer-Paris", "medium"), ("answer-London", "large")])
+async def test_agreement_with_the_previous_stage(fake: FakeUpstream, second: str, expected: str) -> None:
+    cfg = base_config()
+    cfg["upstreams"]["small"] = upstream("answer-Paris+conf-0.1")
+    cfg["upstreams"]["medium"] = upstream(second)
+    cfg["cascades"]["default"]["stages"] = [
+        {"upstream": "small", "threshold": 0.5, "scorers": [{"type": "logprob"}]},
+        {"upstream": "medium", "threshold": 0.5, "scorers": [{"type": "agreement", "with": "previous"}]},
+        {"upstream": "large"},
+    ]
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(content="Capital of France?"))
+    ext = _ext(r)
+    assert ext["upstream"] == expected
+    assert ext["attempts"][1]["scores"] == {"agreement": 1.0 if expected == "medium" else 0.0}
+    assert len(fake.requests) == (2 if expected == "medium" else 3)  # agreement itself calls nothing
+
+
+def test_agreement_on_the_first_stage_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(two_stage("ok", scorers=[{"type": "agreement"}]), env={})
+    assert "the first stage has no earlier answer" in info.value.problems[0]
+
+
+# --- python ------------------------------------------------------------------------------------------------------
+
+
+class KeywordScorer:
+    """Used by the tests as a user's python scorer."""
+
+    def __init__(self, keyword: str, bonus: float = 0.0) -> None:
+        self.keyword = keyword.lower()
+        self.bonus = bonus
+
+    async def score(self, request: dict[str, Any], answer: dict[str, Any]) -> tuple[float, str]:
+        await asyncio.sleep(0)
+        ok = self.keyword in (answer.get("content") or "").lower() and answer["finish_reason"] == "stop"
+        return (min(1.0, 0.9 + self.bonus) if ok else 0.1), f"keyword {'found' if ok else 'missing'}"
+
+
+@pytest.mark.parametrize(("keyword", "expected"), [("answer", "small"), ("banana", "large")])
+async def test_python_scorer(fake: FakeUpstream, keyword: str, expected: str) -> None:
+    scorer = {
+        "type": "python",
+        "class": "tests.test_scorers_families:KeywordScorer",
+        "options": {"keyword": keyword},
+    }
+    async with proxy(two_stage("ok", scorers=[scorer]), fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    ext = _ext(r)
+    assert ext["upstream"] == expected
+    assert (
+        ext["attempts"][0]["reasons"]["python"] == f"keyword {'found' if expected == 'small' else 'missing'}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "needle"),
+    [
+        ("tests.nowhere:X", {}, "ModuleNotFoundError"),
+        ("tests.test_scorers_families:Missing", {}, "AttributeError"),
+        ("tests.test_scorers_families:KeywordScorer", {"nope": 1}, "TypeError"),
+        ("tests.test_scorers_families:test_parse_grade", {}, "is not a class"),
+    ],
+)
+def test_python_scorer_load_errors_are_config_errors(spec: str, options: dict[str, Any], needle: str) -> None:
+    from app.runtime import build_runtime  # noqa: F401  (import path used by serve/check-config)
+
+    cfg = parse_config(
+        two_stage("ok", scorers=[{"type": "python", "class": spec, "options": options}]), env={}
+    )
+    with pytest.raises(ConfigError) as info:
+        create_app(cfg, registry=CollectorRegistry())
+    assert info.value.problems[0].startswith("cascades.default.stages[0].scorers[0]: cannot load:")
+    assert needle in info.value.problems[0]
+
+
+# --- early abort ----------------------------------------------------------------------------------------------------
+
+
+async def test_early_abort_rejects_a_refusal_in_process(fake: FakeUpstream) -> None:
+    cfg = two_stage("refuse", scorers=[{"type": "heuristic"}], early_abort=True)
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+        s = await c.post("/v1/chat/completions", json=chat(stream=True))
+    att = _ext(r)["attempts"][0]
+    assert (att["outcome"], att["reason"], att["detail"]) == (
+        "rejected",
+        "early_abort",
+        "refusal in the first tokens",
+    )
+    assert att["cost_usd"] > 0 and att["usage_estimated"] is True
+    assert fake.requests[0]["body"]["stream"] is True
+    ext = sse_events(s.text)[-2]["cascade"]
+    assert ext["upstream"] == "large" and ext["attempts"][0]["reason"] == "early_abort"
+
+
+async def test_early_abort_accepts_good_streamed_answers_as_whole_completions(fake: FakeUpstream) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    cfg = two_stage("tools", scorers=[{"type": "heuristic"}, {"type": "logprob"}], early_abort=True)
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(tools=tools))
+    body = r.json()
+    assert body["cascade"]["upstream"] == "small", body["cascade"]
+    call = body["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "f" and json.loads(call["function"]["arguments"]) == {}
+    assert body["usage"]["completion_tokens"] > 0 and "usage_estimated" not in body["cascade"]["attempts"][0]
+    assert body["cascade"]["attempts"][0]["scores"] == {"heuristic": 1.0}  # logprob abstains on tool calls
+
+    cfg = two_stage("conf-0.9", scorers=[{"type": "heuristic"}, {"type": "logprob"}], early_abort=True)
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(stream=True))
+    chunks = sse_events(r.text)[:-1]
+    assert (
+        "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+        == "The answer is 42."
+    )
+    assert chunks[-1]["cascade"]["attempts"][0]["scores"]["logprob"] == pytest.approx(0.9)
+    assert all(ch["choices"][0].get("logprobs") is None for ch in chunks if ch["choices"])
+
+
+async def test_early_abort_length_cap(fake: FakeUpstream) -> None:
+    cfg = two_stage("words-400", scorers=[{"type": "heuristic", "max_chars": 100}], early_abort=True)
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    att = _ext(r)["attempts"][0]
+    assert att["detail"] == "longer than 100 characters"
+    assert att["cost_usd"] > 0
+
+
+@pytest.mark.loopback
+async def test_early_abort_closes_the_upstream_connection_before_the_answer_finishes() -> None:
+    import httpx
+
+    cfg = two_stage("refuse+chunkdelay-100", scorers=[{"type": "heuristic"}], early_abort=True)
+    async with stack(cfg) as (url, fake, registry), httpx.AsyncClient(timeout=30) as client:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await client.post(url + "/chat/completions", json=chat())
+        elapsed = loop.time() - t0
+        ext = r.json()["cascade"]
+        assert ext["attempts"][0]["reason"] == "early_abort"
+        for _ in range(50):
+            if fake.cancelled_streams:
+                break
+            await asyncio.sleep(0.02)
+        # "I'm sorry, but I can't help with that request." is 10 words 100 ms apart; the abort comes
+        # at "can't" (word 5), so the upstream stream is cut, not finished.
+        assert fake.cancelled_streams == 1 and fake.finished_streams == 0
+        assert elapsed < 0.95
+        esc = {
+            "cascade": "default",
+            "from_upstream": "small",
+            "to_upstream": "large",
+            "reason": "early_abort",
+        }
+        assert registry.get_sample_value("cascade_escalations_total", esc) == 1
