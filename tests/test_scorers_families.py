@@ -27,7 +27,7 @@ def _ext(r: Any) -> dict[str, Any]:
     return r.json()["cascade"]  # type: ignore[no-any-return]
 
 
-# --- logprob ---------------------------------------------------------------------------------------------
+# --- logprob ---------------------------------------------------------------------------
 
 
 def test_aggregates_on_a_real_llamacpp_payload() -> None:
@@ -171,7 +171,7 @@ async def test_self_verify(fake: FakeUpstream, answer: str, expected: str, logpr
     )  # spend included (non-negative)
 
 
-# --- consistency and agreement --------------------------------------------------------------------------------
+# --- consistency and agreement ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_agreement_on_the_first_stage_is_a_config_error() -> None:
     assert "the first stage has no earlier answer" in info.value.problems[0]
 
 
-# --- python ------------------------------------------------------------------------------------------------------
+# --- python ---------------------------------------------------------------------------
 
 
 class KeywordScorer:
@@ -271,7 +271,7 @@ def test_python_scorer_load_errors_are_config_errors(spec: str, options: dict[st
     assert needle in info.value.problems[0]
 
 
-# --- early abort ----------------------------------------------------------------------------------------------------
+# --- early abort ---------------------------------------------------------------------------
 
 
 async def test_early_abort_rejects_a_refusal_in_process(fake: FakeUpstream) -> None:
