@@ -4,6 +4,7 @@ the shared upstream HTTP client."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,6 +62,11 @@ def create_app(
         finally:
             state.draining = True
             await http.close()
+            if multiprocess_dir:
+                # Drop this worker's live gauges (in-flight) from the shared multiprocess files.
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid(), multiprocess_dir)  # type: ignore[no-untyped-call]
 
     app = FastAPI(title="cascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.cascade = state

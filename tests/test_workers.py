@@ -1,0 +1,98 @@
+"""``cascade serve --workers 2``: Prometheus multiprocess mode adds the workers' counts up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.loopback, pytest.mark.slow]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, timeout: float = 40) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")
+
+
+@contextmanager
+def _proc(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_counts_add_up_across_two_workers(tmp_path: Path) -> None:
+    up_port, px_port = _port(), _port()
+    cfg = base_config()
+    for u in cfg["upstreams"].values():
+        u["base_url"] = f"http://127.0.0.1:{up_port}/v1"
+    cfg["server"] = {"host": "127.0.0.1", "port": px_port, "log_level": "warning"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "stale_counter_123.db").write_bytes(b"left over from an earlier run")
+    with (
+        _proc([sys.executable, "-m", "tests.fake_upstream", "--port", str(up_port)]),
+        _proc(
+            [sys.executable, "-m", "app.cli", "serve", "--config", str(path), "--workers", "2"],
+            env={"CASCADE_METRICS_DIR": str(metrics_dir)},
+        ) as proxy,
+    ):
+        _wait(f"http://127.0.0.1:{up_port}/v1/models")
+        _wait(f"http://127.0.0.1:{px_port}/readyz")
+        n = 40
+        body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+        for i in range(n):
+            # a fresh connection per request lets the kernel spread them over both workers
+            r = httpx.post(f"http://127.0.0.1:{px_port}/v1/chat/completions", json={**body, "stream": i % 2 == 1}, timeout=10)
+            assert r.status_code == 200
+        pids = {f.name.split("_")[-1].split(".")[0] for f in metrics_dir.glob("counter_*.db")}
+        assert len(pids) >= 2, "both workers should have served requests"
+        totals = []
+        for _ in range(6):  # /metrics may be answered by either worker: each must see the sum
+            text = httpx.get(f"http://127.0.0.1:{px_port}/metrics", timeout=5).text
+            fams = {f.name: f for f in text_string_to_metric_families(text)}
+            total = sum(s.value for s in fams["cascade_requests"].samples if s.name == "cascade_requests_total")
+            totals.append(total)
+            costs = sum(s.value for s in fams["cascade_cost_usd"].samples if s.name == "cascade_cost_usd_total")
+            assert costs > 0
+        assert totals == [n] * 6
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(timeout=30) == 0
+    assert not (metrics_dir / "stale_counter_123.db").exists()
