@@ -7,7 +7,9 @@ still open), stops accepting, lets in-flight requests and streams finish for up 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -24,6 +26,15 @@ class _Server(uvicorn.Server):
         if _app is not None:
             _app.state.cascade.draining = True
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the captured SIGTERM after a graceful shutdown, which would make the process
+        # die by the signal (exit 143) instead of exiting 0 as the contract says. The drain already
+        # happened, so the signal has done its job: forget it.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.Config:
