@@ -1,0 +1,306 @@
+"""Recorded multi-model datasets for `cascade replay` (format: shared/data/README.md). Stdlib only.
+
+One JSON object per line::
+
+    {"id", "dataset", ["split"], "prompt", ["reference"], ["contaminated"],
+     "models": {"<model>": {"answer", "correct", ["score"], ["cost_usd"]}}}
+
+API::
+
+    ds = load_dataset(path, prices=None, test_fraction=0.5, drop_contaminated=True)
+    ds.models                       # models present in every row, cheapest (mean cost) first
+    ds.train, ds.test               # lists of Row
+    model_summary(rows, models) -> {model: ModelSummary(accuracy, mean_cost_usd, total_cost_usd, n)}
+    best_single(summary) -> model   # most accurate, cheaper on ties
+    oracle(rows, models) -> OracleSummary(accuracy, mean_cost_usd, total_cost_usd)  # cheapest correct model
+    estimate_cost_usd(model, prompt, answer, prices=None) -> float
+
+Rules:
+
+* ``split`` missing -> deterministic: ``sha256(id)`` mapped to [0, 1); below ``test_fraction`` is test.
+* ``contaminated: true`` rows are dropped (``drop_contaminated``).
+* ``correct`` may be a bool, a 0/1 number or missing; missing falls back to ``score >= 0.5``, else False.
+* ``cost_usd`` missing -> estimated from a price table (USD per 1M tokens, input/output) with tokens
+  ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
+  :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
+  any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
+  models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` to override or extend.
+* The model set is discovered from the rows: models present in every kept row (others are listed in
+  ``Dataset.partial_models`` and ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# USD per 1M tokens (input, output). Early-2024 list prices; documented, override via `prices=`.
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4-1106-preview": (10.0, 30.0),
+    "gpt-4-turbo": (10.0, 30.0),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4": (30.0, 60.0),
+    "gpt-3.5-turbo": (0.5, 1.5),
+    "gpt-3.5-turbo-1106": (1.0, 2.0),
+    "mixtral-8x7b": (0.6, 0.6),
+    "mixtral-8x7b-instruct-v0.1": (0.6, 0.6),
+    "mistral-7b": (0.2, 0.2),
+    "llama-2-70b": (0.9, 0.9),
+    "llama-3-70b": (0.9, 0.9),
+    "llama-3-8b": (0.2, 0.2),
+    "claude-v2": (8.0, 24.0),
+    "claude-v1": (8.0, 24.0),
+    "claude-instant-v1": (0.8, 2.4),
+    "claude-3-haiku": (0.25, 1.25),
+    "claude-3-sonnet": (3.0, 15.0),
+    "claude-3-opus": (15.0, 75.0),
+    "yi-34b": (0.8, 0.8),
+    "wizardlm-13b": (0.3, 0.3),
+    "code-llama-instruct-34b": (0.776, 0.776),
+}
+FALLBACK_PRICE: tuple[float, float] = (1.0, 2.0)
+
+
+def _price_for(model: str, prices: Mapping[str, tuple[float, float]] | None) -> tuple[float, float]:
+    tables: list[Mapping[str, tuple[float, float]]] = [prices] if prices else []
+    tables.append(DEFAULT_PRICES)
+    name = model.lower()
+    short = name.rsplit("/", 1)[-1]
+    for table in tables:
+        low = {k.lower(): v for k, v in table.items()}
+        for key in (model, name, short):
+            if key in low:
+                return low[key]
+        hits = [k for k in low if k in name]
+        if hits:
+            return low[max(hits, key=len)]
+    return FALLBACK_PRICE
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def estimate_cost_usd(
+    model: str, prompt: str, answer: str, prices: Mapping[str, tuple[float, float]] | None = None
+) -> float:
+    pin, pout = _price_for(model, prices)
+    return (estimate_tokens(prompt) * pin + estimate_tokens(answer) * pout) / 1e6
+
+
+def hash_split(row_id: str, test_fraction: float = 0.5) -> str:
+    h = int.from_bytes(hashlib.sha256(row_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return "test" if h < test_fraction else "train"
+
+
+@dataclass(frozen=True)
+class ModelAnswer:
+    answer: str
+    correct: bool
+    cost_usd: float
+    cost_estimated: bool = False
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    prompt: str
+    split: str
+    answers: Mapping[str, ModelAnswer]
+    reference: Any = None
+    dataset: str = ""
+
+
+@dataclass
+class Dataset:
+    name: str
+    rows: list[Row]
+    models: list[str]  # in every row, cheapest first
+    partial_models: list[str] = field(default_factory=list)
+    n_dropped_contaminated: int = 0
+    split_from_hash: bool = False
+    cost_estimated: bool = False
+
+    @property
+    def train(self) -> list[Row]:
+        return [r for r in self.rows if r.split == "train"]
+
+    @property
+    def test(self) -> list[Row]:
+        return [r for r in self.rows if r.split == "test"]
+
+
+def _as_bool(v: Any) -> bool | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float):
+        return float(v) >= 0.5
+    if isinstance(v, str):
+        return v.strip().lower() in {"true", "1", "yes", "correct"}
+    return None
+
+
+def _answer_text(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return ""
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return str(v["content"])
+    return json.dumps(v, sort_keys=True)
+
+
+def parse_rows(
+    lines: Iterable[str],
+    prices: Mapping[str, tuple[float, float]] | None = None,
+    test_fraction: float = 0.5,
+    drop_contaminated: bool = True,
+    name: str = "",
+) -> Dataset:
+    rows: list[Row] = []
+    dropped = 0
+    hashed = False
+    estimated = False
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {lineno}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("models"), dict):
+            raise ValueError(f"line {lineno}: expected an object with a 'models' object")
+        if drop_contaminated and bool(obj.get("contaminated")):
+            dropped += 1
+            continue
+        rid = str(obj.get("id", f"row{lineno}"))
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            turns = obj.get("turns")
+            prompt = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], str) else ""
+        split = obj.get("split")
+        if split not in ("train", "test"):
+            split = hash_split(rid, test_fraction)
+            hashed = True
+        answers: dict[str, ModelAnswer] = {}
+        for m, rec in obj["models"].items():
+            if not isinstance(rec, dict):
+                continue
+            text = _answer_text(rec.get("answer"))
+            score = rec.get("score")
+            score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
+            corr = _as_bool(rec.get("correct"))
+            if corr is None:
+                corr = score_f is not None and score_f >= 0.5
+            cost = rec.get("cost_usd")
+            if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(float(cost)):
+                answers[m] = ModelAnswer(text, corr, float(cost), False, score_f)
+            else:
+                estimated = True
+                answers[m] = ModelAnswer(
+                    text, corr, estimate_cost_usd(m, prompt, text, prices), True, score_f
+                )
+        rows.append(
+            Row(rid, prompt, str(split), answers, obj.get("reference"), str(obj.get("dataset", name)))
+        )
+    if not rows:
+        raise ValueError("dataset has no usable rows")
+    all_models: set[str] = set()
+    for r in rows:
+        all_models.update(r.answers)
+    common = [m for m in all_models if all(m in r.answers for r in rows)]
+    partial = sorted(all_models - set(common))
+    mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
+    common.sort(key=lambda m: (mean_cost[m], m))
+    ds_name = name or (rows[0].dataset if rows[0].dataset else "dataset")
+    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated)
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    prices: Mapping[str, tuple[float, float]] | None = None,
+    test_fraction: float = 0.5,
+    drop_contaminated: bool = True,
+) -> Dataset:
+    p = Path(path)
+    with p.open(encoding="utf-8") as fh:
+        return parse_rows(fh, prices, test_fraction, drop_contaminated, name=p.stem)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    accuracy: float
+    mean_cost_usd: float
+    total_cost_usd: float
+    n: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "accuracy": self.accuracy,
+            "cost_usd": self.mean_cost_usd,
+            "total_cost_usd": self.total_cost_usd,
+        }
+
+
+def model_summary(rows: Sequence[Row], models: Sequence[str]) -> dict[str, ModelSummary]:
+    n = len(rows)
+    out: dict[str, ModelSummary] = {}
+    for m in models:
+        acc = sum(1 for r in rows if r.answers[m].correct) / n if n else 0.0
+        tot = sum(r.answers[m].cost_usd for r in rows)
+        out[m] = ModelSummary(acc, tot / n if n else 0.0, tot, n)
+    return out
+
+
+def best_single(summary: Mapping[str, ModelSummary]) -> str:
+    """Most accurate model; among equally accurate ones the cheapest."""
+    return min(summary, key=lambda m: (-round(summary[m].accuracy, 9), summary[m].mean_cost_usd))
+
+
+@dataclass(frozen=True)
+class OracleSummary:
+    accuracy: float
+    mean_cost_usd: float
+    total_cost_usd: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "accuracy": self.accuracy,
+            "cost_usd": self.mean_cost_usd,
+            "total_cost_usd": self.total_cost_usd,
+        }
+
+
+def oracle(rows: Sequence[Row], models: Sequence[str], cascade: bool = False) -> OracleSummary:
+    """Per row the cheapest correct model (else the cheapest): an unreachable upper bound.
+
+    ``cascade=False`` charges only that model (a perfect router); ``cascade=True`` charges every model
+    tried in increasing price order up to the first correct one (a perfect-scorer cascade).
+    """
+    n = len(rows)
+    if n == 0 or not models:
+        return OracleSummary(0.0, 0.0, 0.0)
+    correct = 0
+    total = 0.0
+    for r in rows:
+        order = sorted(models, key=lambda m: (r.answers[m].cost_usd, m))
+        hit = next((m for m in order if r.answers[m].correct), None)
+        if hit is not None:
+            correct += 1
+        if cascade:
+            upto = order if hit is None else order[: order.index(hit) + 1]
+            total += sum(r.answers[m].cost_usd for m in upto)
+        else:
+            total += r.answers[hit if hit is not None else order[0]].cost_usd
+    return OracleSummary(correct / n, total / n, total)

@@ -1,0 +1,94 @@
+"""Offline replay: run a fitted cascade over recorded rows without HTTP, and build the report object.
+
+The HTTP `cascade replay` must reproduce these numbers (same scorer files, same thresholds, same
+recorded answers and costs); use this to cross-check it and for research.
+
+API::
+
+    run = simulate(fitted, rows)          # SimulationResult: accuracy, cost_usd (mean per request),
+                                          # escalation_rate (share reaching each stage), accepted_stage
+    report = replay_report(dataset, fitted, run=None)   # dict in the `cascade replay --json` shape
+
+Costs in the report are mean USD per request (`cost_usd`), savings and quality relative to the best
+single model on the test rows (most accurate; cheapest on ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.learning.train import FittedCascade
+from app.replay.dataset import Dataset, Row, best_single, model_summary, oracle
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    accuracy: float
+    cost_usd: float
+    escalation_rate: list[float]
+    accepted_stage: list[int]
+    scores: list[list[float]]
+
+
+def simulate(fitted: FittedCascade, rows: Sequence[Row]) -> SimulationResult:
+    K = len(fitted.models)
+    n = len(rows)
+    reached = [0] * K
+    correct = 0
+    total = 0.0
+    accepted: list[int] = []
+    all_scores: list[list[float]] = []
+    for r in rows:
+        answers: list[str] = []
+        scores: list[float] = []
+        for k, m in enumerate(fitted.models):
+            reached[k] += 1
+            rec = r.answers[m]
+            total += rec.cost_usd
+            if k == K - 1:
+                accepted.append(k)
+                correct += int(rec.correct)
+                break
+            s = fitted.score(k, r.prompt, rec.answer, answers)
+            scores.append(s)
+            if s >= fitted.thresholds[k]:
+                accepted.append(k)
+                correct += int(rec.correct)
+                break
+            answers.append(rec.answer)
+        all_scores.append(scores)
+    return SimulationResult(
+        accuracy=correct / n if n else 0.0,
+        cost_usd=total / n if n else 0.0,
+        escalation_rate=[x / n if n else 0.0 for x in reached],
+        accepted_stage=accepted,
+        scores=all_scores,
+    )
+
+
+def replay_report(
+    dataset: Dataset, fitted: FittedCascade, run: SimulationResult | None = None
+) -> dict[str, Any]:
+    test = dataset.test
+    run = run or simulate(fitted, test)
+    summ = model_summary(test, dataset.models)
+    bs = best_single(summ)
+    orc = oracle(test, dataset.models)
+    best_cost = summ[bs].mean_cost_usd
+    return {
+        "dataset": dataset.name,
+        "n_train": len(dataset.train),
+        "n_test": len(test),
+        "stages": list(fitted.models),
+        "thresholds": list(fitted.thresholds),
+        "accuracy": run.accuracy,
+        "cost_usd": run.cost_usd,
+        "escalation_rate": list(run.escalation_rate),
+        "best_single": {"model": bs, "accuracy": summ[bs].accuracy, "cost_usd": best_cost},
+        "single_models": {m: {"accuracy": v.accuracy, "cost_usd": v.mean_cost_usd} for m, v in summ.items()},
+        "savings_vs_best": (1.0 - run.cost_usd / best_cost) if best_cost > 0 else 0.0,
+        "quality_vs_best": (run.accuracy / summ[bs].accuracy) if summ[bs].accuracy > 0 else 0.0,
+        "oracle": {"accuracy": orc.accuracy, "cost_usd": orc.mean_cost_usd},
+    }

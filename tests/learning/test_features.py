@@ -1,0 +1,160 @@
+import time
+
+import pytest
+
+from app.learning.features import (
+    ENGINEERED_NAMES,
+    PREVIOUS_NAMES,
+    FeatureSpec,
+    arithmetic_checks,
+    extract_code,
+    extract_features,
+    extract_number,
+    feature_names,
+    messages_to_prompt,
+    normalize_answer,
+    with_previous,
+)
+
+MC_PROMPT = (
+    "The trophy doesn't fit in the suitcase because the _ is too big.\nA) trophy\nB) suitcase\nAnswer:"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A", "A"),
+        ("B\n", "B"),
+        ("(C)", "C"),
+        ("A) trophy", "A"),
+        ("The answer is B.", "B"),
+        ("Answer: (D)", "D"),
+        ("#### 18", "18"),
+        ("She makes 9 * 2 = $18.\n#### 18", "18"),
+        ("so 2 + 3 = 5 apples", "5"),
+        ("The total is 1,250 dollars = 1,250", "1250"),
+        ("x = 7.50\n#### 7.50", "7.5"),
+        ("\\boxed{42}", "42"),
+        ("  Hello,   World! ", "hello world"),
+        ("", ""),
+        ("A cat sat on the mat", "a cat sat on the mat"),
+        ("the answer is a dog", "the answer is a dog"),
+    ],
+)
+def test_normalize_answer(text: str, expected: str) -> None:
+    assert normalize_answer(text) == expected
+
+
+def test_normalize_answer_maps_option_text_to_letter() -> None:
+    assert normalize_answer("suitcase", MC_PROMPT) == "B"
+    assert normalize_answer("Trophy.", MC_PROMPT) == "A"
+    assert normalize_answer("I do", MC_PROMPT) == "i do"
+
+
+def test_normalize_answer_kinds() -> None:
+    assert normalize_answer("A long text ending with 12", kind="number") == "12"
+    assert normalize_answer("B", kind="text") == "b"
+    assert normalize_answer("Option C is right", kind="choice") == "C"
+
+
+def test_code_answers_are_text_not_numbers() -> None:
+    ans = "```python\ndef f(x):\n    return x + 1\n```"
+    assert normalize_answer(ans) == normalize_answer(ans, kind="text")
+    assert extract_code(ans) == ("python", "def f(x):\n    return x + 1\n")
+
+
+def test_extract_number() -> None:
+    assert extract_number("so 3 + 4 = 7\n#### 7") == 7.0
+    assert extract_number("no numbers") is None
+    assert extract_number("costs $1,000.50 in total") == 1000.5
+
+
+def test_arithmetic_checks() -> None:
+    good = "He has 3 * 4 = <<3*4=12>>12 apples and 12 + 5 = 17 pears."
+    assert arithmetic_checks(good) == (1, 0, 2, 0)  # the annotated statement is also checked as text
+    bad = "He has 3 * 4 = <<3*4=13>>13 apples and 13 + 5 = 19 pears."
+    n_ann, ann_bad, n_eq, eq_bad = arithmetic_checks(bad)
+    assert (n_ann, ann_bad) == (1, 1) and (n_eq, eq_bad) == (2, 2)
+    assert arithmetic_checks("8 x $5 x 60% = $24") == (0, 0, 1, 0)
+    assert arithmetic_checks("1/0 = 3") == (0, 0, 0, 0)
+
+
+def test_feature_vector_shape_and_determinism() -> None:
+    spec = FeatureSpec(hash_dim=32)
+    v1 = extract_features(
+        "Q: 2 apples and 3 pears?", "2 + 3 = 5\n#### 5", ["#### 5"], [-0.1, -2.0], spec=spec
+    )
+    v2 = extract_features(
+        "Q: 2 apples and 3 pears?", "2 + 3 = 5\n#### 5", ["#### 5"], [-0.1, -2.0], spec=spec
+    )
+    assert v1 == v2
+    assert len(v1) == spec.dim == len(feature_names(spec)) == len(ENGINEERED_NAMES) + 32
+    names = feature_names(spec)
+    assert v1[names.index("agree_prev")] == 1.0
+    assert v1[names.index("has_logprobs")] == 1.0
+    assert v1[names.index("has_final_mark")] == 1.0
+    assert v1[names.index("any_arith_wrong")] == 0.0
+    v3 = extract_features("Q: 2 apples and 3 pears?", "2 + 3 = 6\n#### 6", ["#### 5"], spec=spec)
+    assert v3[names.index("agree_prev")] == 0.0
+    assert v3[names.index("any_arith_wrong")] == 1.0
+
+
+def test_choice_and_agreement_features() -> None:
+    names = feature_names(FeatureSpec(hash_dim=0))
+    v = extract_features(MC_PROMPT, "B", ["suitcase"], spec=FeatureSpec(hash_dim=0))
+    assert v[names.index("choice_B")] == 1.0
+    assert v[names.index("prev_choice_B")] == 1.0
+    assert v[names.index("agree_prev")] == 1.0
+    assert v[names.index("choice_clean")] == 1.0
+
+
+def test_with_previous_matches_full_extraction() -> None:
+    spec = FeatureSpec(hash_dim=16)
+    base = extract_features(MC_PROMPT, "A", (), spec=spec)
+    full = extract_features(MC_PROMPT, "A", ["B", "A"], spec=spec)
+    assert with_previous(base, MC_PROMPT, "A", ["B", "A"], spec) == full
+    assert set(PREVIOUS_NAMES) <= set(ENGINEERED_NAMES)
+
+
+def test_empty_and_code_answers() -> None:
+    names = feature_names(FeatureSpec(hash_dim=0))
+    v = extract_features("Write f", "", spec=FeatureSpec(hash_dim=0))
+    assert v[names.index("empty")] == 1.0
+    code = "Here:\n```python\ndef f(x):\n    return x\n```"
+    v = extract_features("Write f", code, spec=FeatureSpec(hash_dim=0))
+    assert v[names.index("code_python_parses")] == 1.0
+    assert v[names.index("code_defines_function")] == 1.0
+    v = extract_features("Write f", "```js\nfunction f(x) { return x; }\n```", spec=FeatureSpec(hash_dim=0))
+    assert v[names.index("code_non_python")] == 1.0
+
+
+def test_messages_to_prompt() -> None:
+    assert messages_to_prompt([{"role": "user", "content": "hi"}]) == "hi"
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]},
+    ]
+    assert messages_to_prompt(msgs) == "be brief\n\na"
+
+
+def test_spec_roundtrip_and_version_check() -> None:
+    spec = FeatureSpec(hash_dim=8, prompt_tail_chars=100)
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError):
+        FeatureSpec.from_dict({**spec.to_dict(), "version": 999})
+    with pytest.raises(ValueError):
+        FeatureSpec.from_dict({**spec.to_dict(), "engineered": ["x"]})
+
+
+def test_extraction_is_fast() -> None:
+    prompt = ("Some context sentence with 12 numbers and words. " * 60) + "\nA) first\nB) second\nAnswer:"
+    answer = "Step: 12 * 3 = <<12*3=36>>36 apples.\nThen 36 + 4 = 40.\n" * 10 + "#### 40"
+    spec = FeatureSpec(hash_dim=256)
+    extract_features(prompt, answer, ["#### 40"], spec=spec)
+    n = 50
+    t0 = time.perf_counter()
+    for _ in range(n):
+        extract_features(prompt, answer, ["#### 40"], spec=spec)
+    per_call = (time.perf_counter() - t0) / n
+    assert per_call < 0.02  # generous bound for slow CI; typical is well under 1 ms
