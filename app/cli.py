@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", nargs="?")
     c.set_defaults(func=cmd_check_config)
 
-    from app import cli_learning
+    from app.learning import cli as learning_cli
+    from app.replay import cli as replay_cli
 
-    cli_learning.add_commands(sub)
+    learning_cli.add_commands(sub)
+    replay_cli.add_commands(sub)
     return p
 
 
