@@ -58,7 +58,7 @@ async def _one(
             if r.status != 200:
                 res.errors += 1
                 return
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         res.errors += 1
         return
     res.latencies.append(time.perf_counter() - t0)

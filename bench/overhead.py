@@ -1,13 +1,18 @@
-"""Proxy overhead: added latency and throughput versus calling the upstream directly, same run.
+"""Proxy overhead, side by side: added latency, time to first byte, throughput, CPU and memory versus
+calling the upstream directly, all measured in the same run against the same fast fake upstream.
 
-Starts the fast fake upstream and ``cascade serve`` (one worker) as separate processes on 127.0.0.1,
-pins the proxy to CPU 0 and the upstream and this load generator to CPU 1 (when there are 2+ CPUs),
-and for each scenario (direct, pass-through, 2-stage cascade accepted at stage 0) x (non-stream,
-stream) x concurrency prints p50/p99 latency, what the proxy adds to them, time to first byte,
-requests/s and the throughput ratio to direct. Bounded: ``--requests`` per cell.
+Starts the fake upstream and ``cascade serve`` as separate processes on 127.0.0.1, pins the proxy to
+CPU 0 and the upstream and this load generator to CPU 1 (on a 2+ CPU machine), and for every scenario
+x (non-stream, stream) x concurrency prints p50/p99 latency, what the proxy adds to them, the added
+time to first byte, requests/s, the ratio to direct, and the proxy's CPU%. Bounded: ``--requests``
+per cell. Optional sections:
 
-    .venv/bin/python bench/overhead.py                 # c = 1, 16, 64; 2000 requests per cell
-    .venv/bin/python bench/overhead.py --quick         # small smoke run
+    --with-litellm      LiteLLM (installed into a throw-away venv under .cache/) on the same upstream
+    --workers-check     throughput of --workers 2 versus 1 at the highest concurrency
+    --memory N          RSS of the proxy after N/2 and N requests (flat = no leak)
+
+    .venv/bin/python bench/overhead.py                    # c = 1, 16, 64; 2000 requests per cell
+    .venv/bin/python bench/overhead.py --quick            # a small smoke run
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import LoadResult, run_load  # noqa: E402
 
 UPSTREAM_MODEL = "ok"
+LITELLM = "litellm[proxy]==1.108.14"
 
 
 def free_port() -> int:
@@ -43,7 +50,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, timeout: float = 30.0) -> None:
+def wait_ready(url: str, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -56,30 +63,43 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
 
 def pin(pid: int, cpu: int) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(pid, {cpu % (os.cpu_count() or 1)})
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), {cpu % (os.cpu_count() or 1)})
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
 
 
 @contextlib.contextmanager
 def process(
-    cmd: list[str], ready_url: str, cpu: int, env: dict[str, str] | None = None
+    cmd: list[str], ready_url: str, cpu: int | None, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     p = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        pin(p.pid, cpu)
         wait_ready(ready_url)
+        if cpu is not None:
+            for pid in [p.pid, *children(p.pid)]:
+                pin(pid, cpu)
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
         try:
-            p.wait(timeout=15)
+            p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
 
 
-def proxy_config(upstream_url: str, port: int) -> dict[str, Any]:
+def proxy_config(upstream_url: str, port: int, workers: int = 1) -> dict[str, Any]:
     up = {
         "base_url": upstream_url,
         "model": UPSTREAM_MODEL,
@@ -87,7 +107,7 @@ def proxy_config(upstream_url: str, port: int) -> dict[str, Any]:
         "timeout_s": 30,
     }
     return {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "workers": workers},
         "upstreams": {"fast": up, "fast2": {**up, "price": {"input": 2.5, "output": 10}}},
         "cascades": {
             "two": {
@@ -100,10 +120,13 @@ def proxy_config(upstream_url: str, port: int) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+            total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -114,15 +137,109 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def fmt_ms(s: float) -> str:
-    return f"{s * 1000:7.2f}"
+def ms(s: float) -> str:
+    return f"{s * 1000:.2f}"
 
 
-async def cell(url: str, model: str, stream: bool, c: int, n: int) -> LoadResult:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "What is 6*7?"}]}
+@dataclass
+class Row:
+    stream: bool
+    c: int
+    label: str
+    direct: LoadResult
+    res: LoadResult
+    cpu_pct: float
+
+
+def body_for(model: str, stream: bool) -> dict[str, Any]:
+    b: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "What is 6*7?"}]}
     if stream:
-        body["stream"] = True
-    return await run_load(url, body, concurrency=c, total=n)
+        b["stream"] = True
+    return b
+
+
+def measure(url: str, model: str, stream: bool, c: int, n: int, pids: list[int]) -> tuple[LoadResult, float]:
+    before, t0 = cpu_seconds(pids), time.time()
+    res = asyncio.run(run_load(url, body_for(model, stream), concurrency=c, total=n))
+    return res, 100 * (cpu_seconds(pids) - before) / max(1e-9, time.time() - t0)
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    print(f"\n{title}")
+    hdr = [
+        "stream",
+        "c",
+        "path",
+        "direct p50",
+        "proxy p50",
+        "added p50",
+        "added p99",
+        "added TTFB p50",
+        "direct rps",
+        "proxy rps",
+        "ratio",
+        "proxy CPU%",
+        "errors",
+    ]
+    table = [hdr]
+    for r in rows:
+        ttfb = ms(r.res.pct(50, ttft=True) - r.direct.pct(50, ttft=True)) if r.stream else "-"
+        table.append(
+            [
+                "yes" if r.stream else "no",
+                str(r.c),
+                r.label,
+                ms(r.direct.pct(50)),
+                ms(r.res.pct(50)),
+                ms(r.res.pct(50) - r.direct.pct(50)),
+                ms(r.res.pct(99) - r.direct.pct(99)),
+                ttfb,
+                f"{r.direct.rps:.0f}",
+                f"{r.res.rps:.0f}",
+                f"{r.res.rps / r.direct.rps if r.direct.rps else 0:.3f}",
+                f"{r.cpu_pct:.0f}",
+                str(r.res.errors + r.direct.errors),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(hdr))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def litellm_cmd(tmp: Path, upstream_url: str, port: int) -> list[str]:
+    venv = ROOT / ".cache" / "bench-litellm"
+    if not (venv / "bin" / "litellm").exists():
+        print(f"installing {LITELLM} into {venv} (once) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", LITELLM], check=True)
+    cfg = {
+        "model_list": [
+            {
+                "model_name": "fast",
+                "litellm_params": {
+                    "model": f"openai/{UPSTREAM_MODEL}",
+                    "api_base": upstream_url,
+                    "api_key": "x",
+                },
+            }
+        ],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+    }
+    path = tmp / "litellm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [
+        str(venv / "bin" / "litellm"),
+        "--config",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
 
 
 def main() -> None:
@@ -130,56 +247,137 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="requests per cell (c=1 uses a quarter)")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--quick", action="store_true", help="200 requests per cell")
+    ap.add_argument("--with-litellm", action="store_true")
+    ap.add_argument("--workers-check", action="store_true")
+    ap.add_argument("--memory", type=int, default=0, metavar="N")
+    ap.add_argument("--skip-main", action="store_true", help="only the optional sections")
     args = ap.parse_args()
     n = 200 if args.quick else args.requests
     levels = [int(x) for x in args.concurrency.split(",")]
     py = sys.executable
-    up_port, px_port = free_port(), free_port()
+    up_port = free_port()
     up_url = f"http://127.0.0.1:{up_port}"
-    px_url = f"http://127.0.0.1:{px_port}"
     pin(os.getpid(), 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(yaml.safe_dump(proxy_config(up_url + "/v1", px_port)))
-        with (
-            process([py, "-m", "tests.fake_upstream", "--port", str(up_port)], up_url + "/v1/models", cpu=1),
-            process(
-                [py, "-m", "app.cli", "serve", "--config", str(cfg_path)], px_url + "/readyz", cpu=0
-            ) as proxy,
-        ):
-            rows = []
-            cpu0, t0 = cpu_seconds(proxy.pid), time.time()
-            for stream in (False, True):
-                for c in levels:
-                    count = max(50, n // 4) if c == 1 else n
-                    direct = asyncio.run(
-                        cell(up_url + "/v1/chat/completions", UPSTREAM_MODEL, stream, c, count)
-                    )
-                    for label, model in (("pass-through", "fast"), ("cascade@0", "two")):
-                        before = cpu_seconds(proxy.pid)
-                        tb = time.time()
-                        res = asyncio.run(cell(px_url + "/v1/chat/completions", model, stream, c, count))
-                        cpu_pct = 100 * (cpu_seconds(proxy.pid) - before) / max(1e-9, time.time() - tb)
-                        rows.append((stream, c, label, direct, res, cpu_pct))
-            total_cpu = cpu_seconds(proxy.pid) - cpu0
-            rss = rss_mb(proxy.pid)
-    print()
-    print(f"proxy: 1 worker pinned to CPU 0; upstream + load generator on CPU 1; {n} requests per cell")
-    hdr = (
-        f"{'stream':6} {'c':>3} {'path':13} {'direct p50':>10} {'proxy p50':>9} {'added p50':>9} "
-        f"{'added p99':>9} {'TTFB p50':>8} {'direct rps':>10} {'proxy rps':>9} {'ratio':>6} {'proxy CPU%':>10} {'errors':>6}"
-    )
-    print(hdr)
-    print("-" * len(hdr))
-    for stream, c, label, d, r, cpu_pct in rows:
-        ttfb = fmt_ms(r.pct(50, ttft=True)) if stream else "      -"
-        print(
-            f"{'yes' if stream else 'no':6} {c:>3} {label:13} {fmt_ms(d.pct(50)):>10} {fmt_ms(r.pct(50)):>9} "
-            f"{fmt_ms(r.pct(50) - d.pct(50)):>9} {fmt_ms(r.pct(99) - d.pct(99)):>9} {ttfb:>8} "
-            f"{d.rps:10.0f} {r.rps:9.0f} {r.rps / d.rps if d.rps else 0:6.2f} {cpu_pct:10.0f} {r.errors + d.errors:6d}"
-        )
-    print(f"\nproxy RSS at the end: {rss:.0f} MB; proxy CPU time: {total_cpu:.1f} s")
-    print("latencies in ms; 'added' = proxy minus direct at the same percentile, same run")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+
+        def serve(port: int, workers: int = 1) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+            cfg_path = tmp / f"config-{port}.yaml"
+            cfg_path.write_text(yaml.safe_dump(proxy_config(up_url + "/v1", port, workers)))
+            return process(
+                [py, "-m", "app.cli", "serve", "--config", str(cfg_path)],
+                f"http://127.0.0.1:{port}/readyz",
+                cpu=0 if workers == 1 else None,
+            )
+
+        with process([py, "-m", "tests.fake_upstream", "--port", str(up_port)], up_url + "/v1/models", cpu=1):
+            direct_url = up_url + "/v1/chat/completions"
+            if not args.skip_main:
+                px_port = free_port()
+                with serve(px_port) as proxy:
+                    pids = [proxy.pid]
+                    rows: list[Row] = []
+                    for stream in (False, True):
+                        for c in levels:
+                            count = max(50, n // 4) if c == 1 else n
+                            direct = asyncio.run(
+                                run_load(
+                                    direct_url, body_for(UPSTREAM_MODEL, stream), concurrency=c, total=count
+                                )
+                            )
+                            for label, model in (("pass-through", "fast"), ("cascade@0", "two")):
+                                res, cpu = measure(
+                                    f"http://127.0.0.1:{px_port}/v1/chat/completions",
+                                    model,
+                                    stream,
+                                    c,
+                                    count,
+                                    pids,
+                                )
+                                rows.append(Row(stream, c, label, direct, res, cpu))
+                    rss = rss_mb(proxy.pid)
+                print_table(
+                    rows,
+                    f"cascade: 1 worker on CPU 0; upstream + load generator on CPU 1; {n} requests per cell "
+                    "(c=1: a quarter). Latencies in ms; 'added' = proxy minus direct, same percentile, "
+                    "same run.",
+                )
+                print(f"proxy RSS at the end: {rss:.0f} MB")
+
+            if args.with_litellm:
+                lport = free_port()
+                with process(
+                    litellm_cmd(tmp, up_url + "/v1", lport),
+                    f"http://127.0.0.1:{lport}/health/liveliness",
+                    cpu=0,
+                ) as lite:
+                    rows = []
+                    for stream in (False, True):
+                        for c in levels:
+                            count = max(50, n // 4) if c == 1 else n
+                            direct = asyncio.run(
+                                run_load(
+                                    direct_url, body_for(UPSTREAM_MODEL, stream), concurrency=c, total=count
+                                )
+                            )
+                            pids = [lite.pid, *children(lite.pid)]
+                            res, cpu = measure(
+                                f"http://127.0.0.1:{lport}/v1/chat/completions",
+                                "fast",
+                                stream,
+                                c,
+                                count,
+                                pids,
+                            )
+                            rows.append(Row(stream, c, "litellm", direct, res, cpu))
+                print_table(rows, f"LiteLLM ({LITELLM}), 1 worker on CPU 0, same upstream and load generator")
+
+            if args.workers_check:
+                c = max(levels)
+                results = {}
+                for workers in (1, 2):
+                    port = free_port()
+                    with serve(port, workers):
+                        asyncio.run(
+                            run_load(
+                                f"http://127.0.0.1:{port}/v1/chat/completions",
+                                body_for("two", False),
+                                concurrency=c,
+                                total=200,
+                            )
+                        )
+                        res = asyncio.run(
+                            run_load(
+                                f"http://127.0.0.1:{port}/v1/chat/completions",
+                                body_for("two", False),
+                                concurrency=c,
+                                total=n * 2,
+                            )
+                        )
+                        results[workers] = res
+                print(
+                    f"\n--workers (cascade@0, non-stream, c={c}, unpinned): "
+                    f"1 worker {results[1].rps:.0f} req/s, 2 workers {results[2].rps:.0f} req/s, "
+                    f"ratio {results[2].rps / results[1].rps:.2f}"
+                )
+
+            if args.memory:
+                port = free_port()
+                with serve(port) as proxy:
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    rss0 = rss_mb(proxy.pid)
+                    half = args.memory // 2
+                    for stream in (False, True):
+                        asyncio.run(run_load(url, body_for("two", stream), concurrency=32, total=half // 2))
+                    rss_half = rss_mb(proxy.pid)
+                    for stream in (False, True):
+                        asyncio.run(run_load(url, body_for("two", stream), concurrency=32, total=half // 2))
+                    rss_full = rss_mb(proxy.pid)
+                print(
+                    f"\nmemory (cascade@0, half stream): RSS at start {rss0:.0f} MB, after {half} requests "
+                    f"{rss_half:.0f} MB, after {2 * half} requests {rss_full:.0f} MB "
+                    f"(growth in the second half: {100 * (rss_full - rss_half) / rss_half:+.1f}%)"
+                )
 
 
 if __name__ == "__main__":
