@@ -67,7 +67,7 @@ def validate_chat_request(body: object, *, max_messages: int) -> Json:
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", "must be an object")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"messages[{i}].role", f"must be one of {', '.join(sorted(ROLES))}")
         content = m.get("content")
         if content is not None and not isinstance(content, str | list):
@@ -186,7 +186,8 @@ def shape_completion(resp: Json, *, completion_id: str, fallback_model: str, kee
         msg.setdefault("role", "assistant")
         msg.setdefault("content", None)
         msg.setdefault("refusal", None)
-        if ch.get("finish_reason") not in FINISH_REASONS:
+        fr = ch.get("finish_reason")
+        if not isinstance(fr, str) or fr not in FINISH_REASONS:
             ch["finish_reason"] = "stop"
         if not keep_logprobs or "logprobs" not in ch:
             ch["logprobs"] = None

@@ -10,21 +10,19 @@ from starlette.requests import Request
 from app.errors import AuthenticationFailed
 
 
-def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
+def _presented(authorization: str | None, x_api_key: str | None) -> str | None:
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    key = request.headers.get("x-api-key")
-    return key.strip() if key else None
+    return x_api_key.strip() if x_api_key and x_api_key.strip() else None
 
 
-def check_key(request: Request, keys: Sequence[bytes]) -> None:
-    """Raise AuthenticationFailed unless the request carries one of ``keys`` (none configured: open)."""
+def check_presented(authorization: str | None, x_api_key: str | None, keys: Sequence[bytes]) -> None:
+    """Raise AuthenticationFailed unless the headers carry one of ``keys`` (none configured: open)."""
     if not keys:
         return
-    presented = presented_key(request)
+    presented = _presented(authorization, x_api_key)
     if presented is None:
         raise AuthenticationFailed(
             "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
@@ -37,3 +35,7 @@ def check_key(request: Request, keys: Sequence[bytes]) -> None:
         ok |= hmac.compare_digest(candidate, k)
     if not ok:
         raise AuthenticationFailed("Incorrect API key provided.")
+
+
+def check_key(request: Request, keys: Sequence[bytes]) -> None:
+    check_presented(request.headers.get("authorization"), request.headers.get("x-api-key"), keys)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.auth import check_key
-from app.api.transport import ClientGone, SSEResponse, json_response, parse_json, read_body, run_or_cancel
-from app.cascade.engine import Completed
-from app.cascade.trace import Trace
+from app.api.chat import ChatEndpoint
+from app.api.transport import json_response
 from app.errors import NotFound
-from app.protocol import model_object, new_id, validate_chat_request
+from app.protocol import model_object
 from app.state import AppState
 
 router = APIRouter()
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 _CHAT_BODY: dict[str, Any] = {
     "requestBody": {
@@ -46,51 +42,10 @@ def _state(request: Request) -> AppState:
     return state
 
 
-def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id")
-    if rid is None or not _REQUEST_ID.match(rid):
-        rid = new_id("req-")
-    request.state.request_id = rid
-    return rid
-
-
-def _cascade_headers(trace: Trace, request_id: str) -> dict[str, str]:
-    a = trace.serving
-    h = {"x-request-id": request_id, "x-cascade-escalations": str(trace.escalations)}
-    if a is not None:
-        h["x-cascade-upstream"] = a.upstream
-        h["x-cascade-stage"] = str(a.stage)
-    return h
-
-
 @router.post("/v1/chat/completions", openapi_extra=_CHAT_BODY, response_model=None)
-async def chat_completions(request: Request) -> Response:
-    state = _state(request)
-    rt = state.runtime
-    request_id = _request_id(request)
-    check_key(request, rt.keys)
-    raw = await read_body(request, rt.config.server.max_body_bytes)
-    body = validate_chat_request(parse_json(raw), max_messages=rt.config.server.max_messages)
-    plan = rt.plans.resolve(body["model"])
-    stream = body.get("stream") is True
-    state.metrics.in_flight.inc()
-    handed_off = False
-    try:
-        try:
-            result = await run_or_cancel(
-                request.receive, rt.engine.run(plan, body, request_id=request_id, stream=stream)
-            )
-        except ClientGone:
-            return Response(status_code=499)
-        headers = _cascade_headers(result.trace, request_id)
-        if isinstance(result, Completed):
-            headers["x-cascade-cost-usd"] = f"{result.trace.cost_usd:.10f}"
-            return json_response(result.body, headers=headers)
-        handed_off = True
-        return SSEResponse(result.events, headers, on_close=state.metrics.in_flight.dec)
-    finally:
-        if not handed_off:
-            state.metrics.in_flight.dec()
+async def chat_completions() -> Response:
+    # Normally answered by ChatFastPath before routing; this route documents it and serves as fallback.
+    return ChatEndpoint()
 
 
 @router.get("/v1/models")

@@ -70,6 +70,7 @@ class Consistency:
 
 class Agreement:
     kind = "agreement"
+    inline = True  # pure CPU: no timeout timer needed
 
     def __init__(self, cfg: AgreementConfig) -> None:
         self.cfg = cfg

@@ -100,6 +100,12 @@ class Configured:
     scorer: Scorer
     cfg: ScorerCommon
     name: str  # unique within the stage: the type, suffixed "#2", "#3" when repeated
+    # Pure CPU scorers (heuristic, logprob, agreement, learned) never wait on I/O: they run without a
+    # timeout timer, which is most of their cost on the hot path.
+    inline: bool = False
+
+    def __post_init__(self) -> None:
+        self.inline = bool(getattr(self.scorer, "inline", False))
 
 
 @dataclass(slots=True)
@@ -124,8 +130,11 @@ async def _run_one(item: Configured, ctx: ScoreContext) -> Score | None:
     """Run one scorer under its timeout; apply ``on_error``. None means "ignore this scorer"."""
     policy = item.cfg.on_error
     try:
-        async with asyncio.timeout(item.cfg.timeout_s):
+        if item.inline:
             s = await item.scorer.score(ctx)
+        else:
+            async with asyncio.timeout(item.cfg.timeout_s):
+                s = await item.scorer.score(ctx)
         if not 0.0 <= s.value <= 1.0 or s.value != s.value:
             raise ValueError(f"score {s.value!r} is outside [0, 1]")
         return s

@@ -128,7 +128,7 @@ def _check_tool_calls(request: Json, calls: list[Any]) -> str | None:
         if not isinstance(fn, dict):
             return f"tool_calls[{i}] has no function"
         name = fn.get("name")
-        if schemas and name not in schemas:
+        if schemas and (not isinstance(name, str) or name not in schemas):
             return f"tool_calls[{i}] calls unknown tool '{str(name)[:40]}'"
         try:
             args = orjson.loads(fn.get("arguments") or "{}")
@@ -149,6 +149,7 @@ def _check_tool_calls(request: Json, calls: list[Any]) -> str | None:
 
 class Heuristic:
     kind = "heuristic"
+    inline = True  # pure CPU: no timeout timer needed
 
     def __init__(self, cfg: HeuristicConfig) -> None:
         self.cfg = cfg

@@ -13,6 +13,7 @@ from app.scoring.base import Score, ScoreContext
 
 class Learned:
     kind = "learned"
+    inline = True  # pure CPU: no timeout timer needed
 
     def __init__(self, cfg: LearnedConfig) -> None:
         self.cfg = cfg

@@ -48,6 +48,7 @@ def aggregate(probs: list[float], how: str) -> float:
 
 class Logprob:
     kind = "logprob"
+    inline = True  # pure CPU: no timeout timer needed
     needs_logprobs = True
 
     def __init__(self, cfg: LogprobConfig) -> None:
