@@ -44,6 +44,9 @@ class ServerConfig(_Model):
     log_format: Literal["json", "text"] = "json"
     # Tune the shared upstream connection pool (per upstream host).
     max_connections: int = Field(1024, ge=1)
+    # SIGTERM: /readyz answers 503 for this long while requests are still served (load balancers and
+    # Kubernetes stop routing here), then the server stops accepting and drains for shutdown_grace_s.
+    drain_delay_s: float = Field(0.0, ge=0, le=300)
 
 
 class AuthConfig(_Model):
@@ -69,6 +72,18 @@ class Price(_Model):
     reported: bool = False
 
 
+class CircuitConfig(_Model):
+    """Circuit breaker of one upstream (see ``app.upstream.breaker``). ``circuit: false`` disables it."""
+
+    enabled: bool = True
+    # Opens when, of the attempts that ended in the last window_s, at least `failures` failed and they
+    # are at least `failure_ratio` of them.
+    failures: int = Field(5, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(30.0, gt=0)
+    cooldown_s: float = Field(30.0, gt=0)  # open this long, then one probe call decides (half-open)
+
+
 class UpstreamConfig(_Model):
     base_url: str
     model: str
@@ -82,6 +97,19 @@ class UpstreamConfig(_Model):
     logprobs: bool = True
     # Whether the upstream honours ``n`` (llama.cpp ignores it): consistency then uses parallel calls.
     supports_n: bool = True
+    circuit: CircuitConfig = CircuitConfig()
+    # At most this many calls in flight to this upstream (None: unlimited). A call waits up to
+    # queue_timeout_s for a slot, then fails as saturated: the cascade escalates; 429 when every stage is.
+    max_concurrency: int | None = Field(None, ge=1)
+    queue_timeout_s: float = Field(2.0, ge=0)
+    # A stage on this upstream is not started when less than this remains of the cascade's deadline (504).
+    min_budget_s: float = Field(0.0, ge=0)
+
+    @field_validator("circuit", mode="before")
+    @classmethod
+    def _circuit_switch(cls, v: Any) -> Any:
+        # `circuit: false` / `circuit: true` as shorthands for {enabled: false} / the defaults.
+        return {"enabled": v} if isinstance(v, bool) else v
 
     @field_validator("base_url")
     @classmethod
@@ -217,11 +245,15 @@ class CascadeConfig(_Model):
 
 
 class LearningConfig(_Model):
+    """The trace store, labels and threshold fitting (``app.learning``). Read at startup: a reload that
+    changes this section takes effect on restart."""
+
+    # sqlite:///relative/or//absolute/path.db (WAL; one host) or postgresql://user:pw@host/db (replicas).
     store: str = "sqlite:///./data/traces.db"
-    store_text: bool = False
-    queue_size: int = Field(10_000, ge=1)
+    store_text: bool = False  # also keep prompt and answer texts (off: only text-free features)
+    queue_size: int = Field(10_000, ge=1)  # records waiting for the store; beyond it they are dropped
     shadow_rate: float = Field(0.0, ge=0, le=1)
-    shadow_budget_usd_per_hour: float = Field(1.0, ge=0)
+    shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per process
     shadow_judge: str | None = None  # upstream name; default: normalised answer match
     target_quality: float = Field(0.95, gt=0, le=1)
     auto_tune: bool = False
@@ -229,6 +261,24 @@ class LearningConfig(_Model):
     min_labels: int = Field(200, ge=1)
     max_step: float = Field(0.05, gt=0, le=1)
     threshold_bounds: tuple[float, float] = (0.05, 0.99)
+    # Fit with quality - margin_z * standard error >= target: a margin against fitting to noise.
+    margin_z: float = Field(1.0, ge=0, le=5)
+    # How often a replica looks in the store for new labels and for fits made by other replicas.
+    sync_every_s: float = Field(30.0, gt=0)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if not re.match(r"^(sqlite:///.+|postgres(ql)?://.+)$", v):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
+        return v
+
+    @field_validator("threshold_bounds")
+    @classmethod
+    def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 1:
+            raise ValueError("must be [low, high] with 0 <= low < high <= 1")
+        return v
 
 
 class Config(_Model):

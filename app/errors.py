@@ -65,6 +65,21 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class ConfigRejected(ProxyError):
+    """A reload found the new config invalid; the running one is kept. The message lists the problems
+    (dotted paths, never values)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "config_invalid"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -150,6 +165,22 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_message = message
         self.retry_after = retry_after
         self.kind = "status_4xx" if status < 500 else "status_5xx"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Not called at all: the upstream's circuit is open (see ``app.upstream.breaker``)."""
+
+    kind = "circuit_open"
+
+    def __init__(self, upstream: str, detail: str, *, retry_after: float) -> None:
+        super().__init__(upstream, detail)
+        self.retry_after = retry_after
+
+
+class UpstreamSaturated(UpstreamError):
+    """Not called at all: the upstream's ``max_concurrency`` stayed full for ``queue_timeout_s``."""
+
+    kind = "saturated"
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ the shared upstream HTTP client."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -16,10 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.api.admin import router as admin_router
+from app.api.chat import ChatFastPath
+from app.api.feedback import router as feedback_router
 from app.api.routes import router
 from app.api.transport import json_response
 from app.config import Config
 from app.errors import InternalError, ProxyError, error_body
+from app.learning.service import Learning
 from app.metrics import Metrics
 from app.runtime import build_runtime
 from app.state import AppState
@@ -34,6 +39,11 @@ def _transport(config: Config, httpx_transport: httpx.AsyncBaseTransport | None)
             httpx.AsyncClient(transport=httpx_transport, follow_redirects=False, trust_env=False)
         )
     return AiohttpTransport(max_connections=config.server.max_connections)
+
+
+def _coro_name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", type(coro).__name__)
 
 
 def create_app(
@@ -52,16 +62,33 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
     http = _transport(config, transport)
     # Built now, not in the lifespan, so a config whose scorers can't be built fails at startup.
-    state = AppState(build_runtime(config, http, metrics), metrics, multiprocess_dir=multiprocess_dir)
+    learning = Learning(config.learning, metrics) if config.learning is not None else None
+    state = AppState(
+        build_runtime(config, http, metrics),
+        metrics,
+        multiprocess_dir=multiprocess_dir,
+        http=http,
+        learning=learning,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.start()
+        if learning is not None:
+            await learning.start()
         try:
             yield
         finally:
             state.draining = True
+            if learning is not None:
+                await learning.stop()  # before the HTTP client: shadow calls in flight use it
             await http.close()
+            # After the graceful drain nothing of ours should still run: a leak shows up here.
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            log.info(
+                "stopped",
+                extra={"tasks": len(left), "task_names": sorted({_coro_name(t) for t in left})[:10]},
+            )
             if multiprocess_dir:
                 # Drop this worker's live gauges (in-flight) from the shared multiprocess files.
                 from prometheus_client import multiprocess
@@ -72,6 +99,9 @@ def create_app(
     app.state.cascade = state
     app.state.http = http
     app.include_router(router)
+    app.include_router(feedback_router)
+    app.add_middleware(ChatFastPath)
+    app.include_router(admin_router)
 
     def _rid(request: Request) -> dict[str, str]:
         rid = getattr(request.state, "request_id", None)

@@ -90,6 +90,42 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Reliability (beyond CONTRACT section 4; same label rules).
+        self.circuit_open = Gauge(
+            "cascade_circuit_open",
+            "1 while an upstream's circuit is open or half-open, 0 when closed.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.circuit_opens = Counter(
+            "cascade_circuit_opens", "Times an upstream's circuit opened.", ["upstream"], registry=r
+        )
+        self.upstream_rejected = Counter(
+            "cascade_upstream_rejected",
+            "Upstream calls refused without being made, by reason (circuit_open, saturated).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        # Learning (beyond CONTRACT section 4; same label rules).
+        self.trace_dropped = Counter(
+            "cascade_trace_dropped",
+            "Decision records not stored, by reason (queue_full, store_error).",
+            ["reason"],
+            registry=r,
+        )
+        self.labels = Counter(
+            "cascade_labels",
+            "Quality labels stored, by source (free, shadow, user).",
+            ["cascade", "source"],
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "cascade_shadow_skipped",
+            "Shadow re-asks picked but not made, by reason (budget, busy, upstream_error).",
+            ["cascade", "reason"],
+            registry=r,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -103,6 +139,15 @@ class Metrics:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._child(self.upstream_errors, upstream, kind).inc()
+
+    def circuit_state(self, upstream: str, state: str, *, changed: bool = True) -> None:
+        """The breaker hook: ``changed`` False only sets the gauge (a client built or re-wired)."""
+        self._child(self.circuit_open, upstream).set(0 if state == "closed" else 1)
+        if changed and state == "open":
+            self._child(self.circuit_opens, upstream).inc()
+
+    def upstream_refused(self, upstream: str, reason: str) -> None:
+        self._child(self.upstream_rejected, upstream, reason).inc()
 
     def upstream_call(self, upstream: str, seconds: float) -> None:
         self._child(self.upstream_duration, upstream).observe(seconds)
@@ -137,3 +182,12 @@ class Metrics:
 
     def set_threshold(self, cascade: str, stage: int, value: float) -> None:
         self._child(self.threshold, cascade, str(stage)).set(value)
+
+    def traces_dropped(self, reason: str, n: int = 1) -> None:
+        self._child(self.trace_dropped, reason).inc(n)
+
+    def labelled(self, cascade: str, source: str, n: int = 1) -> None:
+        self._child(self.labels, cascade, source).inc(n)
+
+    def shadow_skip(self, cascade: str, reason: str) -> None:
+        self._child(self.shadow_skipped, cascade, reason).inc()

@@ -1,40 +1,121 @@
-"""Running the app under uvicorn, one process or ``--workers N``, with a graceful SIGTERM.
+"""Running the app under uvicorn, one process or ``--workers N``: graceful SIGTERM, SIGHUP reload.
 
-On SIGTERM (or Ctrl-C) the worker marks itself draining (``/readyz`` answers 503 on connections that are
-still open), stops accepting, lets in-flight requests and streams finish for up to
-``server.shutdown_grace_s``, then exits 0.
+SIGTERM (or Ctrl-C): the worker marks itself draining, so ``/readyz`` answers 503, and keeps serving for
+``server.drain_delay_s`` (load balancers and Kubernetes stop routing to it meanwhile). Then it stops
+accepting, lets in-flight requests and streams finish for up to ``server.shutdown_grace_s``, and exits 0.
+A second signal during the drain delay skips the rest of it; a second Ctrl-C during the grace period
+forces the exit.
+
+SIGHUP: reload config.yaml in place (``AppState.reload``); with ``--workers N`` the supervisor forwards it
+to every worker, and ``POST /admin/reload`` in one worker asks the supervisor to do the same.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import math
 import os
-from collections.abc import Iterator
+import signal
+import socket
+import sys
+import time
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.supervisors import multiprocess
 
-from app.config import Config
+from app.config import Config, ConfigError
+from app.state import AppState
+
+log = logging.getLogger("cascade.server")
 
 _app: FastAPI | None = None
+_background: set[asyncio.Task[Any]] = set()
+_STARTUP_FAILURE = 3  # uvicorn's code for "failed before serving": the supervisor then gives up
+
+
+def _state() -> AppState | None:
+    if _app is None:
+        return None
+    state: AppState = _app.state.cascade
+    return state
 
 
 class _Server(uvicorn.Server):
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if _app is not None:
-            _app.state.cascade.draining = True
-        super().handle_exit(sig, frame)
+    """uvicorn's server plus the drain delay, SIGHUP reload, and exit status 0 after a signal."""
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn re-raises the captured SIGTERM after a graceful shutdown, which would make the process
-        # die by the signal (exit 143) instead of exiting 0 as the contract says. The drain already
-        # happened, so the signal has done its job: forget it.
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._drain_until: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        previous = signal.signal(signal.SIGHUP, self._on_hup)
+        try:
+            await super().serve(sockets)
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = _state()
+        delay = state.runtime.config.server.drain_delay_s if state is not None else 0.0
+        if state is not None:
+            state.draining = True
+        if self._drain_until is None and delay > 0 and not self.should_exit:
+            self._drain_until = time.monotonic() + delay
+            log.info("draining: /readyz answers 503; shutting down in %.1fs", delay)
+        else:
+            super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal after its graceful shutdown, which would end the process
+        # "killed by SIGTERM"; a graceful stop exits 0.
+        self._captured_signals.clear()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_until is not None and not self.should_exit and time.monotonic() >= self._drain_until:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    def _on_hup(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_start_reload)
+
+
+def _start_reload() -> None:
+    state = _state()
+    if state is None:
+        return
+    task = asyncio.ensure_future(_reload(state))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _reload(state: AppState) -> None:
+    with contextlib.suppress(ConfigError):  # logged by AppState.reload; the running config stays
+        await state.reload()
+
+
+class _Process(multiprocess.Process):
+    """A worker that runs ``_Server`` (uvicorn's runs a plain ``uvicorn.Server``)."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = _Server(config=self.config)
+        return self._server
+
+
+class _Supervisor(multiprocess.Multiprocess):
+    def handle_hup(self) -> None:
+        # uvicorn restarts every worker on SIGHUP; reloading in place keeps connections and streams.
+        log.info("SIGHUP: reloading the config in every worker")
+        for p in self.processes:
+            if p.pid is not None and p.process.is_alive():
+                os.kill(p.pid, signal.SIGHUP)
 
 
 def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.Config:
@@ -55,22 +136,38 @@ def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.
         lifespan="on",
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=int(s.shutdown_grace_s) or None,
+        # uvicorn cancels what is still running after this many seconds (0: at once; None would wait forever).
+        timeout_graceful_shutdown=math.ceil(s.shutdown_grace_s),
         timeout_keep_alive=30,
         backlog=4096,
     )
 
 
+def _load(path: str, cli: dict[str, Any]) -> Config:
+    from app.cli import load_effective
+
+    return load_effective(path, cli)[1]
+
+
 def worker_app() -> FastAPI:
     """Factory used by each worker process: rebuilds the app from the environment the parent exported."""
     global _app
-    from app.cli import load_effective
     from app.logs import setup_logging
     from app.main import create_app
 
-    _, cfg = load_effective(os.environ["CASCADE_CONFIG"], {})
+    path = os.environ["CASCADE_CONFIG"]
+    try:
+        cfg = _load(path, {})
+    except ConfigError as exc:  # the file changed since the supervisor checked it
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        sys.exit(_STARTUP_FAILURE)
     setup_logging(cfg.server.log_level, cfg.server.log_format)
     _app = create_app(cfg, multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    state: AppState = _app.state.cascade
+    state.loader = lambda: _load(path, {})
+    supervisor = os.environ.get("CASCADE_SUPERVISOR_PID", "")
+    state.supervisor_pid = int(supervisor) if supervisor.isdigit() else None
     return _app
 
 
@@ -80,17 +177,23 @@ def serve(config_path: str, cfg: Config, cli: dict[str, Any], metrics_dir: str |
         from app.main import create_app
 
         _app = create_app(cfg)
+        _app.state.cascade.loader = lambda: _load(config_path, cli)
         _Server(_uvicorn_config(_app, cfg)).run()
         return 0
-    from uvicorn.supervisors import Multiprocess
-
     # Workers start fresh and read their settings from here; CLI flags win over the environment.
     os.environ["CASCADE_CONFIG"] = config_path
+    os.environ["CASCADE_SUPERVISOR_PID"] = str(os.getpid())
     for key, value in cli.items():
         if value is not None:
             os.environ[f"CASCADE_{key.upper()}"] = str(value)
     ucfg = _uvicorn_config("app.server:worker_app", cfg, factory=True)
     ucfg.workers = cfg.server.workers
     sock = ucfg.bind_socket()
-    Multiprocess(ucfg, sockets=[sock]).run()
+    # Multiprocess builds its workers from the module's ``Process``: have it build ours.
+    original = multiprocess.Process
+    multiprocess.Process = _Process  # type: ignore[misc]
+    try:
+        _Supervisor(ucfg, sockets=[sock]).run()
+    finally:
+        multiprocess.Process = original  # type: ignore[misc]
     return 0

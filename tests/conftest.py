@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app.config import parse_config
+from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
 from tests.fake_upstream import FakeUpstream, create_fake_upstream
 
@@ -123,3 +125,67 @@ def sse_events(text: str) -> list[Any]:
                 data = line[6:]
                 out.append(data if data == "[DONE]" else orjson.loads(data))
     return out
+
+
+# --- secrets must never reach a log line ------------------------------------------------------------------
+# Tests that exercise auth, upstream keys, faults and lifecycle use these in their configs and prompts. A
+# handler on the root logger sees every record of the whole suite (the app's own loggers down to DEBUG)
+# and, at the end of the session, the run fails if any formatted record ever contained one of them.
+# Subprocess output (``cascade serve``) goes through ``check_no_secrets``.
+
+SECRET_UPSTREAM_KEY = "sk-upstream-TESTSECRET-4f9c2a7e1b"
+SECRET_PROXY_KEY = "proxy-key-TESTSECRET-8d3e6b0a5c"
+SECRET_PROMPT = "PROMPT-MARKER-TESTSECRET-c71e09"  # put in prompts: neither it nor answers echoing it may log
+SECRETS = (SECRET_UPSTREAM_KEY, SECRET_PROXY_KEY, SECRET_PROMPT)
+
+
+class _SecretWatch(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = 0
+        self.leaks: list[str] = []
+        self._json = JsonFormatter()
+        self._text = TextFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+        try:
+            text = self._json.format(record) + "\n" + self._text.format(record)
+        except Exception as exc:  # a record that cannot be formatted is a finding too
+            text = f"unformattable record {record.name}: {type(exc).__name__}"
+        check_no_secrets(text, f"log record of {record.name!r} ({record.pathname}:{record.lineno})")
+
+
+_WATCH = _SecretWatch()
+
+
+def check_no_secrets(text: str, where: str) -> None:
+    """Record (and report at session end) every secret found in ``text``."""
+    for secret in SECRETS:
+        if secret in text:
+            _WATCH.leaks.append(f"{where}: contains {secret[:14]}...")
+
+
+def _attach_watch() -> None:
+    root = logging.getLogger()
+    if _WATCH not in root.handlers:
+        root.addHandler(_WATCH)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    app_logger = logging.getLogger("cascade")
+    if app_logger.getEffectiveLevel() > logging.DEBUG:
+        app_logger.setLevel(logging.DEBUG)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_secrets_in_logs() -> Iterator[None]:
+    _attach_watch()
+    yield
+    logging.getLogger().removeHandler(_WATCH)
+    assert not _WATCH.leaks, "secrets reached the logs:\n" + "\n".join(_WATCH.leaks[:20])
+
+
+@pytest.fixture(autouse=True)
+def _secret_watch_attached() -> None:
+    """Something (``setup_logging``) may have replaced the root handlers: attach again per test."""
+    _attach_watch()

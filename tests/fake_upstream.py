@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -77,6 +78,8 @@ class Behaviour:
     no_usage: bool = False
     varied: bool = False
     reply_model: str | None = None
+    leak: str | None = None  # `leak`: error messages echo the request's authorization header
+    chaos: float = 0.0  # percent of requests that get a random fault (see CHAOS_FAULTS)
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -99,6 +102,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "html": {"html": True},
     "no-usage": {"no_usage": True},
     "varied": {"varied": True},
+    "leak": {"leak": ""},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -109,6 +113,17 @@ _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "error-": lambda v: {"error_status": int(v)} if 400 <= int(v) <= 599 else {},
     "flaky-": lambda v: {"flaky": int(v)},
     "model-": lambda v: {"reply_model": v},
+    "chaos-": lambda v: {"chaos": min(100.0, max(0.0, float(v)))},
+}
+# `chaos-<pct>`: each request, with probability pct/100 (seeded RNG: `FakeUpstream(seed=...)`), gets one
+# of these faults, chosen uniformly: HTTP 500, HTTP 429, a stall (timeout), a mid-body/mid-stream drop,
+# an unparsable body.
+CHAOS_FAULTS: dict[str, dict[str, Any]] = {
+    "500": {"error_status": 500},
+    "429": {"error_status": 429},
+    "timeout": {"stall": True},
+    "drop": {"drop": True},
+    "badjson": {"badjson_body": True},
 }
 
 
@@ -362,7 +377,9 @@ class _ClientWatch:
 
 
 class FakeUpstream:
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+        self.chaos_faults: dict[str, int] = {}  # fault -> how many `chaos-` requests got it
         self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"}, the last 1000
         self.counts: dict[str, int] = {}
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
@@ -421,6 +438,12 @@ class FakeUpstream:
             del self.requests[0]
         count = self.counts[model] = self.counts.get(model, 0) + 1
         b = parse_directives(model)
+        if b.leak is not None:
+            b = dataclasses.replace(b, leak=headers.get("authorization", ""))
+        if b.chaos and self._rng.random() * 100 < b.chaos:
+            fault = self._rng.choice(list(CHAOS_FAULTS))
+            self.chaos_faults[fault] = self.chaos_faults.get(fault, 0) + 1
+            b = dataclasses.replace(b, **CHAOS_FAULTS[fault])
         stream = request.get("stream") is True
         # Streams wait after their headers (time to first token); everything else before its reply.
         delay = 0.0 if stream and _is_normal(b, count) else b.slow_ms / 1000
@@ -442,7 +465,8 @@ class FakeUpstream:
             status = b.error_status if b.error_status is not None else 500
             extra = [(b"retry-after", b"0")] if status == 429 else []
             code = "rate_limit_exceeded" if status == 429 else None
-            body = orjson.dumps(error_body(status, f"fake upstream error {status}", code))
+            message = f"fake upstream error {status}" + (f" (you sent '{b.leak}')" if b.leak else "")
+            body = orjson.dumps(error_body(status, message, code))
             await _send(send, status, body, extra)
         elif b.html:
             await _send(send, 200, b"<html>oops</html>", content_type=b"text/html")
@@ -537,8 +561,8 @@ async def _send_sse(send: Send, events: list[bytes]) -> None:
     )
 
 
-def create_fake_upstream() -> FakeUpstream:
-    return FakeUpstream()
+def create_fake_upstream(seed: int = 0) -> FakeUpstream:
+    return FakeUpstream(seed)
 
 
 # --- running it ----------------------------------------------------------------------------------
@@ -587,6 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream for tests and benchmarks.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the `chaos-<pct>` fault picker")
     args = parser.parse_args(argv)
     try:
         import uvloop  # noqa: F401
@@ -596,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
         loop = "asyncio"
     logging.getLogger("uvicorn.error").addFilter(_QUIET_DROPS)
     uvicorn.run(
-        create_fake_upstream(),
+        create_fake_upstream(args.seed),
         host=args.host,
         port=args.port,
         loop=loop,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -29,6 +30,7 @@ from app.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
+    ServiceUnavailable,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -71,10 +73,13 @@ class Engine:
     ) -> None:
         self._on_finish = on_finish
         self._on_first_byte = on_first_byte
+        # Keep the streamed last stage's text on its attempt (the trace store labels from it).
+        self.keep_text = False
 
     async def run(self, plan: Plan, body: Json, *, request_id: str, stream: bool) -> Completed | Streamed:
         started = time.perf_counter()
         trace = Trace(plan.name, request_id, new_id(), stream, plan.final.upstream.cfg.price, started=started)
+        trace.request = body
         loop = asyncio.get_running_loop()
         deadline = loop.time() + plan.deadline_s
         try:
@@ -111,9 +116,20 @@ class Engine:
             skip = stage.upstream.blocked()
             if skip is not None:
                 att.outcome, att.reason, att.detail = "error", "upstream_error", skip
+                att.error_kind, att.retry_after = "circuit_open", stage.upstream.breaker.retry_after()
                 if not final:
                     att.escalation_reason = "upstream_error"
                 continue
+            # A stage that cannot fit in what is left of the deadline is not started (and not paid for).
+            left = deadline - asyncio.get_running_loop().time()
+            need = stage.upstream.cfg.min_budget_s
+            if left < need:
+                att.outcome, att.reason, att.error_kind = "error", "timeout", "deadline"
+                att.detail = f"not started: {max(left, 0.0):.2f}s of the deadline left, needs {need:g}s"
+                raise DeadlineExceeded(
+                    f"The cascade deadline of {plan.deadline_s:g}s cannot fit stage {stage.index}. "
+                    f"{_summary(trace)}"
+                )
             if final and stream:
                 try:
                     return await self._open_stream(stage, body, trace, att, t0, deadline)
@@ -226,6 +242,8 @@ class Engine:
             with_usage=include_usage(body),
             fallback_model=up.cfg.model,
         )
+        if self.keep_text:
+            relay.keep_text()
         return Streamed(
             trace, self._relay(stage, body, trace, att, t0, deadline, stack, chunks, first, relay)
         )
@@ -369,6 +387,7 @@ def _usage(att: Attempt) -> Json:
 
 
 def _account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:
+    att.answer = completion
     usage = completion.get("usage")
     pt = ct = None
     if isinstance(usage, dict):
@@ -393,6 +412,7 @@ def _account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:
 
 
 def _account_stream(att: Attempt, stage: Stage, body: Json, relay: StreamRelay) -> Json:
+    att.answer = relay
     usage = relay.usage
     pt = usage.get("prompt_tokens") if usage else None
     ct = usage.get("completion_tokens") if usage else None
@@ -434,14 +454,30 @@ def _summary(trace: Trace) -> str:
     return "Attempts: " + "; ".join(parts) + "." if parts else "No stage was attempted."
 
 
+def _retry_after(errors: list[Attempt], pick: Callable[[list[float]], float]) -> dict[str, str]:
+    waits = [a.retry_after for a in errors if a.retry_after is not None]
+    return {"retry-after": str(max(1, math.ceil(pick(waits)))) if waits else "1"}
+
+
 def _all_failed(trace: Trace) -> ProxyError:
     atts = trace.attempts
     errors = [a for a in atts if a.outcome == "error"]
     if errors and len(errors) == len(atts):
-        if all(a.status == 429 for a in errors):
-            waits = [a.retry_after for a in errors if a.retry_after is not None]
-            headers = {"retry-after": str(max(1, round(max(waits))))} if waits else {"retry-after": "1"}
-            return RateLimited(f"Every stage is rate-limited upstream. {_summary(trace)}", headers=headers)
+        busy = [a.status == 429 or a.error_kind == "saturated" for a in errors]
+        if all(busy):
+            # Rate-limited upstream or our own concurrency limit full at every stage: come back later.
+            return RateLimited(
+                f"Every stage is rate-limited or at its concurrency limit. {_summary(trace)}",
+                headers=_retry_after(errors, max),
+            )
+        if all(b or a.error_kind == "circuit_open" for a, b in zip(errors, busy, strict=True)):
+            # Nothing was (successfully) asked: every stage's circuit is open (or the rest are busy).
+            # Retry when the first circuit lets a probe through.
+            return ServiceUnavailable(
+                f"Every stage is unavailable (circuit open after upstream failures). {_summary(trace)}",
+                code="circuit_open",
+                headers=_retry_after([a for a in errors if a.error_kind == "circuit_open"], min),
+            )
         if all(a.status in _CLIENT_4XX for a in errors):
             return InvalidRequest(f"Every stage rejected the request as invalid. {_summary(trace)}")
     return AllStagesFailed(f"Every stage failed. {_summary(trace)}")

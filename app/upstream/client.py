@@ -24,9 +24,13 @@ from app.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamSaturated,
     UpstreamStatusError,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
+from app.upstream.breaker import Breaker, Ticket
+from app.upstream.limits import Limiter
 from app.upstream.sse import SSEDecoder
 from app.upstream.transport import (
     Stream,
@@ -41,6 +45,8 @@ Json = dict[str, Any]
 # Called with (upstream name, error kind) for every failed call, retried or not.
 ErrorHook = Callable[[str, str], None]
 DurationHook = Callable[[str, float], None]
+# Called with (upstream name, "circuit_open" | "saturated") for every call refused without being made.
+RejectHook = Callable[[str, str], None]
 
 _KEYLIKE = re.compile(r"(sk|pk|rk|key)[-_][A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
 _RETRY_AFTER_CAP_S = 5.0
@@ -72,8 +78,11 @@ class Upstream:
         "_secret",
         "_timeouts",
         "_url",
+        "breaker",
         "cfg",
+        "limiter",
         "name",
+        "on_rejected",
     )
 
     def __init__(
@@ -97,6 +106,10 @@ class Upstream:
         self._timeouts = Timeouts(connect=cfg.connect_timeout_s, read=cfg.timeout_s)
         self._on_error = on_error
         self._on_duration = on_duration
+        # Guards (see app.upstream.breaker / app.upstream.limits); hooks are wired by the app state.
+        self.breaker = Breaker(name, cfg.circuit)
+        self.limiter = Limiter(name, cfg.max_concurrency, cfg.queue_timeout_s)
+        self.on_rejected: RejectHook | None = None
 
     # --- public ------------------------------------------------------------------------------------
 
@@ -110,8 +123,26 @@ class Upstream:
         return pt, ct, price_usd(self.cfg.price, pt, ct, usage.get("cost"))
 
     def blocked(self) -> str | None:
-        """Why this upstream must be skipped right now (e.g. an open circuit), or None to call it."""
-        return None
+        """Why this upstream must be skipped right now (e.g. an open circuit), or None to call it.
+        A reason means the caller skips the call: it is counted as refused."""
+        why = self.breaker.blocked()
+        if why is not None:
+            self._rejected("circuit_open")
+        return why
+
+    def adopt_guards(self, old: Upstream) -> None:
+        """On a config reload: keep the previous client's circuit and concurrency slots when their
+        settings and endpoint did not change, so a reload neither closes an open circuit nor doubles
+        the concurrency an upstream sees."""
+        if old.cfg.base_url != self.cfg.base_url:
+            return
+        if old.cfg.circuit == self.cfg.circuit:
+            self.breaker = old.breaker
+        if (old.cfg.max_concurrency, old.cfg.queue_timeout_s) == (
+            self.cfg.max_concurrency,
+            self.cfg.queue_timeout_s,
+        ):
+            self.limiter = old.limiter
 
     def prepare(self, body: Json, *, stream: bool) -> Json:
         """The request sent upstream: the client's fields untouched, our model id, stream settings."""
@@ -129,6 +160,59 @@ class Upstream:
 
     async def complete(self, body: Json) -> Reply:
         """POST a non-streamed request (``body`` already prepared). Raises UpstreamError."""
+        async with self._admit() as ticket:
+            try:
+                reply = await self._complete(body)
+            except UpstreamError as err:
+                ticket.failure(err)
+                raise
+            ticket.success()
+            return reply
+
+    @asynccontextmanager
+    async def stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
+        """Open a streamed request (``body`` already prepared) and yield an iterator of parsed chunks.
+
+        Connection, status and retries are settled before this yields, so an error raised here happened
+        before any byte of the answer. Errors while iterating are ``UpstreamError`` too. Leaving the
+        ``async with`` early closes the connection, which stops the upstream generating.
+        """
+        async with self._admit() as ticket:
+            try:
+                async with self._stream(body) as chunks:
+                    yield _Watched(chunks, ticket)
+            except UpstreamError as err:
+                if err.upstream == self.name:  # opening failed (iteration errors are _Watched's)
+                    ticket.failure(err)
+                raise
+
+    @asynccontextmanager
+    async def _admit(self) -> AsyncIterator[Ticket]:
+        """One attempt's admission: the circuit must let it through, then it holds a concurrency slot
+        until it ends. Refusals raise before anything is sent."""
+        ticket = self.breaker.enter()
+        if ticket is None:
+            self._rejected("circuit_open")
+            why = self.breaker.blocked() or "circuit open"
+            raise UpstreamUnavailable(self.name, why, retry_after=self.breaker.retry_after())
+        try:
+            try:
+                await self.limiter.acquire()
+            except UpstreamSaturated:
+                self._rejected("saturated")
+                raise
+            try:
+                yield ticket
+            finally:
+                self.limiter.release()
+        finally:
+            ticket.close()
+
+    def _rejected(self, reason: str) -> None:
+        if self.on_rejected is not None:
+            self.on_rejected(self.name, reason)
+
+    async def _complete(self, body: Json) -> Reply:
         payload = orjson.dumps(body)
         started = time.perf_counter()
         attempt = 0
@@ -153,13 +237,7 @@ class Upstream:
             return Reply(reply, latency)
 
     @asynccontextmanager
-    async def stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
-        """Open a streamed request (``body`` already prepared) and yield an iterator of parsed chunks.
-
-        Connection, status and retries are settled before this yields, so an error raised here happened
-        before any byte of the answer. Errors while iterating are ``UpstreamError`` too. Leaving the
-        ``async with`` early closes the connection, which stops the upstream generating.
-        """
+    async def _stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
         payload = orjson.dumps(body)
         started = time.perf_counter()
         attempt = 0
@@ -328,6 +406,30 @@ class Upstream:
     def _failed(self, err: UpstreamError) -> None:
         if self._on_error is not None:
             self._on_error(self.name, err.kind)
+
+
+class _Watched:
+    """A stream's chunk iterator that reports its end to the circuit breaker: [DONE] is a success, an
+    UpstreamError a failure; a consumer that stops early leaves no verdict."""
+
+    __slots__ = ("_chunks", "_ticket")
+
+    def __init__(self, chunks: AsyncIterator[Json], ticket: Ticket) -> None:
+        self._chunks = chunks
+        self._ticket = ticket
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> Json:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._ticket.success()
+            raise
+        except UpstreamError as err:
+            self._ticket.failure(err)
+            raise
 
 
 class _BeforeFirstByte(Exception):

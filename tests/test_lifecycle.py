@@ -1,0 +1,268 @@
+"""Process lifecycle with a real `cascade serve` (1 and 2 workers) in front of a fake upstream process:
+SIGTERM drains (readyz 503, in-flight requests and streams finish, exit 0), SIGHUP and POST /admin/reload
+reload config.yaml (a bad one is rejected and logged, the old one kept). Only processes started here are
+signalled, by PID or by the process group they were started in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import SECRET_PROMPT, SECRET_PROXY_KEY, SECRET_UPSTREAM_KEY, check_no_secrets
+
+pytestmark = [pytest.mark.anyio, pytest.mark.loopback]
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH = {"authorization": f"Bearer {SECRET_PROXY_KEY}"}
+ASK = [{"role": "user", "content": f"About {SECRET_PROMPT}?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CASCADE_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a process started here (and its workers: it leads its own process group)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+async def _until(what: str, within: float, check: Any) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            result = await check()
+            if result:
+                return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fake_url() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+
+
+def _config(fake_url: str, **upstream_models: str) -> dict[str, Any]:
+    return {
+        "server": {"drain_delay_s": 0.8, "shutdown_grace_s": 10, "log_level": "info"},
+        "auth": {"api_keys": [SECRET_PROXY_KEY]},
+        "upstreams": {
+            name: {"base_url": fake_url, "model": model, "api_key": SECRET_UPSTREAM_KEY}
+            for name, model in upstream_models.items()
+        },
+    }
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def stderr(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def _spawn(cfg_path: Path, port: int, workers: int, log: Path) -> subprocess.Popen[bytes]:
+    args = ["serve", "--config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args, "--workers", str(workers)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+@contextlib.asynccontextmanager
+async def serve(cfg_path: Path, workers: int) -> AsyncIterator[Served]:
+    port = _free_port()
+    log = cfg_path.with_suffix(f".{port}.log")
+    proc = _spawn(cfg_path, port, workers, log)
+    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        async with httpx.AsyncClient(timeout=5) as c:
+
+            async def ready() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"cascade serve exited early:\n{served.stderr()[-2000:]}")
+                return (await c.get(served.url + "/readyz")).status_code == 200
+
+            await _until("readiness", 30, ready)
+            # Every worker started (and so handles SIGHUP): each logs its startup.
+            started = _async(lambda: served.stderr().count("Application startup complete") >= workers)
+            await _until("all workers", 30, started)
+        yield served
+    finally:
+        _stop(proc)
+        check_no_secrets(served.stderr(), f"stderr of cascade serve --workers {workers}")
+
+
+async def _models(url: str, tries: int = 6) -> list[set[str]]:
+    """The model ids seen on ``tries`` fresh connections (with N workers, different workers answer)."""
+    seen = []
+    for _ in range(tries):
+        async with httpx.AsyncClient(timeout=5) as c:
+            r = await c.get(url + "/v1/models", headers=AUTH)
+            seen.append({m["id"] for m in r.json()["data"]})
+    return seen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_drains_in_flight_requests_and_streams_then_exits_0(
+    fake_url: str, tmp_path: Path, workers: int
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(_config(fake_url, slow="slow-1200", streamy="chunkdelay-120+words-12", fast="ok")),
+        encoding="utf-8",
+    )
+    async with serve(path, workers) as s, httpx.AsyncClient(timeout=20) as client:
+        chat = s.url + "/v1/chat/completions"
+        slow = asyncio.create_task(client.post(chat, json={"model": "slow", "messages": ASK}, headers=AUTH))
+
+        async def stream() -> list[str]:
+            body = {"model": "streamy", "messages": ASK, "stream": True}
+            async with client.stream("POST", chat, json=body, headers=AUTH) as r:
+                return [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+        streamed = asyncio.create_task(stream())
+        await asyncio.sleep(0.4)  # both in flight
+        s.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+
+        ready: list[int] = []
+        served_during_drain = None
+        while time.monotonic() - t0 < 5:
+            try:
+                async with httpx.AsyncClient(timeout=2) as fresh:
+                    ready.append((await fresh.get(s.url + "/readyz")).status_code)
+                    if ready[-1] == 503 and served_during_drain is None:
+                        r = await fresh.post(chat, json={"model": "fast", "messages": ASK}, headers=AUTH)
+                        served_during_drain = r.status_code
+            except httpx.TransportError:
+                break  # stopped accepting
+            await asyncio.sleep(0.05)
+
+        r = await slow
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "The answer is 42."
+        events = await streamed
+        assert events[-1] == "data: [DONE]" and len(events) >= 12
+        assert all('"error"' not in e for e in events)
+        code = await asyncio.to_thread(s.proc.wait, 15)
+        assert code == 0, s.stderr()[-2000:]
+    # readyz flipped to 503 during the drain delay (new requests still served), then connections stopped.
+    assert 503 in ready and 200 not in ready[ready.index(503) :]
+    assert served_during_drain == 200
+    log = s.stderr()
+    assert "draining" in log
+    # Each worker logs the asyncio tasks still alive after its drain: only uvicorn's own serve task.
+    stopped = [orjson.loads(line) for line in log.splitlines() if '"msg":"stopped"' in line]
+    assert len(stopped) == workers and all(entry["tasks"] <= 1 for entry in stopped), stopped
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_and_admin_reload_swap_the_config_and_keep_it_when_bad(
+    fake_url: str, tmp_path: Path, workers: int
+) -> None:
+    path = tmp_path / "config.yaml"
+    first = _config(fake_url, small="ok")
+    path.write_text(yaml.safe_dump(first), encoding="utf-8")
+    async with serve(path, workers) as s:
+        second = _config(fake_url, small="ok", extra="answer-from_extra")
+        path.write_text(yaml.safe_dump(second), encoding="utf-8")
+        s.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded(name: str) -> bool:
+            return all(name in ids for ids in await _models(s.url))
+
+        await _until("SIGHUP reload", 10, lambda: reloaded("extra"))
+        async with httpx.AsyncClient(timeout=10) as c:
+            r = await c.post(
+                s.url + "/v1/chat/completions", json={"model": "extra", "messages": ASK}, headers=AUTH
+            )
+            assert r.json()["choices"][0]["message"]["content"] == "from extra"
+
+            # A bad config: rejected, logged, the running one kept.
+            path.write_text("upstreams: {small: {model: no-base-url}}\n", encoding="utf-8")
+            s.proc.send_signal(signal.SIGHUP)
+            await _until(
+                "the rejection in the log", 10, _async(lambda: "config reload rejected" in s.stderr())
+            )
+            assert "upstreams.small.base_url: required key is missing" in s.stderr()
+            r = await c.post(s.url + "/admin/reload", headers=AUTH)
+            assert r.status_code == 422 and "base_url" in r.json()["error"]["message"]
+            assert all("extra" in ids for ids in await _models(s.url))
+
+            # POST /admin/reload: every worker takes the new config.
+            third = _config(fake_url, small="ok", third="ok")
+            path.write_text(yaml.safe_dump(third), encoding="utf-8")
+            r = await c.post(s.url + "/admin/reload", headers=AUTH)
+            assert r.status_code == 200 and r.json()["upstreams"] == ["small", "third"]
+            await _until("admin reload in every worker", 10, lambda: reloaded("third"))
+            assert not any("extra" in ids for ids in await _models(s.url))
+        s.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(s.proc.wait, 15) == 0
+
+
+def _async(fn: Any) -> Any:
+    async def check() -> Any:
+        return fn()
+
+    return check

@@ -1,0 +1,539 @@
+"""Reliability through the real HTTP path: circuit breaker, concurrency limits, deadline budget, client
+disconnects, secrets kept out of logs, bodies and metrics, and config reload (POST /admin/reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from app.config import CircuitConfig, load_config, parse_config
+from app.errors import UpstreamProtocolError, UpstreamSaturated, UpstreamStatusError, UpstreamTimeout
+from app.logs import JsonFormatter
+from app.main import create_app
+from app.upstream.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from app.upstream.limits import Limiter
+from tests.conftest import (
+    _WATCH,
+    SECRET_PROMPT,
+    SECRET_PROXY_KEY,
+    SECRET_UPSTREAM_KEY,
+    base_config,
+    chat,
+    check_no_secrets,
+    proxy,
+    two_stage,
+    upstream,
+)
+from tests.fake_upstream import CHAOS_FAULTS, FakeUpstream, create_fake_upstream, serve_in_background
+from tests.schema import check_error
+
+pytestmark = pytest.mark.anyio
+
+AUTH = {"authorization": f"Bearer {SECRET_PROXY_KEY}"}
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def _secret_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with the suite's secret upstream key on every upstream and the secret proxy key on."""
+    cfg = copy.deepcopy(cfg)
+    for up in cfg["upstreams"].values():
+        up["api_key"] = SECRET_UPSTREAM_KEY
+    cfg["auth"] = {"api_keys": [SECRET_PROXY_KEY]}
+    return cfg
+
+
+def _ask(**extra: Any) -> dict[str, Any]:
+    return chat(content=f"Tell me about {SECRET_PROMPT}, please.", **extra)
+
+
+# --- circuit breaker: the state machine ---------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _breaker(clock: Clock, **cfg: Any) -> tuple[Breaker, list[str]]:
+    changes: list[str] = []
+    b = Breaker(
+        "up",
+        CircuitConfig(**{"failures": 3, "window_s": 10, "cooldown_s": 5, **cfg}),
+        on_change=lambda _name, state: changes.append(state),
+        clock=clock,
+    )
+    return b, changes
+
+
+FAIL = UpstreamStatusError("up", 503, "down")
+
+
+def _call(b: Breaker, ok: bool) -> None:
+    t = b.enter()
+    assert t is not None
+    t.success() if ok else t.failure(FAIL)
+    t.close()
+
+
+def test_breaker_opens_on_enough_failures_making_enough_of_the_window() -> None:
+    clock = Clock()
+    b, changes = _breaker(clock)  # 3 failures, at least half of the attempts in the last 10 s
+    for ok in (False, False, True, True, True, True, False):
+        _call(b, ok)
+    assert b.state == CLOSED  # 3 failures, but 3 of 7 attempts
+    clock.now += 11  # the window moved on: the old attempts no longer count
+    _call(b, False)
+    _call(b, True)
+    _call(b, False)
+    assert b.state == CLOSED  # half of them failed, but only 2
+    _call(b, False)
+    assert b.state == OPEN and changes == [OPEN]
+    assert b.enter() is None
+    assert "circuit open" in (b.blocked() or "") and b.retry_after() == pytest.approx(5)
+    # Answers that are not failures of the upstream never count: 4xx (429 included).
+    b2, _ = _breaker(clock, failures=1)
+    t = b2.enter()
+    assert t is not None
+    t.failure(UpstreamStatusError("up", 429, "slow down"))
+    t.failure(UpstreamStatusError("up", 400, "bad request"))
+    assert b2.state == CLOSED
+
+
+def test_breaker_half_open_lets_one_probe_through() -> None:
+    clock = Clock()
+    b, changes = _breaker(clock, failures=1)
+    _call(b, False)
+    clock.now += 5
+    assert b.blocked() is None and b.state == HALF_OPEN
+    probe = b.enter()
+    assert probe is not None and probe.probe
+    assert b.enter() is None and "probe" in (b.blocked() or "")
+    probe.close()  # ended without a verdict (client gone): the next caller probes
+    probe = b.enter()
+    assert probe is not None
+    probe.failure(UpstreamTimeout("up", "timed out"))
+    assert b.state == OPEN and b.retry_after() == pytest.approx(5)
+    clock.now += 5
+    probe = b.enter()
+    assert probe is not None and probe.probe
+    probe.success()
+    assert b.state == CLOSED and b.enter() is not None
+    assert changes == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
+
+
+def test_breaker_ignores_results_of_calls_from_an_earlier_state() -> None:
+    clock = Clock()
+    b, _ = _breaker(clock, failures=1)
+    slow = b.enter()  # starts while closed ...
+    _call(b, False)  # ... meanwhile the circuit opens
+    clock.now += 5
+    probe = b.enter()
+    assert probe is not None
+    assert slow is not None
+    slow.success()  # a late success of an old call does not close the circuit
+    assert b.state == HALF_OPEN
+    probe.failure(UpstreamProtocolError("up", "bad JSON"))
+    assert b.state == OPEN
+
+
+def test_breaker_can_be_disabled() -> None:
+    clock = Clock()
+    b, _ = _breaker(clock, failures=1, enabled=False)
+    for _ in range(5):
+        _call(b, False)
+    assert b.blocked() is None and b.state == CLOSED
+    assert parse_config(
+        {"upstreams": {"a": {"base_url": "http://x/v1", "model": "m", "circuit": False}}}, env={}
+    ).upstreams["a"].circuit == CircuitConfig(enabled=False)
+
+
+async def test_limiter_waits_a_bounded_time_then_reports_saturation() -> None:
+    lim = Limiter("up", 2, 0.05)
+    await lim.acquire()
+    await lim.acquire()
+    t0 = time.perf_counter()
+    with pytest.raises(UpstreamSaturated, match="saturated: 2 of max_concurrency 2"):
+        await lim.acquire()
+    assert 0.04 < time.perf_counter() - t0 < 0.5
+    waiter = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0.01)
+    lim.release()  # a slot frees up within the wait: the waiter gets it
+    await waiter
+    assert lim.in_flight == 2
+
+
+# --- circuit breaker and limits through the proxy -------------------------------------------------------
+
+
+async def test_open_circuit_skips_the_stage_then_a_probe_closes_it(fake: FakeUpstream) -> None:
+    cfg = _secret_config(two_stage("flaky-2"))
+    cfg["upstreams"]["small"].update(max_retries=0, circuit={"failures": 2, "cooldown_s": 0.2})
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        for _ in range(2):
+            r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+            assert r.status_code == 200 and r.json()["cascade"]["attempts"][0]["outcome"] == "error"
+        assert _sample(registry, "cascade_circuit_open", upstream="small") == 1
+        assert _sample(registry, "cascade_circuit_opens_total", upstream="small") == 1
+
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        first = r.json()["cascade"]["attempts"][0]
+        assert r.status_code == 200 and r.json()["cascade"]["upstream"] == "large"
+        assert (first["outcome"], first["reason"]) == ("error", "upstream_error")
+        assert first["detail"].startswith("circuit open")
+        assert fake.counts["flaky-2"] == 2  # skipped: not called
+        assert (
+            _sample(registry, "cascade_upstream_rejected_total", upstream="small", reason="circuit_open") == 1
+        )
+        assert (
+            _sample(
+                registry,
+                "cascade_escalations_total",
+                cascade="default",
+                from_upstream="small",
+                to_upstream="large",
+                reason="upstream_error",
+            )
+            == 3
+        )
+
+        await asyncio.sleep(0.25)  # cool-down over: the next call probes, succeeds, closes the circuit
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        assert r.json()["cascade"]["upstream"] == "small"
+        assert _sample(registry, "cascade_circuit_open", upstream="small") == 0
+        text = (await c.get("/metrics")).text
+    assert 'cascade_circuit_open{upstream="small"} 0.0' in text
+    check_no_secrets(text, "/metrics")
+    assert SECRET_PROMPT not in text and SECRET_UPSTREAM_KEY not in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_circuit_open_is_a_clear_503(fake: FakeUpstream, stream: bool) -> None:
+    cfg = two_stage("error-500", "error-502")
+    for up in cfg["upstreams"].values():
+        up.update(max_retries=0, circuit={"failures": 1, "cooldown_s": 30})
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+        assert r.status_code == 502
+        calls = len(fake.requests)
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+    assert r.status_code == 503
+    check_error(r.json())
+    err = r.json()["error"]
+    assert err["code"] == "circuit_open" and "circuit open" in err["message"]
+    assert "stage 0 (small)" in err["message"] and "stage 1 (large)" in err["message"]
+    assert 29 <= int(r.headers["retry-after"]) <= 30
+    assert len(fake.requests) == calls  # nothing was sent upstream
+
+
+async def test_saturated_first_stage_escalates_and_all_saturated_is_429(fake: FakeUpstream) -> None:
+    cfg = two_stage("slow-400", "slow-400+answer-large_says_hi")
+    for up in cfg["upstreams"].values():
+        up.update(max_concurrency=1, queue_timeout_s=0.05)
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=chat()) for _ in range(3)))
+    by_status = sorted(rs, key=lambda r: r.status_code)
+    assert [r.status_code for r in by_status] == [200, 200, 429]
+    answered = sorted(r.json()["cascade"]["stage"] for r in by_status[:2])
+    assert answered == [0, 1]
+    escalated = next(r.json() for r in by_status[:2] if r.json()["cascade"]["stage"] == 1)
+    assert escalated["cascade"]["attempts"][0]["detail"].startswith("saturated")
+    limited = by_status[2]
+    check_error(limited.json())
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "concurrency limit" in limited.json()["error"]["message"]
+    assert int(limited.headers["retry-after"]) >= 1
+    assert _sample(registry, "cascade_upstream_rejected_total", upstream="small", reason="saturated") == 2
+    assert fake.counts["slow-400"] == 1  # saturation never reached the upstream
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stage_that_cannot_fit_the_deadline_is_not_started(fake: FakeUpstream, stream: bool) -> None:
+    cfg = two_stage("refuse+slow-500")
+    cfg["cascades"]["default"]["deadline_s"] = 1.0
+    cfg["upstreams"]["large"]["min_budget_s"] = 0.7
+    async with proxy(cfg, fake) as (c, _):
+        t0 = time.perf_counter()
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+        took = time.perf_counter() - t0
+    assert r.status_code == 504 and took < 0.9
+    check_error(r.json())
+    msg = r.json()["error"]["message"]
+    assert "cannot fit stage 1" in msg
+    assert "stage 0 (small): low_score" in msg and "stage 1 (large): timeout (not started" in msg
+    assert "answer-large_says_hi" not in fake.counts
+
+
+# --- client disconnects (loopback: what in-process ASGI hides) -------------------------------------------
+
+
+@asynccontextmanager
+async def loopback(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUpstream, CollectorRegistry]]:
+    fake = create_fake_upstream()
+    registry = CollectorRegistry()
+    async with serve_in_background(fake) as fake_url:
+        cfg = copy.deepcopy(cfg)
+        for up in cfg["upstreams"].values():
+            up["base_url"] = fake_url + "/v1"
+        app = create_app(parse_config(cfg, env={}), registry=registry)
+        async with serve_in_background(app) as url:
+            yield url + "/v1/chat/completions", fake, registry
+
+
+async def _within(seconds: float, cond: Callable[[], bool]) -> float:
+    """How long until ``cond()`` held (polling); fails past ``seconds``."""
+    t0 = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - t0 > seconds:
+            break
+        await asyncio.sleep(0.002)
+    took = time.perf_counter() - t0
+    assert cond(), f"not within {seconds}s"
+    return took
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize("stream", [False, True])
+async def test_disconnect_while_a_scored_stage_is_buffered_cancels_it_within_100ms(stream: bool) -> None:
+    async with loopback(_secret_config(two_stage("slow-5000"))) as (url, fake, registry):
+        async with httpx.AsyncClient(timeout=0.3) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url, json=_ask(stream=stream), headers=AUTH)
+        took = await _within(1.0, lambda: fake.cancelled_waits == 1)
+        assert took < 0.1, f"upstream call cancelled {took * 1000:.0f} ms after the client left"
+        await _within(
+            1.0, lambda: _sample(registry, "cascade_requests_total", cascade="default", outcome="error") == 1
+        )
+        assert _sample(registry, "cascade_in_flight_requests") == 0
+        assert (
+            _sample(
+                registry,
+                "cascade_attempts_total",
+                cascade="default",
+                stage="0",
+                upstream="small",
+                outcome="error",
+            )
+            == 1
+        )
+
+
+@pytest.mark.loopback
+async def test_disconnect_mid_stream_cancels_within_100ms_and_charges_what_was_generated() -> None:
+    async with loopback(_secret_config(two_stage("refuse", "chunkdelay-40+words-400"))) as (
+        url,
+        fake,
+        registry,
+    ):
+        got = 0
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            client.stream("POST", url, json=_ask(stream=True), headers=AUTH) as r,
+        ):
+            async for line in r.aiter_lines():
+                got += line.startswith('data: {"')
+                if got >= 6:
+                    break
+        took = await _within(1.0, lambda: fake.cancelled_streams == 1)
+        assert took < 0.1, f"upstream stream cancelled {took * 1000:.0f} ms after the client left"
+        assert fake.active_streams == 0
+        await _within(
+            1.0, lambda: _sample(registry, "cascade_requests_total", cascade="default", outcome="error") == 1
+        )
+        # Both stages were charged: the rejected refusal and the part of the stream generated so far.
+        assert (
+            _sample(registry, "cascade_cost_usd_total", cascade="default", upstream="small", purpose="answer")
+            > 0
+        )
+        large = _sample(
+            registry, "cascade_cost_usd_total", cascade="default", upstream="large", purpose="answer"
+        )
+        assert large > 0
+        completion = _sample(registry, "cascade_tokens_total", upstream="large", kind="completion")
+        assert 4 <= completion < 400  # some of the 400 words, not all of them
+        assert _sample(registry, "cascade_in_flight_requests") == 0
+
+
+# --- secrets: never in a log line, an error body or a metric --------------------------------------------
+
+
+def test_the_secret_watch_sees_every_app_log_record() -> None:
+    before = _WATCH.records
+    logging.getLogger("cascade.engine").debug("watch self-test")
+    assert _WATCH.records == before + 1
+    n = len(_WATCH.leaks)
+    check_no_secrets(f"x {SECRET_PROXY_KEY} y", "self-test")
+    assert len(_WATCH.leaks) == n + 1
+    del _WATCH.leaks[n:]
+
+
+async def test_request_log_line_is_json_without_prompt_or_answer(
+    fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cascade.request")
+    cfg = _secret_config(two_stage("echo+refuse", "echo"))
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        assert r.status_code == 200 and SECRET_PROMPT in r.text  # the answer echoes the prompt
+        r = await c.post("/v1/chat/completions", json=_ask(stream=True), headers=AUTH)
+        assert SECRET_PROMPT in r.text
+    lines = [JsonFormatter().format(rec) for rec in caplog.records if rec.name == "cascade.request"]
+    assert len(lines) == 2
+    for line in lines:
+        assert SECRET_PROMPT not in line and SECRET_UPSTREAM_KEY not in line and SECRET_PROXY_KEY not in line
+        entry = orjson.loads(line)
+        assert entry["msg"] == "request" and entry["outcome"] == "success"
+        assert {"request_id", "cascade", "stage", "upstream", "escalations", "cost_usd", "latency_ms"} <= set(
+            entry
+        )
+        assert not {"messages", "content", "prompt", "answer"} & set(entry)
+
+
+async def test_keys_and_prompts_stay_out_of_error_bodies(fake: FakeUpstream) -> None:
+    cfg = _secret_config(two_stage("error-401+leak", "error-500+leak"))
+    async with proxy(cfg, fake) as (c, _):
+        failed = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        wrong = await c.post(
+            "/v1/chat/completions", json=_ask(), headers={"authorization": f"Bearer {SECRET_PROXY_KEY}x"}
+        )
+        streamed = await c.post("/v1/chat/completions", json=_ask(stream=True), headers=AUTH)
+        metrics = (await c.get("/metrics")).text
+    # The fake echoed the upstream key in its error messages: it reached the proxy ...
+    assert SECRET_UPSTREAM_KEY in fake.requests[0]["headers"]["authorization"]
+    # ... and none of it the client.
+    assert failed.status_code == 502 and "[redacted]" in failed.text
+    assert wrong.status_code == 401
+    for text in (failed.text, wrong.text, streamed.text, metrics):
+        for secret in (SECRET_UPSTREAM_KEY, SECRET_PROXY_KEY, SECRET_PROMPT):
+            assert secret not in text
+
+
+# --- the fake's fault injection used by bench/soak.py ----------------------------------------------------
+
+
+async def test_chaos_directive_is_seeded_and_mixes_every_fault() -> None:
+    async def run(seed: int) -> tuple[dict[str, int], list[int]]:
+        fake = create_fake_upstream(seed)
+        statuses = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fake), base_url="http://f") as c:
+            for _ in range(300):
+                body = {"model": "chaos-50+slow-0", "messages": [{"role": "user", "content": "x"}]}
+                try:
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr("tests.fake_upstream.STALL_S", 0.0)
+                        r = await c.post("/v1/chat/completions", json=body)
+                    statuses.append(r.status_code)
+                except httpx.RemoteProtocolError:
+                    statuses.append(-1)  # drop
+        return fake.chaos_faults, statuses
+
+    faults, statuses = await run(7)
+    assert set(faults) == set(CHAOS_FAULTS)
+    assert 110 < sum(faults.values()) < 190  # ~50% of 300
+    assert statuses.count(500) == faults["500"] and statuses.count(429) == faults["429"]
+    assert await run(7) == (faults, statuses)  # same seed, same faults
+
+
+# --- config reload: POST /admin/reload ---------------------------------------------------------------------
+
+
+def _write(path: Path, cfg: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+
+
+async def test_admin_reload_is_disabled_without_keys(fake: FakeUpstream) -> None:
+    async with proxy(base_config(), fake) as (c, _):
+        r = await c.post("/admin/reload")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+    check_error(r.json())
+
+
+async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cascade.reload")
+    old = _secret_config(base_config())
+    old["upstreams"]["large"]["model"] = "slow-400+answer-old_config"
+    path = tmp_path / "config.yaml"
+    _write(path, old)
+    new = copy.deepcopy(old)
+    new["upstreams"]["large"]["model"] = "answer-new_config"
+    new["upstreams"]["extra"] = upstream("answer-from_extra", api_key=SECRET_UPSTREAM_KEY)
+    new["auth"]["api_keys"] = [SECRET_PROXY_KEY + "-rotated"]
+    rotated = {"authorization": f"Bearer {SECRET_PROXY_KEY}-rotated"}
+    async with proxy(old, fake) as (c, app):
+        app.state.cascade.loader = lambda: load_config(path, env={})
+        assert (await c.post("/admin/reload")).status_code == 401
+
+        in_flight = asyncio.create_task(
+            c.post("/v1/chat/completions", json=_ask(model="large"), headers=AUTH)
+        )
+        await asyncio.sleep(0.1)
+        _write(path, new)
+        r = await c.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json()["upstreams"] == ["extra", "large", "small"] and r.json()["reloads"] == 1
+        done = await in_flight
+        assert done.json()["choices"][0]["message"]["content"] == "old config"
+
+        assert (
+            await c.post("/v1/chat/completions", json=_ask(model="large"), headers=AUTH)
+        ).status_code == 401
+        r = await c.post("/v1/chat/completions", json=_ask(model="large"), headers=rotated)
+        assert r.json()["choices"][0]["message"]["content"] == "new config"
+        r = await c.post("/v1/chat/completions", json=_ask(model="extra"), headers=rotated)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "from extra"
+
+        # A bad config is rejected, logged, and the running one kept.
+        broken = copy.deepcopy(new)
+        broken["cascades"]["default"]["stages"][1]["upstream"] = "medum"
+        _write(path, broken)
+        r = await c.post("/admin/reload", headers=rotated)
+        assert r.status_code == 422
+        check_error(r.json())
+        assert "cascades.default.stages[1].upstream: unknown upstream 'medum'" in r.json()["error"]["message"]
+        path.write_text("upstreams: [unclosed", encoding="utf-8")
+        assert (await c.post("/admin/reload", headers=rotated)).status_code == 422
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=rotated)
+        assert r.status_code == 200 and app.state.cascade.reloads == 1
+    rejected = [rec for rec in caplog.records if rec.msg.startswith("config reload rejected")]
+    assert len(rejected) == 2
+    assert "unknown upstream 'medum'" in rejected[0].problems[0]  # type: ignore[attr-defined]
+
+
+async def test_reload_keeps_an_open_circuit_when_its_settings_did_not_change(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    cfg = _secret_config(two_stage("error-500"))
+    cfg["upstreams"]["small"].update(max_retries=0, circuit={"failures": 1, "cooldown_s": 30})
+    path = tmp_path / "config.yaml"
+    _write(path, cfg)
+    async with proxy(cfg, fake) as (c, app):
+        app.state.cascade.loader = lambda: load_config(path, env={})
+        await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        assert (await c.post("/admin/reload", headers=AUTH)).status_code == 200
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        assert r.json()["cascade"]["attempts"][0]["detail"].startswith("circuit open")
+        cfg["upstreams"]["small"]["circuit"]["cooldown_s"] = 20  # changed settings: a fresh breaker
+        _write(path, cfg)
+        assert (await c.post("/admin/reload", headers=AUTH)).status_code == 200
+        assert app.state.cascade.runtime.upstreams["small"].breaker.state == CLOSED
