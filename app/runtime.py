@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from app.cascade.engine import Engine
 from app.cascade.plan import Plans, build_plans
@@ -29,6 +30,8 @@ class Runtime:
     plans: Plans
     engine: Engine
     keys: tuple[bytes, ...]
+    # Called at the end of every request, after its metrics (the trace store enqueues it here).
+    finish_hooks: list[Callable[[Trace, bool, float], None]] = field(default_factory=list)
 
 
 def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
@@ -44,8 +47,12 @@ def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
             if t is not None:
                 metrics.set_threshold(plan.name, i, t)
 
+    hooks: list[Callable[[Trace, bool, float], None]] = []
+
     def on_finish(trace: Trace, ok: bool, seconds: float) -> None:
         trace.record(metrics, ok=ok, seconds=seconds)
+        for hook in hooks:
+            hook(trace, ok, seconds)
         a = trace.accepted
         log.info(
             "request",
@@ -65,4 +72,4 @@ def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
 
     engine = Engine(on_finish, on_first_byte=metrics.first_token)
     keys = tuple(k.encode() for k in config.auth.api_keys)
-    return Runtime(config, upstreams, plans, engine, keys)
+    return Runtime(config, upstreams, plans, engine, keys, hooks)

@@ -38,6 +38,9 @@ class Attempt:
     detail: str = ""  # why, in a few words; never a prompt, an answer or a key
     status: int | None = None  # upstream HTTP status of a failed attempt
     retry_after: float | None = None
+    # The stage's reply (completion dict, or the StreamRelay of a streamed last stage), for the trace
+    # store; only read after the request finished.
+    answer: Any = None
 
     @property
     def cost_usd(self) -> float:
@@ -74,6 +77,7 @@ class Trace:
     started: float = 0.0
     # The attempt whose answer goes to the client: set before a stream starts, so headers can name it.
     serving: Attempt | None = None
+    request: Json | None = None  # the client's request body (for the trace store and shadow labels)
 
     @property
     def escalations(self) -> int:

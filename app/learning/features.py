@@ -221,8 +221,12 @@ def normalize_answer(text: str, prompt: str | None = None, kind: str = "auto") -
 
 _ANNOT_RE = re.compile(r"<<([^<>=]{1,120})=([^<>]{1,40})>>")
 _EQ_CLEAN_RE = re.compile(r"(?<=\d),(?=\d{3})")
+# "a op b op c = r". Possessive whitespace and atomic numbers: same matches as the plain pattern (nothing
+# after them can match a space or a digit, so giving those back never helps), without its exponential
+# backtracking on long annotated chains (6 ms -> 0.02 ms on some GSM8K answers).
 _EQ_RE = re.compile(
-    r"((?:\(?\s*-?\d+(?:\.\d+)?\s*\)?\s*[-+*/x×÷]\s*)+\(?\s*-?\d+(?:\.\d+)?\s*\)?)\s*=\s*(-?\d+(?:\.\d+)?)"
+    r"((?:\(?\s*+(?>-?\d+(?:\.\d+)?)\s*+\)?\s*+[-+*/x×÷]\s*+)+\(?\s*+(?>-?\d+(?:\.\d+)?)\s*+\)?)"
+    r"\s*+=\s*+(-?\d+(?:\.\d+)?)"
 )
 
 _ALLOWED_BINOPS: dict[type[ast.operator], Any] = {

@@ -7,7 +7,8 @@ API::
 
     run = simulate(fitted, rows)          # SimulationResult: accuracy, cost_usd (mean per request),
                                           # escalation_rate (share reaching each stage), accepted_stage
-    report = replay_report(dataset, fitted, run=None)   # dict in the `cascade replay --json` shape
+    report = replay_report(dataset, fitted, run=None, test=None)   # the `cascade replay --json` object
+    report_object(name, n_train, test_rows, models, stages, thresholds, accuracy, cost_usd, escalation_rate)
 
 Costs in the report are mean USD per request (`cost_usd`), savings and quality relative to the best
 single model on the test rows (most accurate; cheapest on ties).
@@ -68,27 +69,56 @@ def simulate(fitted: FittedCascade, rows: Sequence[Row]) -> SimulationResult:
     )
 
 
-def replay_report(
-    dataset: Dataset, fitted: FittedCascade, run: SimulationResult | None = None
+def report_object(
+    name: str,
+    n_train: int,
+    test: Sequence[Row],
+    models: Sequence[str],
+    stages: Sequence[str],
+    thresholds: Sequence[float],
+    accuracy: float,
+    cost_usd: float,
+    escalation_rate: Sequence[float],
 ) -> dict[str, Any]:
-    test = dataset.test
-    run = run or simulate(fitted, test)
-    summ = model_summary(test, dataset.models)
+    """The `cascade replay --json` object (CONTRACT section 3) for a run over ``test``."""
+    summ = model_summary(test, models)
     bs = best_single(summ)
-    orc = oracle(test, dataset.models)
+    orc = oracle(test, models)
     best_cost = summ[bs].mean_cost_usd
     return {
-        "dataset": dataset.name,
-        "n_train": len(dataset.train),
+        "dataset": name,
+        "n_train": n_train,
         "n_test": len(test),
-        "stages": list(fitted.models),
-        "thresholds": list(fitted.thresholds),
-        "accuracy": run.accuracy,
-        "cost_usd": run.cost_usd,
-        "escalation_rate": list(run.escalation_rate),
+        "stages": list(stages),
+        "thresholds": list(thresholds),
+        "accuracy": accuracy,
+        "cost_usd": cost_usd,
+        "escalation_rate": list(escalation_rate),
         "best_single": {"model": bs, "accuracy": summ[bs].accuracy, "cost_usd": best_cost},
         "single_models": {m: {"accuracy": v.accuracy, "cost_usd": v.mean_cost_usd} for m, v in summ.items()},
-        "savings_vs_best": (1.0 - run.cost_usd / best_cost) if best_cost > 0 else 0.0,
-        "quality_vs_best": (run.accuracy / summ[bs].accuracy) if summ[bs].accuracy > 0 else 0.0,
+        "savings_vs_best": (1.0 - cost_usd / best_cost) if best_cost > 0 else 0.0,
+        "quality_vs_best": (accuracy / summ[bs].accuracy) if summ[bs].accuracy > 0 else 0.0,
         "oracle": {"accuracy": orc.accuracy, "cost_usd": orc.mean_cost_usd},
     }
+
+
+def replay_report(
+    dataset: Dataset,
+    fitted: FittedCascade,
+    run: SimulationResult | None = None,
+    test: Sequence[Row] | None = None,
+) -> dict[str, Any]:
+    """The report of ``fitted`` simulated on ``test`` (default: the dataset's test rows)."""
+    rows = dataset.test if test is None else list(test)
+    run = run or simulate(fitted, rows)
+    return report_object(
+        dataset.name,
+        len(dataset.train),
+        rows,
+        dataset.models,
+        fitted.models,
+        fitted.thresholds,
+        run.accuracy,
+        run.cost_usd,
+        run.escalation_rate,
+    )

@@ -5,10 +5,26 @@ logistic regression. The score is the estimated probability that the answer is g
 
 from __future__ import annotations
 
+import json
+
 from app.config import LearnedScorer as LearnedConfig
 from app.learning.features import messages_to_prompt
 from app.learning.model import LearnedScorer as Model
-from app.scoring.base import Score, ScoreContext
+from app.scoring.base import Answer, Score, ScoreContext
+
+
+def answer_text(answer: Answer) -> str:
+    """The text the features see: the content, or for a tool-call answer its calls as compact JSON
+    (recorded datasets and traces serialise them the same way)."""
+    text = answer.text
+    calls = answer.message.get("tool_calls")
+    if text or not isinstance(calls, list) or not calls:
+        return text
+    fns = [c.get("function") for c in calls if isinstance(c, dict)]
+    return json.dumps(
+        [{"name": f.get("name"), "arguments": f.get("arguments")} for f in fns if isinstance(f, dict)],
+        separators=(",", ":"),
+    )
 
 
 class Learned:
@@ -30,8 +46,8 @@ class Learned:
             ]
         p = self._model.score(
             messages_to_prompt(ctx.request.get("messages") or []),
-            ctx.answer.text,
-            previous=[a.text for a in ctx.previous],
+            answer_text(ctx.answer),
+            previous=[answer_text(a) for a in ctx.previous],
             logprobs=token_lps or None,
             finish_reason=ctx.answer.finish_reason,
         )

@@ -1,0 +1,293 @@
+"""The learning side of a running proxy: record every request, collect labels, keep thresholds tuned.
+
+One ``Learning`` per process, owned by the app (it outlives config reloads; ``attach`` wires each new
+runtime). The request path only calls ``on_finish``: an ``put_nowait`` of the finished trace on a
+bounded queue (full: the record is dropped and counted, never waited for) and the shadow draw. A
+writer task takes batches off the queue and builds and stores the rows in the store's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from app.cascade.plan import Plan
+from app.cascade.trace import Trace
+from app.config import LearningConfig
+from app.learning.records import LabelRow, TraceRow, build_rows, passthrough_fingerprint, plan_fingerprint
+from app.learning.shadow import Shadow
+from app.learning.store import Fit, Store, StoreError
+from app.learning.tuning import Tuner
+from app.metrics import Metrics
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
+
+log = logging.getLogger("cascade.learning")
+
+BATCH = 512  # records per store transaction
+_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(slots=True)
+class PlanMeta:
+    """What a record needs to know about the plan it ran on, captured when the request finished."""
+
+    name: str
+    plan: Plan
+    fingerprint: str
+    n_stages: int
+    config_thresholds: tuple[float, ...]  # the scored stages' thresholds from config.yaml
+    fit_version: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    trace: Trace
+    ok: bool
+    seconds: float
+    meta: PlanMeta
+    created: float
+
+
+@dataclass(slots=True)
+class _Labels:
+    cascade: str
+    rows: list[LabelRow]
+
+
+class Learning:
+    def __init__(
+        self, cfg: LearningConfig, metrics: Metrics, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.clock = clock
+        self.store = Store(cfg.store)
+        self.shadow = Shadow(cfg, metrics, self.emit_labels, clock=clock)
+        self.labels_added = asyncio.Event()  # set when labels were stored (wakes the tuner)
+        self._queue: asyncio.Queue[_Pending | _Labels] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._pending: dict[str, str] = {}  # completion id -> cascade, while its record is queued
+        self._meta: dict[str, PlanMeta] = {}
+        self._adopted: dict[tuple[str, str], Fit] = {}
+        self._rt: Runtime | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._opened = False
+        self.tuner: Tuner | None = Tuner(self) if cfg.auto_tune else None
+
+    # --- wiring ----------------------------------------------------------------------------------------
+
+    def attach(self, rt: Runtime) -> None:
+        """Wire a (new) runtime: record its requests, keep streamed answers' text, apply adopted fits."""
+        self._rt = rt
+        rt.engine.keep_text = True
+        rt.finish_hooks.append(self.on_finish)
+        meta: dict[str, PlanMeta] = {}
+        for plan in rt.plans:
+            cc = rt.config.cascades.get(plan.name)
+            fp = (
+                passthrough_fingerprint(rt.config, plan.name)
+                if cc is None
+                else plan_fingerprint(rt.config, cc)
+            )
+            base = tuple(t for t in plan.thresholds[:-1] if t is not None)
+            meta[plan.name] = PlanMeta(plan.name, plan, fp, len(plan.stages), base)
+        self._meta = meta
+        for fit in list(self._adopted.values()):
+            self.apply(fit, log_change=False)
+
+    def plans(self) -> list[PlanMeta]:
+        """Cascades that have thresholds to tune (two stages or more)."""
+        return [m for m in self._meta.values() if m.n_stages > 1]
+
+    def apply(self, fit: Fit, *, log_change: bool = True) -> bool:
+        """Put a fit's thresholds into the running plan (requests starting from now use them)."""
+        m = self._meta.get(fit.cascade)
+        if m is None or m.fingerprint != fit.plan or len(fit.thresholds) != m.n_stages - 1:
+            return False
+        before = [t for t in m.plan.thresholds[:-1]]
+        for k, t in enumerate(fit.thresholds):
+            m.plan.thresholds[k] = t
+            self.metrics.set_threshold(m.name, k, t)
+        m.fit_version = fit.version
+        self._adopted[(fit.cascade, fit.plan)] = fit
+        if log_change:
+            log.info(
+                "thresholds changed" if list(fit.thresholds) != before else "thresholds kept",
+                extra={
+                    "cascade": fit.cascade,
+                    "fit_version": fit.version,
+                    "before": before,
+                    "after": list(fit.thresholds),
+                    **fit.evidence,
+                },
+            )
+        return True
+
+    def current(self, m: PlanMeta) -> tuple[float, ...]:
+        fit = self._adopted.get((m.name, m.fingerprint))
+        return fit.thresholds if fit is not None else m.config_thresholds
+
+    # --- the request path -----------------------------------------------------------------------------
+
+    def on_finish(self, trace: Trace, ok: bool, seconds: float) -> None:
+        if self._closed:
+            return
+        meta = self._meta.get(trace.cascade)
+        if meta is None:
+            return
+        try:
+            self._queue.put_nowait(_Pending(trace, ok, seconds, meta, self.clock()))
+        except asyncio.QueueFull:
+            self.metrics.traces_dropped("queue_full")
+            return
+        self._pending[trace.completion_id] = trace.cascade
+        if self.shadow.rate > 0 and self._rt is not None:
+            self.shadow.maybe(trace, ok, meta.plan, self._rt.upstreams)
+
+    def emit_labels(self, cascade: str, labels: list[LabelRow]) -> None:
+        if self._closed:
+            return
+        try:
+            self._queue.put_nowait(_Labels(cascade, labels))
+        except asyncio.QueueFull:
+            self.metrics.traces_dropped("queue_full")
+
+    # --- feedback --------------------------------------------------------------------------------------
+
+    async def feedback(self, completion_id: str, score: float) -> bool:
+        """Store a user's label for the answer ``completion_id``; False when no such answer is known."""
+        cascade = self._pending.get(completion_id)
+        if cascade is None:
+            info = await self.store.trace_info(completion_id)
+            if info is None or info[1] is None:
+                return False
+            cascade = info[0]
+        # Straight to the store (not the queue): a label may land before its trace; the fit joins them.
+        label = LabelRow(completion_id, None, "user", score, 1.0, self.clock(), 0.0, "feedback")
+        await self.store.write([], [label])
+        self.metrics.labelled(cascade, "user")
+        self.labels_added.set()
+        return True
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._open()
+        if self.tuner is not None and self._opened:
+            try:
+                await self.tuner.sync(refit=False)  # a restart keeps the thresholds fitted before it
+            except StoreError as exc:
+                log.warning("could not load fitted thresholds", extra={"error": str(exc)})
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="cascade-trace-writer")
+        if self.tuner is not None:
+            self.tuner.start()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking records, write what is queued (within ``grace_s``), close the store."""
+        self._closed = True
+        await self.shadow.close()
+        if self.tuner is not None:
+            await self.tuner.stop()
+        try:
+            async with asyncio.timeout(grace_s):
+                await self.flush()
+        except TimeoutError:
+            log.warning("trace store: records still queued at shutdown were dropped")
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        await self.store.close()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written (or dropped)."""
+        await self._queue.join()
+
+    async def _open(self) -> bool:
+        if self._opened:
+            return True
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            log.error("trace store unavailable; records are dropped until it is", extra={"error": str(exc)})
+            return False
+        self._opened = True
+        return True
+
+    async def _write_loop(self) -> None:
+        failures = 0
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                if await self._open():
+                    ok = await self._write(batch)
+                else:
+                    ok = False
+                    self.metrics.traces_dropped("store_error", sum(isinstance(b, _Pending) for b in batch))
+                    self._forget(batch)
+                failures = 0 if ok else failures + 1
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if failures:
+                await asyncio.sleep(_BACKOFF[min(failures, len(_BACKOFF)) - 1])
+
+    def _forget(self, batch: list[_Pending | _Labels]) -> None:
+        for b in batch:
+            if isinstance(b, _Pending):
+                self._pending.pop(b.trace.completion_id, None)
+
+    async def _write(self, batch: list[_Pending | _Labels]) -> bool:
+        try:
+            labels = await self.store.run(_build_and_write, self.store, batch, self.cfg.store_text)
+        except StoreError as exc:
+            n = sum(1 for b in batch if isinstance(b, _Pending))
+            self.metrics.traces_dropped("store_error", n or 1)
+            log.warning("trace store write failed; batch dropped", extra={"error": str(exc), "records": n})
+            return False
+        finally:
+            self._forget(batch)
+        for (cascade, source), n in labels.items():
+            self.metrics.labelled(cascade, source, n)
+        if labels:
+            self.labels_added.set()
+        return True
+
+
+def _build_and_write(
+    store: Store, batch: list[_Pending | _Labels], store_text: bool
+) -> Counter[tuple[str, str]]:
+    """Build the rows of a batch and store them in one transaction. Runs in the store's worker thread,
+    off the event loop. Returns the labels stored by (cascade, source)."""
+    traces: list[TraceRow] = []
+    labels: list[LabelRow] = []
+    counts: Counter[tuple[str, str]] = Counter()
+    for item in batch:
+        if isinstance(item, _Labels):
+            labels.extend(item.rows)
+            counts.update((item.cascade, lb.source) for lb in item.rows)
+            continue
+        m = item.meta
+        row, free = build_rows(
+            item.trace,
+            item.ok,
+            item.seconds,
+            n_stages=m.n_stages,
+            plan=m.fingerprint,
+            fit_version=m.fit_version,
+            created=item.created,
+            store_text=store_text,
+        )
+        traces.append(row)
+        labels.extend(free)
+        counts.update((m.name, lb.source) for lb in free)
+    store.backend.write(traces, labels)
+    return counts

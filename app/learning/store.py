@@ -1,0 +1,362 @@
+"""The trace store: decision records, labels and fitted thresholds, in SQLite or PostgreSQL.
+
+``Store(url)`` is an async facade over one blocking connection used from one worker thread, so the
+event loop never waits on the database and the two backends share every query (stdlib ``sqlite3`` in
+WAL mode; ``psycopg`` 3 for ``postgresql://``). The schema is created, or migrated, on ``open()``
+under a lock (``BEGIN IMMEDIATE`` / an advisory lock), so replicas starting together agree on it.
+Database errors are translated to ``StoreError`` here, at the boundary.
+
+Fits are versioned per (cascade, plan): ``save_fit`` inserts version ``base + 1`` and fails quietly
+when another replica got there first, which then is the fit everyone adopts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from app.errors import CascadeBaseError
+from app.learning.records import LabelRow, TraceRow
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_LOCK_KEY = 7_220_113  # advisory lock id for schema changes (PostgreSQL)
+
+_V1 = [
+    """CREATE TABLE traces (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, cascade TEXT NOT NULL,
+    plan TEXT NOT NULL, fit_version INTEGER NOT NULL, created {F} NOT NULL, ok INTEGER NOT NULL,
+    stream INTEGER NOT NULL, n_stages INTEGER NOT NULL, accepted_stage INTEGER, cost_usd {F} NOT NULL,
+    baseline_usd {F} NOT NULL, latency_ms {F} NOT NULL, prompt_hash TEXT NOT NULL,
+    prompt_chars INTEGER NOT NULL, prompt_text TEXT)""",
+    "CREATE INDEX traces_cascade ON traces (cascade, plan, created)",
+    """CREATE TABLE attempts (trace_id TEXT NOT NULL, stage INTEGER NOT NULL, upstream TEXT NOT NULL,
+    outcome TEXT NOT NULL, reason TEXT NOT NULL, score {F}, threshold {F}, scores TEXT NOT NULL,
+    reasons TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    cost_usd {F} NOT NULL, latency_ms {F} NOT NULL, finish_reason TEXT, answer_hash TEXT,
+    answer_chars INTEGER NOT NULL, answer_text TEXT, PRIMARY KEY (trace_id, stage))""",
+    """CREATE TABLE labels (id {ID}, trace_id TEXT NOT NULL, stage INTEGER, source TEXT NOT NULL,
+    value {F} NOT NULL, weight {F} NOT NULL, created {F} NOT NULL, cost_usd {F} NOT NULL,
+    detail TEXT NOT NULL)""",
+    "CREATE INDEX labels_trace ON labels (trace_id)",
+    """CREATE TABLE fits (cascade TEXT NOT NULL, plan TEXT NOT NULL, version INTEGER NOT NULL,
+    thresholds TEXT NOT NULL, last_label_id BIGINT NOT NULL, n_rows INTEGER NOT NULL, quality {F},
+    cost_usd {F}, feasible INTEGER NOT NULL, evidence TEXT NOT NULL, created {F} NOT NULL,
+    PRIMARY KEY (cascade, plan, version))""",
+]
+MIGRATIONS: list[list[str]] = [_V1]  # MIGRATIONS[i] takes the schema from version i to i + 1
+
+_INSERT_TRACE = "INSERT INTO traces VALUES (" + ",".join("?" * 16) + ") ON CONFLICT DO NOTHING"
+_INSERT_ATTEMPT = "INSERT INTO attempts VALUES (" + ",".join("?" * 17) + ") ON CONFLICT DO NOTHING"
+_INSERT_LABEL = (
+    "INSERT INTO labels (trace_id, stage, source, value, weight, created, cost_usd, detail) "
+    "VALUES (?,?,?,?,?,?,?,?)"
+)
+_SCOPE = "t.cascade = ? AND t.plan = ?"
+
+
+class StoreError(CascadeBaseError):
+    """The trace store could not be opened, read or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    cascade: str
+    plan: str
+    version: int
+    thresholds: tuple[float, ...]
+    last_label_id: int
+    n_rows: int
+    quality: float | None
+    cost_usd: float | None
+    feasible: bool
+    evidence: dict[str, Any]
+    created: float
+
+
+@dataclass(slots=True)
+class LabelledData:
+    """Raw rows for calibration: traces with labels, their attempts, and the labels (by id)."""
+
+    traces: list[tuple[str, int, int | None, float]]  # id, n_stages, accepted_stage, baseline_usd
+    attempts: list[tuple[str, int, str, float | None, float]]  # trace_id, stage, outcome, score, cost
+    labels: list[tuple[int, str, int | None, str, float, float, float]]  # id, trace, stage, source, v, w, $
+
+
+class _Backend:
+    """One blocking connection; every method runs in the store's worker thread."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self._conn: Any = None
+
+    # --- connection -------------------------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def connect(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        if self.postgres:
+            import psycopg
+
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        else:
+            path = Path(self.url.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _tx(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(cursor)`` in one transaction; drop the connection after an error."""
+        conn = self.connect()
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE" if not self.postgres else "BEGIN")
+            out = work(cur)
+            cur.execute("COMMIT")
+            return out
+        except BaseException:
+            try:
+                cur.execute("ROLLBACK")
+            except Exception:
+                self.close()
+            raise
+        finally:
+            try:
+                cur.close()
+            except Exception:  # the connection is already gone
+                self.close()
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self.connect().cursor()
+        try:
+            cur.execute(self._sql(sql), tuple(args))
+            return [tuple(r) for r in cur.fetchall()]
+        finally:
+            cur.close()
+
+    # --- schema -------------------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        types = (
+            {"F": "DOUBLE PRECISION", "ID": "BIGSERIAL PRIMARY KEY"}
+            if self.postgres
+            else {"F": "REAL", "ID": "INTEGER PRIMARY KEY AUTOINCREMENT"}
+        )
+
+        def work(cur: Any) -> int:
+            if self.postgres:
+                cur.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            cur.execute("SELECT max(version) FROM schema_version")
+            row = cur.fetchone()
+            have = int(row[0]) if row and row[0] is not None else 0
+            if have > SCHEMA_VERSION:
+                raise StoreError(f"the store's schema version {have} is newer than this proxy's")
+            for version in range(have, SCHEMA_VERSION):
+                for ddl in MIGRATIONS[version]:
+                    cur.execute(ddl.format(**types))
+                cur.execute(self._sql("INSERT INTO schema_version VALUES (?)"), (version + 1,))
+            return SCHEMA_VERSION
+
+        return self._tx(work)
+
+    # --- writes --------------------------------------------------------------------------------------
+
+    def write(self, traces: Sequence[TraceRow], labels: Sequence[LabelRow]) -> None:
+        trace_rows = [
+            (
+                t.id, t.request_id, t.cascade, t.plan, t.fit_version, t.created, int(t.ok), int(t.stream),
+                t.n_stages, t.accepted_stage, t.cost_usd, t.baseline_usd, t.latency_ms, t.prompt_hash,
+                t.prompt_chars, t.prompt_text,
+            )
+            for t in traces
+        ]  # fmt: skip
+        attempt_rows = [(t.id, *astuple(a)) for t in traces for a in t.attempts]
+        label_rows = [astuple(lb) for lb in labels]
+
+        def work(cur: Any) -> None:
+            if trace_rows:
+                cur.executemany(self._sql(_INSERT_TRACE), trace_rows)
+            if attempt_rows:
+                cur.executemany(self._sql(_INSERT_ATTEMPT), attempt_rows)
+            if label_rows:
+                cur.executemany(self._sql(_INSERT_LABEL), label_rows)
+
+        self._tx(work)
+
+    def save_fit(self, fit: Fit) -> bool:
+        row = (
+            fit.cascade,
+            fit.plan,
+            fit.version,
+            json.dumps(list(fit.thresholds)),
+            fit.last_label_id,
+            fit.n_rows,
+            fit.quality,
+            fit.cost_usd,
+            int(fit.feasible),
+            json.dumps(fit.evidence, sort_keys=True),
+            fit.created,
+        )
+        sql = "INSERT INTO fits VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+
+        def work(cur: Any) -> bool:
+            cur.execute(self._sql(sql), row)
+            return bool(cur.rowcount == 1)
+
+        return self._tx(work)
+
+    # --- reads ---------------------------------------------------------------------------------------
+
+    def trace_info(self, trace_id: str) -> tuple[str, int | None] | None:
+        rows = self._read("SELECT cascade, accepted_stage FROM traces WHERE id = ?", (trace_id,))
+        return (str(rows[0][0]), rows[0][1]) if rows else None
+
+    def latest_fit(self, cascade: str, plan: str) -> Fit | None:
+        rows = self._read(
+            "SELECT cascade, plan, version, thresholds, last_label_id, n_rows, quality, cost_usd, feasible,"
+            " evidence, created FROM fits WHERE cascade = ? AND plan = ? ORDER BY version DESC LIMIT 1",
+            (cascade, plan),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return Fit(
+            r[0], r[1], int(r[2]), tuple(json.loads(r[3])), int(r[4]), int(r[5]), r[6], r[7], bool(r[8]),
+            json.loads(r[9]), float(r[10]),
+        )  # fmt: skip
+
+    def label_stats(self, cascade: str, plan: str, after_id: int) -> tuple[int, int]:
+        """(labels with id > after_id, the highest label id) of this cascade and plan."""
+        rows = self._read(
+            f"SELECT count(*), max(l.id) FROM labels l JOIN traces t ON t.id = l.trace_id "
+            f"WHERE {_SCOPE} AND l.id > ?",
+            (cascade, plan, after_id),
+        )
+        n, top = rows[0] if rows else (0, None)
+        return int(n or 0), int(top or after_id)
+
+    def labelled(self, cascade: str, plan: str, max_label_id: int | None) -> LabelledData:
+        top = max_label_id if max_label_id is not None else 2**62
+        labelled = "t.id IN (SELECT trace_id FROM labels WHERE id <= ?)"
+        args = (cascade, plan, top)
+        traces = self._read(
+            f"SELECT t.id, t.n_stages, t.accepted_stage, t.baseline_usd FROM traces t "
+            f"WHERE {_SCOPE} AND {labelled} ORDER BY t.id",
+            args,
+        )
+        attempts = self._read(
+            f"SELECT a.trace_id, a.stage, a.outcome, a.score, a.cost_usd FROM attempts a "
+            f"JOIN traces t ON t.id = a.trace_id WHERE {_SCOPE} AND {labelled} ORDER BY a.trace_id, a.stage",
+            args,
+        )
+        labels = self._read(
+            f"SELECT l.id, l.trace_id, l.stage, l.source, l.value, l.weight, l.cost_usd FROM labels l "
+            f"JOIN traces t ON t.id = l.trace_id WHERE {_SCOPE} AND l.id <= ? ORDER BY l.id",
+            args,
+        )
+        return LabelledData(traces, attempts, labels)
+
+    def counts(self) -> dict[str, int]:
+        out = {"traces": int(self._read("SELECT count(*) FROM traces")[0][0])}
+        for source, n in self._read("SELECT source, count(*) FROM labels GROUP BY source ORDER BY source"):
+            out[f"labels_{source}"] = int(n)
+        return out
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [sqlite3.Error, OSError]
+    try:
+        import psycopg
+
+        errors.append(psycopg.Error)
+    except ImportError:  # only needed for postgresql:// stores
+        pass
+    return tuple(errors)
+
+
+class Store:
+    """Async trace store. ``url``: ``sqlite:///PATH`` or ``postgresql://...``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.kind = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
+        self._b = _Backend(url)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade-store")
+        self._errors = _db_errors()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)`` in the store's worker thread (it may use ``self.backend``)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            return fn(*args)
+        except StoreError:
+            raise
+        except ImportError as exc:
+            raise StoreError("postgresql:// stores need psycopg: pip install 'psycopg[binary]'") from exc
+        except self._errors as exc:
+            self._b.close()
+            raise StoreError(f"{self.kind} store: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a backend method from a thread that is not the event loop (the CLI)."""
+        return self._call(fn, args)
+
+    @property
+    def backend(self) -> _Backend:
+        return self._b
+
+    async def open(self) -> int:
+        return await self.run(self._b.migrate)
+
+    async def write(self, traces: Sequence[TraceRow], labels: Sequence[LabelRow]) -> None:
+        await self.run(self._b.write, traces, labels)
+
+    async def trace_info(self, trace_id: str) -> tuple[str, int | None] | None:
+        return await self.run(self._b.trace_info, trace_id)
+
+    async def latest_fit(self, cascade: str, plan: str) -> Fit | None:
+        return await self.run(self._b.latest_fit, cascade, plan)
+
+    async def save_fit(self, fit: Fit) -> bool:
+        return await self.run(self._b.save_fit, fit)
+
+    async def label_stats(self, cascade: str, plan: str, after_id: int) -> tuple[int, int]:
+        return await self.run(self._b.label_stats, cascade, plan, after_id)
+
+    async def labelled(self, cascade: str, plan: str, max_label_id: int | None = None) -> LabelledData:
+        return await self.run(self._b.labelled, cascade, plan, max_label_id)
+
+    async def close(self) -> None:
+        try:
+            await self.run(self._b.close)
+        finally:
+            self._pool.shutdown(wait=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    # Driver messages name tables and constraints, never row values; passwords are not in them either.
+    return (str(exc).strip().splitlines() or [""])[0][:200]

@@ -1,0 +1,180 @@
+"""What `cascade replay` prints: the progress bar (stderr), the human table, the learned-scorer timing."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from app.config import LearnedScorer as LearnedConfig
+
+if TYPE_CHECKING:
+    from app.replay.configure import ReplayPlan
+    from app.replay.runner import ReplayResult, RowOutcome
+
+
+class ProgressBar:
+    """``[#####.....]  120/380  31%  42 req/s`` on stderr; on a non-terminal one line per 10 %."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._last_decile = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.t0 = time.perf_counter()
+            return
+        frac = done / total if total else 1.0
+        rate = done / max(1e-9, time.perf_counter() - self.t0)
+        fill = int(frac * self.width)
+        line = (
+            f"{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} "
+            f"{frac:4.0%} {rate:5.1f} req/s"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == total else ""))
+            self.stream.flush()
+        else:
+            decile = int(frac * 10)
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self.stream.write(line + "\n")
+                self.stream.flush()
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def time_learned_scorers(plan: ReplayPlan, outcomes: Sequence[RowOutcome]) -> dict[str, float]:
+    """Time every ``learned`` scorer on exactly the answers the replay scored (load once, then per call).
+
+    Returns ms figures per scorer call and per request (all learned scorers of the stages it scored),
+    after one warm-up call per scorer; empty when the cascade has no learned scorer.
+    """
+    from app.learning.model import LearnedScorer
+
+    stages = plan.config.cascades[plan.cascade].stages
+    learned = [
+        [LearnedScorer.load(sc.model) for sc in st.scorers if isinstance(sc, LearnedConfig)]
+        for st in stages[:-1]
+    ]
+    if not any(learned):
+        return {}
+    for scorers in learned:  # the first call compiles regexes and fills caches, as a server's first request
+        for scorer in scorers:
+            scorer.score("warm up: what is 1 + 1?", "1 + 1 = 2. The answer is 2.", ["2"])
+    calls: list[float] = []
+    per_request: list[float] = []
+    for o in outcomes:
+        if o.error is not None:
+            continue
+        previous: list[str] = []
+        total = 0.0
+        for k in range(min(o.reached, len(stages) - 1)):
+            answer = o.row.answers[plan.stages[k]].answer
+            for scorer in learned[k]:
+                t0 = time.perf_counter()
+                scorer.score(o.row.prompt, answer, previous)
+                dt = (time.perf_counter() - t0) * 1000
+                calls.append(dt)
+                total += dt
+            previous.append(answer)
+        per_request.append(total)
+    if not calls:
+        return {}
+    return {
+        "calls": float(len(calls)),
+        "call_ms_mean": statistics.fmean(calls),
+        "call_ms_p50": _pct(calls, 0.5),
+        "call_ms_p99": _pct(calls, 0.99),
+        "call_ms_max": max(calls),
+        "request_ms_mean": statistics.fmean(per_request),
+        "request_ms_p50": _pct(per_request, 0.5),
+        "request_ms_p99": _pct(per_request, 0.99),
+    }
+
+
+def _usd(x: float) -> str:
+    return f"{x:.3e}"
+
+
+def _equal_cost(r: dict[str, Any]) -> str:
+    """Whether a single model is at least as accurate for no more money (the cascade is dominated)."""
+    cheaper = {m: v for m, v in r["single_models"].items() if v["cost_usd"] <= r["cost_usd"]}
+    if not cheaper:
+        return "at equal cost: every single model costs more than the cascade"
+    m = max(cheaper, key=lambda k: (cheaper[k]["accuracy"], -cheaper[k]["cost_usd"]))
+    v = cheaper[m]
+    gap = r["accuracy"] - v["accuracy"]
+    verdict = "dominated" if gap < 0 or (gap == 0 and v["cost_usd"] < r["cost_usd"]) else "not dominated"
+    return (
+        f"at equal cost: best single model costing no more is {m} ({v['accuracy']:.4f}); "
+        f"cascade {gap:+.4f} -> {verdict}"
+    )
+
+
+def format_table(result: ReplayResult) -> str:
+    """The human report (several lines, no trailing newline)."""
+    r: dict[str, Any] = result.report
+    n = r["n_test"]
+    bs = r["best_single"]
+    lines = [
+        f"cascade replay: {r['dataset']}  (fit on {r['n_train']} train rows, report on {n} test rows)",
+        "cascade: "
+        + " -> ".join(r["stages"])
+        + (f"   thresholds {', '.join(f'{t:.4f}' for t in r['thresholds'])}" if r["thresholds"] else ""),
+    ]
+    if result.feasible is False:
+        lines.append("note: no chain met the quality target on train; this is the most accurate one")
+    lines += [f"note: {x}" for x in result.plan.notes]
+    w = max(24, *(len(m) for m in r["single_models"]))
+    head = (
+        f"  {'':{w}}  {'accuracy':>8}  {'$/request':>10}  {'total $':>10}  {'x best acc':>10}  {'savings':>8}"
+    )
+    lines += ["", head]
+
+    def row(label: str, acc: float, cost: float) -> str:
+        q = acc / bs["accuracy"] if bs["accuracy"] else 0.0
+        sv = 1.0 - cost / bs["cost_usd"] if bs["cost_usd"] else 0.0
+        return f"  {label:{w}}  {acc:8.4f}  {_usd(cost):>10}  {cost * n:10.4f}  {q:10.3f}  {sv:8.1%}"
+
+    lines.append(row("CASCADE", r["accuracy"], r["cost_usd"]))
+    lines.append(row("oracle (perfect router)", r["oracle"]["accuracy"], r["oracle"]["cost_usd"]))
+    for m, v in sorted(r["single_models"].items(), key=lambda kv: kv[1]["cost_usd"]):
+        mark = " *" if m == bs["model"] else ""
+        lines.append(row(m + mark, v["accuracy"], v["cost_usd"]))
+    lines += [
+        f"  (* best single model: {bs['model']})",
+        "",
+        "reach per stage: "
+        + "  ".join(f"{m} {x:.1%}" for m, x in zip(r["stages"], r["escalation_rate"], strict=True)),
+        f"savings vs best single: {r['savings_vs_best']:.1%}   quality vs best single: "
+        f"{r['quality_vs_best']:.3f}",
+    ]
+    lines.append(_equal_cost(r))
+    ok = n - len(result.errors)
+    rate = n / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    lines.append(
+        f"requests: {ok} ok, {len(result.errors)} failed through the proxy in {result.elapsed_s:.1f} s "
+        f"({rate:.0f} req/s); fit/calibrate {result.fit_s:.1f} s"
+    )
+    t = result.scorer_timing
+    if t:
+        lines.append(
+            f"learned scorer: {t['call_ms_mean']:.3f} ms mean, p50 {t['call_ms_p50']:.3f}, "
+            f"p99 {t['call_ms_p99']:.3f}, max {t['call_ms_max']:.3f} per call ({int(t['calls'])} calls); "
+            f"per request p50 {t['request_ms_p50']:.3f} ms, p99 {t['request_ms_p99']:.3f} ms"
+        )
+    for e in result.errors[:5]:
+        lines.append(f"failed: row {e.row.id}: {e.error}")
+    return "\n".join(lines)

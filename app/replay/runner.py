@@ -1,0 +1,258 @@
+"""`cascade replay`: fit (or calibrate) on the train rows, then send every test row through the real proxy.
+
+``run_replay(options)`` does, in one event loop:
+
+1. load the dataset; without a config fit the cascade on ``train`` (``fit_cascade``: which models, their
+   order, at most ``max_stages``, thresholds, one learned scorer file per scored stage);
+2. start the replay upstream (:mod:`app.replay.upstream`) under uvicorn on a free loopback port; with a
+   user config, map its upstreams onto dataset models and, with ``target_quality``, calibrate its
+   thresholds on ``train`` (:mod:`app.replay.configure`);
+3. start the proxy (``app.main.create_app``) on another loopback port, pointed at the replay upstream,
+   and POST every test row to ``/v1/chat/completions`` (non-stream, ``concurrency`` at a time);
+4. read back, per row, the accepting upstream (``cascade.upstream``), the stages reached
+   (``cascade.attempts``) and the cost (``cascade.cost_usd``); correctness comes from the dataset
+   (row, accepted model). :func:`app.replay.simulate.report_object` builds the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from app.config import Config
+from app.learning.train import FittedCascade
+from app.replay.configure import (
+    ReplayError,
+    ReplayPlan,
+    calibrate_thresholds,
+    fitted_config,
+    mapped_config,
+    request_body,
+    stage_scores,
+    train_curve,
+)
+from app.replay.dataset import Dataset, Row, load_dataset
+from app.replay.report import time_learned_scorers
+from app.replay.simulate import report_object
+from app.replay.upstream import ReplayUpstream
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ReplayOptions:
+    dataset: str
+    config: str | None = None
+    cascade: str | None = None
+    mapping: dict[str, str] = field(default_factory=dict)
+    target_quality: float | None = None
+    margin_z: float = 1.0
+    max_stages: int = 3
+    limit: int | None = None
+    concurrency: int = 8
+    work_dir: str | None = None
+    want_curve: bool = False
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    row: Row
+    model: str | None  # dataset model that answered; None when the request failed
+    stage: int
+    reached: int  # stages tried (1 = answered by stage 0)
+    cost_usd: float
+    correct: bool
+    error: str | None = None
+
+
+@dataclass
+class ReplayResult:
+    report: dict[str, Any]
+    plan: ReplayPlan
+    outcomes: list[RowOutcome]
+    elapsed_s: float
+    fit_s: float
+    feasible: bool | None = None  # auto fit: whether the chain met the target on train
+    scorer_files: list[str] = field(default_factory=list)
+    scorer_timing: dict[str, float] = field(default_factory=dict)
+    fitted: FittedCascade | None = None  # the cascade fit_cascade chose (no --config)
+
+    @property
+    def errors(self) -> list[RowOutcome]:
+        return [o for o in self.outcomes if o.error is not None]
+
+
+@asynccontextmanager
+async def serve_asgi(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Run an ASGI app under uvicorn on this loop, on a free loopback port; yield its base URL."""
+    config = uvicorn.Config(
+        app, host=host, port=0, log_level="warning", log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn exited before it started")
+            await asyncio.sleep(0.005)
+        bound = server.servers[0].sockets[0].getsockname()
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def _outcome(row: Row, status: int, body: Any, upstream_models: dict[str, str]) -> RowOutcome:
+    ext = body.get("cascade") if isinstance(body, dict) else None
+    if status != 200 or not isinstance(ext, dict):
+        msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        return RowOutcome(row, None, -1, 0, 0.0, False, f"HTTP {status}: {str(msg)[:300]}")
+    attempts = ext.get("attempts") or []
+    reached = 1 + max((int(a.get("stage", 0)) for a in attempts), default=0)
+    cost = float(ext.get("cost_usd") or 0.0)
+    model = upstream_models.get(str(ext.get("upstream")))
+    if model is None:
+        return RowOutcome(row, None, -1, reached, cost, False, f"unknown upstream {ext.get('upstream')!r}")
+    return RowOutcome(row, model, int(ext.get("stage", 0)), reached, cost, row.answers[model].correct)
+
+
+async def send_rows(
+    proxy_url: str,
+    cascade: str,
+    rows: Sequence[Row],
+    upstream_models: dict[str, str],
+    concurrency: int = 8,
+    progress: Progress | None = None,
+) -> list[RowOutcome]:
+    """POST every row through the proxy's HTTP path; one outcome per row, in order."""
+    done = 0
+    sem = asyncio.Semaphore(max(1, concurrency))
+    limits = httpx.Limits(max_connections=max(1, concurrency), max_keepalive_connections=max(1, concurrency))
+    async with httpx.AsyncClient(base_url=proxy_url, timeout=600.0, limits=limits, trust_env=False) as client:
+
+        async def one(row: Row) -> RowOutcome:
+            nonlocal done
+            async with sem:
+                try:
+                    r = await client.post("/v1/chat/completions", json=request_body(cascade, row))
+                    try:
+                        body = r.json()
+                    except ValueError:
+                        body = None
+                    out = _outcome(row, r.status_code, body, upstream_models)
+                except httpx.HTTPError as exc:
+                    out = RowOutcome(row, None, -1, 0, 0.0, False, f"{type(exc).__name__}")
+            done += 1
+            if progress is not None:
+                progress(done, len(rows))
+            return out
+
+        if progress is not None:
+            progress(0, len(rows))
+        return list(await asyncio.gather(*(one(r) for r in rows)))
+
+
+def summarise(outcomes: Sequence[RowOutcome], n_stages: int) -> tuple[float, float, list[float]]:
+    """(accuracy, mean cost per request, share of requests reaching each stage)."""
+    n = len(outcomes)
+    if n == 0:
+        return 0.0, 0.0, [0.0] * n_stages
+    acc = sum(o.correct for o in outcomes) / n
+    cost = sum(o.cost_usd for o in outcomes) / n
+    reach = [sum(1 for o in outcomes if o.reached > k) / n for k in range(n_stages)]
+    return acc, cost, reach
+
+
+async def _run(
+    opts: ReplayOptions, ds: Dataset, test: list[Row], work_dir: str, progress: Progress | None
+) -> ReplayResult:
+    from app.learning.train import fit_cascade
+    from app.main import create_app
+
+    t_fit = time.perf_counter()
+    fitted = None
+    paths: list[str] = []
+    user_cfg: Config | None = None
+    if opts.config is None:
+        fitted = fit_cascade(
+            ds.train,
+            ds.models,
+            target_quality=0.95 if opts.target_quality is None else opts.target_quality,
+            max_stages=opts.max_stages,
+            margin_z=opts.margin_z,
+        )
+        saved = fitted.save(Path(work_dir))
+        paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
+    else:
+        from app.config import load_config
+
+        user_cfg = load_config(opts.config)
+    fit_s = time.perf_counter() - t_fit
+
+    replay = ReplayUpstream(ds.rows)
+    async with serve_asgi(replay) as replay_url:
+        if fitted is not None:
+            plan = fitted_config(fitted, paths, replay_url)
+            if opts.want_curve:
+                plan.curve = train_curve(fitted, ds.train)
+        else:
+            assert user_cfg is not None
+            plan = mapped_config(user_cfg, ds.models, replay_url, opts.cascade, opts.mapping)
+            if opts.target_quality is not None:
+                t0 = time.perf_counter()
+                scores = await stage_scores(plan, ds.train, opts.concurrency)
+                plan = calibrate_thresholds(
+                    plan, ds.train, scores, opts.target_quality, ds.models, margin_z=opts.margin_z
+                )
+                fit_s += time.perf_counter() - t0
+        # The proxy logs one line per request at info: keep a replay's output to the report.
+        logging.getLogger("cascade").setLevel(logging.WARNING)
+        t0 = time.perf_counter()
+        async with serve_asgi(create_app(plan.config)) as proxy_url:
+            outcomes = await send_rows(
+                proxy_url, plan.cascade, test, plan.upstream_models, opts.concurrency, progress
+            )
+        elapsed = time.perf_counter() - t0
+    acc, cost, reach = summarise(outcomes, len(plan.stages))
+    report = report_object(
+        ds.name, len(ds.train), test, ds.models, plan.stages, plan.thresholds, acc, cost, reach
+    )
+    return ReplayResult(
+        report,
+        plan,
+        outcomes,
+        elapsed,
+        fit_s,
+        feasible=None if fitted is None else fitted.feasible,
+        scorer_files=paths,
+        scorer_timing=time_learned_scorers(plan, outcomes),
+        fitted=fitted,
+    )
+
+
+def run_replay(opts: ReplayOptions, progress: Progress | None = None) -> ReplayResult:
+    """Load, fit or calibrate, replay the test rows through HTTP; raises ReplayError on bad input."""
+    try:
+        ds = load_dataset(opts.dataset)
+    except (OSError, ValueError) as exc:
+        raise ReplayError(f"{opts.dataset}: {exc}") from exc
+    if not ds.train:
+        raise ReplayError(f"{opts.dataset}: no train rows to fit on (rows need split 'train' or an id)")
+    test = ds.test[: opts.limit] if opts.limit is not None else ds.test
+    if not test:
+        raise ReplayError(f"{opts.dataset}: no test rows to report on")
+    if len(ds.models) < 1:
+        raise ReplayError(f"{opts.dataset}: no model is recorded in every row")
+    with tempfile.TemporaryDirectory(prefix="cascade-replay-") as tmp:
+        return asyncio.run(_run(opts, ds, test, opts.work_dir or tmp, progress))

@@ -1,0 +1,135 @@
+"""Shadow labelling: a share of early-accepted answers is re-asked of the last stage in the background;
+the answers' agreement (or a judge) labels them; the spend is counted and capped per hour."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import base_config, chat, proxy
+from tests.fake_upstream import FakeUpstream
+from tests.learning.learning_helpers import learning_of, query, settle, sqlite_url, with_learning
+
+pytestmark = pytest.mark.anyio
+
+
+def _cfg(url: str, last: str = "answer-Paris", **learning: Any) -> dict[str, Any]:
+    cfg = base_config()
+    cfg["upstreams"]["small"]["model"] = "answer-Paris"
+    cfg["upstreams"]["large"]["model"] = last
+    cfg["upstreams"]["london"] = {**cfg["upstreams"]["large"], "model": "answer-London"}
+    cfg["cascades"]["other"] = {
+        "stages": [dict(cfg["cascades"]["default"]["stages"][0]), {"upstream": "london"}]
+    }
+    return with_learning(cfg, url, **{"shadow_rate": 1.0, **learning})
+
+
+def _labels(url: str) -> list[tuple[Any, ...]]:
+    return query(
+        url,
+        "SELECT t.cascade, l.stage, l.source, l.value, l.weight, l.cost_usd > 0, l.detail FROM labels l "
+        "JOIN traces t ON t.id = l.trace_id ORDER BY t.cascade",
+    )
+
+
+async def test_shadow_labels_good_and_bad_answers_after_the_reply(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    cfg = _cfg(url, last="answer-Paris+slow-300")
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        t0 = time.perf_counter()
+        r1 = await c.post("/v1/chat/completions", json=chat())
+        took = time.perf_counter() - t0
+        r2 = await c.post("/v1/chat/completions", json=chat("other"))
+        assert r1.json()["cascade"]["stage"] == 0 and r2.json()["cascade"]["stage"] == 0
+        assert took < 0.3, "the client waited for the shadow call"
+        # The shadow call is not part of what the request cost.
+        assert r1.json()["cascade"]["cost_usd"] == pytest.approx(
+            r1.json()["cascade"]["attempts"][0]["cost_usd"]
+        )
+        await settle(app)
+    assert _labels(url) == [
+        ("default", 0, "shadow", 1.0, 1.0, True, "match"),
+        ("other", 0, "shadow", 0.0, 1.0, True, "match"),
+    ]
+    assert (
+        reg.get_sample_value(
+            "cascade_cost_usd_total", {"cascade": "default", "upstream": "large", "purpose": "shadow"}
+        )
+        > 0
+    )
+    assert (
+        reg.get_sample_value(
+            "cascade_cost_usd_total", {"cascade": "other", "upstream": "london", "purpose": "shadow"}
+        )
+        > 0
+    )
+    assert reg.get_sample_value("cascade_labels_total", {"cascade": "other", "source": "shadow"}) == 1.0
+    # Shadow calls go to the last stage only after the answer; the stage-0 call came first.
+    models = [r["body"]["model"] for r in fake.requests]
+    assert models[0] == "answer-Paris"
+
+
+async def test_shadow_weight_is_the_inverse_sampling_rate(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    draws = iter([0.1, 0.9, 0.3, 0.7])  # picked, not, picked, not (rate 0.5)
+    async with proxy(_cfg(url, shadow_rate=0.5), fake) as (c, app):
+        learning_of(app).shadow._rng = lambda: next(draws)
+        for _ in range(4):
+            await c.post("/v1/chat/completions", json=chat())
+        await settle(app)
+    assert [r[2:5] for r in _labels(url)] == [("shadow", 1.0, 2.0)] * 2
+
+
+async def test_shadow_spend_is_capped_per_hour(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    async with proxy(_cfg(url), fake) as (c, app):  # learn the cost of one shadow call
+        baseline = (await c.post("/v1/chat/completions", json=chat())).json()["cascade"]["baseline_cost_usd"]
+        await settle(app)
+    url2 = sqlite_url(tmp_path / "capped")
+    async with proxy(_cfg(url2, shadow_budget_usd_per_hour=baseline * 2.5), fake, registry=reg) as (c, app):
+        for _ in range(5):
+            assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
+            await settle(app)
+    assert len(_labels(url2)) == 2
+    spent = reg.get_sample_value(
+        "cascade_cost_usd_total", {"cascade": "default", "upstream": "large", "purpose": "shadow"}
+    )
+    assert spent == pytest.approx(2 * baseline)
+    assert (
+        reg.get_sample_value("cascade_shadow_skipped_total", {"cascade": "default", "reason": "budget"})
+        == 3.0
+    )
+
+
+async def test_shadow_judge_decides_equivalence(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    cfg = _cfg(url, shadow_judge="judge")
+    cfg["upstreams"]["judge"] = {**cfg["upstreams"]["small"], "model": "answer-Yes."}
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        await c.post("/v1/chat/completions", json=chat("other"))  # Paris vs London, but the judge says yes
+        await settle(app)
+    assert [r[2:4] + r[6:] for r in _labels(url)] == [("shadow", 1.0, "judge")]
+    assert (
+        reg.get_sample_value(
+            "cascade_cost_usd_total", {"cascade": "other", "upstream": "judge", "purpose": "shadow"}
+        )
+        > 0
+    )
+
+
+async def test_no_shadow_for_answers_of_the_last_stage(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url)
+    cfg["upstreams"]["small"]["model"] = "refuse"  # escalates: labels are free, no shadow call
+    async with proxy(cfg, fake) as (c, app):
+        await c.post("/v1/chat/completions", json=chat())
+        await settle(app)
+    assert [r[2] for r in _labels(url)] == ["free"]
+    assert len(fake.requests) == 2

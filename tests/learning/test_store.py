@@ -1,0 +1,161 @@
+"""The trace store through the real HTTP path: records after requests, text only on request, free
+labels, never blocking or failing a request (full queue, broken store), schema versioning."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.learning import store as store_mod
+from app.learning.records import TraceRow
+from app.learning.store import SCHEMA_VERSION, Store, StoreError
+from tests.conftest import SECRET_PROMPT, base_config, chat, proxy, sse_events, two_stage
+from tests.fake_upstream import FakeUpstream
+from tests.learning.learning_helpers import db_bytes, query, settle, sqlite_url, with_learning
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_every_request_is_recorded_without_text(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    cfg = with_learning(two_stage("refuse"), url)
+    cfg["upstreams"]["ok_up"] = {**cfg["upstreams"]["small"], "model": "ok"}
+    async with proxy(cfg, fake) as (c, app):
+        r1 = await c.post("/v1/chat/completions", json=chat(content=SECRET_PROMPT))  # escalates
+        r2 = await c.post("/v1/chat/completions", json=chat("ok_up"))  # pass-through
+        await settle(app)
+    assert r1.status_code == r2.status_code == 200
+    traces = query(
+        url, "SELECT id, request_id, cascade, n_stages, accepted_stage, ok, prompt_text FROM traces"
+    )
+    by_id = {t[0]: t for t in traces}
+    t1 = by_id[r1.json()["id"]]
+    assert t1[1] == r1.headers["x-request-id"] and t1[2:6] == ("default", 2, 1, 1) and t1[6] is None
+    assert by_id[r2.json()["id"]][2:5] == ("ok_up", 1, 0)
+    atts = query(
+        url,
+        "SELECT stage, upstream, outcome, reason, score, threshold, scores, reasons, cost_usd, answer_hash,"
+        " answer_chars, answer_text, finish_reason FROM attempts WHERE trace_id = ? ORDER BY stage",
+        (r1.json()["id"],),
+    )
+    ext = r1.json()["cascade"]["attempts"]
+    assert [(a[0], a[1], a[2], a[3]) for a in atts] == [
+        (0, "small", "rejected", "low_score"),
+        (1, "large", "accepted", "accepted"),
+    ]
+    assert atts[0][4] == 0.0 and atts[0][5] == 0.7 and json.loads(atts[0][6]) == ext[0]["scores"]
+    assert json.loads(atts[0][7]) == ext[0]["reasons"]
+    assert atts[0][8] == pytest.approx(ext[0]["cost_usd"]) and atts[1][8] == pytest.approx(ext[1]["cost_usd"])
+    assert all(a[9] and a[10] > 0 and a[11] is None and a[12] == "stop" for a in atts)
+    # The refusal is not as good as the last stage's answer: a free label 0, weight 1.
+    labels = query(url, "SELECT trace_id, stage, source, value, weight FROM labels")
+    assert labels == [(r1.json()["id"], 0, "free", 0.0, 1.0)]
+    dump = db_bytes(url)
+    assert SECRET_PROMPT.encode() not in dump and b"large says hi" not in dump
+
+
+async def test_store_text_keeps_prompt_and_answers(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    async with proxy(with_learning(two_stage("refuse"), url, store_text=True), fake) as (c, app):
+        await c.post("/v1/chat/completions", json=chat(content="Capital of France?"))
+        await settle(app)
+    assert query(url, "SELECT prompt_text FROM traces") == [("Capital of France?",)]
+    texts = [r[0] for r in query(url, "SELECT answer_text FROM attempts ORDER BY stage")]
+    assert texts[1] == "large says hi" and texts[0].startswith("I'm sorry")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_free_labels_when_the_last_stage_answered(
+    fake: FakeUpstream, tmp_path: Path, stream: bool
+) -> None:
+    # Stage 0 says "Paris" with low token confidence (rejected by the logprob scorer); the last stage says
+    # "Paris" too (agree: 1.0) or "London" (0.0). Streamed, the last stage's text comes from the relay.
+    url = sqlite_url(tmp_path)
+    cfg = two_stage("answer-Paris+logprobs+conf-0.2", scorers=[{"type": "logprob"}])
+    cfg["upstreams"]["london"] = {**cfg["upstreams"]["large"], "model": "answer-London"}
+    cfg["upstreams"]["large"]["model"] = "answer-Paris"
+    cfg["cascades"]["other"] = {
+        "stages": [dict(cfg["cascades"]["default"]["stages"][0]), {"upstream": "london"}]
+    }
+    async with proxy(with_learning(cfg, url), fake) as (c, app):
+        for cascade in ("default", "other"):
+            r = await c.post("/v1/chat/completions", json=chat(cascade, stream=stream))
+            assert r.status_code == 200
+            if stream:
+                assert sse_events(r.text)[-1] == "[DONE]"
+        await settle(app)
+    got = query(
+        url,
+        "SELECT t.cascade, l.stage, l.source, l.value FROM labels l JOIN traces t ON t.id = l.trace_id "
+        "ORDER BY t.cascade",
+    )
+    assert got == [("default", 0, "free", 1.0), ("other", 0, "free", 0.0)]
+    assert (
+        app.state.cascade.metrics.registry.get_sample_value(
+            "cascade_labels_total", {"cascade": "default", "source": "free"}
+        )
+        == 1.0
+    )
+
+
+async def test_a_slow_store_never_slows_requests_and_a_full_queue_drops(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = store_mod._Backend.write
+
+    def slow_write(self: store_mod._Backend, traces: list[TraceRow], labels: list) -> None:  # type: ignore[type-arg]
+        time.sleep(0.3)
+        real_write(self, traces, labels)
+
+    monkeypatch.setattr(store_mod._Backend, "write", slow_write)
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    async with proxy(with_learning(base_config(), url, queue_size=2), fake, registry=reg) as (c, app):
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=chat()) for _ in range(12)))
+        took = time.perf_counter() - t0
+        assert all(r.status_code == 200 for r in rs)
+        assert took < 0.3, f"requests waited for the store: {took:.3f}s"
+        await settle(app)
+    dropped = reg.get_sample_value("cascade_trace_dropped_total", {"reason": "queue_full"})
+    stored = query(url, "SELECT count(*) FROM traces")[0][0]
+    assert dropped is not None and dropped >= 1
+    assert stored + dropped == 12
+
+
+async def test_a_broken_store_drops_records_but_serves(fake: FakeUpstream, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    reg = CollectorRegistry()
+    url = f"sqlite:///{tmp_path / 'file' / 'traces.db'}"  # its parent is a file: cannot be created
+    async with proxy(with_learning(base_config(), url), fake, registry=reg) as (c, app):
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200
+        await settle(app)
+    assert reg.get_sample_value("cascade_trace_dropped_total", {"reason": "store_error"}) == 1.0
+
+
+async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    for _ in range(2):  # opening again is a no-op
+        s = Store(url)
+        assert await s.open() == SCHEMA_VERSION
+        await s.close()
+    assert query(url, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert query(url, "PRAGMA journal_mode") == [("wal",)]
+    conn_rows = query(url, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+    assert {"traces", "attempts", "labels", "fits", "schema_version"} <= {r[0] for r in conn_rows}
+    import sqlite3
+
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+    conn.execute("INSERT INTO schema_version VALUES (99)")
+    conn.commit()
+    conn.close()
+    s = Store(url)
+    with pytest.raises(StoreError, match="newer"):
+        await s.open()
+    await s.close()

@@ -1,0 +1,228 @@
+"""`cascade replay` / `cascade fit-scorer` end to end on small generated datasets (real uvicorn, loopback)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from app.cli import main
+from app.learning.thresholds import evaluate_cascade
+from app.replay.configure import mapped_config, match_model, stage_scores, with_thresholds
+from app.replay.dataset import load_dataset
+from app.replay.runner import ReplayOptions, run_replay
+from app.replay.simulate import replay_report, simulate
+from tests.replay import synth
+
+pytestmark = pytest.mark.loopback
+
+CONTRACT_KEYS = {
+    "dataset",
+    "n_train",
+    "n_test",
+    "stages",
+    "thresholds",
+    "accuracy",
+    "cost_usd",
+    "escalation_rate",
+    "best_single",
+    "single_models",
+    "savings_vs_best",
+    "quality_vs_best",
+    "oracle",
+}
+
+
+@pytest.fixture(scope="module")
+def syn_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.write(tmp_path_factory.mktemp("replay") / "syn.jsonl")
+
+
+def _json_line(out: str) -> dict[str, Any]:
+    last = out.rstrip("\n").rsplit("\n", 1)[-1]
+    obj: dict[str, Any] = json.loads(last)
+    return obj
+
+
+def test_http_replay_equals_offline_simulation(syn_path: Path) -> None:
+    """The proxy's decisions through HTTP are exactly the offline model's, row by row."""
+    result = run_replay(ReplayOptions(str(syn_path)))
+    ds = load_dataset(syn_path)
+    fitted = result.fitted
+    assert fitted is not None and len(fitted.models) >= 2  # a real cascade, so the check means something
+    sim = simulate(fitted, ds.test)
+    assert not result.errors
+    assert [o.row.id for o in result.outcomes] == [r.id for r in ds.test]
+    for o, stage in zip(result.outcomes, sim.accepted_stage, strict=True):
+        assert o.stage == stage and o.reached == stage + 1
+        assert o.model == fitted.models[stage]
+        assert o.correct == o.row.answers[fitted.models[stage]].correct
+        expected = sum(o.row.answers[m].cost_usd for m in fitted.models[: stage + 1])
+        assert o.cost_usd == pytest.approx(expected, abs=(stage + 1) * 1e-10)  # the wire rounds to 1e-10
+    offline = replay_report(ds, fitted, sim)
+    http = result.report
+    assert set(http) == CONTRACT_KEYS
+    for key in CONTRACT_KEYS - {"cost_usd", "savings_vs_best"}:
+        assert http[key] == offline[key], key
+    assert http["cost_usd"] == pytest.approx(offline["cost_usd"], abs=1e-10)
+    assert http["savings_vs_best"] == pytest.approx(offline["savings_vs_best"], rel=1e-6)
+    t = result.scorer_timing
+    assert t["calls"] > 0 and t["call_ms_p50"] < 50  # generous: a loaded CI box; README has real figures
+
+
+def test_cli_json_on_an_unseen_model_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = {"org.x/Alpha-1": (0.5, 3e-6), "beta_7b": (0.8, 2e-5), "GAMMA": (0.93, None)}
+    path = synth.write(tmp_path / "other.jsonl", n=90, seed=3, models=models)
+    plot = tmp_path / "curve.png"
+    pytest.importorskip("matplotlib")
+    code = main(
+        [
+            "replay",
+            str(path),
+            "--json",
+            "--limit",
+            "20",
+            "--concurrency",
+            "3",
+            "--plot",
+            str(plot),
+            "--target-quality",
+            "0.9",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    rep = _json_line(out)
+    assert set(rep) == CONTRACT_KEYS
+    assert rep["n_test"] == 20 and rep["dataset"] == "other"
+    assert set(rep["stages"]) <= set(models) and 1 <= len(rep["stages"]) <= 3
+    assert len(rep["thresholds"]) == len(rep["stages"]) - 1
+    assert rep["escalation_rate"][0] == 1.0 and len(rep["escalation_rate"]) == len(rep["stages"])
+    assert set(rep["single_models"]) == set(models)
+    assert rep["best_single"]["model"] in models
+    assert rep["quality_vs_best"] == pytest.approx(rep["accuracy"] / rep["best_single"]["accuracy"])
+    assert "CASCADE" in out and "oracle" in out
+    assert "20/20" in err  # the progress bar
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_scorer_writes_files_and_a_config_replay_reproduces(
+    syn_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "fitted"
+    assert main(["fit-scorer", str(syn_path), "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "stage0:" in printed
+    summary = json.loads((out_dir / "cascade.json").read_text())
+    assert (out_dir / "stage0.json").is_file()
+    cfg = yaml.safe_load((out_dir / "cascade.yaml").read_text())
+    stages = cfg["cascades"]["default"]["stages"]
+    assert stages[0]["scorers"][0]["type"] == "learned"
+    # The snippet, replayed as a user config, is the fitted cascade: same stages, thresholds, figures.
+    assert (
+        main(["replay", str(syn_path), "--config", str(out_dir / "cascade.yaml"), "--json", "--quiet"]) == 0
+    )
+    rep = _json_line(capsys.readouterr().out)
+    assert rep["stages"] == summary["models"]
+    assert rep["thresholds"] == summary["thresholds"]
+    auto = run_replay(ReplayOptions(str(syn_path))).report
+    assert rep["accuracy"] == auto["accuracy"] and rep["escalation_rate"] == auto["escalation_rate"]
+
+
+def _user_config(tmp_path: Path) -> Path:
+    cfg = {
+        "upstreams": {
+            # mapped by model id without org prefix, case-insensitively
+            "small": {
+                "base_url": "https://api.example.com/v1",
+                "model": "TINY-1",
+                "price": {"input": 1, "output": 2},
+            },
+            # not a dataset model: mapped with --map
+            "mid": {"base_url": "https://api.example.com/v1", "model": "my-mid", "api_key": "sk-secret"},
+            "quark-xl": {"base_url": "https://api.example.com/v1", "model": "whatever"},  # by upstream name
+        },
+        "cascades": {
+            "default": {
+                "stages": [
+                    {"upstream": "small", "threshold": 0.9, "scorers": [{"type": "heuristic", "veto": True}]},
+                    {
+                        "upstream": "mid",
+                        "threshold": 0.5,
+                        "scorers": [{"type": "heuristic", "veto": True}, {"type": "agreement"}],
+                    },
+                    {"upstream": "quark-xl"},
+                ]
+            }
+        },
+    }
+    p = tmp_path / "user.yaml"
+    p.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return p
+
+
+def test_user_config_as_written_and_calibrated(
+    syn_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _user_config(tmp_path)
+    # an upstream that maps to no dataset model is a clear input error
+    assert main(["replay", str(syn_path), "--config", str(path), "--quiet"]) == 2
+    assert "--map mid=MODEL" in capsys.readouterr().err
+
+    args = ["replay", str(syn_path), "--config", str(path), "--map", "mid=bolt-mid", "--json", "--quiet"]
+    assert main(args) == 0
+    as_written = _json_line(capsys.readouterr().out)
+    assert as_written["stages"] == ["acme/tiny-1", "bolt-mid", "quark-xl"]
+    assert as_written["thresholds"] == [0.9, 0.5]
+
+    opts = ReplayOptions(str(syn_path), config=str(path), mapping={"mid": "bolt-mid"}, target_quality=0.97)
+    result = run_replay(opts)
+    assert not result.errors
+    rep = result.report
+    assert rep["stages"] == as_written["stages"] and rep["thresholds"] != as_written["thresholds"]
+    assert result.plan.curve  # the train frontier, for the plot
+    # Offline check: the calibrated thresholds applied to the scorers' test scores, computed in-process,
+    # give what the proxy did over HTTP.
+    import asyncio
+
+    from app.config import load_config
+
+    ds = load_dataset(syn_path)
+    plan = with_thresholds(
+        mapped_config(load_config(path), ds.models, "http://127.0.0.1:9", None, {"mid": "bolt-mid"}),
+        rep["thresholds"],
+    )
+    scores = asyncio.run(stage_scores(plan, ds.test))
+    correct = np.asarray([[r.answers[m].correct for m in plan.stages] for r in ds.test], dtype=float)
+    cost = np.asarray([[r.answers[m].cost_usd for m in plan.stages] for r in ds.test])
+    ev = evaluate_cascade(scores, correct, cost, rep["thresholds"])
+    assert rep["accuracy"] == pytest.approx(ev.quality)
+    assert rep["escalation_rate"] == pytest.approx(list(ev.reach))
+    assert rep["cost_usd"] == pytest.approx(ev.cost, abs=1e-10)
+
+
+def test_match_model() -> None:
+    models = ["mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview", "a/x", "b/x"]
+    assert match_model("gpt-4-1106-preview", models) == "gpt-4-1106-preview"
+    assert match_model("mixtral-8x7b-instruct-v0.1", models) == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert match_model("other/GPT-4-1106-preview", models) == "gpt-4-1106-preview"
+    assert match_model("x", models) is None  # ambiguous
+    assert match_model("gpt-4", models) is None
+
+
+def test_bad_inputs_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["replay", str(tmp_path / "missing.jsonl"), "--quiet"]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert main(["replay", str(bad), "--quiet"]) == 2
+    assert "not JSON" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the optional extra is not installed
+    assert main(["replay", str(bad), "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'cascade-proxy[plot]'" in capsys.readouterr().err
