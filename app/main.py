@@ -4,6 +4,7 @@ the shared upstream HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -39,6 +40,15 @@ def _transport(config: Config, httpx_transport: httpx.AsyncBaseTransport | None)
             httpx.AsyncClient(transport=httpx_transport, follow_redirects=False, trust_env=False)
         )
     return AiohttpTransport(max_connections=config.server.max_connections)
+
+
+# Recent FastAPI wraps every request in OpenTelemetry checks that read os.environ each time (~10 us);
+# cascade exports Prometheus metrics and has no OTEL provider, so switch them off where they exist.
+_NO_OTEL: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 
 
 def _coro_name(task: asyncio.Task[Any]) -> str:
@@ -95,7 +105,9 @@ def create_app(
 
                 multiprocess.mark_process_dead(os.getpid(), multiprocess_dir)  # type: ignore[no-untyped-call]
 
-    app = FastAPI(title="cascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="cascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, **_NO_OTEL
+    )
     app.state.cascade = state
     app.state.http = http
     app.include_router(router)
