@@ -28,7 +28,12 @@ async def test_one_json_line_per_request(fake: FakeUpstream, caplog: pytest.LogC
     line = orjson.loads(JsonFormatter().format(records[0]))
     assert line["msg"] == "request" and line["level"] == "info"
     assert line["request_id"] == "rid-1"
-    assert (line["cascade"], line["stage"], line["upstream"], line["escalations"]) == ("default", 1, "large", 1)
+    assert (line["cascade"], line["stage"], line["upstream"], line["escalations"]) == (
+        "default",
+        1,
+        "large",
+        1,
+    )
     assert line["outcome"] == "success" and line["cost_usd"] > 0 and line["latency_ms"] >= 0
     assert orjson.loads(JsonFormatter().format(records[1]))["stream"] is True
     for r in caplog.records:
@@ -41,7 +46,11 @@ def test_exceptions_are_logged_without_a_stack_trace() -> None:
     try:
         raise ValueError("detail")
     except ValueError as exc:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), (ValueError, exc, exc.__traceback__))
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "failed", (), (ValueError, exc, exc.__traceback__)
+        )
     line = orjson.loads(JsonFormatter().format(record))
     assert line["error"] == "ValueError" and "test_logs.py" in line["where"]
-    assert "Traceback" not in JsonFormatter().format(record) and "Traceback" not in TextFormatter().format(record)
+    assert "Traceback" not in JsonFormatter().format(record) and "Traceback" not in TextFormatter().format(
+        record
+    )

@@ -43,7 +43,9 @@ def _wait(url: str, timeout: float = 40) -> None:
 
 @contextmanager
 def _proc(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         yield p
     finally:
@@ -80,7 +82,11 @@ def test_counts_add_up_across_two_workers(tmp_path: Path) -> None:
         body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
         for i in range(n):
             # a fresh connection per request lets the kernel spread them over both workers
-            r = httpx.post(f"http://127.0.0.1:{px_port}/v1/chat/completions", json={**body, "stream": i % 2 == 1}, timeout=10)
+            r = httpx.post(
+                f"http://127.0.0.1:{px_port}/v1/chat/completions",
+                json={**body, "stream": i % 2 == 1},
+                timeout=10,
+            )
             assert r.status_code == 200
         pids = {f.name.split("_")[-1].split(".")[0] for f in metrics_dir.glob("counter_*.db")}
         assert len(pids) >= 2, "both workers should have served requests"
@@ -88,9 +94,13 @@ def test_counts_add_up_across_two_workers(tmp_path: Path) -> None:
         for _ in range(6):  # /metrics may be answered by either worker: each must see the sum
             text = httpx.get(f"http://127.0.0.1:{px_port}/metrics", timeout=5).text
             fams = {f.name: f for f in text_string_to_metric_families(text)}
-            total = sum(s.value for s in fams["cascade_requests"].samples if s.name == "cascade_requests_total")
+            total = sum(
+                s.value for s in fams["cascade_requests"].samples if s.name == "cascade_requests_total"
+            )
             totals.append(total)
-            costs = sum(s.value for s in fams["cascade_cost_usd"].samples if s.name == "cascade_cost_usd_total")
+            costs = sum(
+                s.value for s in fams["cascade_cost_usd"].samples if s.name == "cascade_cost_usd_total"
+            )
             assert costs > 0
         assert totals == [n] * 6
         proxy.send_signal(signal.SIGTERM)

@@ -38,6 +38,13 @@ def _quality(v: str) -> float:
     return q
 
 
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from app.config import ConfigError
     from app.replay.configure import ReplayError
@@ -175,14 +182,18 @@ def add_commands(sub: Any) -> None:
     )
     r.add_argument("--margin-z", type=float, default=1.0, help="safety margin in standard errors (default 1)")
     r.add_argument(
-        "--max-stages", type=int, default=3, help="most stages a fitted cascade may have (default 3)"
+        "--max-stages",
+        type=int,
+        choices=(1, 2, 3),
+        default=3,
+        help="most stages a fitted cascade may have (default 3)",
     )
     r.add_argument("--json", action="store_true", help="print the report object as the last line of stdout")
     r.add_argument(
         "--plot", metavar="FILE.png", help="draw the cost/accuracy picture (needs the 'plot' extra)"
     )
-    r.add_argument("--limit", type=int, help="replay only the first N test rows")
-    r.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    r.add_argument("--limit", type=_positive, help="replay only the first N test rows")
+    r.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (default 8)")
     r.add_argument("--work-dir", help="keep the fitted scorer files here (default: a temporary directory)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_replay)
@@ -198,5 +209,5 @@ def add_commands(sub: Any) -> None:
     f.add_argument("--chain", help="comma-separated dataset models, cheapest first (default: searched)")
     f.add_argument("--target-quality", type=_quality, default=0.95, help="relative to the best single model")
     f.add_argument("--margin-z", type=float, default=1.0)
-    f.add_argument("--max-stages", type=int, default=3)
+    f.add_argument("--max-stages", type=int, choices=(1, 2, 3), default=3)
     f.set_defaults(func=cmd_fit_scorer)
