@@ -57,7 +57,7 @@ class Attempt:
             "detail": self.detail,
             "reasons": self.reasons,
             "threshold": self.threshold,
-            "cost_usd": round(self.cost_usd, 10),
+            "cost_usd": self.cost_usd,  # unrounded: micro-dollar calls must sum exactly
             "latency_ms": round(self.latency_ms, 1),
         }
         if self.usage_estimated:
@@ -105,9 +105,9 @@ class Trace:
             "upstream": a.upstream if a else None,
             "escalations": self.escalations,
             "score": None if a is None or a.score is None else round(a.score, 6),
-            "cost_usd": round(cost, 10),
-            "baseline_cost_usd": round(baseline, 10),
-            "savings_usd": round(baseline - cost, 10),
+            "cost_usd": cost,
+            "baseline_cost_usd": baseline,
+            "savings_usd": baseline - cost,
             "attempts": [x.as_json() for x in self.attempts],
         }
 

@@ -217,12 +217,17 @@ async def _run(
                 )
                 fit_s += time.perf_counter() - t0
         # The proxy logs one line per request at info: keep a replay's output to the report.
-        logging.getLogger("cascade").setLevel(logging.WARNING)
+        log = logging.getLogger("cascade")
+        level = log.level
+        log.setLevel(logging.WARNING)
         t0 = time.perf_counter()
-        async with serve_asgi(create_app(plan.config)) as proxy_url:
-            outcomes = await send_rows(
-                proxy_url, plan.cascade, test, plan.upstream_models, opts.concurrency, progress
-            )
+        try:
+            async with serve_asgi(create_app(plan.config)) as proxy_url:
+                outcomes = await send_rows(
+                    proxy_url, plan.cascade, test, plan.upstream_models, opts.concurrency, progress
+                )
+        finally:
+            log.setLevel(level)
         elapsed = time.perf_counter() - t0
     acc, cost, reach = summarise(outcomes, len(plan.stages))
     report = report_object(
