@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import LoadResult, run_load  # noqa: E402
 
 UPSTREAM_MODEL = "ok"
-LITELLM = "litellm[proxy]==1.108.14"
+LITELLM = "litellm[proxy]>=1.108,<1.109"
 
 
 def free_port() -> int:
@@ -61,11 +61,14 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def pin(pid: int, cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+def pin(pid: int, cpu: int | None) -> None:
+    """Pin every thread of ``pid`` to ``cpu`` (None: let it run anywhere again)."""
+    ncpu = os.cpu_count() or 1
+    if hasattr(os, "sched_setaffinity") and ncpu > 1:
+        cpus = set(range(ncpu)) if cpu is None else {cpu % ncpu}
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(task), {cpu % (os.cpu_count() or 1)})
+                os.sched_setaffinity(int(task), cpus)
 
 
 def children(pid: int) -> list[int]:
@@ -226,6 +229,8 @@ def litellm_cmd(tmp: Path, upstream_url: str, port: int) -> list[str]:
             }
         ],
         "litellm_settings": {"telemetry": False, "drop_params": True},
+        # loopback-only benchmark: no proxy key, like the cascade side
+        "general_settings": {"dangerously_permit_weak_or_unset_master_key": True},
     }
     path = tmp / "litellm.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -261,16 +266,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
 
-        def serve(port: int, workers: int = 1) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+        def serve(
+            port: int, workers: int = 1, pinned: bool = True
+        ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
             cfg_path = tmp / f"config-{port}.yaml"
             cfg_path.write_text(yaml.safe_dump(proxy_config(up_url + "/v1", port, workers)))
             return process(
                 [py, "-m", "app.cli", "serve", "--config", str(cfg_path)],
                 f"http://127.0.0.1:{port}/readyz",
-                cpu=0 if workers == 1 else None,
+                cpu=0 if pinned and workers == 1 else None,
             )
 
-        with process([py, "-m", "tests.fake_upstream", "--port", str(up_port)], up_url + "/v1/models", cpu=1):
+        with process(
+            [py, "-m", "tests.fake_upstream", "--port", str(up_port)], up_url + "/v1/models", cpu=1
+        ) as fake:
             direct_url = up_url + "/v1/chat/completions"
             if not args.skip_main:
                 px_port = free_port()
@@ -333,32 +342,29 @@ def main() -> None:
                 print_table(rows, f"LiteLLM ({LITELLM}), 1 worker on CPU 0, same upstream and load generator")
 
             if args.workers_check:
+                # On a 2-CPU box the load generator and the upstream need CPU too, so a second worker
+                # competes with them; CPU per request shows whether the proxy itself scales (equal
+                # CPU/request = throughput grows with the cores you give it).
                 c = max(levels)
-                results = {}
+                pin(os.getpid(), None)  # nothing pinned here: the workers, upstream and load share the box
+                pin(fake.pid, None)
+                results: dict[int, tuple[LoadResult, float]] = {}
                 for workers in (1, 2):
                     port = free_port()
-                    with serve(port, workers):
-                        asyncio.run(
-                            run_load(
-                                f"http://127.0.0.1:{port}/v1/chat/completions",
-                                body_for("two", False),
-                                concurrency=c,
-                                total=200,
-                            )
-                        )
-                        res = asyncio.run(
-                            run_load(
-                                f"http://127.0.0.1:{port}/v1/chat/completions",
-                                body_for("two", False),
-                                concurrency=c,
-                                total=n * 2,
-                            )
-                        )
-                        results[workers] = res
+                    with serve(port, workers, pinned=False) as proxy:
+                        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                        asyncio.run(run_load(url, body_for("two", False), concurrency=c, total=200))
+                        pids = [proxy.pid, *children(proxy.pid)]
+                        before = cpu_seconds(pids)
+                        res = asyncio.run(run_load(url, body_for("two", False), concurrency=c, total=n * 2))
+                        results[workers] = (res, (cpu_seconds(pids) - before) / max(1, len(res.latencies)))
+                (r1, cpu1), (r2, cpu2) = results[1], results[2]
                 print(
-                    f"\n--workers (cascade@0, non-stream, c={c}, unpinned): "
-                    f"1 worker {results[1].rps:.0f} req/s, 2 workers {results[2].rps:.0f} req/s, "
-                    f"ratio {results[2].rps / results[1].rps:.2f}"
+                    f"\n--workers (cascade@0, non-stream, c={c}, unpinned, {os.cpu_count()} CPUs shared "
+                    f"with the load generator and upstream):\n  1 worker {r1.rps:.0f} req/s, "
+                    f"{cpu1 * 1e6:.0f} us CPU/request; 2 workers {r2.rps:.0f} req/s, "
+                    f"{cpu2 * 1e6:.0f} us CPU/request; "
+                    f"throughput ratio {r2.rps / r1.rps:.2f}, CPU-efficiency ratio {cpu1 / cpu2:.2f}"
                 )
 
             if args.memory:
