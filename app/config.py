@@ -97,6 +97,9 @@ class UpstreamConfig(_Model):
     logprobs: bool = True
     # Whether the upstream honours ``n`` (llama.cpp ignores it): consistency then uses parallel calls.
     supports_n: bool = True
+    # Request fields sent when the client did not set them, e.g. {max_tokens: 256} for a local server
+    # that otherwise generates until its context is full. The client's own values always win.
+    defaults: dict[str, Any] = Field(default_factory=dict)
     circuit: CircuitConfig = CircuitConfig()
     # At most this many calls in flight to this upstream (None: unlimited). A call waits up to
     # queue_timeout_s for a slot, then fails as saturated: the cascade escalates; 429 when every stage is.
@@ -142,7 +145,7 @@ class HeuristicScorer(ScorerCommon):
 
 class LogprobScorer(ScorerCommon):
     type: Literal["logprob"]
-    aggregate: Literal["p10", "mean", "min", "first"] = "p10"
+    aggregate: Literal["p10", "mean", "min", "geo", "first"] = "p10"
 
 
 class JudgeScorer(ScorerCommon):

@@ -76,6 +76,8 @@ class Behaviour:
     error_in_200: bool = False
     html: bool = False
     no_usage: bool = False
+    no_logprobs: bool = False  # `nologprobs`: never sends logprobs, asked or not
+    logprobs_need_top: bool = False  # `llamacpp`: logprobs only when top_logprobs is set too
     varied: bool = False
     reply_model: str | None = None
     leak: str | None = None  # `leak`: error messages echo the request's authorization header
@@ -101,6 +103,9 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "error-in-200": {"error_in_200": True},
     "html": {"html": True},
     "no-usage": {"no_usage": True},
+    "nologprobs": {"no_logprobs": True},
+    # llama-cpp-python's server: no usage in streams, and no logprobs unless top_logprobs is set.
+    "llamacpp": {"no_usage": True, "logprobs_need_top": True},
     "varied": {"varied": True},
     "leak": {"leak": ""},
 }
@@ -223,6 +228,10 @@ def token_logprob(token: str, p: float, top: int) -> dict[str, Any]:
 
 
 def wants_logprobs(request: dict[str, Any], b: Behaviour) -> bool:
+    if b.no_logprobs:
+        return False
+    if b.logprobs_need_top and not isinstance(request.get("top_logprobs"), int):
+        return False
     return b.logprobs or request.get("logprobs") is True
 
 

@@ -42,6 +42,34 @@ def test_aggregates_on_a_real_llamacpp_payload() -> None:
     assert aggregate(probs, "min") <= aggregate(probs, "p10") <= aggregate(probs, "mean")
 
 
+def test_geo_is_the_geometric_mean() -> None:
+    assert aggregate([0.5, 0.5], "geo") == pytest.approx(0.5)
+    assert aggregate([1.0, 0.25], "geo") == pytest.approx(0.5)
+
+
+async def test_logprobs_are_asked_the_way_llamacpp_needs(fake: FakeUpstream) -> None:
+    """llama.cpp's server returns no logprobs unless top_logprobs is set: the proxy sets it."""
+    cfg = two_stage("llamacpp+conf-0.9", scorers=[{"type": "logprob", "aggregate": "geo"}])
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    assert _ext(r)["upstream"] == "small" and _ext(r)["attempts"][0]["scores"]["logprob"] == pytest.approx(
+        0.9
+    )
+    sent = fake.requests[0]["body"]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 1
+    assert r.json()["choices"][0]["logprobs"] is None
+
+
+async def test_upstream_defaults_fill_only_what_the_client_left_out(fake: FakeUpstream) -> None:
+    cfg = two_stage("ok")
+    cfg["upstreams"]["small"]["defaults"] = {"max_tokens": 64, "temperature": 0}
+    async with proxy(cfg, fake) as (c, _):
+        await c.post("/v1/chat/completions", json=chat())
+        await c.post("/v1/chat/completions", json=chat(max_tokens=5))
+    assert (fake.requests[0]["body"]["max_tokens"], fake.requests[0]["body"]["temperature"]) == (64, 0)
+    assert fake.requests[1]["body"]["max_tokens"] == 5
+
+
 def test_p10_is_a_quantile_not_a_length_sensitive_product() -> None:
     # Same share (10%) of unsure tokens, 10 vs 100 tokens long: the same p10, while the sequence
     # probability (a product) would punish the longer answer 10 times harder.
@@ -80,8 +108,7 @@ async def test_logprob_on_an_upstream_without_logprobs_is_a_startup_error() -> N
 
 
 async def test_logprob_missing_from_reply_follows_on_error(fake: FakeUpstream) -> None:
-    # The fake only sends logprobs when asked; drop the proxy's ask by claiming the client set it false.
-    cfg = two_stage("ok", scorers=[{"type": "logprob", "on_error": "reject"}])
+    cfg = two_stage("nologprobs", scorers=[{"type": "logprob", "on_error": "reject"}])
     async with proxy(cfg, fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(logprobs=False))
     att = _ext(r)["attempts"][0]

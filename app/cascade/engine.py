@@ -141,9 +141,7 @@ class Engine:
                 if stage.early_abort and not final:
                     completion = await _collect_streamed(stage, body)
                 else:
-                    req = up.prepare(body, stream=False)
-                    if stage.needs_logprobs and "logprobs" not in body:
-                        req["logprobs"] = True
+                    req = _ask_logprobs(stage, body, up.prepare(body, stream=False))
                     completion = (await up.complete(req)).body
             except UpstreamError as err:
                 _failed(att, err, t0, final)
@@ -341,6 +339,16 @@ class Engine:
 # --- helpers --------------------------------------------------------------------------------------------
 
 
+def _ask_logprobs(stage: Stage, body: Json, req: Json) -> Json:
+    """Ask the upstream for token logprobs when a scorer of this stage needs them (the reply strips them
+    unless the client asked). ``top_logprobs: 1`` too: llama.cpp's server returns no logprobs without it."""
+    if stage.needs_logprobs and body.get("logprobs") is not True:
+        req["logprobs"] = True
+        if "top_logprobs" not in body:
+            req["top_logprobs"] = 1
+    return req
+
+
 class _EarlyAbort(Exception):
     def __init__(self, reason: str, partial: Json) -> None:
         super().__init__(reason)
@@ -352,9 +360,7 @@ async def _collect_streamed(stage: Stage, body: Json) -> Json:
     """Stream a scored stage upstream, checking the growing answer; return the whole completion, or
     raise _EarlyAbort (leaving the stream closes the connection, which stops the upstream)."""
     up = stage.upstream
-    req = up.prepare(body, stream=True)
-    if stage.needs_logprobs and "logprobs" not in body:
-        req["logprobs"] = True
+    req = _ask_logprobs(stage, body, up.prepare(body, stream=True))
     asm = Assembler()
     seen = 0
     async with up.stream(req) as chunks:

@@ -3,7 +3,8 @@
 The engine asks the stage's upstream for ``logprobs`` whenever a stage has this scorer (and strips them
 from the reply unless the client asked). Aggregates over the answer's token probabilities:
 ``p10`` (default; a low quantile: one very unsure token matters, answer length does not), ``mean``,
-``min``, and ``first`` (the first token, which for short answers is often the decision itself).
+``min``, ``geo`` (geometric mean: exp of the mean logprob, the per-token likelihood of the answer) and
+``first`` (the first token, which for short answers is often the decision itself).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def aggregate(probs: list[float], how: str) -> float:
         return min(probs)
     if how == "first":
         return probs[0]
+    if how == "geo":
+        # Geometric mean = exp(mean logprob): the per-token likelihood of the whole answer.
+        return math.exp(sum(math.log(max(p, 1e-300)) for p in probs) / len(probs))
     ordered = sorted(probs)
     # Nearest-rank 10th percentile: with fewer than 10 tokens this is the least likely token.
     k = max(0, math.ceil(0.10 * len(ordered)) - 1)

@@ -146,7 +146,7 @@ class Upstream:
 
     def prepare(self, body: Json, *, stream: bool) -> Json:
         """The request sent upstream: the client's fields untouched, our model id, stream settings."""
-        out = dict(body)
+        out = {**self.cfg.defaults, **body} if self.cfg.defaults else dict(body)
         out["model"] = self.cfg.model
         if stream:
             out["stream"] = True
