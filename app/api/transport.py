@@ -63,26 +63,26 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 async def run_or_cancel(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise ClientGone."""
+    """Await ``work`` in its own task; if the client disconnects first, cancel it and raise ClientGone."""
     task = asyncio.ensure_future(work)
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        await _wait_disconnect(receive)
-        if not task.done():
-            gone = True
-            task.cancel()
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
     try:
         return await task
     except asyncio.CancelledError:
-        if gone:
+        if watcher.done() and not watcher.cancelled() and watcher.result():
             raise ClientGone from None
         raise
     finally:
         watcher.cancel()
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Future[Any]) -> bool:
+    """Cancel ``task`` when the client goes away before it is done; True when that happened."""
+    await _wait_disconnect(receive)
+    if task.done():
+        return False
+    task.cancel()
+    return True
 
 
 class SSEResponse(Response):
@@ -103,20 +103,12 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            await _wait_disconnect(receive)
-            if not pump.done():
-                gone = True
-                pump.cancel()
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, pump))
         try:
             await pump
         except asyncio.CancelledError:
-            if not gone:
+            # The client left: the stream ends here. Any other cancellation is not ours to swallow.
+            if not (watcher.done() and not watcher.cancelled() and watcher.result()):
                 raise
         finally:
             watcher.cancel()
