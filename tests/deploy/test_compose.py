@@ -56,11 +56,24 @@ def load() -> dict[str, Any]:
 def test_valid_compose_spec() -> None:
     rc, out = validate(interpolate(COMPOSE.read_text(), {"OPENAI_API_KEY": "sk-x"}))
     assert rc == 0, out
-    assert out.split() == ["cascade", "prometheus", "grafana"] or set(out.split()) == {
+    # The default services, plus the local-models profile's (tests/deploy/test_llama_image.py).
+    assert set(out.split()) == {
         "cascade",
         "prometheus",
         "grafana",
+        "llama-tiny",
+        "llama-small",
+        "cascade-local",
     }
+
+
+def test_default_services_have_no_profile() -> None:
+    """`docker compose up` without --profile still runs exactly the proxy, Prometheus and Grafana."""
+    services = load()["services"]
+    default = {name for name, svc in services.items() if not svc.get("profiles")}
+    assert default == {"cascade", "prometheus", "grafana"}
+    for name in default:
+        assert set(services[name].get("depends_on", {})) <= default, name
 
 
 def test_validator_rejects_mistakes() -> None:
