@@ -30,10 +30,11 @@ signed (feature hashing), scaled by 1/sqrt(count) so long texts do not dominate.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -502,6 +503,22 @@ _INDEX: dict[str, int] = {n: i for i, n in enumerate(ENGINEERED_NAMES)}
 def feature_names(spec: FeatureSpec | None = None) -> list[str]:
     spec = spec or FeatureSpec()
     return list(ENGINEERED_NAMES) + [f"h{i}" for i in range(spec.hash_dim)]
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text features see for one answer message: its content, or for a tool-call answer its calls
+    as compact JSON. Serving (the learned scorer) and the trace store both use this one form."""
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        return content
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        return ""
+    fns = [c.get("function") for c in calls if isinstance(c, Mapping)]
+    return json.dumps(
+        [{"name": f.get("name"), "arguments": f.get("arguments")} for f in fns if isinstance(f, Mapping)],
+        separators=(",", ":"),
+    )
 
 
 def messages_to_prompt(messages: Sequence[dict[str, Any]]) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from app.cascade.relay import StreamRelay
 from app.cascade.trace import Attempt, Trace
 from app.config import CascadeConfig, Config
-from app.learning.features import messages_to_prompt, normalize_answer
+from app.learning.features import message_text, messages_to_prompt, normalize_answer
 
 Json = dict[str, Any]
 
@@ -86,8 +86,9 @@ def _hash(text: str) -> str:
 
 
 def answer_of(reply: Any) -> tuple[str, str | None] | None:
-    """(text, finish_reason) of a stage's reply, or None when it has none. Tool calls count as text
-    (name and arguments), so two stages calling the same tool the same way agree."""
+    """(text, finish_reason) of a stage's reply, or None when it has none. A tool-call answer's text is
+    its calls as compact JSON (``features.message_text``), so two stages calling the same tool the same
+    way agree, and scorers fitted from traces see what the learned scorer sees at serving time."""
     if isinstance(reply, StreamRelay):
         if reply.texts is None:
             return None
@@ -99,12 +100,7 @@ def answer_of(reply: Any) -> tuple[str, str | None] | None:
         return None
     ch0 = choices[0]
     msg = ch0.get("message") or {}
-    content = msg.get("content")
-    text = content if isinstance(content, str) else ""
-    for tc in msg.get("tool_calls") or ():
-        fn = tc.get("function") if isinstance(tc, Mapping) else None
-        if isinstance(fn, Mapping):
-            text += f"\n[tool {fn.get('name')}] {fn.get('arguments')}"
+    text = message_text(msg) if isinstance(msg, Mapping) else ""
     fr = ch0.get("finish_reason")
     return text, fr if isinstance(fr, str) else None
 

@@ -89,6 +89,17 @@ class LabelledData:
     labels: list[tuple[int, str, int | None, str, float, float, float]]  # id, trace, stage, source, v, w, $
 
 
+@dataclass(slots=True)
+class LabelledTexts:
+    """Labelled traces of one cascade with their texts (any plan), for fitting learned scorers.
+    Texts are None where ``store_text`` was off when the trace was recorded."""
+
+    traces: list[tuple[str, int, int | None, float, str | None]]  # id, n_stages, accepted, baseline, prompt
+    # trace_id, stage, upstream, outcome, reason, cost_usd, finish_reason, answer_text
+    attempts: list[tuple[str, int, str, str, str, float, str | None, str | None]]
+    labels: list[tuple[int, str, int | None, str, float, float, float]]  # as LabelledData.labels
+
+
 class _Backend:
     """One blocking connection; every method runs in the store's worker thread."""
 
@@ -277,6 +288,26 @@ class _Backend:
         )
         return LabelledData(traces, attempts, labels)
 
+    def labelled_texts(self, cascade: str) -> LabelledTexts:
+        labelled = "t.id IN (SELECT trace_id FROM labels)"
+        traces = self._read(
+            f"SELECT t.id, t.n_stages, t.accepted_stage, t.baseline_usd, t.prompt_text FROM traces t "
+            f"WHERE t.cascade = ? AND {labelled} ORDER BY t.id",
+            (cascade,),
+        )
+        attempts = self._read(
+            f"SELECT a.trace_id, a.stage, a.upstream, a.outcome, a.reason, a.cost_usd, a.finish_reason, "
+            f"a.answer_text FROM attempts a JOIN traces t ON t.id = a.trace_id "
+            f"WHERE t.cascade = ? AND {labelled} ORDER BY a.trace_id, a.stage",
+            (cascade,),
+        )
+        labels = self._read(
+            "SELECT l.id, l.trace_id, l.stage, l.source, l.value, l.weight, l.cost_usd FROM labels l "
+            "JOIN traces t ON t.id = l.trace_id WHERE t.cascade = ? ORDER BY l.id",
+            (cascade,),
+        )
+        return LabelledTexts(traces, attempts, labels)
+
     def counts(self) -> dict[str, int]:
         out = {"traces": int(self._read("SELECT count(*) FROM traces")[0][0])}
         for source, n in self._read("SELECT source, count(*) FROM labels GROUP BY source ORDER BY source"):
@@ -349,6 +380,9 @@ class Store:
 
     async def labelled(self, cascade: str, plan: str, max_label_id: int | None = None) -> LabelledData:
         return await self.run(self._b.labelled, cascade, plan, max_label_id)
+
+    async def labelled_texts(self, cascade: str) -> LabelledTexts:
+        return await self.run(self._b.labelled_texts, cascade)
 
     async def close(self) -> None:
         try:

@@ -7,6 +7,8 @@ failed, 2 on bad input (dataset, config, unmapped model, missing extra).
 ``cascade fit-scorer DATASET.jsonl --out DIR`` fits the learned scorers (one file per scored stage) and
 thresholds on the dataset's train rows and writes ``DIR/stage{k}.json``, ``DIR/cascade.json`` and a config
 snippet ``DIR/cascade.yaml`` using them (``{type: learned, model: DIR/stage{k}.json}``).
+``cascade fit-scorer --from-store [--config PATH] [--cascade NAME] --out DIR`` writes the same files from
+the labelled traces in the trace store (``app.learning.fit_scorer``).
 """
 
 from __future__ import annotations
@@ -115,7 +117,33 @@ def _snippet(models: list[str], thresholds: list[float], files: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+def _fit_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the mix of fit-scorer arguments, if anything."""
+    if args.from_store:
+        if args.dataset is not None:
+            return "give DATASET.jsonl or --from-store, not both"
+        wrong = [o for o, v in (("--chain", args.chain), ("--max-stages", args.max_stages)) if v is not None]
+        return f"{', '.join(wrong)}: only with DATASET.jsonl" if wrong else None
+    if args.dataset is None:
+        return "give DATASET.jsonl (a replay dataset's train rows) or --from-store (labelled traces)"
+    only = (("--config", args.config), ("--cascade", args.cascade), ("--min-labels", args.min_labels))
+    wrong = [o for o, v in only if v is not None]
+    return f"{', '.join(wrong)}: only with --from-store" if wrong else None
+
+
 def cmd_fit_scorer(args: argparse.Namespace) -> int:
+    problem = _fit_usage(args)
+    if problem is not None:
+        print(f"cascade fit-scorer: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.from_store:
+        from app.learning.fit_scorer import cmd_fit_from_store
+
+        return cmd_fit_from_store(args)
+    return _fit_from_dataset(args)
+
+
+def _fit_from_dataset(args: argparse.Namespace) -> int:
     from app.learning.train import fit_cascade
     from app.replay.dataset import load_dataset
 
@@ -133,9 +161,9 @@ def cmd_fit_scorer(args: argparse.Namespace) -> int:
     fitted = fit_cascade(
         ds.train,
         ds.models,
-        target_quality=args.target_quality,
-        max_stages=args.max_stages,
-        margin_z=args.margin_z,
+        target_quality=args.target_quality if args.target_quality is not None else 0.95,
+        max_stages=args.max_stages if args.max_stages is not None else 3,
+        margin_z=args.margin_z if args.margin_z is not None else 1.0,
         chain=chain,
     )
     out = Path(args.out)
@@ -200,14 +228,36 @@ def add_commands(sub: Any) -> None:
 
     f = sub.add_parser(
         "fit-scorer",
-        help="fit learned scorer files (and thresholds) from a replay dataset's train rows",
-        description="Fit one learned scorer per scored stage on the train rows, choosing the chain "
-        "(or using --chain) and thresholds; writes the scorer files and a config snippet.",
+        help="fit learned scorer files (and thresholds) from a replay dataset's train rows, or from "
+        "the labelled traces in the trace store (--from-store)",
+        description="Fit one learned scorer per scored stage, and thresholds for them; writes the scorer "
+        "files and a config snippet. From DATASET.jsonl: on its train rows, choosing the chain (or using "
+        "--chain). With --from-store: on the labelled traces of a configured cascade, recorded with "
+        "learning.store_text: true.",
     )
-    f.add_argument("dataset", help="JSONL in the format of shared/data/README.md")
+    f.add_argument("dataset", nargs="?", help="JSONL in the format of shared/data/README.md")
     f.add_argument("--out", required=True, help="directory for stage{k}.json, cascade.json, cascade.yaml")
+    f.add_argument(
+        "--from-store",
+        action="store_true",
+        help="fit from the labelled traces (with texts) in the configured learning.store",
+    )
+    f.add_argument(
+        "--config", help="with --from-store: config file (default: $CASCADE_CONFIG or ./config.yaml)"
+    )
+    f.add_argument("--cascade", help="with --from-store: which cascade (default: 'default', else the first)")
+    f.add_argument(
+        "--min-labels",
+        type=_positive,
+        help="with --from-store: labelled answers each stage needs (default: learning.min_labels)",
+    )
     f.add_argument("--chain", help="comma-separated dataset models, cheapest first (default: searched)")
-    f.add_argument("--target-quality", type=_quality, default=0.95, help="relative to the best single model")
-    f.add_argument("--margin-z", type=float, default=1.0)
-    f.add_argument("--max-stages", type=int, choices=(1, 2, 3), default=3)
+    f.add_argument(
+        "--target-quality",
+        type=_quality,
+        help="DATASET: relative to the best single model (default 0.95); --from-store: share of answers "
+        "as good as the last stage's (default: learning.target_quality)",
+    )
+    f.add_argument("--margin-z", type=float, help="default 1 (--from-store: learning.margin_z)")
+    f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
     f.set_defaults(func=cmd_fit_scorer)

@@ -5,26 +5,16 @@ logistic regression. The score is the estimated probability that the answer is g
 
 from __future__ import annotations
 
-import json
-
 from app.config import LearnedScorer as LearnedConfig
-from app.learning.features import messages_to_prompt
+from app.learning.features import message_text, messages_to_prompt
 from app.learning.model import LearnedScorer as Model
 from app.scoring.base import Answer, Score, ScoreContext
 
 
 def answer_text(answer: Answer) -> str:
-    """The text the features see: the content, or for a tool-call answer its calls as compact JSON
-    (recorded datasets and traces serialise them the same way)."""
-    text = answer.text
-    calls = answer.message.get("tool_calls")
-    if text or not isinstance(calls, list) or not calls:
-        return text
-    fns = [c.get("function") for c in calls if isinstance(c, dict)]
-    return json.dumps(
-        [{"name": f.get("name"), "arguments": f.get("arguments")} for f in fns if isinstance(f, dict)],
-        separators=(",", ":"),
-    )
+    """The text the features see (content, or tool calls as compact JSON): the same form the trace
+    store records, so scorers fitted from traces see at serving time what they were fitted on."""
+    return message_text(answer.message)
 
 
 class Learned:

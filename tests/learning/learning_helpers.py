@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,19 @@ def synthetic(
         elif rng.random() < shadow_rate:
             labels.append(LabelRow(tid, 0, "shadow", float(good), 1.0 / shadow_rate, 1000.0 + i, 1e-4))
     return traces, labels
+
+
+class PromptScore:
+    """A ``python`` scorer for the tests: the score is the number after ``score=`` in the last message
+    (``{type: python, class: "tests.learning.learning_helpers:PromptScore"}``), so a test chooses each
+    request's stage score through the real request path."""
+
+    _RX = re.compile(r"score=([0-9]*\.?[0-9]+)")
+
+    async def score(self, request: dict[str, Any], answer: dict[str, Any]) -> tuple[float, str]:
+        messages = request.get("messages") or [{}]
+        m = self._RX.search(str(messages[-1].get("content") or ""))
+        return (float(m.group(1)), "from the prompt") if m else (0.0, "no score in the prompt")
 
 
 def _attempt(

@@ -1,5 +1,6 @@
 """The PostgreSQL trace store, on a real server: records and labels through the proxy, schema set up by
-replicas starting together, and two replicas converging on the same fitted thresholds.
+replicas starting together, and two replicas converging on the same fitted thresholds (two apps in this
+process, and two ``cascade serve`` processes).
 
 ``scripts/test`` (and so CI) starts a throw-away server with ``scripts/postgres`` and exports its URL
 as CASCADE_TEST_POSTGRES_URL, with CASCADE_TEST_REQUIRE_POSTGRES=1: there these tests fail when the
@@ -9,12 +10,23 @@ server is missing. A plain ``pytest`` run without the URL skips them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.learning.store import SCHEMA_VERSION, Store
 from tests.conftest import base_config, chat, proxy
@@ -133,3 +145,181 @@ async def test_two_replicas_converge_on_the_same_thresholds(fake: FakeUpstream, 
             assert r.json()["cascade"]["attempts"][0]["threshold"] == pytest.approx(0.60)
     fits = await _rows(pg_url, "SELECT version, thresholds FROM fits ORDER BY version")
     assert fits == [(1, "[0.65]"), (2, "[0.6]")]
+
+
+# --- two `cascade serve` processes on one PostgreSQL -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT_SCORE = "tests.learning.learning_helpers:PromptScore"  # stage score = the prompt's "score=X"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m ARGS`` in its own process group, stderr to ``log``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")[-2000:]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a process started by this test (and only that one: its own process group)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+async def _until(what: str, within: float, check: Callable[[], Awaitable[Any]]) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            got = await check()
+            if got:
+                return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name
+    }
+
+
+@pytest.mark.loopback
+async def test_two_serve_processes_on_one_postgres_converge_on_the_same_thresholds(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two real ``cascade serve`` processes share one PostgreSQL store with ``auto_tune``. Labels reach
+    replica A only (free labels from escalated requests, user feedback on early answers); both end on
+    the same, newest fitted thresholds, read from each process's ``cascade_threshold`` gauge."""
+    up_port, ports = _free_port(), (_free_port(), _free_port())
+    up = f"http://127.0.0.1:{up_port}/v1"
+    cfg = {
+        "server": {"host": "127.0.0.1", "log_level": "warning"},
+        "upstreams": {
+            "small": {"base_url": up, "model": "ok", "price": {"input": 0.1, "output": 0.2}},
+            "large": {"base_url": up, "model": "answer-large_says_hi", "price": {"input": 10, "output": 20}},
+        },
+        "cascades": {
+            "default": {
+                "stages": [
+                    {
+                        "upstream": "small",
+                        "threshold": 0.7,
+                        "scorers": [{"type": "python", "class": PROMPT_SCORE}],
+                    },
+                    {"upstream": "large"},
+                ]
+            }
+        },
+        "learning": {
+            "store": pg_url,
+            "auto_tune": True,
+            "target_quality": 0.99,
+            "margin_z": 0.0,
+            "tune_every": 10,
+            "min_labels": 20,
+            "max_step": 0.05,
+            "sync_every_s": 0.2,
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    logs = [tmp_path / "upstream.log", tmp_path / "a.log", tmp_path / "b.log"]
+    serve = [["app.cli", "serve", "--config", str(path), "--port", str(p)] for p in ports]
+    procs = [_spawn(["tests.fake_upstream", "--port", str(up_port)], logs[0])]
+    try:
+        procs += [_spawn(args, log) for args, log in zip(serve, logs[1:], strict=True)]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        async with httpx.AsyncClient(timeout=10) as c:
+            for proc, url, log in zip(procs[1:], urls, logs[1:], strict=True):
+
+                async def ready(proc: Any = proc, url: str = url, log: Path = log) -> bool:
+                    if proc.poll() is not None:
+                        raise AssertionError(f"cascade serve exited early:\n{_tail(log)}")
+                    return (await c.get(url + "/readyz")).status_code == 200
+
+                await _until("both replicas ready", 20, ready)
+
+            async def threshold(url: str) -> float | None:
+                text = (await c.get(url + "/metrics")).text
+                return _samples(text, "cascade_threshold").get((("cascade", "default"), ("stage", "0")))
+
+            assert [await threshold(u) for u in urls] == [0.7, 0.7]
+
+            # Requests with known stage scores, all through replica A. Below the threshold they escalate
+            # and stage 0's answer ("42" vs "large says hi") gets a free label 0; the users say early
+            # answers scored under 0.8 were bad. So the labels want a threshold near 0.8.
+            labels = 0
+            for i in range(90):
+                s = round((i * 0.6180339887) % 1.0, 3)
+                body = {"model": "default", "messages": [{"role": "user", "content": f"q{i} score={s}"}]}
+                r = await c.post(urls[0] + "/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                ext = r.json()["cascade"]
+                if ext["stage"] == 0:
+                    fb = {"id": r.json()["id"], "score": 1.0 if s >= 0.8 else 0.0}
+                    assert (await c.post(urls[0] + "/v1/feedback", json=fb)).status_code == 200
+                labels += 1  # a free label, or the feedback just sent
+
+            async def all_labels_stored() -> bool:
+                return (await _rows(pg_url, "SELECT count(*) FROM labels"))[0][0] == labels
+
+            await _until("every label in the store", 10, all_labels_stored)
+            await asyncio.sleep(1.0)  # the replicas' last syncs (every 0.2 s) fit what is left to fit
+
+            async def converged() -> list[tuple[Any, ...]] | None:
+                fits = await _rows(pg_url, "SELECT version, thresholds FROM fits ORDER BY version")
+                newest = json.loads(fits[-1][1])[0] if fits else None
+                seen = [await threshold(u) for u in urls]
+                return fits if fits and seen == [newest, newest] else None
+
+            fits = await _until("both replicas on the newest fit", 10, converged)
+            version, fitted = fits[-1][0], json.loads(fits[-1][1])[0]
+            assert [f[0] for f in fits] == list(range(1, version + 1)), "one sequence of fits"
+            assert version >= 2 and 0.75 <= fitted < 0.85, (version, fitted)  # towards ~0.8, in steps
+            # B got no request and no label of its own: its thresholds come from the labels in the store.
+            text_b = (await c.get(urls[1] + "/metrics")).text
+            assert sum(_samples(text_b, "cascade_labels_total").values()) == 0
+            assert sum(_samples(text_b, "cascade_requests_total").values()) == 0
+            # ...and its requests use them.
+            below = round((0.7 + fitted) / 2, 4)
+            body = {"model": "default", "messages": [{"role": "user", "content": f"q score={below}"}]}
+            for url in urls:
+                r = await c.post(url + "/v1/chat/completions", json=body)
+                assert r.json()["cascade"]["attempts"][0]["threshold"] == pytest.approx(fitted)
+                assert r.json()["cascade"]["stage"] == 1  # accepted under the config's 0.7, not now
+        for proc in procs[1:]:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
