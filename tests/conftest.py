@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from app.config import parse_config
 from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
-from tests.fake_upstream import FakeUpstream, create_fake_upstream
+from tests.fake_upstream import FakeUpstream, create_fake_upstream, serve_in_background
 
 FAKE = "http://fake.local/v1"
 
@@ -110,6 +110,20 @@ async def proxy(
         ) as client,
     ):
         yield client, app
+
+
+@asynccontextmanager
+async def loopback_stack(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUpstream, CollectorRegistry]]:
+    """Fake upstream and proxy, both under uvicorn on loopback; yields the proxy's /v1 URL."""
+    fake = create_fake_upstream()
+    registry = CollectorRegistry()
+    async with serve_in_background(fake) as fake_url:
+        cfg = copy.deepcopy(cfg)
+        for up in cfg["upstreams"].values():
+            up["base_url"] = fake_url + "/v1"
+        app = create_app(parse_config(cfg, env={}), registry=registry)
+        async with serve_in_background(app) as proxy_url:
+            yield proxy_url + "/v1", fake, registry
 
 
 def chat(model: str = "default", content: str = "What is 6*7?", **extra: Any) -> dict[str, Any]:

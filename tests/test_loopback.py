@@ -6,23 +6,17 @@ These catch what in-process ASGI hides: buffering, keep-alive, and a client goin
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import openai
 import pytest
-from prometheus_client import CollectorRegistry
 
-from app.config import parse_config
-from app.main import create_app
 from tests.conftest import base_config, two_stage
-from tests.fake_upstream import FakeUpstream, create_fake_upstream, serve_in_background
+from tests.conftest import loopback_stack as stack
 from tests.schema import check_chunk, check_completion
 
 pytestmark = [pytest.mark.anyio, pytest.mark.loopback]
@@ -41,20 +35,6 @@ TOOLS = [
         },
     }
 ]
-
-
-@asynccontextmanager
-async def stack(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUpstream, CollectorRegistry]]:
-    """Fake upstream and proxy, both under uvicorn on loopback; yields the proxy's /v1 URL."""
-    fake = create_fake_upstream()
-    registry = CollectorRegistry()
-    async with serve_in_background(fake) as fake_url:
-        cfg = copy.deepcopy(cfg)
-        for up in cfg["upstreams"].values():
-            up["base_url"] = fake_url + "/v1"
-        app = create_app(parse_config(cfg, env={}), registry=registry)
-        async with serve_in_background(app) as proxy_url:
-            yield proxy_url + "/v1", fake, registry
 
 
 def _sdk_dump(obj: Any) -> Any:

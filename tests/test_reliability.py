@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 from app.config import CircuitConfig, load_config, parse_config
 from app.errors import UpstreamProtocolError, UpstreamSaturated, UpstreamStatusError, UpstreamTimeout
 from app.logs import JsonFormatter
-from app.main import create_app
 from app.upstream.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from app.upstream.limits import Limiter
 from tests.conftest import (
@@ -32,11 +31,12 @@ from tests.conftest import (
     base_config,
     chat,
     check_no_secrets,
+    loopback_stack,
     proxy,
     two_stage,
     upstream,
 )
-from tests.fake_upstream import CHAOS_FAULTS, FakeUpstream, create_fake_upstream, serve_in_background
+from tests.fake_upstream import CHAOS_FAULTS, FakeUpstream, create_fake_upstream
 from tests.schema import check_error
 
 pytestmark = pytest.mark.anyio
@@ -288,15 +288,8 @@ async def test_a_stage_that_cannot_fit_the_deadline_is_not_started(fake: FakeUps
 
 @asynccontextmanager
 async def loopback(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUpstream, CollectorRegistry]]:
-    fake = create_fake_upstream()
-    registry = CollectorRegistry()
-    async with serve_in_background(fake) as fake_url:
-        cfg = copy.deepcopy(cfg)
-        for up in cfg["upstreams"].values():
-            up["base_url"] = fake_url + "/v1"
-        app = create_app(parse_config(cfg, env={}), registry=registry)
-        async with serve_in_background(app) as url:
-            yield url + "/v1/chat/completions", fake, registry
+    async with loopback_stack(cfg) as (url, fake, registry):
+        yield url + "/chat/completions", fake, registry
 
 
 async def _within(seconds: float, cond: Callable[[], bool]) -> float:

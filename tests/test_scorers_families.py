@@ -16,8 +16,8 @@ from app.main import create_app
 from app.scoring.asking import parse_grade, yes_probability
 from app.scoring.logprob import aggregate, token_probs
 from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
+from tests.conftest import loopback_stack as stack
 from tests.fake_upstream import FakeUpstream
-from tests.test_loopback import stack
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures" / "llamacpp"
