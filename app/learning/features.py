@@ -389,6 +389,23 @@ _REFUSALS = (
 )
 _NON_PY = ("function ", "console.log", "public static", "#include", "=> {", "var ", "let ", "const ")
 
+# Features comparing the answer with earlier stages' answers (``previous_features``).
+PREVIOUS_NAMES: tuple[str, ...] = (
+    "has_prev",
+    "n_prev",
+    "agree_prev",
+    "agree_any",
+    "agree_frac",
+    "disagree_prev",
+    "prev_agree_each_other",
+    "max_jaccard_prev",
+    "prev_choice_A",
+    "prev_choice_B",
+    "prev_choice_C",
+    "prev_choice_D",
+    "prev_choice_E",
+)
+
 ENGINEERED_NAMES: tuple[str, ...] = (
     "bias_one",
     "empty",
@@ -436,19 +453,7 @@ ENGINEERED_NAMES: tuple[str, ...] = (
     "code_defines_function",
     "code_non_python",
     "code_lines_log",
-    "has_prev",
-    "n_prev",
-    "agree_prev",
-    "agree_any",
-    "agree_frac",
-    "disagree_prev",
-    "prev_agree_each_other",
-    "max_jaccard_prev",
-    "prev_choice_A",
-    "prev_choice_B",
-    "prev_choice_C",
-    "prev_choice_D",
-    "prev_choice_E",
+    *PREVIOUS_NAMES,
     "has_logprobs",
     "lp_mean",
     "lp_min",
@@ -575,21 +580,6 @@ def _hash_into(vec: list[float], offset: int, dim: int, prefix: bytes, toks: Seq
         vec[idx] += sign * scale * (1.0 + math.log(c))
 
 
-PREVIOUS_NAMES: tuple[str, ...] = (
-    "has_prev",
-    "n_prev",
-    "agree_prev",
-    "agree_any",
-    "agree_frac",
-    "disagree_prev",
-    "prev_agree_each_other",
-    "max_jaccard_prev",
-    "prev_choice_A",
-    "prev_choice_B",
-    "prev_choice_C",
-    "prev_choice_D",
-    "prev_choice_E",
-)
 
 
 def previous_features(prompt: str, answer: str, previous: Sequence[str]) -> dict[str, float]:
