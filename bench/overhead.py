@@ -8,7 +8,9 @@ time to first byte, requests/s, the ratio to direct, and the proxy's CPU%. Bound
 per cell. Optional sections:
 
     --with-litellm      LiteLLM (installed into a throw-away venv under .cache/) on the same upstream
-    --workers-check     throughput of --workers 2 versus 1 at the highest concurrency
+    --workers-check     throughput of --workers 2 versus 1 at the highest concurrency; with wrk and nginx
+                        installed (apt-get install -y wrk nginx-light) they are the load and the upstream,
+                        cheap enough that the second worker gets a CPU to itself on a 2-CPU machine
     --memory N          RSS of the proxy after N/2 and N requests (flat = no leak)
 
     .venv/bin/python bench/overhead.py                    # c = 1, 16, 64; 2000 requests per cell
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import native  # noqa: E402
 from bench.loadgen import LoadResult, run_load  # noqa: E402
 
 UPSTREAM_MODEL = "ok"
@@ -89,9 +92,8 @@ def process(
     )
     try:
         wait_ready(ready_url)
-        if cpu is not None:
-            for pid in [p.pid, *children(p.pid)]:
-                pin(pid, cpu)
+        for pid in [p.pid, *children(p.pid)]:
+            pin(pid, cpu)  # None: every CPU, whatever this process is pinned to
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
@@ -247,6 +249,113 @@ def litellm_cmd(tmp: Path, upstream_url: str, port: int) -> list[str]:
     ]
 
 
+Serve = Callable[..., contextlib.AbstractContextManager[subprocess.Popen[bytes]]]
+
+
+def workers_check_python(serve: Serve, c: int, n: int) -> None:
+    """--workers 2 versus 1 with the Python load generator and fake upstream sharing the box."""
+    results: dict[int, tuple[LoadResult, float]] = {}
+    for workers in (1, 2):
+        port = free_port()
+        with serve(port, workers, pinned=False) as proxy:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            asyncio.run(run_load(url, body_for("two", False), concurrency=c, total=200))
+            pids = [proxy.pid, *children(proxy.pid)]
+            before = cpu_seconds(pids)
+            res = asyncio.run(run_load(url, body_for("two", False), concurrency=c, total=n * 2))
+            results[workers] = (res, (cpu_seconds(pids) - before) / max(1, len(res.latencies)))
+    (r1, cpu1), (r2, cpu2) = results[1], results[2]
+    print(
+        f"\n--workers (cascade@0, non-stream, c={c}, unpinned, {os.cpu_count()} CPUs shared "
+        f"with the load generator and upstream):\n  1 worker {r1.rps:.0f} req/s, "
+        f"{cpu1 * 1e6:.0f} us CPU/request; 2 workers {r2.rps:.0f} req/s, "
+        f"{cpu2 * 1e6:.0f} us CPU/request; "
+        f"throughput ratio {r2.rps / r1.rps:.2f}, CPU-efficiency ratio {cpu1 / cpu2:.2f}"
+    )
+
+
+def workers_check_native(tmp: Path, serve: Serve, c: int, seconds: float, rounds: int) -> None:
+    """--workers 2 versus 1 with wrk as the load and nginx as a canned upstream (C; together ~35-45 us
+    of CPU per proxied request, against ~300 us for the proxy), so the second worker gets most of a CPU
+    of its own. 1 worker: proxy on CPU 0, wrk + nginx on CPU 1 (as in the main table). 2 workers:
+    nothing pinned. Rounds alternate 1, 2, 1, 2, ...; the ratio is the median of the per-round ratios.
+
+    With only 2 CPUs the load shares them with the two workers, so even a perfectly scaling proxy tops
+    out at 2p / (p + l) (p, l: proxy and load CPU per request); that ceiling is printed beside the
+    ratio."""
+    ncpu = os.cpu_count() or 1
+    pin(os.getpid(), None)  # wrk and nginx inherit this process's CPUs
+    up_port = free_port()
+    with native.nginx_upstream(tmp, up_port, UPSTREAM_MODEL) as nginx_pid:
+        up_url = f"http://127.0.0.1:{up_port}"
+        nginx_pids = [nginx_pid, *children(nginx_pid)]
+        body = body_for("two", False)
+        direct = native.wrk(up_url + "/v1/chat/completions", body, connections=c, seconds=3, workdir=tmp)
+        print(
+            f"\n--workers, cascade@0 non-stream, c={c}, wrk + nginx canned upstream; {seconds:.0f} s a run, "
+            f"{ncpu} CPUs\n  wrk straight at nginx: {direct.rps:,.0f} req/s (the load side's ceiling)"
+        )
+        p1, p2 = free_port(), free_port()
+        with (
+            serve(p1, 1, pinned=True, upstream=up_url) as one,
+            serve(p2, 2, pinned=False, upstream=up_url) as two,
+        ):
+            servers = {1: (one, p1), 2: (two, p2)}
+            for _, port in servers.values():  # warm both
+                native.wrk(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    body,
+                    connections=c,
+                    seconds=3,
+                    workdir=tmp,
+                )
+            ratios: list[float] = []
+            ceilings: list[float] = []
+            cols = ("round", "workers", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "load CPU us/req")
+            print("  " + "  ".join(cols) + "  errors")
+            for r in range(1, rounds + 1):
+                got: dict[int, float] = {}
+                for w, (proc, port) in servers.items():
+                    load_cpu = 1 if w == 1 and ncpu > 1 else None
+                    for pid in nginx_pids:
+                        pin(pid, load_cpu)
+                    pids = [proc.pid, *children(proc.pid)]
+                    before = cpu_seconds(pids)
+                    nginx_before = cpu_seconds(nginx_pids)
+                    kids_before = os.times()
+                    res = native.wrk(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        body,
+                        connections=c,
+                        seconds=seconds,
+                        workdir=tmp,
+                        cpu=load_cpu,
+                    )
+                    kids = os.times()
+                    wrk_cpu = (kids.children_user - kids_before.children_user) + (
+                        kids.children_system - kids_before.children_system
+                    )
+                    proxy_us = (cpu_seconds(pids) - before) / max(1, res.requests) * 1e6
+                    load_us = (wrk_cpu + cpu_seconds(nginx_pids) - nginx_before) / max(1, res.requests) * 1e6
+                    got[w] = res.rps
+                    if w == 1:
+                        ceilings.append(2.0 if ncpu >= 3 else ncpu * proxy_us / (proxy_us + load_us))
+                    print(
+                        f"  {r:>5}  {w:>7}  {res.rps:>5,.0f}  {res.p50_ms:>6.2f}  {res.p99_ms:>6.2f}  "
+                        f"{proxy_us:>16.0f}  {load_us:>15.0f}  {res.errors:>6}"
+                    )
+                ratios.append(got[2] / got[1])
+        for pid in nginx_pids:
+            pin(pid, None)
+    ratios.sort()
+    ceilings.sort()
+    print(
+        f"  ceiling with the load on the same {ncpu} CPUs: {ceilings[len(ceilings) // 2]:.2f}x\n"
+        f"  --workers 2 / --workers 1 throughput: median {ratios[len(ratios) // 2]:.2f}x "
+        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000, help="requests per cell (c=1 uses a quarter)")
@@ -254,6 +363,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200 requests per cell")
     ap.add_argument("--with-litellm", action="store_true")
     ap.add_argument("--workers-check", action="store_true")
+    ap.add_argument("--workers-seconds", type=float, default=10.0, help="seconds per workers-check run")
+    ap.add_argument("--workers-rounds", type=int, default=5, help="alternating 1-/2-worker rounds")
     ap.add_argument("--memory", type=int, default=0, metavar="N")
     ap.add_argument("--skip-main", action="store_true", help="only the optional sections")
     args = ap.parse_args()
@@ -267,10 +378,10 @@ def main() -> None:
         tmp = Path(tmpdir)
 
         def serve(
-            port: int, workers: int = 1, pinned: bool = True
+            port: int, workers: int = 1, pinned: bool = True, upstream: str = up_url
         ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
             cfg_path = tmp / f"config-{port}.yaml"
-            cfg_path.write_text(yaml.safe_dump(proxy_config(up_url + "/v1", port, workers)))
+            cfg_path.write_text(yaml.safe_dump(proxy_config(upstream + "/v1", port, workers)))
             return process(
                 [py, "-m", "app.cli", "serve", "--config", str(cfg_path)],
                 f"http://127.0.0.1:{port}/readyz",
@@ -342,30 +453,17 @@ def main() -> None:
                 print_table(rows, f"LiteLLM ({LITELLM}), 1 worker on CPU 0, same upstream and load generator")
 
             if args.workers_check:
-                # On a 2-CPU box the load generator and the upstream need CPU too, so a second worker
-                # competes with them; CPU per request shows whether the proxy itself scales (equal
-                # CPU/request = throughput grows with the cores you give it).
                 c = max(levels)
-                pin(os.getpid(), None)  # nothing pinned here: the workers, upstream and load share the box
-                pin(fake.pid, None)
-                results: dict[int, tuple[LoadResult, float]] = {}
-                for workers in (1, 2):
-                    port = free_port()
-                    with serve(port, workers, pinned=False) as proxy:
-                        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                        asyncio.run(run_load(url, body_for("two", False), concurrency=c, total=200))
-                        pids = [proxy.pid, *children(proxy.pid)]
-                        before = cpu_seconds(pids)
-                        res = asyncio.run(run_load(url, body_for("two", False), concurrency=c, total=n * 2))
-                        results[workers] = (res, (cpu_seconds(pids) - before) / max(1, len(res.latencies)))
-                (r1, cpu1), (r2, cpu2) = results[1], results[2]
-                print(
-                    f"\n--workers (cascade@0, non-stream, c={c}, unpinned, {os.cpu_count()} CPUs shared "
-                    f"with the load generator and upstream):\n  1 worker {r1.rps:.0f} req/s, "
-                    f"{cpu1 * 1e6:.0f} us CPU/request; 2 workers {r2.rps:.0f} req/s, "
-                    f"{cpu2 * 1e6:.0f} us CPU/request; "
-                    f"throughput ratio {r2.rps / r1.rps:.2f}, CPU-efficiency ratio {cpu1 / cpu2:.2f}"
-                )
+                if native.available():
+                    workers_check_native(tmp, serve, c, args.workers_seconds, args.workers_rounds)
+                else:
+                    print(
+                        f"\n(no wrk and nginx -- {native.INSTALL_HINT} -- so the workers check uses the "
+                        "Python load generator and upstream, which need about one CPU themselves)"
+                    )
+                    pin(os.getpid(), None)
+                    pin(fake.pid, None)
+                    workers_check_python(serve, c, n)
 
             if args.memory:
                 port = free_port()
