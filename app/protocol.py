@@ -7,7 +7,9 @@ else through untouched, so a pydantic round-trip per request or per chunk would 
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from app.errors import InvalidRequest
@@ -150,17 +152,62 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def prompt_text(body: Json) -> str:
-    parts: list[str] = []
+def _prompt_parts(body: Json) -> Iterator[str]:
     for m in body.get("messages") or ():
         c = m.get("content") if isinstance(m, dict) else None
         if isinstance(c, str):
-            parts.append(c)
+            yield c
         elif isinstance(c, list):
-            parts.extend(
-                p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)
-            )
-    return "\n".join(parts)
+            yield from (p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+def prompt_text(body: Json) -> str:
+    return "\n".join(_prompt_parts(body))
+
+
+_WORD = re.compile(r"[^\W_]+")
+QUOTE_WORDS = 4
+WITHHELD = "[upstream message withheld: it quotes the request]"
+
+
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)", re.S)
+
+
+def _unescape(m: re.Match[str]) -> str:
+    e = m.group(1)
+    return chr(int(e[1:], 16)) if len(e) > 1 else " "
+
+
+def _words(text: str) -> list[str]:
+    return [w.casefold() for w in _WORD.findall(text)]
+
+
+def withhold_quotes(text: str, body: Json) -> str:
+    """``text`` (an upstream's error message), or a placeholder when it quotes the request: any run of
+    ``QUOTE_WORDS`` consecutive words of a message (or the whole of a shorter one) found in it, compared
+    word by word so escaping and case do not hide a quote. Upstreams such as vLLM echo the offending
+    input in validation errors; the contract says no prompt reaches an error or a log line."""
+    said = _words(_ESCAPE.sub(_unescape, text))  # a quote may come JSON- or repr-escaped
+    if not said:
+        return text
+    grams: dict[int, set[tuple[str, ...]]] = {}
+    parts: list[Any] = list(_prompt_parts(body))
+    for m in body.get("messages") or ():
+        for call in (m.get("tool_calls") or ()) if isinstance(m, dict) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                parts.append(fn["arguments"])
+    for part in parts:
+        words = _words(part)
+        k = min(QUOTE_WORDS, len(words))
+        if k == 0:
+            continue
+        if k not in grams:
+            grams[k] = {tuple(said[i : i + k]) for i in range(len(said) - k + 1)}
+        seen = grams[k]
+        if any(tuple(words[i : i + k]) in seen for i in range(len(words) - k + 1)):
+            return WITHHELD
+    return text
 
 
 def estimate_prompt_tokens(body: Json) -> int:

@@ -81,6 +81,7 @@ class Behaviour:
     varied: bool = False
     reply_model: str | None = None
     leak: str | None = None  # `leak`: error messages echo the request's authorization header
+    quote: str | None = None  # `quote`: error messages echo the last message, as vLLM's validation errors do
     chaos: float = 0.0  # percent of requests that get a random fault (see CHAOS_FAULTS)
 
 
@@ -108,6 +109,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "llamacpp": {"no_usage": True, "logprobs_need_top": True},
     "varied": {"varied": True},
     "leak": {"leak": ""},
+    "quote": {"quote": ""},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -449,6 +451,10 @@ class FakeUpstream:
         b = parse_directives(model)
         if b.leak is not None:
             b = dataclasses.replace(b, leak=headers.get("authorization", ""))
+        if b.quote is not None:
+            messages = request.get("messages")
+            last = messages[-1] if isinstance(messages, list) and messages else {}
+            b = dataclasses.replace(b, quote=repr(last.get("content") if isinstance(last, dict) else last))
         if b.chaos and self._rng.random() * 100 < b.chaos:
             fault = self._rng.choice(list(CHAOS_FAULTS))
             self.chaos_faults[fault] = self.chaos_faults.get(fault, 0) + 1
@@ -475,6 +481,11 @@ class FakeUpstream:
             extra = [(b"retry-after", b"0")] if status == 429 else []
             code = "rate_limit_exceeded" if status == 429 else None
             message = f"fake upstream error {status}" + (f" (you sent '{b.leak}')" if b.leak else "")
+            if b.quote:
+                message += (
+                    f"; 1 validation error: {{'type': 'value_error', 'loc': ('body', 'messages', 0), "
+                    f"'msg': 'Value error, not accepted', 'input': {b.quote}}}"
+                )
             body = orjson.dumps(error_body(status, message, code))
             await _send(send, status, body, extra)
         elif b.html:

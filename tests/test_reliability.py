@@ -530,3 +530,27 @@ async def test_reload_keeps_an_open_circuit_when_its_settings_did_not_change(
         _write(path, cfg)
         assert (await c.post("/admin/reload", headers=AUTH)).status_code == 200
         assert app.state.cascade.runtime.upstreams["small"].breaker.state == CLOSED
+
+
+async def test_upstream_errors_that_quote_the_prompt_are_withheld(fake: FakeUpstream) -> None:
+    # vLLM-style validation errors echo the offending input; the proxy must not pass the prompt on,
+    # in a 502/400 body, a mid-stream error event or the logs (the session-wide watcher checks those).
+    async with proxy(two_stage("error-500+quote", "error-503+quote"), fake) as (c, _):
+        failed = await c.post("/v1/chat/completions", json=_ask())
+        streamed = await c.post("/v1/chat/completions", json=_ask(stream=True))
+    async with proxy(two_stage("error-400+quote", "error-400+quote"), fake) as (c, _):
+        invalid = await c.post("/v1/chat/completions", json=_ask())
+    async with proxy(two_stage("error-500", "error-500"), fake) as (c, _):
+        plain = await c.post("/v1/chat/completions", json=_ask())
+    assert SECRET_PROMPT in fake.requests[0]["body"]["messages"][-1]["content"]
+    assert failed.status_code == 502 and invalid.status_code == 400
+    assert streamed.status_code == 502  # every stage failed before the first byte
+    for r in (failed, streamed, invalid):
+        assert SECRET_PROMPT not in r.text and "please" not in r.text
+        msg = r.json()["error"]["message"]
+        assert "stage 0" in msg and "stage 1" in msg
+        assert "[upstream message withheld: it quotes the request]" in msg
+    assert "HTTP 500" in failed.json()["error"]["message"]
+    assert "HTTP 400" in invalid.json()["error"]["message"]
+    # An upstream message that quotes nothing is still shown, as before.
+    assert plain.status_code == 502 and "fake upstream error 500" in plain.json()["error"]["message"]

@@ -43,6 +43,7 @@ from app.protocol import (
     new_id,
     shape_completion,
     wants_logprobs,
+    withhold_quotes,
 )
 from app.scoring.base import Answer, ScoreContext, score_stage
 from app.upstream.client import price_usd
@@ -134,7 +135,7 @@ class Engine:
                 try:
                     return await self._open_stream(stage, body, trace, att, t0, deadline)
                 except UpstreamError as err:
-                    _failed(att, err, t0, final=True)
+                    _failed(att, err, t0, body, final=True)
                     break
             up = stage.upstream
             try:
@@ -144,7 +145,7 @@ class Engine:
                     req = _ask_logprobs(stage, body, up.prepare(body, stream=False))
                     completion = (await up.complete(req)).body
             except UpstreamError as err:
-                _failed(att, err, t0, final)
+                _failed(att, err, t0, body, final)
                 continue
             except _EarlyAbort as abort:
                 att.latency_ms = (time.perf_counter() - t0) * 1000
@@ -278,11 +279,11 @@ class Engine:
                     except StopAsyncIteration:
                         chunk = None
             except UpstreamError as err:
-                _failed(att, err, t0, final=True)
+                _failed(att, err, t0, body, final=True)
                 _account_stream(att, stage, body, relay)
                 accounted = True
                 yield _error_event(
-                    f"The upstream stream failed: {err.detail}", "upstream_error", "upstream_stream_failed"
+                    f"The upstream stream failed: {att.detail}", "upstream_error", "upstream_stream_failed"
                 )
                 yield DONE
                 return
@@ -435,11 +436,15 @@ def _account_stream(att: Attempt, stage: Stage, body: Json, relay: StreamRelay) 
     return _usage(att)
 
 
-def _failed(att: Attempt, err: UpstreamError, t0: float, final: bool) -> None:
+def _failed(att: Attempt, err: UpstreamError, t0: float, body: Json, final: bool) -> None:
     att.outcome = "error"
     att.reason = err.reason
     att.error_kind = err.kind
-    att.detail = err.detail
+    # Upstream messages may quote the request (vLLM's validation errors do): never pass a prompt on.
+    if isinstance(err, UpstreamStatusError):
+        att.detail = f"HTTP {err.status}: {withhold_quotes(err.upstream_message, body)}"
+    else:
+        att.detail = withhold_quotes(err.detail, body)
     att.latency_ms = (time.perf_counter() - t0) * 1000
     if isinstance(err, UpstreamStatusError):
         att.status = err.status

@@ -580,8 +580,6 @@ def _hash_into(vec: list[float], offset: int, dim: int, prefix: bytes, toks: Seq
         vec[idx] += sign * scale * (1.0 + math.log(c))
 
 
-
-
 def previous_features(prompt: str, answer: str, previous: Sequence[str]) -> dict[str, float]:
     """Cross-stage features (agreement with earlier stages' answers); empty when there are none."""
     f: dict[str, float] = {}
