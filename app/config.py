@@ -268,6 +268,8 @@ class LearningConfig(_Model):
     margin_z: float = Field(1.0, ge=0, le=5)
     # How often a replica looks in the store for new labels and for fits made by other replicas.
     sync_every_s: float = Field(30.0, gt=0)
+    # Traces (with their attempts and labels) older than this are deleted, hourly; 0 keeps them forever.
+    retention_days: float = Field(30.0, ge=0)
 
     @field_validator("store")
     @classmethod

@@ -21,7 +21,7 @@ from app.cascade.trace import Trace
 from app.config import LearningConfig
 from app.learning.records import LabelRow, TraceRow, build_rows, passthrough_fingerprint, plan_fingerprint
 from app.learning.shadow import Shadow
-from app.learning.store import Fit, Store, StoreError
+from app.learning.store import PRUNE_BATCH, Fit, Store, StoreError
 from app.learning.tuning import Tuner
 from app.metrics import Metrics
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cascade.learning")
 
 BATCH = 512  # records per store transaction
+RETENTION_EVERY_S = 3600.0  # how often old traces are pruned (and once at start)
 _BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -77,6 +78,7 @@ class Learning:
         self._adopted: dict[tuple[str, str], Fit] = {}
         self._rt: Runtime | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self._closed = False
         self._opened = False
         self.tuner: Tuner | None = Tuner(self) if cfg.auto_tune else None
@@ -185,7 +187,10 @@ class Learning:
                 await self.tuner.sync(refit=False)  # a restart keeps the thresholds fitted before it
             except StoreError as exc:
                 log.warning("could not load fitted thresholds", extra={"error": str(exc)})
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="cascade-trace-writer")
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write_loop(), name="cascade-trace-writer")
+        if self.cfg.retention_days > 0:
+            self._pruner = loop.create_task(self._retention_loop(), name="cascade-trace-retention")
         if self.tuner is not None:
             self.tuner.start()
 
@@ -200,14 +205,42 @@ class Learning:
                 await self.flush()
         except TimeoutError:
             log.warning("trace store: records still queued at shutdown were dropped")
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        for task in (self._pruner, self._writer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.store.close()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written (or dropped)."""
         await self._queue.join()
+
+    async def prune(self) -> int:
+        """Delete traces older than ``retention_days`` (with their attempts and labels), in small
+        transactions so request records keep flowing in between. Returns how many traces went."""
+        if self.cfg.retention_days <= 0 or not await self._open():
+            return 0
+        before = self.clock() - self.cfg.retention_days * 86400
+        total = 0
+        while True:
+            n = await self.store.prune(before, PRUNE_BATCH)
+            total += n
+            if n < PRUNE_BATCH:
+                break
+        if total:
+            log.info(
+                "trace store: pruned old traces",
+                extra={"traces": total, "retention_days": self.cfg.retention_days},
+            )
+        return total
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except StoreError as exc:
+                log.warning("trace store: pruning old traces failed", extra={"error": str(exc)})
+            await asyncio.sleep(RETENTION_EVERY_S)
 
     async def _open(self) -> bool:
         if self._opened:

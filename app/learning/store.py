@@ -26,7 +26,7 @@ from app.learning.records import LabelRow, TraceRow
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK_KEY = 7_220_113  # advisory lock id for schema changes (PostgreSQL)
 
 _V1 = [
@@ -50,7 +50,9 @@ _V1 = [
     cost_usd {F}, feasible INTEGER NOT NULL, evidence TEXT NOT NULL, created {F} NOT NULL,
     PRIMARY KEY (cascade, plan, version))""",
 ]
-MIGRATIONS: list[list[str]] = [_V1]  # MIGRATIONS[i] takes the schema from version i to i + 1
+_V2 = ["CREATE INDEX traces_created ON traces (created)"]  # retention prunes by age
+MIGRATIONS: list[list[str]] = [_V1, _V2]  # MIGRATIONS[i] takes the schema from version i to i + 1
+PRUNE_BATCH = 1000  # traces deleted per transaction, so writers are never locked out for long
 
 _INSERT_TRACE = "INSERT INTO traces VALUES (" + ",".join("?" * 16) + ") ON CONFLICT DO NOTHING"
 _INSERT_ATTEMPT = "INSERT INTO attempts VALUES (" + ",".join("?" * 17) + ") ON CONFLICT DO NOTHING"
@@ -237,6 +239,23 @@ class _Backend:
 
         return self._tx(work)
 
+    def prune(self, before: float, limit: int = PRUNE_BATCH) -> int:
+        """Delete up to ``limit`` of the oldest traces created before ``before`` (epoch seconds), with
+        their attempts and labels. Returns how many; call again until it returns less than ``limit``."""
+
+        def work(cur: Any) -> int:
+            cur.execute(
+                self._sql("SELECT id FROM traces WHERE created < ? ORDER BY created LIMIT ?"), (before, limit)
+            )
+            ids = [r[0] for r in cur.fetchall()]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for table, column in (("labels", "trace_id"), ("attempts", "trace_id"), ("traces", "id")):
+                    cur.execute(self._sql(f"DELETE FROM {table} WHERE {column} IN ({marks})"), ids)
+            return len(ids)
+
+        return self._tx(work)
+
     # --- reads ---------------------------------------------------------------------------------------
 
     def trace_info(self, trace_id: str) -> tuple[str, int | None] | None:
@@ -365,6 +384,9 @@ class Store:
 
     async def write(self, traces: Sequence[TraceRow], labels: Sequence[LabelRow]) -> None:
         await self.run(self._b.write, traces, labels)
+
+    async def prune(self, before: float, limit: int = PRUNE_BATCH) -> int:
+        return await self.run(self._b.prune, before, limit)
 
     async def trace_info(self, trace_id: str) -> tuple[str, int | None] | None:
         return await self.run(self._b.trace_info, trace_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def synthetic(
     fp = plan_fingerprint(config, config.cascades["default"])
     rng = random.Random(seed)
     traces, labels = [], []
+    t0 = time.time() - n  # recent: inside the store's retention window, one second apart
     for i in range(n):
         s = round(rng.random(), 4)
         good = (s > 0.4) != (rng.random() < 0.1)
@@ -76,14 +78,14 @@ def synthetic(
         accepted = 1 if escalated else 0
         traces.append(
             TraceRow(
-                tid, f"req-{i}", "default", fp, 0, 1000.0 + i, True, False, 2, accepted,
+                tid, f"req-{i}", "default", fp, 0, t0 + i, True, False, 2, accepted,
                 sum(a.cost_usd for a in atts), 1e-4, 10.0, "h", 10, None, atts,
             )
         )  # fmt: skip
         if escalated:
-            labels.append(LabelRow(tid, 0, "free", float(good), 1.0, 1000.0 + i))
+            labels.append(LabelRow(tid, 0, "free", float(good), 1.0, t0 + i))
         elif rng.random() < shadow_rate:
-            labels.append(LabelRow(tid, 0, "shadow", float(good), 1.0 / shadow_rate, 1000.0 + i, 1e-4))
+            labels.append(LabelRow(tid, 0, "shadow", float(good), 1.0 / shadow_rate, t0 + i, 1e-4))
     return traces, labels
 
 

@@ -99,6 +99,20 @@ async def test_records_labels_and_feedback_in_postgres(fake: FakeUpstream, pg_ur
         (r1.json()["id"], None, "user", 0.5),
     ]
     assert await _rows(pg_url, "SELECT count(*) FROM attempts") == [(3,)]
+    # Retention: an old trace goes with its attempts and labels (the same SQL as SQLite's).
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE traces SET created = created - 40 * 86400 WHERE id = %s", (r1.json()["id"],)
+        )
+    store = Store(pg_url)
+    await store.open()
+    assert await store.prune(time.time() - 30 * 86400) == 1
+    await store.close()
+    assert await _rows(pg_url, "SELECT id FROM traces") == [(r2.json()["id"],)]
+    assert await _rows(pg_url, "SELECT count(*) FROM attempts") == [(2,)]
+    assert await _rows(pg_url, "SELECT trace_id FROM labels") == [(r2.json()["id"],)]
 
 
 async def test_replicas_starting_together_share_one_schema(pg_url: str) -> None:
@@ -106,7 +120,9 @@ async def test_replicas_starting_together_share_one_schema(pg_url: str) -> None:
     assert await asyncio.gather(*(s.open() for s in stores)) == [SCHEMA_VERSION] * 4
     for s in stores:
         await s.close()
-    assert await _rows(pg_url, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert await _rows(pg_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (v,) for v in range(1, SCHEMA_VERSION + 1)
+    ]
 
 
 async def test_two_replicas_converge_on_the_same_thresholds(fake: FakeUpstream, pg_url: str) -> None:
