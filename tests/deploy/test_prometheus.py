@@ -89,4 +89,8 @@ def test_scrape_target_is_the_compose_service() -> None:
     job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "cascade")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job["static_configs"][0]["targets"] == ["cascade:8000"]
+    local = next(j for j in cfg["scrape_configs"] if j["job_name"] == "cascade-local")
+    assert local["static_configs"][0]["targets"] == ["cascade-local:8000"]
+    compose = yaml.safe_load((PROM.parent / "compose.yaml").read_text())
+    assert compose["services"]["cascade-local"]["ports"][0].endswith(":8000")
     assert cfg["rule_files"] == ["alerts.yml"]
