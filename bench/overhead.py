@@ -85,13 +85,18 @@ def children(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def process(
-    cmd: list[str], ready_url: str, cpu: int | None, env: dict[str, str] | None = None
+    cmd: list[str],
+    ready_url: str,
+    cpu: int | None,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    ready_timeout: float = 60.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     p = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        wait_ready(ready_url)
+        wait_ready(ready_url, ready_timeout)
         for pid in [p.pid, *children(p.pid)]:
             pin(pid, cpu)  # None: every CPU, whatever this process is pinned to
         yield p
