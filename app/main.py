@@ -17,9 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from app.api.admin import router as admin_router
-from app.api.chat import ChatFastPath
+from app.api.chat import is_chat, serve_chat
 from app.api.feedback import router as feedback_router
 from app.api.routes import router
 from app.api.transport import json_response
@@ -32,6 +33,17 @@ from app.state import AppState
 from app.upstream.transport import AiohttpTransport, HttpxTransport, Transport
 
 log = logging.getLogger("cascade.app")
+
+
+class CascadeApp(FastAPI):
+    """FastAPI, with ``POST /v1/chat/completions`` (every request the proxy exists for) answered ahead
+    of the middleware stack and routing; every other route goes through FastAPI as usual."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_chat(scope):
+            await serve_chat(self, scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def _transport(config: Config, httpx_transport: httpx.AsyncBaseTransport | None) -> Transport:
@@ -105,14 +117,13 @@ def create_app(
 
                 multiprocess.mark_process_dead(os.getpid(), multiprocess_dir)  # type: ignore[no-untyped-call]
 
-    app = FastAPI(
+    app = CascadeApp(
         title="cascade", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, **_NO_OTEL
     )
     app.state.cascade = state
     app.state.http = http
     app.include_router(router)
     app.include_router(feedback_router)
-    app.add_middleware(ChatFastPath)
     app.include_router(admin_router)
 
     def _rid(request: Request) -> dict[str, str]:

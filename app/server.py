@@ -136,6 +136,10 @@ def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.
         lifespan="on",
         access_log=False,
         log_config=None,
+        # The proxy never reads the client address, so uvicorn's X-Forwarded-For middleware would only add
+        # a layer to every request; and no "server: uvicorn" banner.
+        proxy_headers=False,
+        server_header=False,
         # uvicorn cancels what is still running after this many seconds (0: at once; None would wait forever).
         timeout_graceful_shutdown=math.ceil(s.shutdown_grace_s),
         timeout_keep_alive=30,

@@ -476,3 +476,25 @@ async def test_three_stage_cascade_walks_every_stage(fake: FakeUpstream) -> None
     body = r.json()
     assert _attempts(body) == [(0, "small", "rejected"), (1, "medium", "rejected"), (2, "large", "accepted")]
     assert body["cascade"]["escalations"] == 2
+
+
+async def test_a_bug_on_the_chat_path_answers_500_and_logs_no_data(
+    fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The chat path runs ahead of FastAPI's middleware, so it has its own last-resort handler.
+    from app.cascade.engine import Engine
+    from tests.conftest import SECRET_PROMPT
+
+    async def broken(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"a bug that mentions {SECRET_PROMPT}")
+
+    monkeypatch.setattr(Engine, "run", broken)
+    async with proxy(base_config(), fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(content=SECRET_PROMPT))
+        models = await c.get("/v1/models")  # the process serves on
+    assert r.status_code == 500
+    check_error(r.json())
+    assert r.json()["error"]["code"] == "internal_error" and SECRET_PROMPT not in r.text
+    assert models.status_code == 200
+    errors = [rec for rec in caplog.records if rec.getMessage() == "unhandled error"]
+    assert len(errors) == 1 and errors[0].exc_info is not None

@@ -44,7 +44,7 @@ def _state(request: Request) -> AppState:
 
 @router.post("/v1/chat/completions", openapi_extra=_CHAT_BODY, response_model=None)
 async def chat_completions() -> Response:
-    # Normally answered by ChatFastPath before routing; this route documents it and serves as fallback.
+    # Normally answered by CascadeApp.__call__ before routing; documents the route, serves as fallback.
     return ChatEndpoint()
 
 

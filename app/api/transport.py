@@ -1,15 +1,15 @@
 """HTTP plumbing the routes share: bounded body reads, JSON/SSE responses, client disconnects.
 
-A client that goes away must stop the work done for it: ``run_or_cancel`` runs the handler's work in
-its own task and cancels it the moment the server reports ``http.disconnect`` (uvicorn never cancels a
-handler by itself). ``SSEResponse`` does the same for the sending loop, and always closes its event
+A client that goes away must stop the work done for it: ``run_or_cancel`` runs the handler's work and
+cancels it the moment the server reports ``http.disconnect`` (uvicorn never cancels a handler by
+itself). ``SSEResponse`` does the same for the sending loop, and always closes its event
 iterator, so the upstream connection is released and the request accounted for exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -62,14 +62,20 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def run_or_cancel(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work`` in its own task; if the client disconnects first, cancel it and raise ClientGone."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+async def run_or_cancel(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` in this task; if the client disconnects first, cancel it and raise ClientGone.
+
+    The work runs in the caller's task (no task of its own: one fewer task and one fewer event-loop hop
+    per request); a watcher task cancels the caller's task on ``http.disconnect``, and that one
+    cancellation is taken back (``uncancel``) once it has unwound the work."""
+    me = asyncio.current_task()
+    assert me is not None
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, me))
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
         if watcher.done() and not watcher.cancelled() and watcher.result():
+            me.uncancel()
             raise ClientGone from None
         raise
     finally:
@@ -102,16 +108,11 @@ class SSEResponse(Response):
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.create_task(self._pump(send))
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, pump))
         try:
-            await pump
-        except asyncio.CancelledError:
-            # The client left: the stream ends here. Any other cancellation is not ours to swallow.
-            if not (watcher.done() and not watcher.cancelled() and watcher.result()):
-                raise
+            await run_or_cancel(receive, self._pump(send))
+        except ClientGone:
+            pass  # the client left: the stream ends here (any other cancellation propagates)
         finally:
-            watcher.cancel()
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -35,7 +35,7 @@ class TransportConnectError(TransportError):
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float
-    read: float  # whole reply for ``post``; longest silence between bytes for ``stream``
+    read: float  # ``stream``: longest silence between bytes; ``post``: callers bound the whole call
 
 
 @dataclass(slots=True)
@@ -99,7 +99,9 @@ class AiohttpTransport:
         return self._session
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply:
-        timeout = aiohttp.ClientTimeout(total=timeouts.read, sock_connect=timeouts.connect)
+        # No total timeout here: the caller bounds the whole call (``asyncio.timeout``), and a second
+        # timer per request in aiohttp would only cost CPU.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
         try:
             async with self._s().post(url, data=body, headers=headers, timeout=timeout) as r:
                 content = await r.read()
