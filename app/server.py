@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ log = logging.getLogger("cascade.server")
 _app: FastAPI | None = None
 _background: set[asyncio.Task[Any]] = set()
 _STARTUP_FAILURE = 3  # uvicorn's code for "failed before serving": the supervisor then gives up
+GC_THRESHOLD = 10_000  # allocations between generation-0 collections (CPython default: 700)
 
 
 def _state() -> AppState | None:
@@ -61,6 +63,10 @@ class _Server(uvicorn.Server):
         finally:
             signal.signal(signal.SIGHUP, previous)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        tune_gc()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = _state()
         delay = state.runtime.config.server.drain_delay_s if state is not None else 0.0
@@ -83,6 +89,16 @@ class _Server(uvicorn.Server):
     def _on_hup(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(_start_reload)
+
+
+def tune_gc() -> None:
+    """Once the app is up: everything built so far (modules, config, clients) lives as long as the
+    process, so move it out of the cyclic collector's way (``gc.freeze``), and collect the young
+    generation less often; a request allocates a few hundred container objects, nearly all freed by
+    reference counting, and the default threshold (700) ran a collection every request or two."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
 
 
 def _start_reload() -> None:

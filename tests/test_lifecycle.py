@@ -266,3 +266,14 @@ def _async(fn: Any) -> Any:
         return fn()
 
     return check
+
+
+def test_serving_processes_take_their_startup_objects_out_of_the_collector() -> None:
+    # After startup, cascade serve freezes what exists (gc.freeze) and raises the generation-0
+    # threshold: under load the default settings spent ~18% of the CPU in the cyclic collector.
+    code = (
+        "import gc; from app.server import tune_gc, GC_THRESHOLD; tune_gc(); "
+        "print(gc.get_threshold()[0] == GC_THRESHOLD, gc.get_freeze_count() > 10_000)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["True", "True"]
