@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from app.config import CircuitConfig, load_config, parse_config
 from app.errors import UpstreamProtocolError, UpstreamSaturated, UpstreamStatusError, UpstreamTimeout
 from app.logs import JsonFormatter
+from app.protocol import estimate_prompt_tokens
 from app.upstream.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from app.upstream.limits import Limiter
 from tests.conftest import (
@@ -328,6 +329,14 @@ async def test_disconnect_while_a_scored_stage_is_buffered_cancels_it_within_100
             )
             == 1
         )
+        # The upstream had the prompt when the client left: it is charged (estimated), nothing more.
+        prompt = _sample(registry, "cascade_tokens_total", upstream="small", kind="prompt")
+        assert prompt == estimate_prompt_tokens(_ask()) > 0
+        assert _sample(registry, "cascade_tokens_total", upstream="small", kind="completion") == 0
+        cost = _sample(
+            registry, "cascade_cost_usd_total", cascade="default", upstream="small", purpose="answer"
+        )
+        assert cost == pytest.approx(prompt * 0.1 / 1e6)  # small: 0.1 USD per 1M input tokens
 
 
 @pytest.mark.loopback

@@ -88,6 +88,7 @@ class Engine:
                 result = await self._stages(plan, body, trace, stream, deadline)
         except TimeoutError as exc:
             self._deadline_passed(trace, plan)
+            _charge_in_flight(trace, plan, body)
             self._finish(trace, False)
             raise DeadlineExceeded(
                 f"The cascade deadline of {plan.deadline_s:g}s passed. {_summary(trace)}"
@@ -97,6 +98,7 @@ class Engine:
             raise
         except BaseException:
             # Cancelled (client gone, shutdown) or a bug: account for what was spent, then propagate.
+            _charge_in_flight(trace, plan, body)
             self._finish(trace, False)
             raise
         return result
@@ -131,6 +133,7 @@ class Engine:
                     f"The cascade deadline of {plan.deadline_s:g}s cannot fit stage {stage.index}. "
                     f"{_summary(trace)}"
                 )
+            att.sent = True
             if final and stream:
                 try:
                     return await self._open_stream(stage, body, trace, att, t0, deadline)
@@ -391,6 +394,21 @@ def _usage(att: Attempt) -> Json:
         "completion_tokens": att.completion_tokens,
         "total_tokens": att.prompt_tokens + att.completion_tokens,
     }
+
+
+def _charge_in_flight(trace: Trace, plan: Plan, body: Json) -> None:
+    """The request ended (client gone, deadline) while a non-stream call was in flight: the upstream has
+    read the prompt and bills it, so charge the estimated prompt tokens (flagged as estimated), as a
+    stream cut short is charged for what it generated. An attempt that already failed on its own (an
+    error reply) or was accounted is left alone."""
+    a = trace.attempts[-1] if trace.attempts else None
+    if a is None or not a.sent or a.outcome != "error" or a.prompt_tokens or a.completion_tokens:
+        return
+    if a.reason not in ("", "timeout") or a.error_kind not in (None, "timeout"):
+        return
+    a.usage_estimated = True
+    a.prompt_tokens = estimate_prompt_tokens(body)
+    a.answer_cost_usd = price_usd(plan.stages[a.stage].upstream.cfg.price, a.prompt_tokens, 0, None)
 
 
 def _account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:

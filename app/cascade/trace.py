@@ -37,6 +37,7 @@ class Attempt:
     escalation_reason: str | None = None  # low_score | upstream_error | timeout | early_abort
     detail: str = ""  # why, in a few words; never a prompt, an answer or a key
     status: int | None = None  # upstream HTTP status of a failed attempt
+    sent: bool = False  # the request was handed to the upstream client (it may be generating)
     retry_after: float | None = None
     # The stage's reply (completion dict, or the StreamRelay of a streamed last stage), for the trace
     # store; only read after the request finished.
