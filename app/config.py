@@ -37,6 +37,10 @@ class ServerConfig(_Model):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
+    # With workers > 1, each worker listens on its own SO_REUSEPORT socket, so the kernel spreads new
+    # connections evenly (one shared socket lets one worker take most of a burst of keep-alive
+    # connections). False, or a platform without SO_REUSEPORT: one shared socket.
+    reuse_port: bool = True
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_messages: int = Field(2048, ge=1)
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -64,6 +64,10 @@ class _Server(uvicorn.Server):
             signal.signal(signal.SIGHUP, previous)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets and _reuse_port(sockets[0]):
+            # A worker: listen on a socket of its own in the supervisor's SO_REUSEPORT group (the
+            # supervisor's socket only holds the port), so the kernel balances connections.
+            sockets = [_listen_twin(s) for s in sockets]
         await super().startup(sockets)
         tune_gc()
 
@@ -89,6 +93,46 @@ class _Server(uvicorn.Server):
     def _on_hup(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(_start_reload)
+
+
+def _reuse_port(sock: socket.socket) -> bool:
+    opt = getattr(socket, "SO_REUSEPORT", None)
+    return opt is not None and sock.getsockopt(socket.SOL_SOCKET, opt) == 1
+
+
+def _listen_twin(sock: socket.socket) -> socket.socket:
+    twin = socket.socket(sock.family, socket.SOCK_STREAM)
+    twin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    twin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    twin.bind(sock.getsockname())
+    return twin
+
+
+def bind_socket(cfg: Config) -> socket.socket:
+    """The supervisor's socket for ``workers > 1``: holds the port (a taken port fails here, before any
+    worker starts). With ``server.reuse_port`` (Linux and the BSDs) it joins an SO_REUSEPORT group that
+    each worker's own listening socket joins too; otherwise the workers share it."""
+    s = cfg.server
+    family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+    try:
+        # First without SO_REUSEPORT: that bind fails when anything listens there, including another
+        # cascade (which could otherwise join the group and silently take half the connections).
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((s.host, s.port))
+            port = probe.getsockname()[1]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if s.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((s.host, port))
+    except OSError as exc:
+        log.error("cannot listen", extra={"host": s.host, "port": s.port, "error": str(exc)})
+        sys.exit(_STARTUP_FAILURE)
+    sock.set_inheritable(True)
+    host = f"[{s.host}]" if family == socket.AF_INET6 else s.host
+    log.info(f"listening on http://{host}:{sock.getsockname()[1]} with {s.workers} workers")
+    return sock
 
 
 def tune_gc() -> None:
@@ -208,7 +252,7 @@ def serve(config_path: str, cfg: Config, cli: dict[str, Any], metrics_dir: str |
             os.environ[f"CASCADE_{key.upper()}"] = str(value)
     ucfg = _uvicorn_config("app.server:worker_app", cfg, factory=True)
     ucfg.workers = cfg.server.workers
-    sock = ucfg.bind_socket()
+    sock = bind_socket(cfg)
     # Multiprocess builds its workers from the module's ``Process``: have it build ours.
     original = multiprocess.Process
     multiprocess.Process = _Process  # type: ignore[misc]

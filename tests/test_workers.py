@@ -106,3 +106,69 @@ def test_counts_add_up_across_two_workers(tmp_path: Path) -> None:
         proxy.send_signal(signal.SIGTERM)
         assert proxy.wait(timeout=30) == 0
     assert not (metrics_dir / "stale_counter_123.db").exists()
+
+
+def _listening(port: int) -> int:
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if int(r[1].split(":")[1], 16) == port and r[3] == "0A")  # 0A: LISTEN
+
+
+def _established_per_process(port: int, pids: list[int]) -> dict[int, int]:
+    """Server-side established TCP connections on ``port`` held by each of ``pids`` (Linux /proc)."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes[link[8:-1]] = pid
+    counts = dict.fromkeys(pids, 0)
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            local_port, state, inode = int(cols[1].split(":")[1], 16), cols[3], cols[9]
+            if local_port == port and state == "01" and inode in inodes:  # 01: ESTABLISHED
+                counts[inodes[inode]] += 1
+    return counts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_each_listen_so_the_kernel_spreads_connections_and_a_taken_port_fails(tmp_path: Path) -> None:
+    px_port = _port()
+    cfg = base_config()
+    cfg["server"] = {"host": "127.0.0.1", "port": px_port, "log_level": "warning"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--config", str(path), "--workers", "2"]
+    with _proc(cmd) as proxy:
+        _wait(f"http://127.0.0.1:{px_port}/readyz")
+        workers = [int(x) for x in Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()]
+        assert len(workers) >= 2
+        deadline = time.time() + 20  # /readyz answers once the first worker is up
+        while _listening(px_port) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # A burst of 40 connections opened at once (as a client pool or load balancer opens them) and
+        # kept open: with one shared socket, whichever worker wakes first may accept most of them.
+        conns = [socket.create_connection(("127.0.0.1", px_port)) for _ in range(40)]
+        try:
+            for c in conns:
+                c.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            for c in conns:
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            counts = _established_per_process(px_port, workers)
+            listening = _listening(px_port)
+        finally:
+            for c in conns:
+                c.close()
+        # SO_REUSEPORT hashes connections over the workers' own sockets: both get a fair share
+        # (fewer than 8 of 40 on one side has probability ~1e-5).
+        assert listening == 2  # one listening socket per worker, in one SO_REUSEPORT group
+        assert sum(counts.values()) == 40, counts
+        assert sorted(counts.values(), reverse=True)[1] >= 8, counts
+        # A second proxy on the same port fails at startup instead of joining the group.
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "cannot listen" in second.stderr + second.stdout
