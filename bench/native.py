@@ -195,3 +195,52 @@ def wrk(
 
 def _lua_string(s: str) -> str:
     return "[==[" + s + "]==]"
+
+
+# --- CPU caps (cgroup), to give proxy workers a fixed CPU budget on a machine too small for spare cores ---
+
+_V1 = Path("/sys/fs/cgroup/cpu")
+_V2 = Path("/sys/fs/cgroup")
+
+
+def _cgroup_root() -> tuple[Path, int] | None:
+    """(where to make cgroups, version) when this process may make a CPU-limited one, else None."""
+    if (_V1 / "cpu.cfs_quota_us").exists() and os.access(_V1, os.W_OK):
+        return _V1, 1
+    controllers = _V2 / "cgroup.controllers"
+    if controllers.exists() and "cpu" in controllers.read_text().split() and os.access(_V2, os.W_OK):
+        return _V2, 2
+    return None
+
+
+def can_cap() -> bool:
+    return _cgroup_root() is not None
+
+
+@contextlib.contextmanager
+def cpu_cap(name: str, cpus: float, pids: list[int]) -> Iterator[None]:
+    """Run ``pids`` (whole processes) in a cgroup limited to ``cpus`` CPUs' worth of time (CFS quota over
+    a 100 ms period) for the duration of the block; the cgroup is removed afterwards."""
+    root = _cgroup_root()
+    if root is None:
+        raise RuntimeError("no writable cgroup CPU controller")
+    base, version = root
+    group = base / f"cascade-bench-{name}-{os.getpid()}"
+    group.mkdir()
+    period = 100_000
+    try:
+        if version == 1:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+        else:
+            (group / "cpu.max").write_text(f"{int(cpus * period)} {period}")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for left in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                (base / "cgroup.procs").write_text(left)
+        with contextlib.suppress(OSError):
+            group.rmdir()

@@ -279,15 +279,18 @@ def workers_check_python(serve: Serve, c: int, n: int) -> None:
     )
 
 
-def workers_check_native(tmp: Path, serve: Serve, c: int, seconds: float, rounds: int) -> None:
+def workers_check_native(tmp: Path, serve: Serve, c: int, seconds: float, rounds: int, cap: float) -> None:
     """--workers 2 versus 1 with wrk as the load and nginx as a canned upstream (C; together ~35-45 us
-    of CPU per proxied request, against ~300 us for the proxy), so the second worker gets most of a CPU
-    of its own. 1 worker: proxy on CPU 0, wrk + nginx on CPU 1 (as in the main table). 2 workers:
-    nothing pinned. Rounds alternate 1, 2, 1, 2, ...; the ratio is the median of the per-round ratios.
+    of CPU per proxied request, against ~250-300 us for the proxy). Rounds alternate 1, 2, 1, 2, ...;
+    the ratio is the median of the per-round ratios. Two settings:
 
-    With only 2 CPUs the load shares them with the two workers, so even a perfectly scaling proxy tops
-    out at 2p / (p + l) (p, l: proxy and load CPU per request); that ceiling is printed beside the
-    ratio."""
+    - shared: 1 worker on CPU 0 with wrk + nginx on CPU 1 (as in the main table); 2 workers with nothing
+      pinned. With only 2 CPUs the load shares them with both workers, so even a perfectly scaling
+      proxy tops out at 2p / (p + l) (p, l: proxy and load CPU per request), printed as the ceiling.
+    - capped (``cap`` > 0, where a writable cgroup CPU controller exists): every worker gets ``cap``
+      CPUs' worth of time (1 worker: cap, 2 workers: 2 x cap, as a CFS quota) and the load the rest,
+      nothing pinned: what doubling the cores would do on a machine with a core to spare for the load.
+    """
     ncpu = os.cpu_count() or 1
     pin(os.getpid(), None)  # wrk and nginx inherit this process's CPUs
     up_port = free_port()
@@ -314,51 +317,88 @@ def workers_check_native(tmp: Path, serve: Serve, c: int, seconds: float, rounds
                     seconds=3,
                     workdir=tmp,
                 )
-            ratios: list[float] = []
-            ceilings: list[float] = []
-            cols = ("round", "workers", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "load CPU us/req")
-            print("  " + "  ".join(cols) + "  errors")
-            for r in range(1, rounds + 1):
-                got: dict[int, float] = {}
-                for w, (proc, port) in servers.items():
-                    load_cpu = 1 if w == 1 and ncpu > 1 else None
-                    for pid in nginx_pids:
-                        pin(pid, load_cpu)
-                    pids = [proc.pid, *children(proc.pid)]
-                    before = cpu_seconds(pids)
-                    nginx_before = cpu_seconds(nginx_pids)
-                    kids_before = os.times()
-                    res = native.wrk(
-                        f"http://127.0.0.1:{port}/v1/chat/completions",
-                        body,
-                        connections=c,
-                        seconds=seconds,
-                        workdir=tmp,
-                        cpu=load_cpu,
-                    )
-                    kids = os.times()
-                    wrk_cpu = (kids.children_user - kids_before.children_user) + (
-                        kids.children_system - kids_before.children_system
-                    )
-                    proxy_us = (cpu_seconds(pids) - before) / max(1, res.requests) * 1e6
-                    load_us = (wrk_cpu + cpu_seconds(nginx_pids) - nginx_before) / max(1, res.requests) * 1e6
-                    got[w] = res.rps
-                    if w == 1:
-                        ceilings.append(2.0 if ncpu >= 3 else ncpu * proxy_us / (proxy_us + load_us))
+            run = _WorkerRounds(tmp, body, c, seconds, nginx_pids, servers)
+            print("  shared CPUs:")
+            ratios, ceilings = run.rounds(rounds, pinned=ncpu > 1)
+            print(
+                f"  ceiling with the load on the same {ncpu} CPUs: {_median(ceilings):.2f}x\n"
+                f"  --workers 2 / --workers 1 throughput: median {_median(ratios):.2f}x "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in sorted(ratios))})"
+            )
+            if cap > 0 and native.can_cap() and ncpu * 1.0 > 2 * cap:
+                pids1 = [one.pid, *children(one.pid)]
+                pids2 = [two.pid, *children(two.pid)]
+                for pid in pids1:
+                    pin(pid, None)
+                with native.cpu_cap("w1", cap, pids1), native.cpu_cap("w2", 2 * cap, pids2):
                     print(
-                        f"  {r:>5}  {w:>7}  {res.rps:>5,.0f}  {res.p50_ms:>6.2f}  {res.p99_ms:>6.2f}  "
-                        f"{proxy_us:>16.0f}  {load_us:>15.0f}  {res.errors:>6}"
+                        f"  capped: {cap:g} CPU a worker (cgroup quota), the rest for the load, none pinned:"
                     )
-                ratios.append(got[2] / got[1])
+                    ratios, _ = run.rounds(rounds, pinned=False)
+                print(
+                    f"  --workers 2 / --workers 1 throughput, {cap:g} CPU a worker: "
+                    f"median {_median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in sorted(ratios))})"
+                )
+            elif cap > 0:
+                print("  (capped setting skipped: no writable cgroup CPU controller, or too few CPUs)")
         for pid in nginx_pids:
             pin(pid, None)
-    ratios.sort()
-    ceilings.sort()
-    print(
-        f"  ceiling with the load on the same {ncpu} CPUs: {ceilings[len(ceilings) // 2]:.2f}x\n"
-        f"  --workers 2 / --workers 1 throughput: median {ratios[len(ratios) // 2]:.2f}x "
-        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
-    )
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+@dataclass
+class _WorkerRounds:
+    tmp: Path
+    body: dict[str, Any]
+    c: int
+    seconds: float
+    nginx_pids: list[int]
+    servers: dict[int, tuple[subprocess.Popen[bytes], int]]
+
+    def rounds(self, n: int, *, pinned: bool) -> tuple[list[float], list[float]]:
+        """Alternate 1- and 2-worker runs ``n`` times; returns the per-round ratios and, for the 1-worker
+        runs, the ceiling 2p/(p+l) that two shared CPUs allow."""
+        ncpu = os.cpu_count() or 1
+        ratios: list[float] = []
+        ceilings: list[float] = []
+        cols = ("round", "workers", "req/s", "p50 ms", "p99 ms", "proxy CPU us/req", "load CPU us/req")
+        print("  " + "  ".join(cols) + "  errors")
+        for r in range(1, n + 1):
+            got: dict[int, float] = {}
+            for w, (proc, port) in self.servers.items():
+                load_cpu = 1 if pinned and w == 1 else None
+                for pid in self.nginx_pids:
+                    pin(pid, load_cpu)
+                pids = [proc.pid, *children(proc.pid)]
+                before = cpu_seconds(pids)
+                nginx_before = cpu_seconds(self.nginx_pids)
+                kids_before = os.times()
+                res = native.wrk(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    self.body,
+                    connections=self.c,
+                    seconds=self.seconds,
+                    workdir=self.tmp,
+                    cpu=load_cpu,
+                )
+                kids = os.times()
+                wrk_cpu = (kids.children_user - kids_before.children_user) + (
+                    kids.children_system - kids_before.children_system
+                )
+                proxy_us = (cpu_seconds(pids) - before) / max(1, res.requests) * 1e6
+                load_us = (wrk_cpu + cpu_seconds(self.nginx_pids) - nginx_before) / max(1, res.requests) * 1e6
+                got[w] = res.rps
+                if w == 1:
+                    ceilings.append(2.0 if ncpu >= 3 else ncpu * proxy_us / (proxy_us + load_us))
+                print(
+                    f"  {r:>5}  {w:>7}  {res.rps:>5,.0f}  {res.p50_ms:>6.2f}  {res.p99_ms:>6.2f}  "
+                    f"{proxy_us:>16.0f}  {load_us:>15.0f}  {res.errors:>6}"
+                )
+            ratios.append(got[2] / got[1])
+        return ratios, ceilings
 
 
 def main() -> None:
@@ -370,6 +410,9 @@ def main() -> None:
     ap.add_argument("--workers-check", action="store_true")
     ap.add_argument("--workers-seconds", type=float, default=10.0, help="seconds per workers-check run")
     ap.add_argument("--workers-rounds", type=int, default=5, help="alternating 1-/2-worker rounds")
+    ap.add_argument(
+        "--workers-cap", type=float, default=0.8, help="CPUs per worker in the capped setting (0: skip it)"
+    )
     ap.add_argument("--memory", type=int, default=0, metavar="N")
     ap.add_argument("--skip-main", action="store_true", help="only the optional sections")
     args = ap.parse_args()
@@ -460,7 +503,9 @@ def main() -> None:
             if args.workers_check:
                 c = max(levels)
                 if native.available():
-                    workers_check_native(tmp, serve, c, args.workers_seconds, args.workers_rounds)
+                    workers_check_native(
+                        tmp, serve, c, args.workers_seconds, args.workers_rounds, args.workers_cap
+                    )
                 else:
                     print(
                         f"\n(no wrk and nginx -- {native.INSTALL_HINT} -- so the workers check uses the "
