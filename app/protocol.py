@@ -168,8 +168,6 @@ def prompt_text(body: Json) -> str:
 _WORD = re.compile(r"[^\W_]+")
 QUOTE_WORDS = 4
 WITHHELD = "[upstream message withheld: it quotes the request]"
-
-
 _ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)", re.S)
 
 
@@ -191,7 +189,7 @@ def withhold_quotes(text: str, body: Json) -> str:
     if not said:
         return text
     grams: dict[int, set[tuple[str, ...]]] = {}
-    parts: list[Any] = list(_prompt_parts(body))
+    parts: list[str] = list(_prompt_parts(body))
     for m in body.get("messages") or ():
         for call in (m.get("tool_calls") or ()) if isinstance(m, dict) else ():
             fn = call.get("function") if isinstance(call, dict) else None
