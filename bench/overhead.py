@@ -9,8 +9,10 @@ per cell. Optional sections:
 
     --with-litellm      LiteLLM (installed into a throw-away venv under .cache/) on the same upstream
     --workers-check     throughput of --workers 2 versus 1 at the highest concurrency; with wrk and nginx
-                        installed (apt-get install -y wrk nginx-light) they are the load and the upstream,
-                        cheap enough that the second worker gets a CPU to itself on a 2-CPU machine
+                        installed (apt-get install -y wrk nginx-light) they are the load and the upstream
+                        (~45 us of CPU a request), measured with the load sharing the CPUs and, where a
+                        cgroup CPU controller is writable (root), with each worker capped at
+                        --workers-cap CPUs (default 0.8) and the rest left to the load
     --memory N          RSS of the proxy after N/2 and N requests (flat = no leak)
 
     .venv/bin/python bench/overhead.py                    # c = 1, 16, 64; 2000 requests per cell
