@@ -249,6 +249,9 @@ class StageConfig(_Model):
 class CascadeConfig(_Model):
     stages: tuple[StageConfig, ...] = Field(min_length=1)
     deadline_s: float = Field(120.0, gt=0)
+    # When the last stage fails (error, or the deadline passes before it answers): "none" answers with
+    # the error (502/504); "best_rejected" serves the highest-scored answer an earlier stage gave.
+    fallback: Literal["none", "best_rejected"] = "none"
 
 
 class LearningConfig(_Model):

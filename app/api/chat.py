@@ -88,6 +88,8 @@ def _cascade_headers(trace: Trace, request_id: str) -> dict[str, str]:
     if a is not None:
         h["x-cascade-upstream"] = a.upstream
         h["x-cascade-stage"] = str(a.stage)
+    if trace.fallback:
+        h["x-cascade-fallback"] = trace.fallback
     return h
 
 

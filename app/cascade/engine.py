@@ -89,6 +89,9 @@ class Engine:
         except TimeoutError as exc:
             self._deadline_passed(trace, plan)
             _charge_in_flight(trace, plan, body)
+            served = self._fallback(plan, trace, body, stream)
+            if served is not None:
+                return served
             self._finish(trace, False)
             raise DeadlineExceeded(
                 f"The cascade deadline of {plan.deadline_s:g}s passed. {_summary(trace)}"
@@ -181,7 +184,27 @@ class Engine:
             att.reason = "low_score"
             att.detail = verdict.reason
             previous.append(answer)
+        served = self._fallback(plan, trace, body, stream)
+        if served is not None:
+            return served
         raise _all_failed(trace)
+
+    def _fallback(self, plan: Plan, trace: Trace, body: Json, stream: bool) -> Completed | Streamed | None:
+        """``fallback: best_rejected``: the last stage failed, so serve the highest-scored answer an
+        earlier stage gave (the later stage on a tie), marked as a fallback; None when there is none."""
+        if plan.fallback != "best_rejected":
+            return None
+        best: Attempt | None = None
+        for a in trace.attempts:
+            usable = a.outcome == "rejected" and a.reason == "low_score" and isinstance(a.answer, dict)
+            if usable and (best is None or (a.score or 0.0) >= (best.score or 0.0)):
+                best = a
+        if best is None:
+            return None
+        trace.fallback = "best_rejected"
+        score = f"{best.score:.2f}" if best.score is not None else "none"
+        why = f"fallback: the last stage failed; the best earlier answer (score {score})"
+        return self._accept(best, trace, body, best.answer, stream, reason=why)
 
     def _accept(
         self, att: Attempt, trace: Trace, body: Json, completion: Json, stream: bool, *, reason: str

@@ -35,6 +35,7 @@ class Plan:
     deadline_s: float
     passthrough: bool = False
     thresholds: list[float | None] = field(default_factory=list)
+    fallback: str = "none"  # "best_rejected": serve the best earlier answer when the last stage fails
 
     @property
     def final(self) -> Stage:
@@ -83,7 +84,7 @@ def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps
             stages.append(
                 Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp, early)
             )
-        plan = Plan(cname, stages, ccfg.deadline_s)
+        plan = Plan(cname, stages, ccfg.deadline_s, fallback=ccfg.fallback)
         plan.thresholds = [s.threshold for s in stages]
         plans[cname] = plan
     return Plans(plans, created)

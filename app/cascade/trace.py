@@ -79,6 +79,7 @@ class Trace:
     # The attempt whose answer goes to the client: set before a stream starts, so headers can name it.
     serving: Attempt | None = None
     request: Json | None = None  # the client's request body (for the trace store and shadow labels)
+    fallback: str | None = None  # "best_rejected" when the last stage failed and an earlier answer served
 
     @property
     def escalations(self) -> int:
@@ -100,7 +101,7 @@ class Trace:
         a = self.accepted
         cost = self.cost_usd
         baseline = self.baseline_usd
-        return {
+        ext = {
             "cascade": self.cascade,
             "stage": a.stage if a else None,
             "upstream": a.upstream if a else None,
@@ -111,6 +112,9 @@ class Trace:
             "savings_usd": baseline - cost,
             "attempts": [x.as_json() for x in self.attempts],
         }
+        if self.fallback:
+            ext["fallback"] = self.fallback
+        return ext
 
     def record(self, metrics: Metrics, *, ok: bool, seconds: float) -> None:
         """Write every request-level metric for this trace (once, when the request ends)."""
