@@ -91,6 +91,13 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         # Reliability (beyond CONTRACT section 4; same label rules).
+        self.fallbacks = Counter(
+            "cascade_fallbacks",
+            "Requests served an earlier stage's rejected answer because the last stage failed "
+            "(fallback: best_rejected), by the upstream whose answer was served.",
+            ["cascade", "upstream"],
+            registry=r,
+        )
         self.circuit_open = Gauge(
             "cascade_circuit_open",
             "1 while an upstream's circuit is open or half-open, 0 when closed.",
@@ -157,6 +164,9 @@ class Metrics:
 
     def escalation(self, cascade: str, src: str, dst: str, reason: str) -> None:
         self._child(self.escalations, cascade, src, dst, reason).inc()
+
+    def fallback(self, cascade: str, upstream: str) -> None:
+        self._child(self.fallbacks, cascade, upstream).inc()
 
     def spend(
         self, cascade: str, upstream: str, purpose: str, usd: float, prompt: int, completion: int

@@ -60,6 +60,7 @@ async def test_a_failed_last_stage_serves_the_best_rejected_answer(fake: FakeUps
         sample(reg, "cascade_attempts_total", cascade="default", stage="2", upstream="large", outcome="error")
         == 1
     )
+    assert sample(reg, "cascade_fallbacks_total", cascade="default", upstream="mid") == 1
 
 
 async def test_a_streamed_request_gets_the_fallback_as_a_stream(fake: FakeUpstream) -> None:
@@ -84,8 +85,10 @@ async def test_the_deadline_passing_in_the_last_stage_serves_the_fallback(fake: 
 
 
 async def test_without_the_option_or_an_earlier_answer_the_error_stays(fake: FakeUpstream) -> None:
-    async with proxy(cascade("error-500", fallback=None), fake) as (c, _):
+    reg = CollectorRegistry()
+    async with proxy(cascade("error-500", fallback=None), fake, registry=reg) as (c, _):
         plain = await c.post("/v1/chat/completions", json=chat(content="score=0.4"))
+    assert sample(reg, "cascade_fallbacks_total", cascade="default", upstream="mid") == 0
     cfg = cascade("error-500")
     cfg["upstreams"]["small"]["model"] = "error-500"
     cfg["upstreams"]["mid"]["model"] = "error-502"

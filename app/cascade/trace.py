@@ -128,4 +128,6 @@ class Trace:
                 metrics.scored(c, a.stage, name.split("#", 1)[0], value)
             if a.escalation_reason and i + 1 < len(self.attempts):
                 metrics.escalation(c, a.upstream, self.attempts[i + 1].upstream, a.escalation_reason)
+        if self.fallback and self.accepted is not None:
+            metrics.fallback(c, self.accepted.upstream)
         metrics.finished(c, ok, self.stream, seconds, self.baseline_usd if ok else 0.0)
