@@ -263,7 +263,7 @@ class LearningConfig(_Model):
     store_text: bool = False  # also keep prompt and answer texts (off: only text-free features)
     queue_size: int = Field(10_000, ge=1)  # records waiting for the store; beyond it they are dropped
     shadow_rate: float = Field(0.0, ge=0, le=1)
-    shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per process
+    shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per server: each worker gets 1/workers
     shadow_judge: str | None = None  # upstream name; default: normalised answer match
     target_quality: float = Field(0.95, gt=0, le=1)
     auto_tune: bool = False

@@ -84,7 +84,9 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
     http = _transport(config, transport)
     # Built now, not in the lifespan, so a config whose scorers can't be built fails at startup.
-    learning = Learning(config.learning, metrics) if config.learning is not None else None
+    learning = None
+    if config.learning is not None:
+        learning = Learning(config.learning, metrics, workers=config.server.workers)
     state = AppState(
         build_runtime(config, http, metrics),
         metrics,

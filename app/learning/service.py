@@ -64,13 +64,18 @@ class _Labels:
 
 class Learning:
     def __init__(
-        self, cfg: LearningConfig, metrics: Metrics, *, clock: Callable[[], float] = time.time
+        self,
+        cfg: LearningConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        workers: int = 1,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
         self.store = Store(cfg.store)
-        self.shadow = Shadow(cfg, metrics, self.emit_labels, clock=clock)
+        self.shadow = Shadow(cfg, metrics, self.emit_labels, clock=clock, workers=workers)
         self.labels_added = asyncio.Event()  # set when labels were stored (wakes the tuner)
         self._queue: asyncio.Queue[_Pending | _Labels] = asyncio.Queue(maxsize=cfg.queue_size)
         self._pending: dict[str, str] = {}  # completion id -> cascade, while its record is queued

@@ -5,8 +5,8 @@ starts a task; the client's answer never waits for it. The task asks the cascade
 same request and labels every answered earlier attempt of the trace: 1.0 when it matches the last
 stage's answer (``normalize_answer``), or what ``learning.shadow_judge`` says, else 0.0. Labels weigh
 1/shadow_rate (inverse sampling probability). The spend is counted as ``purpose="shadow"`` and capped
-by ``shadow_budget_usd_per_hour`` (per process), using the trace's baseline cost as the estimate
-before the call and the real cost after it.
+by ``shadow_budget_usd_per_hour`` (per server; each of its worker processes gets an equal share),
+using the trace's baseline cost as the estimate before the call and the real cost after it.
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ class Shadow:
         *,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
+        workers: int = 1,
     ) -> None:
         self.rate = cfg.shadow_rate
         self.judge = cfg.shadow_judge
-        self.budget = HourlyBudget(cfg.shadow_budget_usd_per_hour)
+        # The budget is the server's (all its worker processes together): each worker takes its share.
+        self.budget = HourlyBudget(cfg.shadow_budget_usd_per_hour / max(1, workers))
         self._metrics = metrics
         self._emit = emit
         self._rng = rng

@@ -107,6 +107,29 @@ async def test_shadow_spend_is_capped_per_hour(fake: FakeUpstream, tmp_path: Pat
     )
 
 
+async def test_the_shadow_budget_is_shared_by_the_servers_workers(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    async with proxy(_cfg(url), fake) as (c, app):  # learn the cost of one shadow call
+        baseline = (await c.post("/v1/chat/completions", json=chat())).json()["cascade"]["baseline_cost_usd"]
+        await settle(app)
+    # 2.5 shadow calls an hour for the server; as one of its 2 workers, this process may spend 1.25.
+    cfg = _cfg(sqlite_url(tmp_path / "workers"), shadow_budget_usd_per_hour=baseline * 2.5)
+    cfg["server"]["workers"] = 2
+    reg = CollectorRegistry()
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        for _ in range(5):
+            assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
+            await settle(app)
+    spent = reg.get_sample_value(
+        "cascade_cost_usd_total", {"cascade": "default", "upstream": "large", "purpose": "shadow"}
+    )
+    assert spent == pytest.approx(baseline)
+    assert (
+        reg.get_sample_value("cascade_shadow_skipped_total", {"cascade": "default", "reason": "budget"})
+        == 4.0
+    )
+
+
 async def test_shadow_judge_decides_equivalence(fake: FakeUpstream, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     reg = CollectorRegistry()
