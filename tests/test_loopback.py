@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import base_config, two_stage
+from tests.conftest import base_config, chat, sse_events, two_stage
 from tests.conftest import loopback_stack as stack
-from tests.schema import check_chunk, check_completion
+from tests.schema import check_chunk, check_completion, check_error
 
 pytestmark = [pytest.mark.anyio, pytest.mark.loopback]
 
@@ -250,3 +250,34 @@ async def test_stalled_final_stream_becomes_an_error_event() -> None:
             )
             == 1
         )
+
+
+@pytest.mark.loopback
+async def test_the_deadline_passing_mid_stream_ends_it_with_an_error_event() -> None:
+    cfg = two_stage("refuse", "chunkdelay-100+words-40")
+    cfg["cascades"]["default"]["deadline_s"] = 0.6
+    async with stack(cfg) as (url, _, registry), httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(url + "/chat/completions", json=chat(stream=True))
+        assert r.status_code == 200  # the stream had started
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        *chunks, error = events[:-1]
+        assert error["error"]["code"] == "deadline_exceeded"
+        check_error(error)
+        text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch.get("choices"))
+        assert 0 < len(text.split()) < 40  # part of the answer, not all of it
+        for _ in range(100):  # the request is accounted when its stream closes
+            if registry.get_sample_value(
+                "cascade_requests_total", {"cascade": "default", "outcome": "error"}
+            ):
+                break
+            await asyncio.sleep(0.01)
+        assert (
+            registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"})
+            == 1
+        )
+        # What was generated before the cut is charged.
+        completion = registry.get_sample_value(
+            "cascade_tokens_total", {"upstream": "large", "kind": "completion"}
+        )
+        assert completion is not None and completion > 0
