@@ -1,7 +1,8 @@
 """Before/after for a hot-path change: the proxy's cost per request at this checkout versus a git revision.
 
 Both versions run at once (one ``cascade serve`` worker each) behind the same nginx canned upstream. The
-base revision is checked out as a git worktree under ``.cache/ab/``. Needs nginx, and wrk for ``cpu``
+base revision is checked out as a git worktree under ``.cache/ab/`` (kept for the next run; ``git
+worktree remove .cache/ab/SHA`` drops one). Needs nginx, and wrk for ``cpu``
 (``apt-get install -y wrk nginx-light``); valgrind for ``instructions``.
 
     .venv/bin/python bench/ab.py --base HEAD                     # uncommitted change vs HEAD, CPU time
