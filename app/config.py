@@ -39,7 +39,7 @@ class ServerConfig(_Model):
     workers: int = Field(1, ge=1, le=64)
     # With workers > 1, each worker listens on its own SO_REUSEPORT socket, so the kernel spreads new
     # connections evenly (one shared socket lets one worker take most of a burst of keep-alive
-    # connections). False, or a platform without SO_REUSEPORT: one shared socket.
+    # connections). False, or a platform other than Linux: one shared socket.
     reuse_port: bool = True
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_messages: int = Field(2048, ge=1)

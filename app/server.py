@@ -95,6 +95,11 @@ class _Server(uvicorn.Server):
             self._loop.call_soon_threadsafe(_start_reload)
 
 
+# Linux spreads connections over an SO_REUSEPORT group; macOS and older BSDs accept the option but give
+# every connection to one socket, which would leave the other workers idle: they share one socket.
+_BALANCED_REUSEPORT = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
 def _reuse_port(sock: socket.socket) -> bool:
     opt = getattr(socket, "SO_REUSEPORT", None)
     return opt is not None and sock.getsockopt(socket.SOL_SOCKET, opt) == 1
@@ -110,8 +115,8 @@ def _listen_twin(sock: socket.socket) -> socket.socket:
 
 def bind_socket(cfg: Config) -> socket.socket:
     """The supervisor's socket for ``workers > 1``: holds the port (a taken port fails here, before any
-    worker starts). With ``server.reuse_port`` (Linux and the BSDs) it joins an SO_REUSEPORT group that
-    each worker's own listening socket joins too; otherwise the workers share it."""
+    worker starts). With ``server.reuse_port`` (on Linux) it joins an SO_REUSEPORT group that each
+    worker's own listening socket joins too; otherwise the workers share it."""
     s = cfg.server
     family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
     try:
@@ -123,7 +128,7 @@ def bind_socket(cfg: Config) -> socket.socket:
             port = probe.getsockname()[1]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if s.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        if s.reuse_port and _BALANCED_REUSEPORT:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((s.host, port))
     except OSError as exc:
