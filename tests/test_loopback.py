@@ -147,16 +147,7 @@ async def test_client_disconnect_mid_stream_stops_the_upstream() -> None:
                 break
             await asyncio.sleep(0.02)
         assert fake.cancelled_streams == 1 and fake.active_streams == 0
-        for _ in range(50):
-            if registry.get_sample_value(
-                "cascade_requests_total", {"cascade": "default", "outcome": "error"}
-            ):
-                break
-            await asyncio.sleep(0.02)
-        assert (
-            registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"})
-            == 1
-        )
+        assert await _failed_requests(registry) == 1
         assert registry.get_sample_value("cascade_in_flight_requests") == 0
 
 
@@ -266,18 +257,20 @@ async def test_the_deadline_passing_mid_stream_ends_it_with_an_error_event() -> 
         check_error(error)
         text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch.get("choices"))
         assert 0 < len(text.split()) < 40  # part of the answer, not all of it
-        for _ in range(100):  # the request is accounted when its stream closes
-            if registry.get_sample_value(
-                "cascade_requests_total", {"cascade": "default", "outcome": "error"}
-            ):
-                break
-            await asyncio.sleep(0.01)
-        assert (
-            registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"})
-            == 1
-        )
+        assert await _failed_requests(registry) == 1  # accounted when its stream closes
         # What was generated before the cut is charged.
         completion = registry.get_sample_value(
             "cascade_tokens_total", {"upstream": "large", "kind": "completion"}
         )
         assert completion is not None and completion > 0
+
+
+async def _failed_requests(registry: Any) -> float:
+    """``cascade_requests_total{outcome="error"}`` once it is set (a request is accounted when its stream
+    closes, a moment after the client saw the end), or after a second."""
+    labels = {"cascade": "default", "outcome": "error"}
+    for _ in range(100):
+        if registry.get_sample_value("cascade_requests_total", labels):
+            break
+        await asyncio.sleep(0.01)
+    return float(registry.get_sample_value("cascade_requests_total", labels) or 0.0)
