@@ -8,12 +8,9 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Any
 
-from pydantic import ValidationError
-
-from app.config import Config, ConfigError, load_config
-from app.settings import EnvSettings, apply_overrides, config_path
+from app.config import Config, ConfigError
+from app.settings import load_effective
 
 EXIT_CONFIG = 2
 
@@ -22,27 +19,6 @@ def _fail(problems: Sequence[str]) -> int:
     for line in problems:
         print(line, file=sys.stderr)
     return EXIT_CONFIG
-
-
-def _env() -> EnvSettings:
-    try:
-        return EnvSettings()
-    except ValidationError as exc:
-        raise ConfigError(
-            [f"CASCADE_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors(include_url=False)]
-        ) from exc
-
-
-def load_effective(path: str | None, cli: dict[str, Any]) -> tuple[str, Config]:
-    env = _env()
-    p = config_path(path, env)
-    cfg = load_config(p)
-    try:
-        return p, apply_overrides(cfg, env, cli)
-    except ValidationError as exc:
-        raise ConfigError(
-            [f"server.{e['loc'][0]}: {e['msg']}" for e in exc.errors(include_url=False)]
-        ) from exc
 
 
 def _check_buildable(cfg: Config) -> None:

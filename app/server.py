@@ -213,7 +213,7 @@ def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.
 
 
 def _load(path: str, cli: dict[str, Any]) -> Config:
-    from app.cli import load_effective
+    from app.settings import load_effective
 
     return load_effective(path, cli)[1]
 

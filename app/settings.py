@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.config import Config
+from app.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -43,3 +43,25 @@ def apply_overrides(config: Config, env: EnvSettings, cli: dict[str, Any]) -> Co
         return config
     server = config.server.model_validate({**config.server.model_dump(), **update})
     return config.model_copy(update={"server": server})
+
+
+def _env() -> EnvSettings:
+    try:
+        return EnvSettings()
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"CASCADE_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors(include_url=False)]
+        ) from exc
+
+
+def load_effective(path: str | None, cli: dict[str, Any]) -> tuple[str, Config]:
+    """The config file's path and its contents with the environment's and ``cli``'s overrides."""
+    env = _env()
+    p = config_path(path, env)
+    cfg = load_config(p)
+    try:
+        return p, apply_overrides(cfg, env, cli)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"server.{e['loc'][0]}: {e['msg']}" for e in exc.errors(include_url=False)]
+        ) from exc

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.cli import load_effective, main
+from app.cli import main
 from app.config import ConfigError, load_config, parse_config
+from app.settings import load_effective
 from tests.conftest import base_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,7 +75,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from app.cli import load_effective
+    from app.settings import load_effective
 
     path, cfg = load_effective(args.config, {})
     lcfg = cfg.learning

@@ -31,10 +31,10 @@ from typing import Any
 
 from app.config import Config, ConfigError, LearningConfig
 from app.learning.calibration import Calibration, assemble, fit
-from app.learning.features import extract_features
-from app.learning.model import LogisticModel
 from app.learning.store import LabelledData, LabelledTexts, Store, StoreError
 from app.learning.train import StageExample, fit_stage_scorer
+from app.scoring.features import extract_features
+from app.scoring.model import LogisticModel
 
 EXIT_OK, EXIT_LABELS, EXIT_CONFIG = 0, 1, 2
 
@@ -185,7 +185,7 @@ def _pick_cascade(cfg: Config, path: str, name: str | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from app.cli import load_effective
+    from app.settings import load_effective
 
     path, cfg = load_effective(args.config, {})
     lcfg = cfg.learning

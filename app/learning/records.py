@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.answers import message_text, messages_to_prompt, normalize_answer
 from app.cascade.relay import StreamRelay
 from app.cascade.trace import Attempt, Trace
 from app.config import CascadeConfig, Config
-from app.learning.features import message_text, messages_to_prompt, normalize_answer
 
 Json = dict[str, Any]
 

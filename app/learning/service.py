@@ -16,13 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from app.cascade.plan import Plan
 from app.cascade.trace import Trace
 from app.config import LearningConfig
 from app.learning.records import LabelRow, TraceRow, build_rows, passthrough_fingerprint, plan_fingerprint
 from app.learning.shadow import Shadow
 from app.learning.store import PRUNE_BATCH, Fit, Store, StoreError
-from app.learning.tuning import Tuner
+from app.learning.tuning import PlanMeta, Tuner
 from app.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -33,18 +32,6 @@ log = logging.getLogger("cascade.learning")
 BATCH = 512  # records per store transaction
 RETENTION_EVERY_S = 3600.0  # how often old traces are pruned (and once at start)
 _BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-
-
-@dataclass(slots=True)
-class PlanMeta:
-    """What a record needs to know about the plan it ran on, captured when the request finished."""
-
-    name: str
-    plan: Plan
-    fingerprint: str
-    n_stages: int
-    config_thresholds: tuple[float, ...]  # the scored stages' thresholds from config.yaml
-    fit_version: int = 0
 
 
 @dataclass(slots=True)
@@ -86,7 +73,11 @@ class Learning:
         self._pruner: asyncio.Task[None] | None = None
         self._closed = False
         self._opened = False
-        self.tuner: Tuner | None = Tuner(self) if cfg.auto_tune else None
+        self.tuner: Tuner | None = (
+            Tuner(cfg, self.store, self.plans, self.apply, self.labels_added, clock)
+            if cfg.auto_tune
+            else None
+        )
 
     # --- wiring ----------------------------------------------------------------------------------------
 

@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from app.learning.features import FeatureSpec, extract_features, with_previous
-from app.learning.model import LogisticModel
+from app.learning.fitting import fit_logistic
+from app.learning.rows import Row
 from app.learning.thresholds import (
     CascadeChoice,
     best_single_model,
@@ -52,7 +52,8 @@ from app.learning.thresholds import (
     search_cascades,
     single_model_stats,
 )
-from app.replay.dataset import Row
+from app.scoring.features import FeatureSpec, extract_features, with_previous
+from app.scoring.model import LogisticModel
 
 DEFAULT_SPEC = FeatureSpec(hash_dim=0)
 DEFAULT_L2 = 10.0
@@ -82,7 +83,7 @@ def fit_stage_scorer(
     meta: Mapping[str, Any] | None = None,
 ) -> LogisticModel:
     """One stage's scorer from labelled answers (label: the answer was good enough)."""
-    return LogisticModel.fit(
+    return fit_logistic(
         featurize(examples, spec),
         [float(v) for v in labels],
         l2=l2,
@@ -236,7 +237,7 @@ def fit_cascade(
     def scorer_for(ch: tuple[str, ...]) -> LogisticModel:
         if ch not in fitted_models:
             y = correct[ch[-1]]
-            fitted_models[ch] = LogisticModel.fit(
+            fitted_models[ch] = fit_logistic(
                 feats.matrix(ch),
                 y,
                 l2=l2,

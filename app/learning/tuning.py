@@ -18,22 +18,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from app.cascade.plan import Plan
+from app.config import LearningConfig
 from app.learning.calibration import assemble, fit, guard
-from app.learning.store import Fit, StoreError
+from app.learning.store import Fit, Store, StoreError
 from app.learning.thresholds import evaluate_cascade
-
-if TYPE_CHECKING:
-    from app.learning.service import Learning, PlanMeta
 
 log = logging.getLogger("cascade.learning")
 
 
+@dataclass(slots=True)
+class PlanMeta:
+    """What a record needs to know about the plan it ran on, captured when the request finished."""
+
+    name: str
+    plan: Plan
+    fingerprint: str
+    n_stages: int
+    config_thresholds: tuple[float, ...]  # the scored stages' thresholds from config.yaml
+    fit_version: int = 0
+
+
 class Tuner:
-    def __init__(self, learning: Learning) -> None:
-        self.learning = learning
-        self.cfg = learning.cfg
+    """Keeps the thresholds of ``plans()`` tuned; ``apply(fit)`` puts a fit into force."""
+
+    def __init__(
+        self,
+        cfg: LearningConfig,
+        store: Store,
+        plans: Callable[[], list[PlanMeta]],
+        apply: Callable[[Fit], bool],
+        labels_added: asyncio.Event,
+        clock: Callable[[], float],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.plans = plans
+        self.apply = apply
+        self.labels_added = labels_added
+        self.clock = clock
         self._checked: dict[tuple[str, str], int] = {}  # last label id looked at without fitting
         self._task: asyncio.Task[None] | None = None
 
@@ -46,7 +72,7 @@ class Tuner:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _loop(self) -> None:
-        event = self.learning.labels_added
+        event = self.labels_added
         while True:
             try:
                 async with asyncio.timeout(self.cfg.sync_every_s):
@@ -60,14 +86,14 @@ class Tuner:
                 log.warning("threshold sync failed", extra={"error": str(exc)})
 
     async def sync(self, *, refit: bool = True) -> None:
-        for meta in self.learning.plans():
+        for meta in self.plans():
             await self._sync_one(meta, refit)
 
     async def _sync_one(self, meta: PlanMeta, refit: bool) -> None:
-        store = self.learning.store
+        store = self.store
         latest = await store.latest_fit(meta.name, meta.fingerprint)
         if latest is not None and latest.version > meta.fit_version:
-            self.learning.apply(latest)
+            self.apply(latest)
         if not refit:
             return
         key = (meta.name, meta.fingerprint)
@@ -80,15 +106,15 @@ class Tuner:
             self._checked[key] = top
             return
         if await store.save_fit(proposal):
-            self.learning.apply(proposal)
+            self.apply(proposal)
             return
         winner = await store.latest_fit(meta.name, meta.fingerprint)  # another replica was first
         if winner is not None:
-            self.learning.apply(winner)
+            self.apply(winner)
 
     async def _fit(self, meta: PlanMeta, latest: Fit | None, top: int) -> Fit | None:
         cfg = self.cfg
-        data = await self.learning.store.labelled(meta.name, meta.fingerprint, top)
+        data = await self.store.labelled(meta.name, meta.fingerprint, top)
         old = latest.thresholds if latest is not None else meta.config_thresholds
         rows = await asyncio.to_thread(assemble, data, meta.n_stages)
         if rows.n < cfg.min_labels:
@@ -127,5 +153,5 @@ class Tuner:
             at_new.cost,
             cal.search.feasible,
             evidence,
-            self.learning.clock(),
+            self.clock(),
         )

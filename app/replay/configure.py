@@ -36,9 +36,9 @@ from app.config import (
     ServerConfig,
     parse_config,
 )
+from app.learning.rows import Row
 from app.learning.thresholds import candidate_thresholds, choose_thresholds
 from app.learning.train import FittedCascade
-from app.replay.dataset import Row
 from app.replay.upstream import ROW_ID_FIELD, Served, build_completion
 
 REPLAY_CASCADE = "replay"

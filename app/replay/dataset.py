@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.learning.rows import ModelAnswer, Row
+
 # USD per 1M tokens (input, output). Early-2024 list prices; documented, override via `prices=`.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4-1106-preview": (10.0, 30.0),
@@ -98,25 +100,6 @@ def estimate_cost_usd(
 def hash_split(row_id: str, test_fraction: float = 0.5) -> str:
     h = int.from_bytes(hashlib.sha256(row_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
     return "test" if h < test_fraction else "train"
-
-
-@dataclass(frozen=True)
-class ModelAnswer:
-    answer: str
-    correct: bool
-    cost_usd: float
-    cost_estimated: bool = False
-    score: float | None = None
-
-
-@dataclass(frozen=True)
-class Row:
-    id: str
-    prompt: str
-    split: str
-    answers: Mapping[str, ModelAnswer]
-    reference: Any = None
-    dataset: str = ""
 
 
 @dataclass

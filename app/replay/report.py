@@ -61,11 +61,11 @@ def time_learned_scorers(plan: ReplayPlan, outcomes: Sequence[RowOutcome]) -> di
     Returns ms figures per scorer call and per request (all learned scorers of the stages it scored),
     after one warm-up call per scorer; empty when the cascade has no learned scorer.
     """
-    from app.learning.model import LearnedScorer
+    from app.scoring.model import LogisticModel
 
     stages = plan.config.cascades[plan.cascade].stages
     learned = [
-        [LearnedScorer.load(sc.model) for sc in st.scorers if isinstance(sc, LearnedConfig)]
+        [LogisticModel.load(sc.model) for sc in st.scorers if isinstance(sc, LearnedConfig)]
         for st in stages[:-1]
     ]
     if not any(learned):

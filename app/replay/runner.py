@@ -30,6 +30,7 @@ import httpx
 import uvicorn
 
 from app.config import Config
+from app.learning.rows import Row
 from app.learning.train import FittedCascade
 from app.replay.configure import (
     ReplayError,
@@ -41,7 +42,7 @@ from app.replay.configure import (
     stage_scores,
     train_curve,
 )
-from app.replay.dataset import Dataset, Row, load_dataset
+from app.replay.dataset import Dataset, load_dataset
 from app.replay.report import time_learned_scorers
 from app.replay.simulate import report_object
 from app.replay.upstream import ReplayUpstream

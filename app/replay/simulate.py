@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.learning.rows import Row
 from app.learning.train import FittedCascade
-from app.replay.dataset import Dataset, Row, best_single, model_summary, oracle
+from app.replay.dataset import Dataset, best_single, model_summary, oracle
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from typing import Any
 
 import orjson
 
-from app.learning.features import messages_to_prompt
-from app.replay.dataset import ModelAnswer, Row, estimate_tokens
+from app.answers import messages_to_prompt
+from app.learning.rows import ModelAnswer, Row
+from app.replay.dataset import estimate_tokens
 
 Json = dict[str, Any]
 Message = dict[str, Any]

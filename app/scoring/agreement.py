@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from app.answers import normalize_answer
 from app.config import AgreementScorer as AgreementConfig
 from app.config import ConsistencyScorer as ConsistencyConfig
-from app.learning.features import normalize_answer
 from app.protocol import prompt_text
 from app.scoring.base import Answer, Score, ScoreContext, Spend
 from app.upstream.client import Upstream

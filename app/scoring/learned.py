@@ -5,10 +5,10 @@ logistic regression. The score is the estimated probability that the answer is g
 
 from __future__ import annotations
 
+from app.answers import message_text, messages_to_prompt
 from app.config import LearnedScorer as LearnedConfig
-from app.learning.features import message_text, messages_to_prompt
-from app.learning.model import LearnedScorer as Model
 from app.scoring.base import Answer, Score, ScoreContext
+from app.scoring.model import LogisticModel as Model
 
 
 def answer_text(answer: Answer) -> str:

@@ -5,8 +5,9 @@ from functools import lru_cache
 import numpy as np
 sys.path.insert(0, '/work/main')
 from app.replay.dataset import load_dataset, model_summary, best_single, oracle
-from app.learning.features import extract_features, FeatureSpec, feature_names, ENGINEERED_NAMES
-from app.learning.model import LogisticModel
+from app.scoring.features import extract_features, FeatureSpec, feature_names, ENGINEERED_NAMES
+from app.learning.fitting import fit_logistic
+from app.scoring.model import LogisticModel
 from app.learning.thresholds import choose_thresholds, evaluate_cascade, search_cascades
 
 D = '/work/shared/data/'
@@ -41,7 +42,7 @@ class Bench:
 
     def fit(self, chain):
         X = self.feats('train', chain); y = self.y['train'][chain[-1]]
-        return LogisticModel.fit(X, y, l2=self.l2, names=[feature_names(self.spec)[i] for i in (self.cols if self.cols is not None else range(X.shape[1]))])
+        return fit_logistic(X, y, l2=self.l2, names=[feature_names(self.spec)[i] for i in (self.cols if self.cols is not None else range(X.shape[1]))])
 
     def cv_scores(self, chain):
         X = self.feats('train', chain); y = self.y['train'][chain[-1]]
@@ -50,7 +51,7 @@ class Bench:
             tr = self.fold != f
             if y[tr].min() == y[tr].max():
                 out[~tr] = y[tr][0]; continue
-            mdl = LogisticModel.fit(X[tr], y[tr], l2=self.l2)
+            mdl = fit_logistic(X[tr], y[tr], l2=self.l2)
             out[~tr] = mdl.predict_proba_many(X[~tr].tolist())
         return out
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 
-from app.learning.model import LearnedScorer
 from app.learning.train import StageExample, fit_cascade, fit_stage_scorer
 from app.replay.dataset import (
     DEFAULT_PRICES,
@@ -17,6 +16,7 @@ from app.replay.dataset import (
     oracle,
 )
 from app.replay.simulate import replay_report, simulate
+from app.scoring.model import LogisticModel
 
 
 def _write(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -127,7 +127,7 @@ def test_fit_stage_scorer_learns_hedging() -> None:
     ex = [StageExample("Q?", "A"), StageExample("Q?", "I think B, not sure")] * 20
     labels = [True, False] * 20
     m = fit_stage_scorer(ex, labels)
-    s = LearnedScorer(m)
+    s = m
     assert s.score("Q?", "B") > 0.5 > s.score("Q?", "I think A, maybe")
 
 
@@ -157,7 +157,7 @@ def test_fit_cascade_and_simulate(tmp_path: Path) -> None:
         "oracle",
     }
     paths = fitted.save(tmp_path / "out")
-    scorer = LearnedScorer.load(paths["stage0"])
+    scorer = LogisticModel.load(paths["stage0"])
     r = ds.test[0]
     assert math.isclose(
         scorer.score(r.prompt, r.answers["weak"].answer), fitted.score(0, r.prompt, r.answers["weak"].answer)

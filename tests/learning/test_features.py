@@ -2,17 +2,14 @@ import time
 
 import pytest
 
-from app.learning.features import (
+from app.answers import extract_code, extract_number, messages_to_prompt, normalize_answer
+from app.scoring.features import (
     ENGINEERED_NAMES,
     PREVIOUS_NAMES,
     FeatureSpec,
     arithmetic_checks,
-    extract_code,
     extract_features,
-    extract_number,
     feature_names,
-    messages_to_prompt,
-    normalize_answer,
     with_previous,
 )
 

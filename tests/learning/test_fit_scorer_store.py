@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
+from app.answers import messages_to_prompt
 from app.cli import main
 from app.config import LearnedScorer as LearnedConfig
-from app.learning.features import messages_to_prompt
 from app.learning.fit_scorer import collect
-from app.learning.model import LearnedScorer, LogisticModel
 from app.learning.store import LabelledTexts
 from app.scoring.base import Answer, ScoreContext
 from app.scoring.learned import Learned
+from app.scoring.model import LogisticModel
 from tests.conftest import base_config, chat, proxy
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import query, settle, sqlite_url, with_learning
@@ -110,7 +110,7 @@ async def test_fit_scorer_from_store_writes_a_learned_scorer_the_proxy_serves(
     # The file loads as a learned-scorer model and tells the two kinds of answer apart.
     model = LogisticModel.load(out / "stage0.json")
     assert model.meta["source"] == "traces" and model.meta["n_train"] == 60
-    scorer = LearnedScorer(model)
+    scorer = model
     p_good = scorer.score(good(99), json.dumps({"messages": [good(99)]}))
     p_bad = scorer.score(bad(99), json.dumps({"messages": [bad(99)]}))
     assert 0.0 < p_bad < 0.5 < p_good < 1.0

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from app.config import ConfigError, LearnedScorer, StageConfig
-from app.learning.model import LearnedScorer as Model
 from app.learning.train import StageExample, fit_stage_scorer
 from app.scoring.base import Answer, ScoreContext
 from app.scoring.learned import Learned, answer_text
+from app.scoring.model import LogisticModel as Model
 from app.scoring.registry import ScorerDeps, build_stage_scorers
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,8 @@ import random
 import re
 import time
 
-from app.learning.features import _EQ_RE, FeatureSpec, extract_features
+from app.scoring.arithmetic import EQ_RE as _EQ_RE
+from app.scoring.features import FeatureSpec, extract_features
 
 # The pattern before possessive whitespace / atomic numbers: the reference for equivalence.
 _PLAIN_EQ_RE = re.compile(

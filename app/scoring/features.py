@@ -1,10 +1,10 @@
 """Feature extraction for learned answer scorers.
 
-Pure, dependency-free (stdlib only) and fast (well under 1 ms for a few-KB prompt and answer).
+Stdlib only and fast (well under 1 ms for a few-KB prompt and answer).
 
 What a scorer sees at request time, for stage ``k`` of a cascade:
 
-* ``prompt``: the request text. For chat requests use :func:`messages_to_prompt` so that live traffic and
+* ``prompt``: the request text. For chat requests use :func:`app.answers.messages_to_prompt` so that live traffic and
   recorded datasets (whose ``prompt`` is the single user message) produce the same text.
 * ``answer``: the stage's answer text (``message.content``; tool calls serialised by the caller).
 * ``previous``: the answer texts of stages ``0..k-1`` in order (empty at stage 0).
@@ -13,8 +13,6 @@ What a scorer sees at request time, for stage ``k`` of a cascade:
 
 Public API::
 
-    normalize_answer(text, prompt=None, kind="auto") -> str    # "A", "18", "2.5" or normalised text
-    extract_number(text) -> float | None                      # the final number of an answer
     FeatureSpec(hash_dim=256, prompt_tail_chars=1500)         # fixed-size vector layout, saved with a model
     feature_names(spec) -> list[str]
     extract_features(prompt, answer, previous=(), logprobs=None, finish_reason=None, spec=FeatureSpec())
@@ -23,42 +21,34 @@ Public API::
 The vector is ``[engineered features..., hashed token features...]``. Engineered features are generic
 (length, hedging, truncation, refusal), task-shaped but harmless elsewhere (choice letters, verified
 arithmetic in math answers, code that parses) and cross-stage agreement (the answer's normalised form
-equals an earlier stage's). Hashed features are CRC32 buckets of answer tokens and of the prompt's tail,
+equals an earlier stage's, :func:`app.answers.normalize_answer`). Hashed features are CRC32 buckets of answer tokens and of the prompt's tail,
 signed (feature hashing), scaled by 1/sqrt(count) so long texts do not dominate.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.answers import (
+    BOXED_RE,
+    FINAL_MARK_RE,
+    NUM_RE,
+    canon_number,
+    choice_letter,
+    extract_code,
+    final_number_str,
+    normalize_answer,
+)
+from app.scoring.arithmetic import ANNOT_RE, EQ_CLEAN_RE, EQ_RE, arithmetic_checks
+
 FEATURE_SPEC_VERSION = 1
 
-# ----------------------------------------------------------------------------------------------------
-# answer normalisation
-# ----------------------------------------------------------------------------------------------------
-
-_NUM_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
-_FINAL_MARK_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
-_BOXED_RE = re.compile(r"\\boxed\{\s*\$?\s*(-?[\d,]*\.?\d+)")
-_ANSWER_IS_NUM_RE = re.compile(
-    r"(?:final answer|answer)\s*(?:is|:|=)?\s*(?:\*\*)?\s*[:=]?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE
-)
-_CHOICE_ONLY_RE = re.compile(r"^\s*([\(\[]?)\s*([A-Ea-e])\s*([\)\]\.:,]?)(?:\s|$)")
-_ANSWER_IS_CHOICE_RE = re.compile(
-    r"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?:\*\*)?\s*[\(\[]?([A-E])(?:[\)\]\.:,\s*]|$)"
-)
-_OPTION_LINE_RE = re.compile(r"^\s*[\(\[]?([A-E])[\)\]\.:]\s+(.+?)\s*$", re.MULTILINE)
-_WS_RE = re.compile(r"\s+")
-_PUNCT_RE = re.compile(r"[^\w\s]")
-_CODE_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-_PY_TAG_RE = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|\Z)", re.DOTALL)
 _TOKEN_RE = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
 _FINAL_LINE_RE = re.compile(r"####([^\n]*)")
 _NUMBER_WORDS: dict[str, str] = {
@@ -91,236 +81,6 @@ _NUMBER_WORDS: dict[str, str] = {
     "third": "3",
 }
 _WORD_RE = re.compile(r"[a-z]+")
-
-
-def _canon_number(s: str) -> str | None:
-    s = s.replace(",", "").strip()
-    if not s or s in {"-", ".", "-."}:
-        return None
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    if not math.isfinite(v):
-        return None
-    if abs(v - round(v)) < 1e-9 and abs(v) < 1e15:
-        return str(round(v))
-    return f"{v:.6g}"
-
-
-def _last_number(text: str) -> str | None:
-    nums = _NUM_RE.findall(text)
-    for n in reversed(nums):
-        c = _canon_number(n)
-        if c is not None:
-            return c
-    return None
-
-
-def extract_number(text: str) -> float | None:
-    """The final numeric answer: ``#### N``, ``\\boxed{N}``, "answer is N", else the last number."""
-    s = _final_number_str(text)
-    return float(s) if s is not None else None
-
-
-def _final_number_str(text: str) -> str | None:
-    for rx in (_FINAL_MARK_RE, _BOXED_RE):
-        found = rx.findall(text)
-        if found:
-            c = _canon_number(found[-1])
-            if c is not None:
-                return c
-    found = _ANSWER_IS_NUM_RE.findall(text)
-    if found:
-        c = _canon_number(found[-1])
-        if c is not None:
-            return c
-    return _last_number(text)
-
-
-def _prompt_options(prompt: str) -> dict[str, str]:
-    """Options of the last multiple-choice question in the prompt: normalised option text -> letter."""
-    tail = prompt[-800:]
-    opts: dict[str, str] = {}
-    for m in _OPTION_LINE_RE.finditer(tail):
-        letter, text = m.group(1), _norm_text(m.group(2))
-        if text:
-            opts[text] = letter  # later (= last question's) options win
-    return opts
-
-
-def _norm_text(text: str) -> str:
-    return _WS_RE.sub(" ", _PUNCT_RE.sub(" ", text.lower())).strip()
-
-
-def _choice_letter(text: str, prompt: str | None) -> str | None:
-    s = text.strip()
-    if not s:
-        return None
-    if len(s) <= 40:
-        m = _CHOICE_ONLY_RE.match(s)
-        if m and (len(s) <= 3 or (m.group(2).isupper() and (m.group(1) or m.group(3)))):
-            return m.group(2).upper()
-    m2 = _ANSWER_IS_CHOICE_RE.search(s[:400])
-    if m2:
-        return m2.group(1).upper()
-    if prompt:
-        opts = _prompt_options(prompt)
-        if opts:
-            t = _norm_text(s[:200])
-            if t in opts:
-                return opts[t]
-            for opt_text, letter in opts.items():
-                if t.startswith(opt_text + " ") or t == opt_text:
-                    return letter
-    return None
-
-
-def normalize_answer(text: str, prompt: str | None = None, kind: str = "auto") -> str:
-    """Canonical form of an answer, for agreement between stages.
-
-    ``kind``: ``"choice"`` (a letter A-E), ``"number"`` (canonical number string), ``"text"``
-    (lower-cased, punctuation-free, whitespace-collapsed, at most 300 chars) or ``"auto"``:
-    a choice letter when the answer is one (or, given ``prompt``, names one of its options), else a
-    number when the answer marks one (``#### N``, ``\\boxed{N}``, "answer is N") or is a short
-    computation, else text. Returns ``""`` for an empty answer.
-    """
-    s = text.strip()
-    if not s:
-        return ""
-    if kind == "choice":
-        return _choice_letter(s, prompt) or _norm_text(s)[:300]
-    if kind == "number":
-        return _final_number_str(s) or _norm_text(s)[:300]
-    if kind == "text":
-        return _norm_text(s)[:300]
-    letter = _choice_letter(s, prompt)
-    if letter is not None:
-        return letter
-    if "```" not in s and "[PYTHON]" not in s:
-        for rx in (_FINAL_MARK_RE, _BOXED_RE):
-            found = rx.findall(s)
-            if found:
-                c = _canon_number(found[-1])
-                if c is not None:
-                    return c
-        m = _ANSWER_IS_NUM_RE.findall(s)
-        if m:
-            c = _canon_number(m[-1])
-            if c is not None:
-                return c
-        if len(s) <= 3000 and ("=" in s or len(s) <= 20):
-            c2 = _last_number(s)
-            if c2 is not None:
-                return c2
-    return _norm_text(s)[:300]
-
-
-# ----------------------------------------------------------------------------------------------------
-# arithmetic verification
-# ----------------------------------------------------------------------------------------------------
-
-_ANNOT_RE = re.compile(r"<<([^<>=]{1,120})=([^<>]{1,40})>>")
-_EQ_CLEAN_RE = re.compile(r"(?<=\d),(?=\d{3})")
-# "a op b op c = r". Possessive whitespace and atomic numbers: same matches as the plain pattern (nothing
-# after them can match a space or a digit, so giving those back never helps), without its exponential
-# backtracking on long annotated chains (6 ms -> 0.02 ms on some GSM8K answers).
-_EQ_RE = re.compile(
-    r"((?:\(?\s*+(?>-?\d+(?:\.\d+)?)\s*+\)?\s*+[-+*/x×÷]\s*+)+\(?\s*+(?>-?\d+(?:\.\d+)?)\s*+\)?)"
-    r"\s*+=\s*+(-?\d+(?:\.\d+)?)"
-)
-
-_ALLOWED_BINOPS: dict[type[ast.operator], Any] = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: a // b,
-    ast.Mod: lambda a, b: a % b,
-}
-
-
-def _safe_eval(node: ast.AST, depth: int = 0) -> float:
-    if depth > 40:
-        raise ValueError("too deep")
-    if isinstance(node, ast.Expression):
-        return _safe_eval(node.body, depth + 1)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-        return float(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        v = _safe_eval(node.operand, depth + 1)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_BINOPS:
-        a = _safe_eval(node.left, depth + 1)
-        b = _safe_eval(node.right, depth + 1)
-        return float(_ALLOWED_BINOPS[type(node.op)](a, b))
-    raise ValueError("unsupported")
-
-
-def _eval_expr(expr: str) -> float | None:
-    e = expr.replace(",", "").replace("$", "").replace("×", "*").replace("÷", "/").replace("\\*", "*")
-    e = re.sub(r"(?<=[\d)\s])x(?=[\s\d(])", "*", e)
-    e = re.sub(r"(\d+(?:\.\d+)?)\s*%", r"(\1/100)", e)
-    e = e.strip()
-    if not e or len(e) > 160 or re.search(r"[^\d\s.+\-*/()%]", e):
-        return None
-    try:
-        return _safe_eval(ast.parse(e, mode="eval"))
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError):
-        return None
-
-
-def _close(a: float, b: float) -> bool:
-    if abs(a - b) <= 1e-6 + 1e-4 * max(abs(a), abs(b)):
-        return True
-    # rounded presentations: 2.3333 -> 2.33, 33.333 -> 33
-    return abs(a - b) < 0.01 or (abs(b) >= 1 and round(a) == b and abs(a - b) < 0.5 and abs(a) > 20)
-
-
-def arithmetic_checks(answer: str) -> tuple[int, int, int, int]:
-    """(annotations checked, annotations wrong, equations checked, equations wrong) in an answer."""
-    n_ann = n_ann_bad = 0
-    for expr, res in _ANNOT_RE.findall(answer):
-        v = _eval_expr(expr)
-        r = _eval_expr(res)
-        if v is None or r is None:
-            continue
-        n_ann += 1
-        if not _close(v, r):
-            n_ann_bad += 1
-    text = _ANNOT_RE.sub(" ", answer)
-    text = _EQ_CLEAN_RE.sub("", text).replace("$", "").replace("\\*", "*")
-    text = re.sub(r"(\d)\s*%", r"\1", text)
-    n_eq = n_eq_bad = 0
-    for expr, res in _EQ_RE.findall(text):
-        v = _eval_expr(expr)
-        if v is None:
-            continue
-        try:
-            r = float(res)
-        except ValueError:
-            continue
-        n_eq += 1
-        # a percentage written as "x * 60 = 24" (60 meaning 60%) is not an error
-        if not _close(v, r) and not _close(v / 100.0, r):
-            n_eq_bad += 1
-    return n_ann, n_ann_bad, n_eq, n_eq_bad
-
-
-# ----------------------------------------------------------------------------------------------------
-# code helpers
-# ----------------------------------------------------------------------------------------------------
-
-
-def extract_code(answer: str) -> tuple[str, str]:
-    """(language tag, code) of the answer's first fenced or [PYTHON] block; ("", "") when none."""
-    m = _CODE_FENCE_RE.search(answer)
-    if m:
-        return m.group(1).lower(), m.group(2)
-    m2 = _PY_TAG_RE.search(answer)
-    if m2:
-        return "python", m2.group(1)
-    return "", ""
 
 
 def _python_parses(code: str) -> bool:
@@ -510,44 +270,6 @@ def feature_names(spec: FeatureSpec | None = None) -> list[str]:
     return list(ENGINEERED_NAMES) + [f"h{i}" for i in range(spec.hash_dim)]
 
 
-def message_text(message: Mapping[str, Any]) -> str:
-    """The text features see for one answer message: its content, or for a tool-call answer its calls
-    as compact JSON. Serving (the learned scorer) and the trace store both use this one form."""
-    content = message.get("content")
-    if isinstance(content, str) and content:
-        return content
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list) or not calls:
-        return ""
-    fns = [c.get("function") for c in calls if isinstance(c, Mapping)]
-    return json.dumps(
-        [{"name": f.get("name"), "arguments": f.get("arguments")} for f in fns if isinstance(f, Mapping)],
-        separators=(",", ":"),
-    )
-
-
-def messages_to_prompt(messages: Sequence[dict[str, Any]]) -> str:
-    """Flatten OpenAI chat messages into the prompt text features are computed on.
-
-    A single user message yields exactly its content (the shape of recorded datasets); otherwise the
-    contents are joined with blank lines (text parts of multi-part contents only).
-    """
-    parts: list[str] = []
-    for msg in messages:
-        content = msg.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if (
-                    isinstance(part, dict)
-                    and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)
-                ):
-                    parts.append(part["text"])
-    return "\n\n".join(parts)
-
-
 def _count_any(text: str, needles: Sequence[str]) -> int:
     return sum(text.count(n) for n in needles)
 
@@ -663,8 +385,8 @@ def extract_features(
     f["unbalanced_annotation"] = 1.0 if a.count("<<") != a.count(">>") else 0.0
     f["finish_length"] = 1.0 if finish_reason == "length" else 0.0
 
-    letter = _choice_letter(a, None)
-    letter_opt = None if letter is not None else _choice_letter(a, prompt)
+    letter = choice_letter(a, None)
+    letter_opt = None if letter is not None else choice_letter(a, prompt)
     f["is_choice"] = 1.0 if (letter or letter_opt) else 0.0
     f["choice_clean"] = 1.0 if letter is not None and len(a) <= 3 else 0.0
     f["choice_from_option_text"] = 1.0 if letter_opt is not None else 0.0
@@ -674,27 +396,27 @@ def extract_features(
 
     lang, code = extract_code(a)
     has_code = bool(code.strip())
-    final_mark = _FINAL_MARK_RE.findall(a) or _BOXED_RE.findall(a)
+    final_mark = FINAL_MARK_RE.findall(a) or BOXED_RE.findall(a)
     f["has_final_mark"] = 1.0 if final_mark else 0.0
     final_lines = _FINAL_LINE_RE.findall(a) if "####" in a else []
     if final_lines:
         raw = final_lines[-1].strip()
         f["final_mark_decorated"] = 0.0 if re.fullmatch(r"-?[\d,]*\.?\d+", raw) else 1.0
         f["final_decimal_zero"] = 1.0 if re.search(r"\d\.0+\b", raw) else 0.0
-        vals = {_canon_number(m) for m in (_NUM_RE.findall(x) for x in final_lines) for m in m[:1]}
+        vals = {canon_number(m) for m in (NUM_RE.findall(x) for x in final_lines) for m in m[:1]}
         f["final_mark_conflict"] = 1.0 if len(vals) > 1 else 0.0
-    final = None if has_code else _final_number_str(a)
+    final = None if has_code else final_number_str(a)
     f["has_number"] = 1.0 if final is not None else 0.0
     if final is not None:
         fv = float(final)
         f["final_integer"] = 1.0 if abs(fv - round(fv)) < 1e-9 else 0.0
         f["final_negative"] = 1.0 if fv < 0 else 0.0
         f["final_log_magnitude"] = math.log10(abs(fv) + 1.0)
-    p_nums = {c for c in (_canon_number(n) for n in _NUM_RE.findall(ptail)) if c is not None}
+    p_nums = {c for c in (canon_number(n) for n in NUM_RE.findall(ptail)) if c is not None}
     if not has_code and len(ptail) <= 3000:
         p_nums.update(_NUMBER_WORDS[w] for w in _WORD_RE.findall(ptail.lower()) if w in _NUMBER_WORDS)
     a_nums_list = (
-        [c for c in (_canon_number(n) for n in _NUM_RE.findall(a)) if c is not None] if not has_code else []
+        [c for c in (canon_number(n) for n in NUM_RE.findall(a)) if c is not None] if not has_code else []
     )
     a_nums = set(a_nums_list)
     if final is not None:
@@ -714,11 +436,11 @@ def extract_features(
     f["eq_wrong_frac"] = eq_bad / n_eq if n_eq else 0.0
     f["any_arith_wrong"] = 1.0 if (ann_bad + eq_bad) > 0 else 0.0
     if final is not None and (n_ann or n_eq):
-        results = [r for _, r in _ANNOT_RE.findall(a)]
-        last_res = _canon_number(results[-1]) if results else None
+        results = [r for _, r in ANNOT_RE.findall(a)]
+        last_res = canon_number(results[-1]) if results else None
         if last_res is None:
-            eqs = _EQ_RE.findall(_EQ_CLEAN_RE.sub("", a).replace("$", ""))
-            last_res = _canon_number(eqs[-1][1]) if eqs else None
+            eqs = EQ_RE.findall(EQ_CLEAN_RE.sub("", a).replace("$", ""))
+            last_res = canon_number(eqs[-1][1]) if eqs else None
         f["final_is_last_eq_result"] = 1.0 if last_res == final else 0.0
 
     f["has_code"] = 1.0 if has_code else 0.0

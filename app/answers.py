@@ -1,0 +1,211 @@
+"""Answers as text: the normal form two answers are compared in, and the text of a chat message.
+
+Bottom of the package: stdlib only, imported by scoring (agreement, learned features), the trace store
+(labels) and replay. Pure and fast (well under 1 ms for a few-KB answer).
+
+API::
+
+    normalize_answer(text, prompt=None, kind="auto") -> str    # "A", "18", "2.5" or normalised text
+    extract_number(text) -> float | None                      # the final number of an answer
+    extract_code(answer) -> (language, code)                  # the first fenced or [PYTHON] block
+    message_text(message) -> str                              # content, or tool calls as compact JSON
+    messages_to_prompt(messages) -> str                       # the prompt text of a chat request
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+NUM_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
+FINAL_MARK_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+BOXED_RE = re.compile(r"\\boxed\{\s*\$?\s*(-?[\d,]*\.?\d+)")
+_ANSWER_IS_NUM_RE = re.compile(
+    r"(?:final answer|answer)\s*(?:is|:|=)?\s*(?:\*\*)?\s*[:=]?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE
+)
+_CHOICE_ONLY_RE = re.compile(r"^\s*([\(\[]?)\s*([A-Ea-e])\s*([\)\]\.:,]?)(?:\s|$)")
+_ANSWER_IS_CHOICE_RE = re.compile(
+    r"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?:\*\*)?\s*[\(\[]?([A-E])(?:[\)\]\.:,\s*]|$)"
+)
+_OPTION_LINE_RE = re.compile(r"^\s*[\(\[]?([A-E])[\)\]\.:]\s+(.+?)\s*$", re.MULTILINE)
+_WS_RE = re.compile(r"\s+")
+_PUNCT_RE = re.compile(r"[^\w\s]")
+
+
+def canon_number(s: str) -> str | None:
+    s = s.replace(",", "").strip()
+    if not s or s in {"-", ".", "-."}:
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    if not math.isfinite(v):
+        return None
+    if abs(v - round(v)) < 1e-9 and abs(v) < 1e15:
+        return str(round(v))
+    return f"{v:.6g}"
+
+
+def _last_number(text: str) -> str | None:
+    nums = NUM_RE.findall(text)
+    for n in reversed(nums):
+        c = canon_number(n)
+        if c is not None:
+            return c
+    return None
+
+
+def extract_number(text: str) -> float | None:
+    """The final numeric answer: ``#### N``, ``\\boxed{N}``, "answer is N", else the last number."""
+    s = final_number_str(text)
+    return float(s) if s is not None else None
+
+
+def final_number_str(text: str) -> str | None:
+    for rx in (FINAL_MARK_RE, BOXED_RE):
+        found = rx.findall(text)
+        if found:
+            c = canon_number(found[-1])
+            if c is not None:
+                return c
+    found = _ANSWER_IS_NUM_RE.findall(text)
+    if found:
+        c = canon_number(found[-1])
+        if c is not None:
+            return c
+    return _last_number(text)
+
+
+def _prompt_options(prompt: str) -> dict[str, str]:
+    """Options of the last multiple-choice question in the prompt: normalised option text -> letter."""
+    tail = prompt[-800:]
+    opts: dict[str, str] = {}
+    for m in _OPTION_LINE_RE.finditer(tail):
+        letter, text = m.group(1), norm_text(m.group(2))
+        if text:
+            opts[text] = letter  # later (= last question's) options win
+    return opts
+
+
+def norm_text(text: str) -> str:
+    return _WS_RE.sub(" ", _PUNCT_RE.sub(" ", text.lower())).strip()
+
+
+def choice_letter(text: str, prompt: str | None) -> str | None:
+    s = text.strip()
+    if not s:
+        return None
+    if len(s) <= 40:
+        m = _CHOICE_ONLY_RE.match(s)
+        if m and (len(s) <= 3 or (m.group(2).isupper() and (m.group(1) or m.group(3)))):
+            return m.group(2).upper()
+    m2 = _ANSWER_IS_CHOICE_RE.search(s[:400])
+    if m2:
+        return m2.group(1).upper()
+    if prompt:
+        opts = _prompt_options(prompt)
+        if opts:
+            t = norm_text(s[:200])
+            if t in opts:
+                return opts[t]
+            for opt_text, letter in opts.items():
+                if t.startswith(opt_text + " ") or t == opt_text:
+                    return letter
+    return None
+
+
+def normalize_answer(text: str, prompt: str | None = None, kind: str = "auto") -> str:
+    """Canonical form of an answer, for agreement between stages.
+
+    ``kind``: ``"choice"`` (a letter A-E), ``"number"`` (canonical number string), ``"text"``
+    (lower-cased, punctuation-free, whitespace-collapsed, at most 300 chars) or ``"auto"``:
+    a choice letter when the answer is one (or, given ``prompt``, names one of its options), else a
+    number when the answer marks one (``#### N``, ``\\boxed{N}``, "answer is N") or is a short
+    computation, else text. Returns ``""`` for an empty answer.
+    """
+    s = text.strip()
+    if not s:
+        return ""
+    if kind == "choice":
+        return choice_letter(s, prompt) or norm_text(s)[:300]
+    if kind == "number":
+        return final_number_str(s) or norm_text(s)[:300]
+    if kind == "text":
+        return norm_text(s)[:300]
+    letter = choice_letter(s, prompt)
+    if letter is not None:
+        return letter
+    if "```" not in s and "[PYTHON]" not in s:
+        for rx in (FINAL_MARK_RE, BOXED_RE):
+            found = rx.findall(s)
+            if found:
+                c = canon_number(found[-1])
+                if c is not None:
+                    return c
+        m = _ANSWER_IS_NUM_RE.findall(s)
+        if m:
+            c = canon_number(m[-1])
+            if c is not None:
+                return c
+        if len(s) <= 3000 and ("=" in s or len(s) <= 20):
+            c2 = _last_number(s)
+            if c2 is not None:
+                return c2
+    return norm_text(s)[:300]
+
+
+_CODE_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_PY_TAG_RE = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|\Z)", re.DOTALL)
+
+
+def extract_code(answer: str) -> tuple[str, str]:
+    """(language tag, code) of the answer's first fenced or [PYTHON] block; ("", "") when none."""
+    m = _CODE_FENCE_RE.search(answer)
+    if m:
+        return m.group(1).lower(), m.group(2)
+    m2 = _PY_TAG_RE.search(answer)
+    if m2:
+        return "python", m2.group(1)
+    return "", ""
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text features see for one answer message: its content, or for a tool-call answer its calls
+    as compact JSON. Serving (the learned scorer) and the trace store both use this one form."""
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        return content
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        return ""
+    fns = [c.get("function") for c in calls if isinstance(c, Mapping)]
+    return json.dumps(
+        [{"name": f.get("name"), "arguments": f.get("arguments")} for f in fns if isinstance(f, Mapping)],
+        separators=(",", ":"),
+    )
+
+
+def messages_to_prompt(messages: Sequence[dict[str, Any]]) -> str:
+    """Flatten OpenAI chat messages into the prompt text features are computed on.
+
+    A single user message yields exactly its content (the shape of recorded datasets); otherwise the
+    contents are joined with blank lines (text parts of multi-part contents only).
+    """
+    parts: list[str] = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    parts.append(part["text"])
+    return "\n\n".join(parts)
