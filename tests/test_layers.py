@@ -63,7 +63,7 @@ def test_no_import_cycle_between_packages() -> None:
         seen[node] = 1
         for nxt in sorted(edges.get(node, ())):
             if seen.get(nxt) == 1:
-                cycle = stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt]
+                cycle = [*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in seen:
                 visit(nxt, [*stack, nxt])

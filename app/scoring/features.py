@@ -4,8 +4,8 @@ Stdlib only and fast (well under 1 ms for a few-KB prompt and answer).
 
 What a scorer sees at request time, for stage ``k`` of a cascade:
 
-* ``prompt``: the request text. For chat requests use :func:`app.answers.messages_to_prompt` so that live traffic and
-  recorded datasets (whose ``prompt`` is the single user message) produce the same text.
+* ``prompt``: the request text. For chat requests use :func:`app.answers.messages_to_prompt` so that
+  live traffic and recorded datasets (whose ``prompt`` is the single user message) produce the same text.
 * ``answer``: the stage's answer text (``message.content``; tool calls serialised by the caller).
 * ``previous``: the answer texts of stages ``0..k-1`` in order (empty at stage 0).
 * ``logprobs``: optional token log-probabilities of the answer (natural log), ``None`` when unknown.
@@ -20,9 +20,10 @@ Public API::
 
 The vector is ``[engineered features..., hashed token features...]``. Engineered features are generic
 (length, hedging, truncation, refusal), task-shaped but harmless elsewhere (choice letters, verified
-arithmetic in math answers, code that parses) and cross-stage agreement (the answer's normalised form
-equals an earlier stage's, :func:`app.answers.normalize_answer`). Hashed features are CRC32 buckets of answer tokens and of the prompt's tail,
-signed (feature hashing), scaled by 1/sqrt(count) so long texts do not dominate.
+arithmetic in math answers, code that parses) and cross-stage agreement (the answer's normalised form,
+:func:`app.answers.normalize_answer`, equals an earlier stage's). Hashed features are CRC32 buckets of
+answer tokens and of the prompt's tail, signed (feature hashing), scaled by 1/sqrt(count) so long texts
+do not dominate.
 """
 
 from __future__ import annotations
