@@ -10,6 +10,10 @@ API::
     extract_code(answer) -> (language, code)                  # the first fenced or [PYTHON] block
     message_text(message) -> str                              # content, or tool calls as compact JSON
     messages_to_prompt(messages) -> str                       # the prompt text of a chat request
+    canonical_json(text) -> str | None                        # a JSON object/array answer, canonical
+    answer_form(text, prompt=None) -> str                     # empty | json | choice | number | text
+    closed_form(text, prompt=None) -> bool                    # json, choice or number: exact match decides
+    canonical_answer(text, prompt=None) -> str                # what two closed-form answers compare by
 """
 
 from __future__ import annotations
@@ -209,3 +213,73 @@ def messages_to_prompt(messages: Sequence[dict[str, Any]]) -> str:
                 ):
                     parts.append(part["text"])
     return "\n\n".join(parts)
+
+
+# --- closed forms: answers that one exact comparison can judge ------------------------------------------
+
+_JSON_FENCE_RE = re.compile(r"^```[ \t]*(?:json)?[ \t]*\n(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
+CLOSED_FORMS = ("json", "choice", "number")
+
+
+def _expand_arguments(value: Any) -> Any:
+    """Tool calls as ``message_text`` writes them carry their arguments as a JSON string: parse it, so
+    two calls that differ only in the arguments' key order or spacing compare equal."""
+    if isinstance(value, list):
+        return [_expand_arguments(v) for v in value]
+    if isinstance(value, dict):
+        out = {k: _expand_arguments(v) for k, v in value.items()}
+        args = out.get("arguments")
+        if isinstance(args, str):
+            try:
+                parsed: Any = json.loads(args)
+            except ValueError:
+                parsed = args
+            out["arguments"] = parsed
+        return out
+    return value
+
+
+def canonical_json(text: str) -> str | None:
+    """The canonical form (sorted keys, no spaces) of an answer that is one JSON object or array,
+    optionally in a single ```json fence; None for anything else (a bare string or number is not)."""
+    s = text.strip()
+    m = _JSON_FENCE_RE.match(s)
+    if m:
+        s = m.group(1).strip()
+    if not s or s[0] not in "[{":
+        return None
+    try:
+        value = json.loads(s)
+    except ValueError:
+        return None
+    if not isinstance(value, dict | list):
+        return None
+    return json.dumps(_expand_arguments(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def answer_form(text: str, prompt: str | None = None) -> str:
+    """What kind of answer ``text`` is: ``"empty"``; ``"json"`` (one JSON object or array: structured
+    output, tool calls as ``message_text`` writes them); ``"choice"`` (a choice letter, as
+    ``normalize_answer`` finds it); ``"number"`` (a marked or short numeric answer, as
+    ``normalize_answer`` finds it); else ``"text"`` (free form)."""
+    s = text.strip()
+    if not s:
+        return "empty"
+    if canonical_json(s) is not None:
+        return "json"
+    if choice_letter(s, prompt) is not None:
+        return "choice"
+    norm = normalize_answer(s, prompt)
+    return "number" if canon_number(norm) == norm else "text"
+
+
+def closed_form(text: str, prompt: str | None = None) -> bool:
+    """True when the answer is a closed form (a choice letter, a number, JSON or a tool call): two such
+    answers are as good as each other exactly when their canonical forms are equal. Free-form text is
+    not: two models never word it the same way."""
+    return answer_form(text, prompt) in CLOSED_FORMS
+
+
+def canonical_answer(text: str, prompt: str | None = None) -> str:
+    """What answers are compared by: canonical JSON for a JSON answer, else ``normalize_answer``."""
+    return canonical_json(text) or normalize_answer(text, prompt)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import CascadeBaseError
 
@@ -252,6 +252,8 @@ class CascadeConfig(_Model):
     # When the last stage fails (error, or the deadline passes before it answers): "none" answers with
     # the error (502/504); "best_rejected" serves the highest-scored answer an earlier stage gave.
     fallback: Literal["none", "best_rejected"] = "none"
+    # How labels decide "as good as the last stage's answer" for this cascade (default: learning.compare).
+    compare: Literal["auto", "exact", "judge"] | None = None
 
 
 class LearningConfig(_Model):
@@ -264,19 +266,52 @@ class LearningConfig(_Model):
     queue_size: int = Field(10_000, ge=1)  # records waiting for the store; beyond it they are dropped
     shadow_rate: float = Field(0.0, ge=0, le=1)
     shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per server: each worker gets 1/workers
-    shadow_judge: str | None = None  # upstream name; default: normalised answer match
+    # Shadow and judge spend at most this share of what the answers cost (per process, last hour);
+    # null: no such cap.
+    shadow_max_share: float | None = Field(0.1, gt=0, le=1)
+    shadow_max_in_flight: int = Field(8, ge=1)  # per process; more are skipped ("busy"), never queued
+    # The label definition: "as good as the last stage's answer", decided by `compare`:
+    # auto: exact match of closed forms (choice, number, JSON, tool calls), else the judge, else no label;
+    # exact: normalised exact match always; judge: the judge always.
+    compare: Literal["auto", "exact", "judge"] = "auto"
+    judge: str | None = None  # upstream that judges free-form answers (old name: shadow_judge)
+    user_pass_score: float = Field(0.5, ge=0, le=1)  # feedback score >= this: "as good" (1), else 0
     target_quality: float = Field(0.95, gt=0, le=1)
     auto_tune: bool = False
-    tune_every: int = Field(50, ge=1)
-    min_labels: int = Field(200, ge=1)
-    max_step: float = Field(0.05, gt=0, le=1)
+    tune_every: int = Field(20, ge=1)
+    min_labels: int = Field(50, ge=1)
+    max_step: float = Field(0.05, gt=0, le=1)  # per fit, towards accepting more (lowering a threshold)
+    max_step_up: float = Field(1.0, gt=0, le=1)  # per fit, towards escalating more
     threshold_bounds: tuple[float, float] = (0.05, 0.99)
     # Fit with quality - margin_z * standard error >= target: a margin against fitting to noise.
     margin_z: float = Field(1.0, ge=0, le=5)
+    # Drift: a labelled request's weight halves every `half_life_labels` newer labelled requests
+    # (0: no decay); fits use at most the newest `window_labels` of them (0: 4 half-lives, or all).
+    half_life_labels: int = Field(500, ge=0)
+    window_labels: int = Field(0, ge=0)
     # How often a replica looks in the store for new labels and for fits made by other replicas.
     sync_every_s: float = Field(30.0, gt=0)
     # Traces (with their attempts and labels) older than this are deleted, hourly; 0 keeps them forever.
     retention_days: float = Field(30.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_judge_key(cls, data: Any) -> Any:
+        # `shadow_judge` was the key before labels got one definition; it still works.
+        if isinstance(data, dict) and "shadow_judge" in data:
+            data = dict(data)
+            old = data.pop("shadow_judge")
+            if data.get("judge") not in (None, old):
+                raise ValueError("shadow_judge is the old name of judge: give one of them")
+            data["judge"] = old
+        return data
+
+    @property
+    def window(self) -> int:
+        """Labelled requests a fit uses at most (0: all)."""
+        if self.window_labels:
+            return self.window_labels
+        return 4 * self.half_life_labels
 
     @field_validator("store")
     @classmethod
@@ -402,8 +437,21 @@ def _cross_check(cfg: Config) -> list[str]:
                     )
                 if isinstance(sc, AgreementScorer) and i == 0:
                     problems.append(f"{sp}: the first stage has no earlier answer to agree with")
-    if cfg.learning and cfg.learning.shadow_judge and cfg.learning.shadow_judge not in names:
-        problems.append(f"learning.shadow_judge: unknown upstream '{cfg.learning.shadow_judge}'")
+    if cfg.learning is not None:
+        problems += _check_labels(cfg, cfg.learning, names)
+    return problems
+
+
+def _check_labels(cfg: Config, lcfg: LearningConfig, names: set[str]) -> list[str]:
+    problems = []
+    if lcfg.judge is not None and lcfg.judge not in names:
+        problems.append(f"learning.judge: unknown upstream '{lcfg.judge}'")
+    if lcfg.judge is None:
+        if lcfg.compare == "judge":
+            problems.append("learning.compare: 'judge' needs learning.judge (an upstream)")
+        for cname, cascade in cfg.cascades.items():
+            if cascade.compare == "judge":
+                problems.append(f"cascades.{cname}.compare: 'judge' needs learning.judge (an upstream)")
     return problems
 
 

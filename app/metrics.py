@@ -133,6 +133,14 @@ class Metrics:
             ["cascade", "reason"],
             registry=r,
         )
+        self.labels_skipped_total = Counter(
+            "cascade_labels_skipped",
+            "Requests that got no label although eligible, by reason (free_form: free-form answers and "
+            "no judge; busy, budget, circuit_open: a label call not made; upstream_error, no_answer, "
+            "no_label: a label call that gave none).",
+            ["cascade", "reason"],
+            registry=r,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -198,6 +206,9 @@ class Metrics:
 
     def labelled(self, cascade: str, source: str, n: int = 1) -> None:
         self._child(self.labels, cascade, source).inc(n)
+
+    def labels_skipped(self, cascade: str, reason: str, n: int = 1) -> None:
+        self._child(self.labels_skipped_total, cascade, reason).inc(n)
 
     def shadow_skip(self, cascade: str, reason: str) -> None:
         self._child(self.shadow_skipped, cascade, reason).inc()

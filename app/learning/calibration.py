@@ -1,29 +1,41 @@
 """From labelled traces to per-stage thresholds: the rows, the fit and the guard rails. Pure; numpy.
 
-One row per labelled request of a cascade. ``correct[k]`` is how good stage k's answer is next to the
-last stage's (1 = as good), the last stage's own being 1 unless a user said otherwise. A row needs a
-reference answer from the last stage, and its weight is the inverse of the chance it got one:
+One row per labelled request of a cascade. ``correct[k]`` is whether stage k's answer is as good as the
+last stage's (1 = as good; ``app.learning.labels``), the last stage's own being 1 unless a user said
+otherwise. A request is labelled when it has a reference answer for the stage that served it: it
+reached the last stage and got free labels, or it was accepted early and got a shadow label, or a user
+labelled it. Its weight is the inverse of its realised chance of being labelled:
 
-* the request reached the last stage itself: every earlier answer is labelled for free, weight 1;
-* it was accepted early and picked for shadow labelling (rate p): weight 1/p, and the last stage's
-  cost is what the shadow call cost;
-* it was accepted early and only a user labelled it: weight 1 (users label at an unknown rate, so this
-  is the one biased source), the last stage's cost is the trace's baseline.
+* ``p̂[k]`` = the share of the requests accepted at stage ``k`` (in the fit's window, with the same
+  decay) that are labelled, by any source: about 1 for stage K-1 when answers are closed forms, the
+  realised shadow rate for earlier stages (busy, over budget, circuit open and failed shadow calls all
+  lower it below ``shadow_rate``). Nominal rates would bias every estimate whenever calls are skipped.
+* a labelled request accepted at stage ``k`` weighs ``decay / p̂[k]``; ``decay`` halves every
+  ``half_life_labels`` newer labelled requests (drift: new traffic outweighs old), and only the newest
+  ``window_labels`` labelled requests count.
+* The estimates are unbiased when being labelled does not depend on the answer's quality at a given
+  accepted stage: true of shadow draws and their skips; users who mostly report bad answers break it.
+* User scores become labels at ``user_pass_score``; a user label overrides a free or shadow label of the
+  same answer. The last stage's cost is what it cost (escalated), what the shadow call cost (shadow),
+  or the trace's baseline (user).
 
-Stages a request never reached (a middle stage, when an earlier one accepted) are filled in with that
-stage's weighted mean label and mean cost, and always accept: a deliberately pessimistic guess for
-quality, so a fit errs towards escalating. Scores of failed attempts are NaN (never accepted).
+Without the counts of requests per accepted stage (``LabelledData.accepted`` is None) the stored
+nominal weights are used (1, 1/shadow_rate). Stages a request never reached (a middle stage, when an
+earlier one accepted) are filled in with that stage's weighted mean label and mean cost, and always
+accept: a deliberately pessimistic guess for quality, so a fit errs towards escalating. Scores of
+failed attempts are NaN (never accepted).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.learning.labels import user_label
 from app.learning.store import LabelledData
 from app.learning.thresholds import (
     CascadeEval,
@@ -36,6 +48,9 @@ from app.learning.thresholds import (
 
 _ALWAYS = 1e300  # score of a stage the request never reached: above every finite threshold
 
+AttemptT = tuple[str, float | None, float]  # outcome, score, cost
+LabelT = tuple[str, int | None, float, float, float]  # source, stage, value, nominal weight, cost
+
 
 @dataclass
 class Rows:
@@ -47,78 +62,162 @@ class Rows:
     kinds: Counter[str] = field(default_factory=Counter)  # rows by reference: escalated, shadow, user
     labels: Counter[str] = field(default_factory=Counter)  # labels used, by source
     last_label_id: int = 0
+    rates: dict[int, float] = field(default_factory=dict)  # realised labelling rate per accepted stage
+    accepted: dict[int, float] = field(default_factory=dict)  # (decayed) requests per accepted stage
 
     @property
     def n(self) -> int:
         return int(self.scores.shape[0])
 
 
-def assemble(data: LabelledData, n_stages: int) -> Rows:
-    K = n_stages
-    by_trace: dict[str, dict[int, tuple[str, float]]] = defaultdict(dict)
-    user: dict[str, dict[int | None, float]] = defaultdict(dict)
-    shadow_w: dict[str, float] = {}
-    shadow_cost: dict[str, float] = defaultdict(float)
-    last_id = 0
-    for lid, tid, stage, source, value, weight, cost in data.labels:  # ordered by id: later ones win
-        last_id = max(last_id, int(lid))
+@dataclass(slots=True)
+class Entry:
+    """One labelled request, ready to become a row."""
+
+    seq: int  # order of arrival (the fit's time axis)
+    accepted: int
+    kind: str  # escalated | shadow | user
+    scores: list[float]
+    correct: list[float]
+    cost: list[float]
+    nominal: float  # the stored weight (1 or 1/shadow_rate)
+    sources: Counter[str]
+
+
+def make_entry(
+    seq: int,
+    n_stages: int,
+    accepted: int | None,
+    baseline: float,
+    attempts: Mapping[int, AttemptT],
+    labels: Sequence[LabelT],
+    K: int,
+    pass_score: float = 0.5,
+) -> Entry | None:
+    """The row of one request (labels in id order: later ones win), or None when it has no reference."""
+    if n_stages != K or accepted is None:
+        return None
+    got: dict[int, tuple[str, float]] = {}
+    user: dict[int | None, float] = {}
+    shadow = False
+    shadow_cost = 0.0
+    nominal = 1.0
+    for source, stage, value, weight, cost in labels:
         if source == "user":
-            user[tid][stage] = float(value)
+            user[stage] = user_label(float(value), pass_score)
         elif stage is not None:
-            by_trace[tid][int(stage)] = (source, float(value))
+            got[int(stage)] = (source, float(value))
         if source == "shadow":
-            shadow_w[tid] = max(shadow_w.get(tid, 0.0), float(weight))
-            shadow_cost[tid] += float(cost)
-    attempts: dict[str, dict[int, tuple[str, float | None, float]]] = defaultdict(dict)
+            shadow = True
+            shadow_cost += float(cost)
+            nominal = max(nominal, float(weight))
+    for stage, value in user.items():
+        got[accepted if stage is None else int(stage)] = ("user", value)
+    if accepted == K - 1 and K - 1 in attempts and got:
+        kind, last_cost = "escalated", attempts[K - 1][2]
+    elif shadow and accepted < K - 1:
+        kind, last_cost = "shadow", shadow_cost
+    elif accepted in got:
+        kind, last_cost = "user", float(baseline)
+    else:
+        return None
+    s, c, x = [], [], []
+    used: Counter[str] = Counter()
+    for k in range(K - 1):
+        if k in attempts:
+            outcome, score, cost = attempts[k]
+            s.append(math.nan if score is None else float(score))
+            x.append(cost)
+            if k in got:
+                c.append(got[k][1])
+                used[got[k][0]] += 1
+            else:
+                c.append(0.0 if outcome == "error" else math.nan)
+        else:
+            s.append(_ALWAYS)
+            c.append(math.nan)
+            x.append(math.nan)
+    s.append(0.0)
+    c.append(got[K - 1][1] if K - 1 in got else 1.0)
+    x.append(last_cost)
+    return Entry(seq, accepted, kind, s, c, x, nominal, used)
+
+
+def assemble(data: LabelledData, n_stages: int, *, pass_score: float = 0.5) -> Rows:
+    """Rows of every labelled request in ``data`` (no decay): ``cascade calibrate``, ``fit-scorer``."""
+    K = n_stages
+    labels: dict[str, list[LabelT]] = defaultdict(list)
+    last_id = 0
+    for lid, tid, stage, source, value, weight, cost in data.labels:  # ordered by id
+        last_id = max(last_id, int(lid))
+        labels[tid].append((source, stage, float(value), float(weight), float(cost)))
+    attempts: dict[str, dict[int, AttemptT]] = defaultdict(dict)
     for tid, stage, outcome, score, cost in data.attempts:
         attempts[tid][int(stage)] = (outcome, score, float(cost))
+    entries = []
+    for i, (tid, n, accepted, baseline) in enumerate(data.traces):
+        e = make_entry(i, n, accepted, baseline, attempts.get(tid, {}), labels.get(tid, []), K, pass_score)
+        if e is not None:
+            entries.append(e)
+    if data.accepted is None:
+        return to_rows(entries, K, [e.nominal for e in entries], last_id)
+    return weigh(entries, K, data.accepted, last_id=last_id)
 
-    S, C, X, W = [], [], [], []
-    kinds: Counter[str] = Counter()
+
+def weigh(
+    entries: Sequence[Entry],
+    K: int,
+    population: Mapping[int, float] | Sequence[tuple[int, int]],
+    *,
+    half_life: int = 0,
+    window: int = 0,
+    last_id: int = 0,
+) -> Rows:
+    """Rows weighted by decay / realised labelling rate (module docstring).
+
+    ``entries`` in arrival order. ``population``: every request (labelled or not) as ``(seq,
+    accepted_stage)`` in arrival order, or already counted per accepted stage (no decay then)."""
+    if window and len(entries) > window:
+        entries = entries[-window:]
+    seqs = np.asarray([e.seq for e in entries], dtype=np.int64)
+    decay = _decay(seqs, seqs, half_life)
+    if isinstance(population, Mapping):
+        totals = {int(k): float(v) for k, v in population.items()}
+    else:
+        start = int(seqs[0]) if seqs.size else 0
+        pop = np.asarray([p for p in population if p[0] >= start], dtype=np.int64).reshape(-1, 2)
+        d = _decay(pop[:, 0], seqs, half_life)
+        totals = {int(k): float(d[pop[:, 1] == k].sum()) for k in np.unique(pop[:, 1])}
+    labelled: dict[int, float] = defaultdict(float)
+    for e, d_e in zip(entries, decay, strict=True):
+        labelled[e.accepted] += float(d_e)
+    # A request counted as labelled is one of the population too: the rate is at most 1.
+    rates = {k: min(1.0, v / totals[k]) if totals.get(k) else 1.0 for k, v in labelled.items()}
+    w = [float(d_e) / rates[e.accepted] for e, d_e in zip(entries, decay, strict=True)]
+    rows = to_rows(entries, K, w, last_id)
+    rows.rates = dict(sorted(rates.items()))
+    rows.accepted = {k: round(v, 3) for k, v in sorted(totals.items())}
+    return rows
+
+
+def _decay(at: np.ndarray, labelled: np.ndarray, half_life: int) -> FloatArray:
+    """0.5 ** (newer labelled requests / half_life) for requests arriving at ``at``."""
+    if not half_life or not at.size:
+        return np.ones(at.shape[0])
+    newer = labelled.shape[0] - np.searchsorted(labelled, at, side="right")
+    return np.asarray(0.5 ** (newer / float(half_life)), dtype=np.float64)
+
+
+def to_rows(entries: Sequence[Entry], K: int, weights: Sequence[float], last_id: int = 0) -> Rows:
+    kinds: Counter[str] = Counter(e.kind for e in entries)
     used: Counter[str] = Counter()
-    for tid, n, accepted, baseline in data.traces:
-        if n != K or accepted is None:
-            continue
-        labels = dict(by_trace.get(tid, {}))
-        for stage, value in user.get(tid, {}).items():
-            labels[accepted if stage is None else int(stage)] = ("user", value)
-        atts = attempts.get(tid, {})
-        if accepted == K - 1 and K - 1 in atts:
-            kind, w, last_cost = "escalated", 1.0, atts[K - 1][2]
-        elif tid in shadow_w:
-            kind, w, last_cost = "shadow", shadow_w[tid], shadow_cost[tid]
-        elif accepted in labels:
-            kind, w, last_cost = "user", 1.0, float(baseline)
-        else:
-            continue
-        s, c, x = [], [], []
-        for k in range(K - 1):
-            if k in atts:
-                outcome, score, cost = atts[k]
-                s.append(math.nan if score is None else float(score))
-                x.append(cost)
-                if k in labels:
-                    c.append(labels[k][1])
-                    used[labels[k][0]] += 1
-                else:
-                    c.append(0.0 if outcome == "error" else math.nan)
-            else:
-                s.append(_ALWAYS)
-                c.append(math.nan)
-                x.append(math.nan)
-        s.append(0.0)
-        c.append(labels[K - 1][1] if K - 1 in labels else 1.0)
-        x.append(last_cost)
-        S.append(s)
-        C.append(c)
-        X.append(x)
-        W.append(w)
-        kinds[kind] += 1
+    for e in entries:
+        used.update(e.sources)
     rows = Rows(
-        np.asarray(S, dtype=np.float64).reshape(-1, K),
-        np.asarray(C, dtype=np.float64).reshape(-1, K),
-        np.asarray(X, dtype=np.float64).reshape(-1, K),
-        np.asarray(W, dtype=np.float64),
+        np.asarray([e.scores for e in entries], dtype=np.float64).reshape(-1, K),
+        np.asarray([e.correct for e in entries], dtype=np.float64).reshape(-1, K),
+        np.asarray([e.cost for e in entries], dtype=np.float64).reshape(-1, K),
+        np.asarray(weights, dtype=np.float64),
         [],
         kinds,
         used,
@@ -198,11 +297,18 @@ def _clamp(t: float, bounds: tuple[float, float]) -> float:
 
 
 def guard(
-    old: Sequence[float], proposed: Sequence[float], max_step: float, bounds: tuple[float, float]
+    old: Sequence[float],
+    proposed: Sequence[float],
+    max_step: float,
+    bounds: tuple[float, float],
+    *,
+    up: float | None = None,
 ) -> tuple[float, ...]:
-    """Move each threshold towards the proposal by at most ``max_step``, staying within ``bounds``."""
+    """Move each threshold towards the proposal by at most ``max_step`` down (accepting more) and
+    ``up`` (default ``max_step``) up (escalating more), staying within ``bounds``."""
+    rise = max_step if up is None else up
     out = []
     for o, p in zip(old, proposed, strict=True):
-        step = max(-max_step, min(max_step, p - o))
+        step = max(-max_step, min(rise, p - o))
         out.append(_clamp(o + step, bounds))
     return tuple(out)

@@ -136,7 +136,7 @@ async def _collect(
         for name in names:
             cc = cfg.cascades[name]
             data = await store.labelled(name, plan_fingerprint(cfg, cc))
-            rows = assemble(data, len(cc.stages))
+            rows = assemble(data, len(cc.stages), pass_score=lcfg.user_pass_score)
             current = [s.threshold for s in cc.stages[:-1] if s.threshold is not None]
             cal = None
             if rows.n >= min_rows and rows.n > 0:

@@ -5,9 +5,16 @@ Without ``store_text`` no prompt or answer text is kept; what labels need is kep
 of each answer's normalised form (``normalize_answer``: choice letter, final number or normalised text),
 lengths, finish reasons, and every scorer's score and reason.
 
-Labels say whether a stage's answer is as good as the last stage's (1.0) or not (0.0), or carry a user's
-0..1 score. ``weight`` is the inverse of the probability that the label was sampled: 1 for free labels
-(every request that reached the last stage gets them), 1/shadow_rate for shadow labels.
+Labels say whether a stage's answer is as good as the last stage's (1.0) or not (0.0), decided as
+``app.learning.labels`` defines it, or carry a user's raw 0..1 score. ``weight`` is the nominal inverse
+sampling probability (1 for free labels, 1/shadow_rate for shadow labels), kept for reference: fits
+weight by the realised share of requests that got a label (``app.learning.calibration``).
+
+``TraceRow.sampling`` says what happened about labels for the request: for an answer accepted early,
+the shadow draw (``not_drawn``, ``drawn``, or skipped: ``busy``, ``budget``, ``circuit_open``), then
+its outcome (``labelled``, ``upstream_error``, ``no_answer``, ``no_label``); for an answer of the last
+stage ``free`` (exact labels), ``judge`` (the judge is asked, then ``labelled`` or a skip reason) or
+``no_label`` (free form and no judge); empty for failed requests and one-stage cascades.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from app.answers import message_text, messages_to_prompt, normalize_answer
 from app.cascade.relay import StreamRelay
 from app.cascade.trace import Attempt, Trace
 from app.config import CascadeConfig, Config
+from app.learning.labels import EXACT, JUDGE, verdict
 
 Json = dict[str, Any]
 
@@ -67,6 +75,7 @@ class TraceRow:
     prompt_chars: int
     prompt_text: str | None
     attempts: list[AttemptRow] = field(default_factory=list)
+    sampling: str = ""  # what happened about labels (module docstring)
 
 
 @dataclass(slots=True)
@@ -116,6 +125,19 @@ def normalized(text: str, prompt: str) -> str:
     return normalize_answer(text, prompt)
 
 
+@dataclass(slots=True)
+class Built:
+    """What one finished request leaves: its row, its free labels, and the earlier stages whose
+    answers only the judge can label (``judge``: stage -> answer text, next to ``reference``)."""
+
+    row: TraceRow
+    labels: list[LabelRow]
+    judge: dict[int, str] = field(default_factory=dict)
+    reference: str = ""
+    prompt: str = ""
+    skipped: str = ""  # why the request got no free label although it reached the last stage
+
+
 def build_rows(
     trace: Trace,
     ok: bool,
@@ -126,7 +148,10 @@ def build_rows(
     fit_version: int,
     created: float,
     store_text: bool,
-) -> tuple[TraceRow, list[LabelRow]]:
+    compare: str = "auto",
+    have_judge: bool = False,
+    sampling: str = "",
+) -> Built:
     """The trace row and its free labels (when the request reached the last stage with an answer)."""
     prompt = prompt_of(trace.request)
     a = trace.accepted
@@ -147,27 +172,45 @@ def build_rows(
         prompt_hash=_hash(prompt),
         prompt_chars=len(prompt),
         prompt_text=prompt if store_text else None,
+        sampling=sampling,
     )
-    norms: dict[int, str] = {}
+    texts: dict[int, str] = {}
     for att in trace.attempts:
         got = answer_of(att.answer)
         norm = normalized(got[0], prompt) if got is not None else None
-        if norm is not None:
-            norms[att.stage] = norm
+        if got is not None:
+            texts[att.stage] = got[0]
         row.attempts.append(_attempt_row(att, got, norm, store_text))
-    labels: list[LabelRow] = []
+    out = Built(row, [], prompt=prompt)
     last = n_stages - 1
-    if ok and a is not None and a.stage == last and last > 0 and last in norms:
-        ref = norms[last]
-        for att in trace.attempts[:-1]:
-            if att.stage in norms:
-                same = norms[att.stage] == ref
-                labels.append(
-                    LabelRow(row.id, att.stage, "free", 1.0 if same else 0.0, 1.0, created, 0.0, "match")
-                )
-            elif att.outcome == "error":
-                labels.append(LabelRow(row.id, att.stage, "free", 0.0, 1.0, created, 0.0, "error"))
-    return row, labels
+    if not (ok and a is not None and a.stage == last and last > 0):
+        return out
+    if last not in texts:
+        out.skipped = row.sampling = "no_answer"
+        return out
+    ref = out.reference = texts[last]
+    skipped = ""
+    for att in trace.attempts[:-1]:
+        if att.stage in texts:
+            v = verdict(compare, texts[att.stage], ref, prompt, have_judge=have_judge)
+            if v.how == EXACT:
+                assert v.value is not None
+                detail = v.reason or EXACT
+                out.labels.append(LabelRow(row.id, att.stage, "free", v.value, 1.0, created, 0.0, detail))
+            elif v.how == JUDGE:
+                out.judge[att.stage] = texts[att.stage]
+            else:
+                skipped = v.reason
+        elif att.outcome == "error":
+            out.labels.append(LabelRow(row.id, att.stage, "free", 0.0, 1.0, created, 0.0, "error"))
+    if out.judge:
+        row.sampling = "judge"
+    elif out.labels:
+        row.sampling = "free"
+    else:
+        row.sampling = "no_label"
+        out.skipped = skipped or "no_label"
+    return out
 
 
 def _attempt_row(

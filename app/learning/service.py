@@ -1,9 +1,12 @@
 """The learning side of a running proxy: record every request, collect labels, keep thresholds tuned.
 
 One ``Learning`` per process, owned by the app (it outlives config reloads; ``attach`` wires each new
-runtime). The request path only calls ``on_finish``: an ``put_nowait`` of the finished trace on a
-bounded queue (full: the record is dropped and counted, never waited for) and the shadow draw. A
-writer task takes batches off the queue and builds and stores the rows in the store's worker thread.
+runtime). The request path only calls ``on_finish``: the shadow draw and a ``put_nowait`` of the
+finished trace (with the draw's outcome) on a bounded queue (full: the record is dropped and counted,
+never waited for). A writer task takes batches off the queue and builds and stores the rows in the
+store's worker thread; free labels that need the judge (free-form answers) are then asked for in the
+background (``Shadow.judge_free``). Labels and late sampling outcomes go through the same queue, so a
+label is always stored after its trace.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from typing import TYPE_CHECKING
 
 from app.cascade.trace import Trace
 from app.config import LearningConfig
-from app.learning.records import LabelRow, TraceRow, build_rows, passthrough_fingerprint, plan_fingerprint
+from app.learning.labels import compare_mode
+from app.learning.records import (
+    Built,
+    LabelRow,
+    TraceRow,
+    build_rows,
+    passthrough_fingerprint,
+    plan_fingerprint,
+)
 from app.learning.shadow import Shadow
 from app.learning.store import PRUNE_BATCH, Fit, Store, StoreError
 from app.learning.tuning import PlanMeta, Tuner
@@ -41,12 +52,22 @@ class _Pending:
     seconds: float
     meta: PlanMeta
     created: float
+    sampling: str
 
 
 @dataclass(slots=True)
 class _Labels:
     cascade: str
     rows: list[LabelRow]
+
+
+@dataclass(slots=True)
+class _Sampling:
+    trace_id: str
+    outcome: str
+
+
+_Item = _Pending | _Labels | _Sampling
 
 
 class Learning:
@@ -62,9 +83,11 @@ class Learning:
         self.metrics = metrics
         self.clock = clock
         self.store = Store(cfg.store)
-        self.shadow = Shadow(cfg, metrics, self.emit_labels, clock=clock, workers=workers)
+        self.shadow = Shadow(
+            cfg, metrics, self.emit_labels, self.settle_sampling, clock=clock, workers=workers
+        )
         self.labels_added = asyncio.Event()  # set when labels were stored (wakes the tuner)
-        self._queue: asyncio.Queue[_Pending | _Labels] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=cfg.queue_size)
         self._pending: dict[str, str] = {}  # completion id -> cascade, while its record is queued
         self._meta: dict[str, PlanMeta] = {}
         self._adopted: dict[tuple[str, str], Fit] = {}
@@ -95,7 +118,8 @@ class Learning:
                 else plan_fingerprint(rt.config, cc)
             )
             base = tuple(t for t in plan.thresholds[:-1] if t is not None)
-            meta[plan.name] = PlanMeta(plan.name, plan, fp, len(plan.stages), base)
+            compare = compare_mode(rt.config, self.cfg, plan.name)
+            meta[plan.name] = PlanMeta(plan.name, plan, fp, len(plan.stages), base, compare=compare)
         self._meta = meta
         for fit in list(self._adopted.values()):
             self.apply(fit, log_change=False)
@@ -140,20 +164,28 @@ class Learning:
         meta = self._meta.get(trace.cascade)
         if meta is None:
             return
-        try:
-            self._queue.put_nowait(_Pending(trace, ok, seconds, meta, self.clock()))
-        except asyncio.QueueFull:
+        self.shadow.answered(trace.cost_usd)
+        if self._queue.full():
             self.metrics.traces_dropped("queue_full")
             return
+        sampling = ""
+        if meta.n_stages > 1 and self._rt is not None:
+            sampling = self.shadow.maybe(trace, ok, meta.plan, self._rt.upstreams, meta.compare)
+        self._queue.put_nowait(_Pending(trace, ok, seconds, meta, self.clock(), sampling))
         self._pending[trace.completion_id] = trace.cascade
-        if self.shadow.rate > 0 and self._rt is not None:
-            self.shadow.maybe(trace, ok, meta.plan, self._rt.upstreams)
 
     def emit_labels(self, cascade: str, labels: list[LabelRow]) -> None:
+        self._put(_Labels(cascade, labels))
+
+    def settle_sampling(self, cascade: str, trace_id: str, outcome: str) -> None:
+        """What finally happened about a request's labels (a label call's outcome), for its trace."""
+        self._put(_Sampling(trace_id, outcome))
+
+    def _put(self, item: _Item) -> None:
         if self._closed:
             return
         try:
-            self._queue.put_nowait(_Labels(cascade, labels))
+            self._queue.put_nowait(item)
         except asyncio.QueueFull:
             self.metrics.traces_dropped("queue_full")
 
@@ -167,8 +199,11 @@ class Learning:
             if info is None or info[1] is None:
                 return False
             cascade = info[0]
-        # Straight to the store (not the queue): a label may land before its trace; the fit joins them.
+        # The raw score is stored; fits read it as a label at learning.user_pass_score.
         label = LabelRow(completion_id, None, "user", score, 1.0, self.clock(), 0.0, "feedback")
+        if completion_id in self._pending:  # behind its queued trace: a label never lands before it
+            self.emit_labels(cascade, [label])
+            return True
         await self.store.write([], [label])
         self.metrics.labelled(cascade, "user")
         self.labels_added.set()
@@ -210,6 +245,18 @@ class Learning:
     async def flush(self) -> None:
         """Wait until everything queued so far is written (or dropped)."""
         await self._queue.join()
+
+    async def settle(self, *, tune: bool = True) -> None:
+        """Wait until every label call in flight is done and everything queued is stored, then (with
+        auto_tune) sync the thresholds now. The online replay calls this every few requests, so when
+        fits happen depends on the request stream only, not on timing."""
+        while True:
+            await self.shadow.wait_idle()
+            await self.flush()
+            if not self.shadow.busy:  # storing may have started judge calls: wait for those too
+                break
+        if tune and self.tuner is not None:
+            await self.tuner.sync()
 
     async def prune(self) -> int:
         """Delete traces older than ``retention_days`` (with their attempts and labels), in small
@@ -269,14 +316,17 @@ class Learning:
             if failures:
                 await asyncio.sleep(_BACKOFF[min(failures, len(_BACKOFF)) - 1])
 
-    def _forget(self, batch: list[_Pending | _Labels]) -> None:
+    def _forget(self, batch: list[_Item]) -> None:
         for b in batch:
             if isinstance(b, _Pending):
                 self._pending.pop(b.trace.completion_id, None)
 
-    async def _write(self, batch: list[_Pending | _Labels]) -> bool:
+    async def _write(self, batch: list[_Item]) -> bool:
+        have_judge = bool(self.cfg.judge)
         try:
-            labels = await self.store.run(_build_and_write, self.store, batch, self.cfg.store_text)
+            labels, built = await self.store.run(
+                _build_and_write, self.store, batch, self.cfg.store_text, have_judge
+            )
         except StoreError as exc:
             n = sum(1 for b in batch if isinstance(b, _Pending))
             self.metrics.traces_dropped("store_error", n or 1)
@@ -288,24 +338,42 @@ class Learning:
             self.metrics.labelled(cascade, source, n)
         if labels:
             self.labels_added.set()
+        self._judge_free(built)
         return True
+
+    def _judge_free(self, built: list[tuple[Trace, Built]]) -> None:
+        """Free labels of free-form answers: ask the judge now, in the background (or count the skip)."""
+        judge = self.shadow.judge_of(self._rt.upstreams) if self._rt is not None else None
+        for trace, b in built:
+            if b.skipped:
+                self.metrics.labels_skipped(trace.cascade, b.skipped)
+            if not b.judge:
+                continue
+            outcome = self.shadow.judge_free(trace, b.prompt, b.reference, b.judge, judge)
+            if outcome != "judge":
+                self.settle_sampling(trace.cascade, trace.completion_id, outcome)
 
 
 def _build_and_write(
-    store: Store, batch: list[_Pending | _Labels], store_text: bool
-) -> Counter[tuple[str, str]]:
+    store: Store, batch: list[_Item], store_text: bool, have_judge: bool
+) -> tuple[Counter[tuple[str, str]], list[tuple[Trace, Built]]]:
     """Build the rows of a batch and store them in one transaction. Runs in the store's worker thread,
-    off the event loop. Returns the labels stored by (cascade, source)."""
+    off the event loop. Returns the labels stored by (cascade, source), and what was built."""
     traces: list[TraceRow] = []
     labels: list[LabelRow] = []
+    updates: list[tuple[str, str]] = []
     counts: Counter[tuple[str, str]] = Counter()
+    built: list[tuple[Trace, Built]] = []
     for item in batch:
         if isinstance(item, _Labels):
             labels.extend(item.rows)
             counts.update((item.cascade, lb.source) for lb in item.rows)
             continue
+        if isinstance(item, _Sampling):
+            updates.append((item.trace_id, item.outcome))
+            continue
         m = item.meta
-        row, free = build_rows(
+        b = build_rows(
             item.trace,
             item.ok,
             item.seconds,
@@ -314,9 +382,15 @@ def _build_and_write(
             fit_version=m.fit_version,
             created=item.created,
             store_text=store_text,
+            compare=m.compare,
+            have_judge=have_judge,
+            sampling=item.sampling,
         )
-        traces.append(row)
-        labels.extend(free)
-        counts.update((m.name, lb.source) for lb in free)
+        traces.append(b.row)
+        labels.extend(b.labels)
+        counts.update((m.name, lb.source) for lb in b.labels)
+        built.append((item.trace, b))
     store.backend.write(traces, labels)
-    return counts
+    if updates:
+        store.backend.set_sampling(updates)
+    return counts, built

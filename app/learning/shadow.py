@@ -1,12 +1,22 @@
-"""Shadow labelling: re-ask the last stage, in the background, for a sample of early-accepted answers.
+"""Background label calls: shadow re-asks of the last stage, and the judge for free-form answers.
 
-``Shadow.maybe`` runs on the request path and only decides (one random draw, a budget check) and
-starts a task; the client's answer never waits for it. The task asks the cascade's last stage the
-same request and labels every answered earlier attempt of the trace: 1.0 when it matches the last
-stage's answer (``normalize_answer``), or what ``learning.shadow_judge`` says, else 0.0. Labels weigh
-1/shadow_rate (inverse sampling probability). The spend is counted as ``purpose="shadow"`` and capped
-by ``shadow_budget_usd_per_hour`` (per server; each of its worker processes gets an equal share),
-using the trace's baseline cost as the estimate before the call and the real cost after it.
+``Shadow.maybe`` runs on the request path for an answer accepted before the last stage: one random
+draw against ``shadow_rate``, the spend caps, the in-flight cap and the last stage's circuit, then a
+background task; the client's answer never waits for it. The task asks the cascade's last stage the
+same request and labels every answered earlier attempt of the trace as ``app.learning.labels``
+defines it (exact match of closed forms, else the judge, else no label). ``Shadow.judge_free`` does
+the judge's part for a request that reached the last stage with free-form answers (its free labels).
+
+Both return what happened (the trace's ``sampling``: ``not_drawn``, ``drawn``, ``judge``, or a skip:
+``busy``, ``budget``, ``circuit_open``) and report the final outcome later through ``settle``
+(``labelled``, ``upstream_error``, ``no_answer``, ``no_label``). Every skip is counted in
+``cascade_labels_skipped_total{reason}`` (and shadow ones in ``cascade_shadow_skipped_total``): the fit
+weights labels by the realised share of requests that got one, so skips cost precision, not bias.
+
+Spend (``purpose="shadow"``) has two caps per process: ``shadow_budget_usd_per_hour`` (each worker of a
+server gets its share) and ``shadow_max_share`` of what answers cost in the last hour. Before a call
+its cost is estimated (the trace's baseline, or the mean of earlier calls when larger), after it the
+real cost counts.
 """
 
 from __future__ import annotations
@@ -14,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -24,20 +33,14 @@ from app.cascade.plan import Plan
 from app.cascade.trace import Trace
 from app.config import LearningConfig
 from app.errors import UpstreamError
-from app.learning.records import LabelRow, answer_of, normalized, prompt_of
+from app.learning.labels import EXACT, JUDGE, judge_prompt, judge_reply, verdict
+from app.learning.records import LabelRow, answer_of, prompt_of
 from app.metrics import Metrics
 from app.upstream.client import Upstream, price_usd
 
 log = logging.getLogger("cascade.learning")
 
-MAX_IN_FLIGHT = 8  # shadow calls at once per process; more are skipped ("busy"), never queued
-
-JUDGE_PROMPT = (
-    "Two answers to the same request follow. Do they give the same final answer (same facts, same "
-    "result; wording may differ)? Reply with one word: yes or no.\n\n"
-    "Request:\n{question}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}"
-)
-_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+Settle = Callable[[str, str, str], None]  # cascade, trace id, final sampling outcome
 
 
 class HourlyBudget:
@@ -69,89 +72,200 @@ class HourlyBudget:
         self._sum += usd
 
 
+class _Spend:
+    """Shadow spend capped by USD per hour and by a share of the answers' spend in the last hour."""
+
+    def __init__(self, cfg: LearningConfig, workers: int, clock: Callable[[], float]) -> None:
+        self.hourly = HourlyBudget(cfg.shadow_budget_usd_per_hour / max(1, workers), clock)
+        self.share = cfg.shadow_max_share
+        self.answers = HourlyBudget(float("inf"), clock)
+        self._mean: dict[str, tuple[float, int]] = {}  # purpose -> (mean cost, calls)
+
+    def estimate(self, purpose: str, floor: float) -> float:
+        return max(floor, self._mean.get(purpose, (0.0, 0))[0])
+
+    def take(self, usd: float) -> bool:
+        if self.share is not None and self.hourly.spent() + usd > self.share * self.answers.spent():
+            return False
+        return self.hourly.take(usd)
+
+    def settle(self, purpose: str, reserved: float, actual: float) -> None:
+        self.hourly.settle(reserved, actual)
+        if actual > 0:
+            mean, n = self._mean.get(purpose, (0.0, 0))
+            self._mean[purpose] = (mean + (actual - mean) / (n + 1), min(n + 1, 100))
+
+
 class Shadow:
     def __init__(
         self,
         cfg: LearningConfig,
         metrics: Metrics,
         emit: Callable[[str, list[LabelRow]], None],
+        settle: Settle,
         *,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
         workers: int = 1,
     ) -> None:
         self.rate = cfg.shadow_rate
-        self.judge = cfg.shadow_judge
-        # The budget is the server's (all its worker processes together): each worker takes its share.
-        self.budget = HourlyBudget(cfg.shadow_budget_usd_per_hour / max(1, workers))
+        self.judge = cfg.judge
+        self.max_in_flight = cfg.shadow_max_in_flight
+        self.spend = _Spend(cfg, workers, time.monotonic)
         self._metrics = metrics
         self._emit = emit
+        self._settle = settle
         self._rng = rng
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def maybe(self, trace: Trace, ok: bool, plan: Plan, upstreams: Mapping[str, Upstream]) -> None:
-        """Request path: decide, and start the shadow call in the background when picked."""
+    @property
+    def budget(self) -> HourlyBudget:
+        return self.spend.hourly
+
+    def answered(self, usd: float) -> None:
+        """Request path: what a request's answers cost (the base of ``shadow_max_share``)."""
+        self.spend.answers.settle(0.0, usd)
+
+    # --- the request path ----------------------------------------------------------------------------
+
+    def maybe(
+        self, trace: Trace, ok: bool, plan: Plan, upstreams: Mapping[str, Upstream], compare: str
+    ) -> str:
+        """Decide about a shadow call for an early-accepted answer; start it when drawn. Returns the
+        trace's sampling (empty when the request is not eligible: failed, or served by the last stage)."""
         a = trace.accepted
         if not ok or a is None or a.stage >= len(plan.stages) - 1 or trace.request is None:
-            return
-        if self._rng() >= self.rate:
-            return
-        estimate = trace.baseline_usd
-        if len(self._tasks) >= MAX_IN_FLIGHT:
-            self._metrics.shadow_skip(trace.cascade, "busy")
-            return
-        if not self.budget.take(estimate):
-            self._metrics.shadow_skip(trace.cascade, "budget")
-            return
-        judge = upstreams.get(self.judge) if self.judge else None
-        task = asyncio.get_running_loop().create_task(self._run(trace, plan.final.upstream, judge, estimate))
+            return ""
+        if self.rate <= 0 or self._rng() >= self.rate:
+            return "not_drawn"
+        up = plan.final.upstream
+        why, estimate = self._admit(trace.cascade, "shadow", trace.baseline_usd, 1, up)
+        if why:
+            self._metrics.shadow_skip(trace.cascade, why)
+            return why
+        self._start(self._run(trace, up, self.judge_of(upstreams), compare, estimate))
+        return "drawn"
+
+    def judge_free(
+        self, trace: Trace, prompt: str, reference: str, answers: dict[int, str], judge: Upstream | None
+    ) -> str:
+        """Ask the judge about a last-stage request's free-form earlier answers (its free labels)."""
+        if judge is None:
+            return "no_label"
+        why, estimate = self._admit(trace.cascade, "judge", 0.0, len(answers), judge)
+        if why:
+            return why
+        self._start(self._judge_free(trace, prompt, reference, answers, judge, estimate))
+        return "judge"
+
+    def _admit(self, cascade: str, purpose: str, floor: float, calls: int, up: Upstream) -> tuple[str, float]:
+        """(why a label call cannot be made now, or ''; the cost reserved for it when it can)."""
+        estimate = self.spend.estimate(purpose, floor) * calls
+        if len(self._tasks) >= self.max_in_flight:
+            why = "busy"
+        elif up.blocked() is not None:
+            why = "circuit_open"
+        elif not self.spend.take(estimate):
+            why = "budget"
+        else:
+            return "", estimate
+        self._metrics.labels_skipped(cascade, why)
+        return why, 0.0
+
+    def judge_of(self, upstreams: Mapping[str, Upstream]) -> Upstream | None:
+        return upstreams.get(self.judge) if self.judge else None
+
+    def _start(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, trace: Trace, up: Upstream, judge: Upstream | None, estimate: float) -> None:
+    # --- background ----------------------------------------------------------------------------------
+
+    async def _run(
+        self, trace: Trace, up: Upstream, judge: Upstream | None, compare: str, estimate: float
+    ) -> None:
         spent = 0.0
+        outcome = "no_label"
         try:
-            if up.blocked() is not None:
-                self._metrics.shadow_skip(trace.cascade, "upstream_error")
-                return
             body = trace.request or {}
             reply, spent = await _ask(up, up.prepare(body, stream=False), trace.cascade, self._metrics)
             ref = answer_of(reply)
             if ref is None:
+                outcome = "no_answer"
                 return
             prompt = prompt_of(body)
             labels: list[LabelRow] = []
-            weight = 1.0 / self.rate
             for att in trace.attempts:
                 got = answer_of(att.answer)
-                if got is not None:
-                    if judge is None:
-                        value: float | None = float(normalized(got[0], prompt) == normalized(ref[0], prompt))
-                        how = "match"
-                    else:
-                        value, cost = await _judge(
-                            judge, prompt, got[0], ref[0], trace.cascade, self._metrics
-                        )
-                        spent += cost
-                        how = "judge"
-                    if value is None:
-                        continue
-                elif att.outcome == "error":
-                    value, how = 0.0, "error"
-                else:
+                if got is None:
+                    if att.outcome == "error":
+                        labels.append(self._label(trace, att.stage, 0.0, "error"))
                     continue
-                labels.append(
-                    LabelRow(trace.completion_id, att.stage, "shadow", value, weight, self._clock(), 0.0, how)
-                )
+                v = verdict(compare, got[0], ref[0], prompt, have_judge=judge is not None)
+                if v.how == EXACT:
+                    assert v.value is not None
+                    labels.append(self._label(trace, att.stage, v.value, v.reason or EXACT))
+                elif v.how == JUDGE and judge is not None:
+                    value, cost = await _judge(judge, prompt, got[0], ref[0], trace.cascade, self._metrics)
+                    spent += cost
+                    if value is not None:
+                        labels.append(self._label(trace, att.stage, value, JUDGE))
             if labels:
                 labels[0].cost_usd = spent
                 self._emit(trace.cascade, labels)
+                outcome = "labelled"
         except UpstreamError as err:
-            self._metrics.shadow_skip(trace.cascade, "upstream_error")
+            outcome = "upstream_error"
             log.info("shadow call failed", extra={"cascade": trace.cascade, "reason": err.reason})
         finally:
-            self.budget.settle(estimate, spent)
+            self.spend.settle("shadow", estimate, spent)
+            if outcome != "labelled":
+                self._metrics.labels_skipped(trace.cascade, outcome)
+                if outcome == "upstream_error":
+                    self._metrics.shadow_skip(trace.cascade, outcome)
+            self._settle(trace.cascade, trace.completion_id, outcome)
+
+    async def _judge_free(
+        self,
+        trace: Trace,
+        prompt: str,
+        reference: str,
+        answers: dict[int, str],
+        judge: Upstream,
+        estimate: float,
+    ) -> None:
+        spent = 0.0
+        outcome = "no_label"
+        try:
+            labels = []
+            for stage, text in sorted(answers.items()):
+                value, cost = await _judge(judge, prompt, text, reference, trace.cascade, self._metrics)
+                spent += cost
+                if value is not None:
+                    labels.append(self._label(trace, stage, value, JUDGE, source="free", cost=cost))
+            if labels:
+                self._emit(trace.cascade, labels)
+                outcome = "labelled"
+        except UpstreamError as err:
+            outcome = "upstream_error"
+            log.info("judge call failed", extra={"cascade": trace.cascade, "reason": err.reason})
+        finally:
+            self.spend.settle("judge", estimate, spent)
+            if outcome != "labelled":
+                self._metrics.labels_skipped(trace.cascade, outcome)
+            self._settle(trace.cascade, trace.completion_id, outcome)
+
+    def _label(
+        self, trace: Trace, stage: int, value: float, how: str, *, source: str = "shadow", cost: float = 0.0
+    ) -> LabelRow:
+        weight = 1.0 / self.rate if source == "shadow" and self.rate > 0 else 1.0
+        return LabelRow(trace.completion_id, stage, source, value, weight, self._clock(), cost, how)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -160,7 +274,7 @@ class Shadow:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def wait_idle(self) -> None:
-        """Tests: wait for the shadow calls in flight."""
+        """Wait for the label calls in flight (tests, and the online replay's fixed cadence)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -182,12 +296,9 @@ async def _ask(
 async def _judge(
     judge: Upstream, question: str, a: str, b: str, cascade: str, metrics: Metrics
 ) -> tuple[float | None, float]:
-    """1.0 / 0.0 from the judge's yes / no; None when it gave neither."""
-    content = JUDGE_PROMPT.format(question=question[-4000:], a=a[:4000], b=b[:4000])
+    """1.0 / 0.0 from the judge's yes / no on "is A as good as B"; None when it gave neither."""
+    content = judge_prompt(question, a, b)
     req = judge.prepare({"messages": [{"role": "user", "content": content}], "max_tokens": 5}, stream=False)
     reply, cost = await _ask(judge, req, cascade, metrics)
     got = answer_of(reply)
-    m = _YES_NO.search(got[0]) if got is not None else None
-    if m is None:
-        return None, cost
-    return (1.0 if m.group(1).lower() == "yes" else 0.0), cost
+    return (judge_reply(got[0]) if got is not None else None), cost

@@ -8,6 +8,11 @@ Database errors are translated to ``StoreError`` here, at the boundary.
 
 Fits are versioned per (cascade, plan): ``save_fit`` inserts version ``base + 1`` and fails quietly
 when another replica got there first, which then is the fit everyone adopts.
+
+Incremental reads (the online tuner): traces by their insertion sequence (``seq``: SQLite's rowid, a
+BIGSERIAL in PostgreSQL) and labels by id, each after the last one seen. SQLite commits in id order;
+in PostgreSQL a smaller id can commit after a larger one (two replicas writing at once), so readers
+there re-read a short tail (``TAIL_IDS``) and skip what they have. ``rows_read`` counts every row read.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from app.learning.records import LabelRow, TraceRow
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LOCK_KEY = 7_220_113  # advisory lock id for schema changes (PostgreSQL)
 
 _V1 = [
@@ -51,10 +56,23 @@ _V1 = [
     PRIMARY KEY (cascade, plan, version))""",
 ]
 _V2 = ["CREATE INDEX traces_created ON traces (created)"]  # retention prunes by age
-MIGRATIONS: list[list[str]] = [_V1, _V2]  # MIGRATIONS[i] takes the schema from version i to i + 1
+# v3: what happened about labels per request, and an insertion sequence for incremental reads.
+_V3 = [
+    "ALTER TABLE traces ADD COLUMN sampling TEXT NOT NULL DEFAULT ''",
+    "{SEQ}",
+    "CREATE INDEX traces_plan_seq ON traces (cascade, plan{SEQ_COL})",
+]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]  # MIGRATIONS[i] takes the schema from version i to i + 1
+TAIL_IDS = 1000  # PostgreSQL: ids re-read behind the last one seen (late commits)
 PRUNE_BATCH = 1000  # traces deleted per transaction, so writers are never locked out for long
 
-_INSERT_TRACE = "INSERT INTO traces VALUES (" + ",".join("?" * 16) + ") ON CONFLICT DO NOTHING"
+_TRACE_COLUMNS = (
+    "id, request_id, cascade, plan, fit_version, created, ok, stream, n_stages, accepted_stage, cost_usd, "
+    "baseline_usd, latency_ms, prompt_hash, prompt_chars, prompt_text, sampling"
+)
+_INSERT_TRACE = (
+    f"INSERT INTO traces ({_TRACE_COLUMNS}) VALUES (" + ",".join("?" * 17) + ") ON CONFLICT DO NOTHING"
+)
 _INSERT_ATTEMPT = "INSERT INTO attempts VALUES (" + ",".join("?" * 17) + ") ON CONFLICT DO NOTHING"
 _INSERT_LABEL = (
     "INSERT INTO labels (trace_id, stage, source, value, weight, created, cost_usd, detail) "
@@ -89,6 +107,17 @@ class LabelledData:
     traces: list[tuple[str, int, int | None, float]]  # id, n_stages, accepted_stage, baseline_usd
     attempts: list[tuple[str, int, str, float | None, float]]  # trace_id, stage, outcome, score, cost
     labels: list[tuple[int, str, int | None, str, float, float, float]]  # id, trace, stage, source, v, w, $
+    # requests of the same scope (labelled or not) by accepted stage: what the realised labelling rates
+    # are measured against; None when unknown (the stored nominal weights are used then)
+    accepted: dict[int, int] | None = None
+
+
+@dataclass(slots=True)
+class NewTraces:
+    """Traces after a sequence number (any label state), for the incremental reader."""
+
+    # seq, id, n_stages, accepted_stage (None: failed), baseline_usd
+    traces: list[tuple[int, str, int, int | None, float]]
 
 
 @dataclass(slots=True)
@@ -109,6 +138,8 @@ class _Backend:
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
         self._conn: Any = None
+        self.rows_read = 0  # every row any read returned (tests check reads stay incremental)
+        self.seq = "seq" if self.postgres else "rowid"
 
     # --- connection -------------------------------------------------------------------------------
 
@@ -163,7 +194,9 @@ class _Backend:
         cur = self.connect().cursor()
         try:
             cur.execute(self._sql(sql), tuple(args))
-            return [tuple(r) for r in cur.fetchall()]
+            rows = [tuple(r) for r in cur.fetchall()]
+            self.rows_read += len(rows)
+            return rows
         finally:
             cur.close()
 
@@ -171,9 +204,19 @@ class _Backend:
 
     def migrate(self) -> int:
         types = (
-            {"F": "DOUBLE PRECISION", "ID": "BIGSERIAL PRIMARY KEY"}
+            {
+                "F": "DOUBLE PRECISION",
+                "ID": "BIGSERIAL PRIMARY KEY",
+                "SEQ": "ALTER TABLE traces ADD COLUMN seq BIGSERIAL",
+                "SEQ_COL": ", seq",
+            }
             if self.postgres
-            else {"F": "REAL", "ID": "INTEGER PRIMARY KEY AUTOINCREMENT"}
+            else {
+                "F": "REAL",
+                "ID": "INTEGER PRIMARY KEY AUTOINCREMENT",
+                "SEQ": "SELECT 1",  # the rowid is the sequence (and every SQLite index ends with it)
+                "SEQ_COL": "",
+            }
         )
 
         def work(cur: Any) -> int:
@@ -200,7 +243,7 @@ class _Backend:
             (
                 t.id, t.request_id, t.cascade, t.plan, t.fit_version, t.created, int(t.ok), int(t.stream),
                 t.n_stages, t.accepted_stage, t.cost_usd, t.baseline_usd, t.latency_ms, t.prompt_hash,
-                t.prompt_chars, t.prompt_text,
+                t.prompt_chars, t.prompt_text, t.sampling,
             )
             for t in traces
         ]  # fmt: skip
@@ -214,6 +257,15 @@ class _Backend:
                 cur.executemany(self._sql(_INSERT_ATTEMPT), attempt_rows)
             if label_rows:
                 cur.executemany(self._sql(_INSERT_LABEL), label_rows)
+
+        self._tx(work)
+
+    def set_sampling(self, updates: Sequence[tuple[str, str]]) -> None:
+        """(trace id, sampling) pairs: what finally happened about a request's labels."""
+        rows = [(value, tid) for tid, value in updates]
+
+        def work(cur: Any) -> None:
+            cur.executemany(self._sql("UPDATE traces SET sampling = ? WHERE id = ?"), rows)
 
         self._tx(work)
 
@@ -305,7 +357,59 @@ class _Backend:
             f"JOIN traces t ON t.id = l.trace_id WHERE {_SCOPE} AND l.id <= ? ORDER BY l.id",
             args,
         )
-        return LabelledData(traces, attempts, labels)
+        return LabelledData(traces, attempts, labels, self.accepted_counts(cascade, plan))
+
+    def accepted_counts(self, cascade: str, plan: str) -> dict[int, int]:
+        rows = self._read(
+            f"SELECT t.accepted_stage, count(*) FROM traces t WHERE {_SCOPE} "
+            "AND t.accepted_stage IS NOT NULL GROUP BY t.accepted_stage",
+            (cascade, plan),
+        )
+        return {int(k): int(n) for k, n in rows}
+
+    # --- incremental reads (the online tuner) ---------------------------------------------------------
+
+    def traces_after(self, cascade: str, plan: str, after_seq: int, limit: int) -> NewTraces:
+        rows = self._read(
+            f"SELECT t.{self.seq}, t.id, t.n_stages, t.accepted_stage, t.baseline_usd FROM traces t "
+            f"WHERE {_SCOPE} AND t.{self.seq} > ? ORDER BY t.{self.seq} LIMIT ?",
+            (cascade, plan, after_seq, limit),
+        )
+        return NewTraces([(int(r[0]), str(r[1]), int(r[2]), r[3], float(r[4])) for r in rows])
+
+    def labels_after(
+        self, cascade: str, plan: str, after_id: int, limit: int
+    ) -> list[tuple[int, str, int | None, str, float, float, float]]:
+        return self._read(
+            "SELECT l.id, l.trace_id, l.stage, l.source, l.value, l.weight, l.cost_usd FROM labels l "
+            f"JOIN traces t ON t.id = l.trace_id WHERE {_SCOPE} AND l.id > ? ORDER BY l.id LIMIT ?",
+            (cascade, plan, after_id, limit),
+        )
+
+    def trace_rows(self, trace_ids: Sequence[str]) -> NewTraces:
+        out: list[tuple[int, str, int, int | None, float]] = []
+        for i in range(0, len(trace_ids), 500):
+            chunk = list(trace_ids[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                f"SELECT {self.seq}, id, n_stages, accepted_stage, baseline_usd FROM traces "
+                f"WHERE id IN ({marks})",
+                chunk,
+            )
+            out += [(int(r[0]), str(r[1]), int(r[2]), r[3], float(r[4])) for r in rows]
+        return NewTraces(sorted(out))
+
+    def attempts_of(self, trace_ids: Sequence[str]) -> list[tuple[str, int, str, float | None, float]]:
+        out: list[tuple[str, int, str, float | None, float]] = []
+        for i in range(0, len(trace_ids), 500):
+            chunk = list(trace_ids[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            out += self._read(
+                "SELECT trace_id, stage, outcome, score, cost_usd FROM attempts "
+                f"WHERE trace_id IN ({marks}) ORDER BY trace_id, stage",
+                chunk,
+            )
+        return out
 
     def labelled_texts(self, cascade: str) -> LabelledTexts:
         labelled = "t.id IN (SELECT trace_id FROM labels)"
@@ -405,6 +509,23 @@ class Store:
 
     async def labelled_texts(self, cascade: str) -> LabelledTexts:
         return await self.run(self._b.labelled_texts, cascade)
+
+    async def set_sampling(self, updates: Sequence[tuple[str, str]]) -> None:
+        await self.run(self._b.set_sampling, updates)
+
+    async def traces_after(self, cascade: str, plan: str, after_seq: int, limit: int) -> NewTraces:
+        return await self.run(self._b.traces_after, cascade, plan, after_seq, limit)
+
+    async def labels_after(
+        self, cascade: str, plan: str, after_id: int, limit: int
+    ) -> list[tuple[int, str, int | None, str, float, float, float]]:
+        return await self.run(self._b.labels_after, cascade, plan, after_id, limit)
+
+    async def trace_rows(self, trace_ids: Sequence[str]) -> NewTraces:
+        return await self.run(self._b.trace_rows, trace_ids)
+
+    async def attempts_of(self, trace_ids: Sequence[str]) -> list[tuple[str, int, str, float | None, float]]:
+        return await self.run(self._b.attempts_of, trace_ids)
 
     async def close(self) -> None:
         try:

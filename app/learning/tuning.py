@@ -3,10 +3,13 @@
 Every ``sync_every_s`` (and whenever labels were stored here) each cascade is synced with the store:
 
 1. adopt the newest fit in the store when it is newer than the one in force (another replica made it);
-2. when ``tune_every`` labels arrived since that fit and at least ``min_labels`` requests are labelled,
-   fit again from every label up to the newest one (``calibration.fit``: deterministic, so replicas
-   fitting the same labels agree), move each threshold at most ``max_step`` towards the fit, within
-   ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
+2. read what is new in the store (``History``: new traces and labels only, never the whole history);
+3. when ``tune_every`` labels arrived since that fit and at least ``min_labels`` requests are labelled,
+   fit again from the newest ``window_labels`` labelled requests, weighted by decay
+   (``half_life_labels``) and realised labelling rates (``calibration.fit``: deterministic, so replicas
+   fitting the same labels agree), move each threshold towards the fit by at most ``max_step`` when it
+   goes down (accepting more: the risky way) and ``max_step_up`` when it goes up (escalating more),
+   within ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.
 
@@ -17,13 +20,15 @@ Applying a fit changes ``Plan.thresholds`` in place (requests starting afterward
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.cascade.plan import Plan
 from app.config import LearningConfig
-from app.learning.calibration import assemble, fit, guard
+from app.learning.calibration import fit, guard
+from app.learning.history import History
 from app.learning.store import Fit, Store, StoreError
 from app.learning.thresholds import evaluate_cascade
 
@@ -40,6 +45,7 @@ class PlanMeta:
     n_stages: int
     config_thresholds: tuple[float, ...]  # the scored stages' thresholds from config.yaml
     fit_version: int = 0
+    compare: str = "auto"  # how its labels are decided (app.learning.labels)
 
 
 class Tuner:
@@ -62,6 +68,15 @@ class Tuner:
         self.clock = clock
         self._checked: dict[tuple[str, str], int] = {}  # last label id looked at without fitting
         self._task: asyncio.Task[None] | None = None
+        self._histories: dict[tuple[str, str], History] = {}
+        self._lock = asyncio.Lock()
+
+    def history(self, meta: PlanMeta) -> History:
+        key = (meta.name, meta.fingerprint)
+        h = self._histories.get(key)
+        if h is None:
+            h = self._histories[key] = History(meta.name, meta.fingerprint, meta.n_stages, self.cfg.window)
+        return h
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="cascade-tuner")
@@ -86,8 +101,9 @@ class Tuner:
                 log.warning("threshold sync failed", extra={"error": str(exc)})
 
     async def sync(self, *, refit: bool = True) -> None:
-        for meta in self.plans():
-            await self._sync_one(meta, refit)
+        async with self._lock:  # the loop and an explicit call (``Learning.settle``) never overlap
+            for meta in self.plans():
+                await self._sync_one(meta, refit)
 
     async def _sync_one(self, meta: PlanMeta, refit: bool) -> None:
         store = self.store
@@ -97,11 +113,13 @@ class Tuner:
         if not refit:
             return
         key = (meta.name, meta.fingerprint)
+        history = self.history(meta)
+        await history.update(store)
         since = max(latest.last_label_id if latest else 0, self._checked.get(key, 0))
-        new, top = await store.label_stats(meta.name, meta.fingerprint, since)
-        if new < self.cfg.tune_every:
+        top = history.last_label_id
+        if history.labels_after(since) < self.cfg.tune_every:
             return
-        proposal = await self._fit(meta, latest, top)
+        proposal = await self._fit(meta, latest, history)
         if proposal is None:
             self._checked[key] = top
             return
@@ -112,11 +130,18 @@ class Tuner:
         if winner is not None:
             self.apply(winner)
 
-    async def _fit(self, meta: PlanMeta, latest: Fit | None, top: int) -> Fit | None:
+    async def _fit(self, meta: PlanMeta, latest: Fit | None, history: History) -> Fit | None:
         cfg = self.cfg
-        data = await self.store.labelled(meta.name, meta.fingerprint, top)
         old = latest.thresholds if latest is not None else meta.config_thresholds
-        rows = await asyncio.to_thread(assemble, data, meta.n_stages)
+        top = history.last_label_id
+        rows = await asyncio.to_thread(
+            functools.partial(
+                history.rows,
+                half_life=cfg.half_life_labels,
+                window=cfg.window,
+                pass_score=cfg.user_pass_score,
+            )
+        )
         if rows.n < cfg.min_labels:
             log.info(
                 "not enough labelled requests to tune",
@@ -126,12 +151,13 @@ class Tuner:
         cal = await asyncio.to_thread(
             fit, rows, cfg.target_quality, margin_z=cfg.margin_z, bounds=cfg.threshold_bounds, current=old
         )
-        new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds)
+        new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=cfg.max_step_up)
         at_new = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         evidence = {
             "rows": rows.n,
             "rows_by_reference": dict(sorted(rows.kinds.items())),
             "labels_by_source": dict(sorted(rows.labels.items())),
+            "label_rates": {str(k): round(v, 4) for k, v in rows.rates.items()},
             "last_label_id": top,
             "target_quality": cfg.target_quality,
             "proposed": list(cal.thresholds),

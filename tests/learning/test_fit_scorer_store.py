@@ -41,8 +41,8 @@ def bad(i: int, score: float = 0.9) -> str:
 
 def _cfg(url: str, *, store_text: bool = True, **stage0: Any) -> dict[str, Any]:
     """Stage 0 echoes the request (so its answer carries the prompt's words); stage 1 says something
-    else, so an escalated request labels stage 0's answer bad for free."""
-    cfg = with_learning(base_config(), url, store_text=store_text, min_labels=1000)
+    else, so an escalated request labels stage 0's answer bad for free (free text, compared exactly)."""
+    cfg = with_learning(base_config(), url, store_text=store_text, min_labels=1000, compare="exact")
     cfg["upstreams"]["small"]["model"] = "echo"
     cfg["cascades"]["default"]["stages"][0].update({"threshold": 0.7, "scorers": [PROMPT_SCORE], **stage0})
     return cfg

@@ -38,7 +38,8 @@ def rows(url: str, table: str, ids: list[str]) -> int:
 
 async def test_old_traces_go_with_their_attempts_and_labels(fake: FakeUpstream, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
-    cfg = with_learning(two_stage("refuse"), url, retention_days=7)  # escalates: free labels too
+    # escalates: free labels too (the refusal next to the answer, compared exactly)
+    cfg = with_learning(two_stage("refuse"), url, retention_days=7, compare="exact")
     async with proxy(cfg, fake) as (c, app):
         ids = [(await c.post("/v1/chat/completions", json=chat())).json()["id"] for _ in range(4)]
         await settle(app)
@@ -103,7 +104,7 @@ async def test_retention_zero_keeps_everything(fake: FakeUpstream, tmp_path: Pat
     assert rows(url, "traces", [rid]) == 1
 
 
-async def test_a_version_1_store_gains_the_age_index(tmp_path: Path) -> None:
+async def test_a_version_1_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True)
     conn = sqlite3.connect(url.removeprefix("sqlite:///"))
@@ -114,8 +115,16 @@ async def test_a_version_1_store_gains_the_age_index(tmp_path: Path) -> None:
             conn.execute(ddl.format(F="REAL", ID="INTEGER PRIMARY KEY AUTOINCREMENT"))
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
         conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute(  # with one trace in it
+            "INSERT INTO traces VALUES ('t1', 'r1', 'default', 'fp', 0, 1.0, 1, 0, 2, 0, 0.1, 0.2, 5.0, "
+            "'h', 3, NULL)"
+        )
     conn.close()
     s = Store(url)
-    assert await s.open() == SCHEMA_VERSION == 2
+    assert await s.open() == SCHEMA_VERSION == 3
+    # v3: the trace gained an (empty) sampling outcome, and incremental reads see it
+    assert [t[:4] for t in (await s.traces_after("default", "fp", 0, 10)).traces] == [(1, "t1", 2, 0)]
     await s.close()
-    assert ("traces_created",) in query(url, "SELECT name FROM sqlite_master WHERE type = 'index'")
+    indexes = {r[0] for r in query(url, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"traces_created", "traces_plan_seq"} <= indexes
+    assert query(url, "SELECT sampling FROM traces") == [("",)]

@@ -1,8 +1,10 @@
 """Shadow labelling: a share of early-accepted answers is re-asked of the last stage in the background;
-the answers' agreement (or a judge) labels them; the spend is counted and capped per hour."""
+the answers' agreement (or a judge) labels them; the spend is counted and capped per hour and as a
+share of the answers' spend; every draw and skip is recorded on the trace."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,10 @@ def _cfg(url: str, last: str = "answer-Paris", **learning: Any) -> dict[str, Any
     cfg["cascades"]["other"] = {
         "stages": [dict(cfg["cascades"]["default"]["stages"][0]), {"upstream": "london"}]
     }
-    return with_learning(cfg, url, **{"shadow_rate": 1.0, **learning})
+    # Free text ("Paris", "London") compared exactly, no cap relative to the answers' spend, unless a
+    # test says otherwise.
+    opts = {"shadow_rate": 1.0, "compare": "exact", "shadow_max_share": None, **learning}
+    return with_learning(cfg, url, **opts)
 
 
 def _labels(url: str) -> list[tuple[Any, ...]]:
@@ -53,9 +58,10 @@ async def test_shadow_labels_good_and_bad_answers_after_the_reply(fake: FakeUpst
         )
         await settle(app)
     assert _labels(url) == [
-        ("default", 0, "shadow", 1.0, 1.0, True, "match"),
-        ("other", 0, "shadow", 0.0, 1.0, True, "match"),
+        ("default", 0, "shadow", 1.0, 1.0, True, "exact"),
+        ("other", 0, "shadow", 0.0, 1.0, True, "exact"),
     ]
+    assert query(url, "SELECT sampling FROM traces") == [("labelled",)] * 2
     assert (
         reg.get_sample_value(
             "cascade_cost_usd_total", {"cascade": "default", "upstream": "large", "purpose": "shadow"}
@@ -133,7 +139,7 @@ async def test_the_shadow_budget_is_shared_by_the_servers_workers(fake: FakeUpst
 async def test_shadow_judge_decides_equivalence(fake: FakeUpstream, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     reg = CollectorRegistry()
-    cfg = _cfg(url, shadow_judge="judge")
+    cfg = _cfg(url, shadow_judge="judge", compare="auto")  # the old key still works
     cfg["upstreams"]["judge"] = {**cfg["upstreams"]["small"], "model": "answer-Yes."}
     async with proxy(cfg, fake, registry=reg) as (c, app):
         await c.post("/v1/chat/completions", json=chat("other"))  # Paris vs London, but the judge says yes
@@ -156,3 +162,42 @@ async def test_no_shadow_for_answers_of_the_last_stage(fake: FakeUpstream, tmp_p
         await settle(app)
     assert [r[2] for r in _labels(url)] == ["free"]
     assert len(fake.requests) == 2
+
+
+async def test_draws_and_skips_are_recorded_on_each_trace(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    draws = iter([0.1, 0.9, 0.1])  # drawn, not drawn, drawn (rate 0.5)
+    async with proxy(_cfg(url, shadow_rate=0.5, shadow_max_in_flight=1), fake, registry=reg) as (c, app):
+        shadow = learning_of(app).shadow
+        shadow._rng = lambda: next(draws)
+        ids = [(await c.post("/v1/chat/completions", json=chat())).json()["id"] for _ in range(2)]
+        await settle(app)
+        # One label call in flight fills shadow_max_in_flight: the next draw is skipped as busy.
+        release = asyncio.Event()
+        shadow._start(release.wait())
+        ids.append((await c.post("/v1/chat/completions", json=chat())).json()["id"])
+        release.set()
+        await settle(app)
+    got = dict(query(url, "SELECT id, sampling FROM traces"))
+    assert [got[i] for i in ids] == ["labelled", "not_drawn", "busy"]
+    assert reg.get_sample_value("cascade_labels_skipped_total", {"cascade": "default", "reason": "busy"}) == 1
+    assert reg.get_sample_value("cascade_shadow_skipped_total", {"cascade": "default", "reason": "busy"}) == 1
+
+
+async def test_shadow_spend_is_capped_as_a_share_of_the_answers_spend(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """shadow_max_share: the last stage costs 100x stage 0 here, so at a share of 0.5 one shadow call
+    needs ~200 early answers' spend first; before that every draw is skipped for the budget."""
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    async with proxy(_cfg(url, shadow_max_share=0.5), fake, registry=reg) as (c, app):
+        for _ in range(5):
+            assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
+        await settle(app)
+    assert _labels(url) == []
+    assert query(url, "SELECT DISTINCT sampling FROM traces") == [("budget",)]
+    assert (
+        reg.get_sample_value("cascade_shadow_skipped_total", {"cascade": "default", "reason": "budget"}) == 5
+    )

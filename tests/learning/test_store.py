@@ -23,7 +23,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_every_request_is_recorded_without_text(fake: FakeUpstream, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
-    cfg = with_learning(two_stage("refuse"), url)
+    cfg = with_learning(two_stage("refuse"), url, compare="exact")  # free text compared exactly
     cfg["upstreams"]["ok_up"] = {**cfg["upstreams"]["small"], "model": "ok"}
     async with proxy(cfg, fake) as (c, app):
         r1 = await c.post("/v1/chat/completions", json=chat(content=SECRET_PROMPT))  # escalates
@@ -82,7 +82,7 @@ async def test_free_labels_when_the_last_stage_answered(
     cfg["cascades"]["other"] = {
         "stages": [dict(cfg["cascades"]["default"]["stages"][0]), {"upstream": "london"}]
     }
-    async with proxy(with_learning(cfg, url), fake) as (c, app):
+    async with proxy(with_learning(cfg, url, compare="exact"), fake) as (c, app):
         for cascade in ("default", "other"):
             r = await c.post("/v1/chat/completions", json=chat(cascade, stream=stream))
             assert r.status_code == 200

@@ -1,0 +1,162 @@
+"""The online tuner's memory of one cascade plan: its recent requests and labels, read incrementally.
+
+``History.update(store)`` reads only what is new since the last call: traces after the last sequence
+number seen (one small tuple each: when it arrived and which stage served it, the population the
+labelling rates are measured against) and labels after the last label id seen, plus the attempts of
+requests that got their first label. Nothing is re-read per refit (in PostgreSQL a short tail is, for
+late commits; ``app.learning.store``). Memory is bounded: the newest ``keep`` labelled requests and the
+requests since the oldest of them.
+
+``History.rows(...)`` turns them into the fit's rows (``calibration.weigh``): deterministic, so replicas
+holding the same labels fit the same thresholds.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from app.learning.calibration import AttemptT, Entry, LabelT, Rows, make_entry, weigh
+from app.learning.store import TAIL_IDS, Store
+
+PAGE = 5000  # rows per read
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: int
+    n_stages: int
+    accepted: int | None
+    baseline: float
+    attempts: dict[int, AttemptT] = field(default_factory=dict)
+    labels: list[LabelT] = field(default_factory=list)
+
+
+class History:
+    def __init__(self, cascade: str, plan: str, n_stages: int, keep: int) -> None:
+        self.cascade = cascade
+        self.plan = plan
+        self.n_stages = n_stages
+        self.keep = keep  # labelled requests kept (0: all)
+        self.last_seq = 0
+        self.last_label_id = 0
+        self._population: deque[tuple[int, int]] = deque()  # (seq, accepted stage) of answered requests
+        self._seen_seqs: set[int] = set()  # recent ones only (the PostgreSQL tail)
+        self._requests: dict[str, _Request] = {}  # labelled requests by trace id
+        self._label_ids: list[int] = []  # ids of the labels held, ascending
+        self._seen_labels: set[int] = set()
+
+    def labels_after(self, label_id: int) -> int:
+        """How many of the labels held have an id above ``label_id``."""
+        return len(self._label_ids) - bisect.bisect_right(self._label_ids, label_id)
+
+    async def update(self, store: Store) -> int:
+        """Read what is new; returns how many labels were new."""
+        tail = TAIL_IDS if store.kind == "postgresql" else 0
+        await self._read_traces(store, tail)
+        return await self._read_labels(store, tail)
+
+    async def _read_traces(self, store: Store, tail: int) -> None:
+        after = max(0, self.last_seq - tail)
+        late = False
+        while True:
+            got = (await store.traces_after(self.cascade, self.plan, after, PAGE)).traces
+            for seq, _tid, _n, accepted, _base in got:
+                if seq in self._seen_seqs or seq <= self.last_seq - tail:
+                    continue
+                self._seen_seqs.add(seq)
+                if accepted is not None:
+                    late = late or bool(self._population and seq < self._population[-1][0])
+                    self._population.append((seq, int(accepted)))
+                self.last_seq = max(self.last_seq, seq)
+            if len(got) < PAGE:
+                break
+            after = got[-1][0]
+        self._seen_seqs = {s for s in self._seen_seqs if s > self.last_seq - tail} if tail else set()
+        if late:  # a late commit (PostgreSQL): keep arrival order
+            self._population = deque(sorted(self._population))
+
+    async def _read_labels(self, store: Store, tail: int) -> int:
+        after = max(0, self.last_label_id - tail)
+        new: dict[str, list[tuple[int, LabelT]]] = {}
+        while True:
+            got = await store.labels_after(self.cascade, self.plan, after, PAGE)
+            for lid, tid, stage, source, value, weight, cost in got:
+                lid = int(lid)
+                if lid in self._seen_labels or lid <= self.last_label_id - tail:
+                    continue
+                self._seen_labels.add(lid)
+                label: LabelT = (str(source), stage, float(value), float(weight), float(cost))
+                new.setdefault(str(tid), []).append((lid, label))
+                self.last_label_id = max(self.last_label_id, lid)
+            if len(got) < PAGE:
+                break
+            after = int(got[-1][0])
+        self._seen_labels = {i for i in self._seen_labels if i > self.last_label_id - tail} if tail else set()
+        if not new:
+            return 0
+        fresh = [tid for tid in new if tid not in self._requests]
+        if fresh:
+            await self._load(store, fresh)
+        count = 0
+        for tid, labels in new.items():
+            req = self._requests.get(tid)
+            if req is None:  # its trace is gone (pruned) or of another plan
+                continue
+            for lid, label in sorted(labels):
+                req.labels.append(label)
+                bisect.insort(self._label_ids, lid)
+                count += 1
+        self._trim()
+        return count
+
+    async def _load(self, store: Store, trace_ids: list[str]) -> None:
+        info = await store.trace_rows(trace_ids)
+        attempts = await store.attempts_of(trace_ids)
+        for seq, tid, n, accepted, baseline in info.traces:
+            self._requests[tid] = _Request(seq, n, accepted, baseline)
+        for tid, stage, outcome, score, cost in attempts:
+            req = self._requests.get(tid)
+            if req is not None:
+                req.attempts[int(stage)] = (outcome, score, float(cost))
+
+    def _trim(self) -> None:
+        if not self.keep or len(self._requests) <= self.keep:
+            return
+        by_seq = sorted(self._requests.items(), key=lambda kv: kv[1].seq)
+        drop = by_seq[: len(by_seq) - self.keep]
+        for tid, _req in drop:
+            del self._requests[tid]
+        oldest = by_seq[len(drop)][1].seq
+        while self._population and self._population[0][0] < oldest:
+            self._population.popleft()
+        # Only counts of recent ids are asked for (labels since the last fit): drop the oldest.
+        n_labels = sum(len(r.labels) for r in self._requests.values())
+        del self._label_ids[: max(0, len(self._label_ids) - n_labels)]
+
+    def entries(self, pass_score: float) -> list[Entry]:
+        out = []
+        for req in sorted(self._requests.values(), key=lambda r: r.seq):
+            e = make_entry(
+                req.seq, req.n_stages, req.accepted, req.baseline, req.attempts, req.labels,
+                self.n_stages, pass_score,
+            )  # fmt: skip
+            if e is not None:
+                out.append(e)
+        return out
+
+    def rows(self, *, half_life: int, window: int, pass_score: float) -> Rows:
+        return weigh(
+            self.entries(pass_score),
+            self.n_stages,
+            list(self._population),
+            half_life=half_life,
+            window=window,
+            last_id=self.last_label_id,
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(labelled requests, requests) held."""
+        return len(self._requests), len(self._population)
