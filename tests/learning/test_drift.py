@@ -1,0 +1,117 @@
+"""Drift (issue 13): fits weigh labels down with age (half_life_labels) within a window (window_labels),
+and the tuner reads the store incrementally: new traces and labels only, never the whole history."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.learning.calibration import Entry, fit, make_entry, weigh
+from app.learning.store import Store
+from tests.conftest import base_config, proxy
+from tests.fake_upstream import FakeUpstream
+from tests.learning.learning_helpers import learning_of, query, sqlite_url, synthetic, with_learning
+
+pytestmark = pytest.mark.anyio
+
+
+def _regime(rng: random.Random, start: int, n: int, cut: float) -> tuple[list[Entry], list[tuple[int, int]]]:
+    """Requests at a threshold of 0.5 whose stage-0 answer is good exactly when its score > cut; every
+    request is labelled (shadow for the accepted ones, at rate 1)."""
+    entries, population = [], []
+    for i in range(start, start + n):
+        s = rng.random()
+        early = s >= 0.5
+        atts: dict[int, Any] = {0: ("accepted" if early else "rejected", s, 1e-6)}
+        if not early:
+            atts[1] = ("accepted", None, 1e-4)
+        label = ("shadow" if early else "free", 0, float(s > cut), 1.0, 1e-4 if early else 0.0)
+        e = make_entry(i, 2, 0 if early else 1, 1e-4, atts, [label], 2)
+        assert e is not None
+        entries.append(e)
+        population.append((i, 0 if early else 1))
+    return entries, population
+
+
+def test_decayed_fits_follow_the_newest_traffic() -> None:
+    rng = random.Random(5)
+    old, pop_old = _regime(rng, 0, 6000, cut=0.2)  # stage 0 is good from 0.2 up
+    new, pop_new = _regime(rng, 6000, 600, cut=0.7)  # after the drift: only from 0.7 up
+    entries, pop = old + new, pop_old + pop_new
+
+    def threshold(**kw: int) -> float:
+        cal = fit(weigh(entries, 2, pop, **kw), 0.97, margin_z=0.0)
+        return cal.thresholds[0]
+
+    assert threshold() < 0.5  # every label weighs the same: the old traffic outvotes the new
+    assert 0.65 <= threshold(half_life=200) <= 0.75  # halving every 200 labels: the new regime
+    assert 0.65 <= threshold(window=600) <= 0.75  # or only the newest 600
+    rows = weigh(entries, 2, pop, half_life=200)
+    assert rows.weights[-1] == pytest.approx(1.0) and rows.weights[-201] == pytest.approx(0.5, rel=0.01)
+
+
+def _cfg(url: str) -> dict[str, Any]:
+    opts = {
+        "auto_tune": True,
+        "target_quality": 0.9,
+        "tune_every": 10,
+        "min_labels": 50,
+        "half_life_labels": 0,  # every label counts: the second fit must hold all 2000+ of them
+        "sync_every_s": 3600,  # only labels wake the tuner: each sync here is one we asked for
+    }
+    return with_learning(base_config(), url, **opts)
+
+
+async def test_the_tuner_reads_only_what_is_new(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url)
+    store = Store(url)
+    await store.open()
+    traces, labels = synthetic(cfg, 2000)
+    await store.write(traces, labels)
+    await store.close()
+    async with proxy(cfg, fake) as (c, app):
+        learning = learning_of(app)
+        assert learning.tuner is not None
+        await learning.settle()  # the first sync reads the history once
+        first = query(url, "SELECT version, n_rows FROM fits")
+        assert len(first) == 1 and first[0][1] > 1000
+        read = learning.store.backend.rows_read
+        assert read > 3000  # traces, labels and attempts of the labelled requests
+        for t in traces[:20]:  # 20 new labels, on old traces
+            assert (await c.post("/v1/feedback", json={"id": t.id, "score": 1.0})).status_code == 200
+        await learning.settle()
+        delta = learning.store.backend.rows_read - read
+        fits = query(url, "SELECT version, n_rows FROM fits ORDER BY version")
+    # The labels woke the tuner once or twice (tune_every 10); each new fit used the whole history.
+    assert len(fits) in (2, 3) and all(n >= first[0][1] for _, n in fits)
+    # 20 labels, at most 20 traces and 40 attempts first seen, one stored fit per sync: nothing like
+    # the 3000+ a re-read would cost.
+    assert delta <= 20 + 20 + 40 + 25, delta
+
+
+async def test_memory_is_bounded_by_the_window(tmp_path: Path) -> None:
+    from app.learning.history import History
+
+    url = sqlite_url(tmp_path)
+    store = Store(url)
+    await store.open()
+    traces, labels = synthetic(_cfg(url), 1500, shadow_rate=1.0)
+    await store.write(traces, labels)
+    plan = traces[0].plan
+    h = History("default", plan, 2, keep=300)
+    await h.update(store)
+    labelled, requests = h.size
+    assert labelled == 300 and requests <= 300  # every request is labelled here
+    rows = h.rows(half_life=0, window=300, pass_score=0.5)
+    assert rows.n == 300
+    more, more_labels = synthetic(_cfg(url), 100, shadow_rate=1.0, seed=9)
+    await store.write(more, more_labels)
+    await h.update(store)
+    assert h.size[0] == 300 and h.last_label_id == len(labels) + len(more_labels)
+    await store.close()
+    await asyncio.sleep(0)
