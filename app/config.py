@@ -269,6 +269,9 @@ class LearningConfig(_Model):
     # Shadow and judge spend at most this share of what the answers cost (per process, last hour);
     # null: no such cap.
     shadow_max_share: float | None = Field(0.1, gt=0, le=1)
+    # The first label calls of each cascade (per process) are not held to shadow_max_share: a cascade
+    # whose early stage answers nearly everything cheaply still gets the labels it starts from.
+    shadow_warmup: int = Field(20, ge=0)
     shadow_max_in_flight: int = Field(8, ge=1)  # per process; more are skipped ("busy"), never queued
     # The label definition: "as good as the last stage's answer", decided by `compare`:
     # auto: exact match of closed forms (choice, number, JSON, tool calls), else the judge, else no label;

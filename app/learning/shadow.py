@@ -14,9 +14,9 @@ Both return what happened (the trace's ``sampling``: ``not_drawn``, ``drawn``, `
 weights labels by the realised share of requests that got one, so skips cost precision, not bias.
 
 Spend (``purpose="shadow"``) has two caps per process: ``shadow_budget_usd_per_hour`` (each worker of a
-server gets its share) and ``shadow_max_share`` of what answers cost in the last hour. Before a call
-its cost is estimated (the trace's baseline, or the mean of earlier calls when larger), after it the
-real cost counts.
+server gets its share) and ``shadow_max_share`` of what answers cost in the last hour (not for the first
+``shadow_warmup`` label calls of a cascade). Before a call its cost is estimated (the trace's baseline,
+or the mean of earlier calls when larger), after it the real cost counts.
 """
 
 from __future__ import annotations
@@ -78,16 +78,23 @@ class _Spend:
     def __init__(self, cfg: LearningConfig, workers: int, clock: Callable[[], float]) -> None:
         self.hourly = HourlyBudget(cfg.shadow_budget_usd_per_hour / max(1, workers), clock)
         self.share = cfg.shadow_max_share
+        self.warmup = cfg.shadow_warmup
         self.answers = HourlyBudget(float("inf"), clock)
         self._mean: dict[str, tuple[float, int]] = {}  # purpose -> (mean cost, calls)
+        self._calls: dict[str, int] = {}  # label calls made, by cascade
 
     def estimate(self, purpose: str, floor: float) -> float:
         return max(floor, self._mean.get(purpose, (0.0, 0))[0])
 
-    def take(self, usd: float) -> bool:
-        if self.share is not None and self.hourly.spent() + usd > self.share * self.answers.spent():
+    def take(self, cascade: str, usd: float) -> bool:
+        calls = self._calls.get(cascade, 0)
+        capped = self.share is not None and calls >= self.warmup
+        if capped and self.hourly.spent() + usd > (self.share or 0.0) * self.answers.spent():
             return False
-        return self.hourly.take(usd)
+        if not self.hourly.take(usd):
+            return False
+        self._calls[cascade] = calls + 1
+        return True
 
     def settle(self, purpose: str, reserved: float, actual: float) -> None:
         self.hourly.settle(reserved, actual)
@@ -115,7 +122,7 @@ class Shadow:
         self._metrics = metrics
         self._emit = emit
         self._settle = settle
-        self._rng = rng
+        self.rng = rng
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -137,7 +144,7 @@ class Shadow:
         a = trace.accepted
         if not ok or a is None or a.stage >= len(plan.stages) - 1 or trace.request is None:
             return ""
-        if self.rate <= 0 or self._rng() >= self.rate:
+        if self.rate <= 0 or self.rng() >= self.rate:
             return "not_drawn"
         up = plan.final.upstream
         why, estimate = self._admit(trace.cascade, "shadow", trace.baseline_usd, 1, up)
@@ -166,7 +173,7 @@ class Shadow:
             why = "busy"
         elif up.blocked() is not None:
             why = "circuit_open"
-        elif not self.spend.take(estimate):
+        elif not self.spend.take(cascade, estimate):
             why = "budget"
         else:
             return "", estimate

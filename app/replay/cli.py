@@ -47,7 +47,26 @@ def _positive(v: str) -> int:
     return n
 
 
+def _unit(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {v!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return x
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    if args.online:
+        from app.replay.online_cli import cmd_online
+
+        return cmd_online(args)
+    from app.replay.online_cli import offline_misuse
+
+    if (problem := offline_misuse(args)) is not None:
+        print(f"cascade replay: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from app.config import ConfigError
     from app.replay.configure import ReplayError
     from app.replay.report import ProgressBar, format_table
@@ -224,6 +243,29 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (default 8)")
     r.add_argument("--work-dir", help="keep the fitted scorer files here (default: a temporary directory)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    o = r.add_argument_group(
+        "online learning (--online)",
+        "Stream the dataset's rows through a live proxy with learning.auto_tune: true and report how "
+        "the thresholds converge (windows of 100 requests); see README, Learning.",
+    )
+    o.add_argument("--online", action="store_true", help="learn the thresholds online from a request stream")
+    o.add_argument(
+        "--seed", type=int, help="shuffles the stream and draws shadow calls and feedback (default 0)"
+    )
+    o.add_argument(
+        "--start-threshold", type=_unit, help="every scored stage starts here (default: the fit's)"
+    )
+    o.add_argument("--shadow-rate", type=_unit, help="learning.shadow_rate (default 0.1)")
+    o.add_argument("--feedback-rate", type=_unit, help="share of answers a user rates (default 0)")
+    o.add_argument("--drift", metavar="OTHER.jsonl", help="switch to this dataset's rows half-way")
+    o.add_argument("--passes", type=_positive, help="stream the dataset this many times (default 1)")
+    o.add_argument("--sync-every", type=_positive, help="requests between tuner syncs (default 10)")
+    o.add_argument(
+        "--no-judge", action="store_true", help="no learning.judge: free-form answers get no label"
+    )
+    o.add_argument(
+        "--judge-model", help="dataset model whose price the replay judge charges (default: stage 0's)"
+    )
     r.set_defaults(func=cmd_replay)
 
     f = sub.add_parser(

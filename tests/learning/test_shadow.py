@@ -84,7 +84,7 @@ async def test_shadow_weight_is_the_inverse_sampling_rate(fake: FakeUpstream, tm
     url = sqlite_url(tmp_path)
     draws = iter([0.1, 0.9, 0.3, 0.7])  # picked, not, picked, not (rate 0.5)
     async with proxy(_cfg(url, shadow_rate=0.5), fake) as (c, app):
-        learning_of(app).shadow._rng = lambda: next(draws)
+        learning_of(app).shadow.rng = lambda: next(draws)
         for _ in range(4):
             await c.post("/v1/chat/completions", json=chat())
         await settle(app)
@@ -170,7 +170,7 @@ async def test_draws_and_skips_are_recorded_on_each_trace(fake: FakeUpstream, tm
     draws = iter([0.1, 0.9, 0.1])  # drawn, not drawn, drawn (rate 0.5)
     async with proxy(_cfg(url, shadow_rate=0.5, shadow_max_in_flight=1), fake, registry=reg) as (c, app):
         shadow = learning_of(app).shadow
-        shadow._rng = lambda: next(draws)
+        shadow.rng = lambda: next(draws)
         ids = [(await c.post("/v1/chat/completions", json=chat())).json()["id"] for _ in range(2)]
         await settle(app)
         # One label call in flight fills shadow_max_in_flight: the next draw is skipped as busy.
@@ -189,15 +189,21 @@ async def test_shadow_spend_is_capped_as_a_share_of_the_answers_spend(
     fake: FakeUpstream, tmp_path: Path
 ) -> None:
     """shadow_max_share: the last stage costs 100x stage 0 here, so at a share of 0.5 one shadow call
-    needs ~200 early answers' spend first; before that every draw is skipped for the budget."""
+    needs ~200 early answers' spend first; after the first shadow_warmup calls every draw is skipped
+    for the budget until then."""
     url = sqlite_url(tmp_path)
     reg = CollectorRegistry()
-    async with proxy(_cfg(url, shadow_max_share=0.5), fake, registry=reg) as (c, app):
+    async with proxy(_cfg(url, shadow_max_share=0.5, shadow_warmup=2), fake, registry=reg) as (c, app):
         for _ in range(5):
             assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
-        await settle(app)
-    assert _labels(url) == []
-    assert query(url, "SELECT DISTINCT sampling FROM traces") == [("budget",)]
-    assert (
-        reg.get_sample_value("cascade_shadow_skipped_total", {"cascade": "default", "reason": "budget"}) == 5
-    )
+            await settle(app)
+    assert len(_labels(url)) == 2
+    assert [r[0] for r in query(url, "SELECT sampling FROM traces ORDER BY created")] == [
+        "labelled",
+        "labelled",
+        "budget",
+        "budget",
+        "budget",
+    ]
+    skipped = {"cascade": "default", "reason": "budget"}
+    assert reg.get_sample_value("cascade_shadow_skipped_total", skipped) == 3

@@ -1,0 +1,484 @@
+"""``cascade replay DATASET --online``: a recorded dataset as a live request stream, with thresholds
+learned online (``learning.auto_tune``) from labels that arrive as they would in production.
+
+``run_online(options)``, in one event loop:
+
+1. the cascade: without ``--config`` the offline fit on the dataset's train rows (``fit_cascade``: chain
+   and learned scorers); with ``--config`` that config's cascade mapped onto the dataset's models. Its
+   thresholds start at ``--start-threshold`` (every scored stage) or where the fit / config put them;
+2. the stream: every row of the dataset (train and test), shuffled by ``--seed``, ``--passes`` times;
+   with ``--drift OTHER.jsonl`` the first half of that, then OTHER's rows (shuffled). OTHER's models are
+   mapped onto the cascade's stages by their place in the cost order (cheapest to cheapest, dearest to
+   dearest, the ones between by relative rank; with fewer models than stages, neighbours share one);
+3. the proxy (``create_app``) on loopback, pointed at the replay upstream plus the replay judge
+   (``app.replay.judge``: an oracle ``learning.judge`` for free-form answers), with ``auto_tune: true``
+   and a temporary SQLite store. Requests go one at a time; after each one the runner waits until its
+   label calls are done and stored, and every ``--sync-every`` requests it runs the tuner's sync
+   itself (the background loop is off): so the same ``--seed`` gives the same run. Labels come as in
+   production: free labels, shadow labels at ``--shadow-rate`` (within ``shadow_max_share``), user
+   feedback at ``--feedback-rate`` (``POST /v1/feedback``: 1.0 when the served answer is correct);
+4. the same stream again through a proxy with the offline thresholds and no learning: the reference.
+
+The tuner's target: the replay's ``--target-quality`` is relative to the best single model's accuracy;
+``learning.target_quality`` is the share of answers as good as the last stage's, a stricter measure (an
+early answer that differs from a wrong last answer counts as worse). The runner translates one into
+the other on the train rows (``tuner_target``): the labels' quality at the cheapest thresholds whose
+train accuracy reaches the target. The report (``app.replay.online_report``) is in windows of 100
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from app.config import Config, ConfigError, LearningConfig, parse_config
+from app.learning.labels import verdict
+from app.learning.rows import ModelAnswer, Row
+from app.learning.thresholds import choose_thresholds, evaluate_cascade
+from app.replay.configure import (
+    ReplayError,
+    ReplayPlan,
+    fitted_config,
+    mapped_config,
+    request_body,
+    stage_scores,
+    with_thresholds,
+)
+from app.replay.dataset import Dataset, best_single, load_dataset, model_summary
+from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
+from app.replay.online_report import Served, summarise
+from app.replay.runner import serve_asgi
+from app.replay.upstream import ReplayUpstream
+
+Progress = Callable[[int, int], None]
+JUDGE_UPSTREAM = "replay-judge"
+
+
+@dataclass
+class OnlineOptions:
+    dataset: str
+    config: str | None = None
+    cascade: str | None = None
+    mapping: dict[str, str] = field(default_factory=dict)
+    target_quality: float = 0.95
+    margin_z: float = 1.0  # of the offline fit
+    max_stages: int = 3
+    seed: int = 0
+    start_threshold: float | None = None
+    shadow_rate: float = 0.1
+    feedback_rate: float = 0.0
+    drift: str | None = None
+    passes: int = 1
+    sync_every: int = 10
+    judge: bool = True
+    judge_model: str | None = None
+    limit: int | None = None
+    work_dir: str | None = None
+    # Python API only (bench/online.py): a cascade fitted before (the same fit_cascade result, reused
+    # across runs on one dataset), and learning settings over the defaults / the config's.
+    fitted: Any = None
+    learning: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of the stream: the row as served (answers keyed by the cascade's models) and as
+    recorded (its own dataset's models, for the best single model)."""
+
+    row: Row
+    native: Row
+    source: str
+
+
+@dataclass
+class Stream:
+    items: list[Item]
+    drift_at: int | None
+    best: dict[str, str]  # source dataset -> its best single model (over the stream's rows)
+    drift_map: dict[str, str] = field(default_factory=dict)  # cascade model -> OTHER's model
+
+
+@dataclass
+class OnlineResult:
+    report: dict[str, Any]
+    online: list[Served]
+    offline: list[Served]
+    errors: int
+
+
+# --- the stream -------------------------------------------------------------------------------------------
+
+
+def _shuffled(rows: Sequence[Row], rng: random.Random, passes: int) -> list[Row]:
+    out: list[Row] = []
+    for _ in range(passes):
+        order = list(rows)
+        rng.shuffle(order)
+        out += order
+    return out
+
+
+def drift_mapping(chain: Sequence[str], models: Sequence[str], other: Sequence[str]) -> dict[str, str]:
+    """Each chain model (a model of ``models``, cheapest first) -> the model of ``other`` (cheapest
+    first) at the same relative place in the cost order."""
+    out: dict[str, str] = {}
+    for m in chain:
+        r = models.index(m) / (len(models) - 1) if len(models) > 1 else 0.0
+        out[m] = other[int(r * (len(other) - 1) + 0.5)]
+    out[chain[0]] = other[0]
+    out[chain[-1]] = other[-1]
+    return out
+
+
+def build_stream(ds: Dataset, chain: Sequence[str], opts: OnlineOptions, other: Dataset | None) -> Stream:
+    rng = random.Random(opts.seed)
+    first = [Item(r, r, ds.name) for r in _shuffled(ds.rows, rng, opts.passes)]
+    best = {ds.name: best_single(model_summary(ds.rows, ds.models))}
+    if other is None:
+        items = first
+        return Stream(items[: opts.limit] if opts.limit else items, None, best)
+    mapping = drift_mapping(chain, ds.models, other.models)
+    half = len(first) // 2
+    second = []
+    for r in _shuffled(other.rows, rng, opts.passes):
+        answers: dict[str, ModelAnswer] = {m: r.answers[mapping[m]] for m in chain}
+        second.append(
+            Item(Row(f"drift:{r.id}", r.prompt, r.split, answers, r.reference, r.dataset), r, other.name)
+        )
+    best[other.name] = best_single(model_summary(other.rows, other.models))
+    items = first[:half] + second
+    return Stream(items[: opts.limit] if opts.limit else items, half, best, mapping)
+
+
+# --- the target -------------------------------------------------------------------------------------------
+
+
+def label_values(row: Row, chain: Sequence[str]) -> list[float]:
+    """What the labels say of each stage's answer on a recorded row: exact match with the last
+    stage's answer for closed forms, else what the replay judge says (as good: correct, or the last
+    one is not)."""
+    last = row.answers[chain[-1]]
+    out = []
+    for m in chain[:-1]:
+        a = row.answers[m]
+        v = verdict("auto", a.answer, last.answer, row.prompt, have_judge=True)
+        out.append(
+            v.value if v.how == "exact" and v.value is not None else float(a.correct or not last.correct)
+        )
+    return [*out, 1.0]
+
+
+def tuner_target(
+    rows: Sequence[Row], models: Sequence[str], chain: Sequence[str], scores: Any, target: float
+) -> float:
+    """``learning.target_quality`` for a replay target relative to the best single model: on the train
+    rows, the labels' quality (share of answers as good as the last stage's) at the cheapest
+    thresholds whose accuracy reaches ``target`` x the best single model's (module doc)."""
+    summary = model_summary(rows, models)
+    acc_best = summary[best_single(summary)].accuracy
+    correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
+    cost = np.asarray([[r.answers[m].cost_usd for m in chain] for r in rows])
+    agree = np.asarray([label_values(r, chain) for r in rows])
+    at = choose_thresholds(scores, correct, cost, target * acc_best).best.thresholds
+    quality = evaluate_cascade(scores, agree, cost, at).quality
+    return round(min(0.999, max(0.5, quality)), 4)
+
+
+def train_scores(fitted: Any, rows: Sequence[Row]) -> Any:
+    """(n_rows, K) stage scores of the fitted chain's learned scorers on recorded rows (last column 0)."""
+    ms = fitted.models
+    out = np.zeros((len(rows), len(ms)))
+    for i, r in enumerate(rows):
+        previous: list[str] = []
+        for k, m in enumerate(ms[:-1]):
+            out[i, k] = fitted.score(k, r.prompt, r.answers[m].answer, previous)
+            previous.append(r.answers[m].answer)
+    return out
+
+
+# --- the config -------------------------------------------------------------------------------------------
+
+
+def online_config(
+    plan: ReplayPlan,
+    url: str,
+    store: str,
+    opts: OnlineOptions,
+    target: float,
+    learning: LearningConfig | None,
+) -> Config:
+    """The plan's config with a judge upstream and the learning section of the online run."""
+    raw = plan.config.model_dump(mode="json", by_alias=True)
+    lrn: dict[str, Any] = learning.model_dump(mode="json") if learning is not None else {}
+    lrn.update(opts.learning)
+    if opts.judge:
+        raw["upstreams"][JUDGE_UPSTREAM] = {
+            "base_url": f"{url}/v1",
+            "model": JUDGE_MODEL,
+            "price": {"reported": True},
+            "max_retries": 0,
+            "circuit": False,
+            "logprobs": False,
+        }
+    lrn.update(
+        store=store,
+        auto_tune=True,
+        target_quality=target,
+        shadow_rate=opts.shadow_rate,
+        judge=JUDGE_UPSTREAM if opts.judge else None,
+        sync_every_s=3600.0,  # the runner syncs the tuner itself (fixed cadence)
+        retention_days=0,
+        shadow_budget_usd_per_hour=lrn.get("shadow_budget_usd_per_hour", 1e9) if learning else 1e9,
+    )
+    raw["learning"] = lrn
+    return parse_config(raw, env={})
+
+
+# --- one pass of the stream through a proxy ---------------------------------------------------------------
+
+
+async def _pass(
+    config: Config,
+    plan: ReplayPlan,
+    stream: Stream,
+    opts: OnlineOptions,
+    progress: Progress | None,
+    offset: int,
+    total: int,
+) -> tuple[list[Served], dict[str, Any]]:
+    from app.main import create_app
+
+    app = create_app(config)
+    learning = app.state.cascade.learning
+    cplan = app.state.cascade.runtime.plans.get(plan.cascade)
+    assert cplan is not None
+    models = plan.upstream_models
+    out: list[Served] = []
+    extra: dict[str, Any] = {}
+    feedback = random.Random(opts.seed + 1)
+    async with serve_asgi(app) as proxy_url:
+        if learning is not None:
+            assert learning.tuner is not None
+            await learning.tuner.stop()  # the runner syncs it itself, at a fixed cadence
+            learning.shadow.rng = random.Random(opts.seed + 2).random
+        async with httpx.AsyncClient(base_url=proxy_url, timeout=600.0, trust_env=False) as client:
+            for i, item in enumerate(stream.items):
+                r = await client.post("/v1/chat/completions", json=request_body(plan.cascade, item.row))
+                served = _served(i, item, r, models, stream)
+                if learning is not None:
+                    if served.completion_id and feedback.random() < opts.feedback_rate:
+                        fb = {"id": served.completion_id, "score": 1.0 if served.correct else 0.0}
+                        await client.post("/v1/feedback", json=fb)
+                    await learning.settle(tune=(i + 1) % opts.sync_every == 0)
+                served.thresholds = [float(t) for t in cplan.thresholds[:-1] if t is not None]
+                out.append(served)
+                if progress is not None:
+                    progress(offset + i + 1, total)
+        if learning is not None:
+            await learning.settle(tune=False)
+            extra = _labels_of(config, out, app)
+    return out, extra
+
+
+def _served(i: int, item: Item, r: httpx.Response, models: dict[str, str], stream: Stream) -> Served:
+    best = stream.best[item.source]
+    rec = item.native.answers[best]
+    s = Served(i, item.source, item.native.id, False, 0.0, rec.correct, rec.cost_usd)
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    ext = body.get("cascade") if isinstance(body, dict) else None
+    if r.status_code != 200 or not isinstance(ext, dict):
+        s.error = f"HTTP {r.status_code}"
+        return s
+    model = models.get(str(ext.get("upstream")))
+    s.completion_id = str(body.get("id", ""))
+    s.stage = int(ext.get("stage", 0))
+    s.cost = float(ext.get("cost_usd") or 0.0)
+    s.correct = model is not None and item.row.answers[model].correct
+    return s
+
+
+def _labels_of(config: Config, served: list[Served], app: Any) -> dict[str, Any]:
+    """Label spend per request and labelled requests so far, from the store; label spend in total,
+    from the metrics (it includes calls that gave no label)."""
+    assert config.learning is not None
+    path = config.learning.store.removeprefix("sqlite:///")
+    conn = sqlite3.connect(path)
+    try:
+        cost = dict(conn.execute("SELECT trace_id, sum(cost_usd) FROM labels GROUP BY trace_id").fetchall())
+        first = {r[0] for r in conn.execute("SELECT DISTINCT trace_id FROM labels").fetchall()}
+        by_source = dict(conn.execute("SELECT source, count(*) FROM labels GROUP BY source").fetchall())
+    finally:
+        conn.close()
+    # Each request's labels are stored before the next request is sent (feedback on it included):
+    # labelled requests so far is a running count in stream order.
+    seen = 0
+    for s in served:
+        s.label_cost = float(cost.get(s.completion_id, 0.0))
+        s.labelled = s.completion_id in first
+        seen += s.labelled
+        s.labels = seen
+    reg = app.state.cascade.metrics.registry
+    total = 0.0
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if sample.name == "cascade_cost_usd_total" and sample.labels.get("purpose") == "shadow":
+                total += sample.value
+    return {"label_cost_usd": total, "labels_by_source": by_source}
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+async def _run(
+    opts: OnlineOptions, ds: Dataset, other: Dataset | None, work: str, progress: Progress | None
+) -> OnlineResult:
+    from app.learning.train import fit_cascade
+
+    t0 = time.perf_counter()
+    fitted = None
+    user_cfg: Config | None = None
+    if opts.fitted is not None:
+        fitted = opts.fitted
+        saved = fitted.save(Path(work) / "scorers")
+        paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
+    elif opts.config is None:
+        fitted = fit_cascade(
+            ds.train,
+            ds.models,
+            target_quality=opts.target_quality,
+            max_stages=opts.max_stages,
+            margin_z=opts.margin_z,
+        )
+        saved = fitted.save(Path(work) / "scorers")
+        paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
+    else:
+        from app.config import load_config
+
+        user_cfg = load_config(opts.config)
+    fit_s = time.perf_counter() - t0
+    # The stream (and the replay's rows) need the chain, which needs a plan: make one on a dummy URL.
+    if fitted is not None:
+        chain = list(fitted.models)
+    else:
+        assert user_cfg is not None
+        chain = mapped_config(user_cfg, ds.models, "http://127.0.0.1:9", opts.cascade, opts.mapping).stages
+    if len(chain) < 2:
+        raise ReplayError(f"{opts.dataset}: the cascade has one stage ({chain[0]}): there is nothing to tune")
+    stream = build_stream(ds, chain, opts, other)
+    rows = {it.row.id: it.row for it in stream.items}
+    judge_model = opts.judge_model or chain[0]
+    if judge_model not in ds.models:
+        raise ReplayError(
+            f"--judge-model: '{judge_model}' is not a model of {opts.dataset} "
+            f"(models: {', '.join(ds.models)})"
+        )
+    judge = OracleJudge(list(rows.values()), usd_per_token(ds.rows, judge_model))
+    log = logging.getLogger("cascade")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        async with serve_asgi(JudgedReplay(ReplayUpstream(list(rows.values())), judge)) as url:
+            if fitted is not None:
+                plan = fitted_config(fitted, paths, url)
+                scores = train_scores(fitted, ds.train)
+            else:
+                assert user_cfg is not None
+                plan = mapped_config(user_cfg, ds.models, url, opts.cascade, opts.mapping)
+                scores = await stage_scores(plan, ds.train)
+            target = tuner_target(ds.train, ds.models, chain, scores, opts.target_quality)
+            offline_thresholds = list(plan.thresholds)
+            if opts.start_threshold is not None:
+                plan = with_thresholds(plan, [opts.start_threshold] * (len(plan.stages) - 1))
+            start = list(plan.thresholds)
+            learning = user_cfg.learning if user_cfg is not None else None
+            db = Path(work) / "traces.db"
+            for stale in (db, db.with_name("traces.db-wal"), db.with_name("traces.db-shm")):
+                stale.unlink(missing_ok=True)
+            store = f"sqlite:///{db}"
+            try:
+                cfg = online_config(plan, url, store, opts, target, learning)
+            except ConfigError as exc:
+                raise ReplayError("; ".join(exc.problems)) from exc
+            n = len(stream.items)
+            t1 = time.perf_counter()
+            online, extra = await _pass(cfg, plan, stream, opts, progress, 0, 2 * n)
+            online_s = time.perf_counter() - t1
+            ref = with_thresholds(plan, offline_thresholds)
+            offline, _ = await _pass(ref.config, ref, stream, opts, progress, n, 2 * n)
+    finally:
+        log.setLevel(level)
+    assert cfg.learning is not None
+    report = summarise(online, offline, target=opts.target_quality, drift_at=stream.drift_at)
+    report.update(
+        dataset=ds.name,
+        drift=other.name if other is not None else None,
+        drift_at=stream.drift_at,
+        drift_map=stream.drift_map or None,
+        seed=opts.seed,
+        stages=chain,
+        start_thresholds=start,
+        offline_thresholds=offline_thresholds,
+        tuner_target_quality=target,
+        shadow_rate=opts.shadow_rate,
+        feedback_rate=opts.feedback_rate,
+        judge=opts.judge,
+        label_cost_usd=extra.get("label_cost_usd", 0.0),
+        labels_by_source=extra.get("labels_by_source", {}),
+        learning={
+            k: getattr(cfg.learning, k)
+            for k in (
+                "tune_every",
+                "min_labels",
+                "max_step",
+                "max_step_up",
+                "margin_z",
+                "half_life_labels",
+                "window_labels",
+                "shadow_max_share",
+            )
+        },
+        fit_s=round(fit_s, 2),
+        online_s=round(online_s, 2),
+    )
+    total = sum(s.cost + s.label_cost for s in online)
+    if total > 0:
+        # every label call's spend (the metric), over everything the run spent
+        answers = sum(s.cost for s in online)
+        report["shadow_cost_share"] = report["label_cost_usd"] / (answers + report["label_cost_usd"])
+    return OnlineResult(report, online, offline, sum(1 for s in online if s.error))
+
+
+def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineResult:
+    """Load, fit, stream; raises ReplayError on bad input."""
+    ds = _load(opts.dataset)
+    if not ds.train:
+        raise ReplayError(f"{opts.dataset}: no train rows to fit on (rows need split 'train' or an id)")
+    other = _load(opts.drift) if opts.drift else None
+    if other is not None and len(other.models) < 2:
+        raise ReplayError(f"--drift: {opts.drift} records fewer than two models in every row")
+    with tempfile.TemporaryDirectory(prefix="cascade-online-") as tmp:
+        work = opts.work_dir or tmp
+        Path(work).mkdir(parents=True, exist_ok=True)
+        return asyncio.run(_run(opts, ds, other, work, progress))
+
+
+def _load(path: str) -> Dataset:
+    try:
+        return load_dataset(path)
+    except (OSError, ValueError) as exc:
+        raise ReplayError(f"{path}: {exc}") from exc
