@@ -282,7 +282,7 @@ class LearningConfig(_Model):
     target_quality: float = Field(0.95, gt=0, le=1)
     auto_tune: bool = False
     tune_every: int = Field(20, ge=1)
-    min_labels: int = Field(50, ge=1)
+    min_labels: int = Field(20, ge=1)
     max_step: float = Field(0.05, gt=0, le=1)  # per fit, towards accepting more (lowering a threshold)
     max_step_up: float = Field(1.0, gt=0, le=1)  # per fit, towards escalating more
     threshold_bounds: tuple[float, float] = (0.05, 0.99)

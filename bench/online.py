@@ -140,9 +140,8 @@ def main() -> int:
         print(f"  savings vs offline        {_fmt([r['savings_vs_offline'] for r in rs])}")
         print(f"  label spend share         {_fmt([r['shadow_cost_share'] for r in rs])}")
         if "->" in name:
-            print(
-                f"  labels to target (drift)  {_fmt([r['labels_to_target_after_drift'] for r in rs], pct=False)}"
-            )
+            after = [r["labels_to_target_after_drift"] for r in rs]
+            print(f"  labels to target (drift)  {_fmt(after, pct=False)}")
             print(
                 "  min rolling q after (d)   "
                 f"{_fmt([r['min_rolling_quality_vs_best_after_drift_target'] for r in rs])}"

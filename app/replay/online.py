@@ -22,9 +22,10 @@ learned online (``learning.auto_tune``) from labels that arrive as they would in
 The tuner's target: the replay's ``--target-quality`` is relative to the best single model's accuracy;
 ``learning.target_quality`` is the share of answers as good as the last stage's, a stricter measure (an
 early answer that differs from a wrong last answer counts as worse). The runner translates one into
-the other on the train rows (``tuner_target``): the labels' quality at the cheapest thresholds whose
-train accuracy reaches the target. The report (``app.replay.online_report``) is in windows of 100
-requests.
+the other on the train rows (``tuner_target``): the labels' quality at the thresholds an offline fit
+chooses there (cheapest whose accuracy, less ``--margin-z`` standard errors, reaches the target): the
+online tuner is asked for the quality the offline fit delivers, in its own terms. The report
+(``app.replay.online_report``) is in windows of 100 requests.
 """
 
 from __future__ import annotations
@@ -181,17 +182,23 @@ def label_values(row: Row, chain: Sequence[str]) -> list[float]:
 
 
 def tuner_target(
-    rows: Sequence[Row], models: Sequence[str], chain: Sequence[str], scores: Any, target: float
+    rows: Sequence[Row],
+    models: Sequence[str],
+    chain: Sequence[str],
+    scores: Any,
+    target: float,
+    margin_z: float = 1.0,
 ) -> float:
     """``learning.target_quality`` for a replay target relative to the best single model: on the train
-    rows, the labels' quality (share of answers as good as the last stage's) at the cheapest
-    thresholds whose accuracy reaches ``target`` x the best single model's (module doc)."""
+    rows, the labels' quality (share of answers as good as the last stage's) at the thresholds an
+    offline fit chooses there (the cheapest whose accuracy less ``margin_z`` standard errors reaches
+    ``target`` x the best single model's; module doc)."""
     summary = model_summary(rows, models)
     acc_best = summary[best_single(summary)].accuracy
     correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
     cost = np.asarray([[r.answers[m].cost_usd for m in chain] for r in rows])
     agree = np.asarray([label_values(r, chain) for r in rows])
-    at = choose_thresholds(scores, correct, cost, target * acc_best).best.thresholds
+    at = choose_thresholds(scores, correct, cost, target * acc_best, margin_z=margin_z).best.thresholds
     quality = evaluate_cascade(scores, agree, cost, at).quality
     return round(min(0.999, max(0.5, quality)), 4)
 
@@ -322,6 +329,7 @@ def _labels_of(config: Config, served: list[Served], app: Any) -> dict[str, Any]
         cost = dict(conn.execute("SELECT trace_id, sum(cost_usd) FROM labels GROUP BY trace_id").fetchall())
         first = {r[0] for r in conn.execute("SELECT DISTINCT trace_id FROM labels").fetchall()}
         by_source = dict(conn.execute("SELECT source, count(*) FROM labels GROUP BY source").fetchall())
+        by_detail = dict(conn.execute("SELECT detail, count(*) FROM labels GROUP BY detail").fetchall())
     finally:
         conn.close()
     # Each request's labels are stored before the next request is sent (feedback on it included):
@@ -334,11 +342,19 @@ def _labels_of(config: Config, served: list[Served], app: Any) -> dict[str, Any]
         s.labels = seen
     reg = app.state.cascade.metrics.registry
     total = 0.0
+    skipped: dict[str, int] = {}
     for metric in reg.collect():
         for sample in metric.samples:
             if sample.name == "cascade_cost_usd_total" and sample.labels.get("purpose") == "shadow":
                 total += sample.value
-    return {"label_cost_usd": total, "labels_by_source": by_source}
+            if sample.name == "cascade_labels_skipped_total":
+                skipped[sample.labels["reason"]] = int(sample.value)
+    return {
+        "label_cost_usd": total,
+        "labels_by_source": by_source,
+        "labels_by_comparator": by_detail,
+        "labels_skipped": skipped,
+    }
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -400,7 +416,7 @@ async def _run(
                 assert user_cfg is not None
                 plan = mapped_config(user_cfg, ds.models, url, opts.cascade, opts.mapping)
                 scores = await stage_scores(plan, ds.train)
-            target = tuner_target(ds.train, ds.models, chain, scores, opts.target_quality)
+            target = tuner_target(ds.train, ds.models, chain, scores, opts.target_quality, opts.margin_z)
             offline_thresholds = list(plan.thresholds)
             if opts.start_threshold is not None:
                 plan = with_thresholds(plan, [opts.start_threshold] * (len(plan.stages) - 1))
@@ -439,6 +455,8 @@ async def _run(
         judge=opts.judge,
         label_cost_usd=extra.get("label_cost_usd", 0.0),
         labels_by_source=extra.get("labels_by_source", {}),
+        labels_by_comparator=extra.get("labels_by_comparator", {}),
+        labels_skipped=extra.get("labels_skipped", {}),
         learning={
             k: getattr(cfg.learning, k)
             for k in (

@@ -1,0 +1,147 @@
+"""`cascade replay DATASET --online` end to end on small generated datasets (real uvicorn, loopback):
+thresholds learned from labels that arrive through the live proxy (free, shadow, user feedback),
+reproducible by seed, with a drift to another dataset, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import main
+from app.replay.online import drift_mapping
+from tests.replay import synth
+
+pytestmark = pytest.mark.loopback
+
+SUMMARY_KEYS = {
+    "windows",
+    "labels_to_target",
+    "final_quality_vs_best",
+    "final_savings_vs_best",
+    "shadow_cost_share",
+    "min_window_quality_vs_best_after_target",
+}
+WINDOW_KEYS = {"requests", "labels", "quality_vs_best", "savings_vs_best", "thresholds"}
+# Another model family for the drift: same number of models, other names, other prices.
+OTHER = {"nano": (0.5, 3e-6), "midi": (0.7, 2e-5), "maxi": (0.88, 2e-4), "ultra": (0.9, 3e-4)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("online")
+    return {"a": synth.write(d / "a.jsonl", n=400, seed=11), "b": synth.write(d / "b.jsonl", 300, 12, OTHER)}
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
+    code = main(["replay", *args, "--online", "--json", "--quiet"])
+    out = capsys.readouterr()
+    last = out.out.rstrip("\n").rsplit("\n", 1)[-1]
+    return code, (json.loads(last) if code == 0 else {}), out.out + out.err
+
+
+def test_thresholds_are_learned_online_from_a_strict_start(
+    data: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, rep, text = _run(
+        capsys, str(data["a"]), "--seed", "3", "--start-threshold", "1", "--shadow-rate", "0.3",
+        "--feedback-rate", "0.2",
+    )  # fmt: skip
+    assert code == 0, text
+    assert set(rep) >= SUMMARY_KEYS and rep["requests"] == 400 and rep["errors"] == 0
+    assert len(rep["windows"]) == 4 and all(set(w) >= WINDOW_KEYS for w in rep["windows"])
+    k = len(rep["stages"]) - 1
+    assert k >= 1 and rep["start_thresholds"] == [1.0] * k
+    # Every request escalates at first (free labels: exact, or from the judge within the label budget);
+    # the tuner brings the thresholds down, and the early answers it then accepts get shadow labels and
+    # user feedback.
+    assert rep["windows"][0]["labels"] >= 40 and rep["labels_by_source"]["free"] >= 40
+    assert max(rep["windows"][-1]["thresholds"]) < 0.99
+    assert rep["final_savings_vs_best"] > rep["windows"][0]["savings_vs_best"]
+    assert {"free", "shadow", "user"} <= set(rep["labels_by_source"])
+    assert 0 < rep["shadow_cost_share"] <= 0.5 and rep["label_cost_usd"] > 0
+    assert rep["offline"]["final_quality_vs_best"] > 0 and rep["learning"]["tune_every"] >= 1
+    assert "labels to target" in text
+
+
+def test_the_same_seed_gives_the_same_run(data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = (str(data["a"]), "--seed", "5", "--start-threshold", "0", "--limit", "250", "--shadow-rate", "0.5")
+    runs = []
+    for _ in range(2):
+        code, rep, text = _run(capsys, *args)
+        assert code == 0, text
+        for key in ("fit_s", "online_s"):
+            rep.pop(key)
+        runs.append(rep)
+    assert runs[0] == runs[1]
+    # From a loose start (accept everything at stage 0) the first labels are shadow labels.
+    assert runs[0]["labels_by_source"].get("shadow", 0) > 0 and runs[0]["requests"] == 250
+    code, other, _ = _run(capsys, *args[:2], "6", *args[3:])
+    assert code == 0 and [w["thresholds"] for w in other["windows"]] != [
+        w["thresholds"] for w in runs[0]["windows"]
+    ]
+
+
+def test_drift_to_another_dataset(data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, rep, text = _run(capsys, str(data["a"]), "--drift", str(data["b"]), "--seed", "1")
+    assert code == 0, text
+    assert rep["drift"] == "b" and rep["drift_at"] == 200 and rep["requests"] == 200 + 300
+    stages = rep["stages"]
+    assert list(rep["drift_map"]) == stages and len(set(rep["drift_map"].values())) >= 2
+    assert rep["drift_map"][stages[0]] == "nano" and rep["drift_map"][stages[-1]] == "ultra"
+    assert "labels_to_target_after_drift" in rep and rep["windows"][-1]["source"] == "b"
+
+
+def test_drift_mapping_by_place_in_the_cost_order() -> None:
+    models = ["m0", "m1", "m2", "m3", "m4"]
+    assert drift_mapping(["m0", "m2", "m4"], models, ["a", "b"]) == {"m0": "a", "m2": "b", "m4": "b"}
+    assert drift_mapping(["m1", "m4"], models, ["a", "b", "c"]) == {"m1": "a", "m4": "c"}
+    assert drift_mapping(["m0", "m2", "m4"], models, ["a", "b", "c"]) == {"m0": "a", "m2": "b", "m4": "c"}
+
+
+def test_without_a_judge_free_form_answers_get_no_label(
+    data: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The hedged answers ("I think it is 57, not sure.") are free form: with a judge they are labelled
+    # in the background, without one they are not.
+    args = (str(data["a"]), "--seed", "2", "--start-threshold", "1", "--limit", "100")
+    code, judged, text = _run(capsys, *args)
+    assert code == 0, text
+    code, plain, text = _run(capsys, *args, "--no-judge")
+    assert code == 0, text
+    assert judged["judge"] is True and plain["judge"] is False
+    assert judged["labels_by_comparator"]["judge"] > 0 and "free_form" not in judged["labels_skipped"]
+    assert "judge" not in plain["labels_by_comparator"] and plain["labels_skipped"]["free_form"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--online", "--start-threshold", "1.5"], "--start-threshold: must be in [0, 1]"),
+        (["--online", "--shadow-rate", "x"], "--shadow-rate: must be a number in [0, 1]"),
+        (["--seed", "3"], "--seed: only with --online"),
+        (["--drift", "other.jsonl", "--passes", "2"], "--drift, --passes: only with --online"),
+        (["--online", "--drift", "/nonexistent/other.jsonl"], "/nonexistent/other.jsonl"),
+        (["--online", "--judge-model", "nope"], "--judge-model: 'nope' is not a model"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(
+    data: dict[str, Path], capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        code = main(["replay", str(data["a"]), "--quiet", *args])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the plot extra is not installed")
+def test_plot(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "online.png"
+    args = ["replay", str(data["a"]), "--online", "--quiet", "--limit", "200", "--plot", str(png)]
+    assert main([*args, "--drift", str(data["b"])]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {png}" in capsys.readouterr().out
