@@ -283,15 +283,18 @@ class LearningConfig(_Model):
     auto_tune: bool = False
     tune_every: int = Field(20, ge=1)
     min_labels: int = Field(20, ge=1)
-    max_step: float = Field(0.05, gt=0, le=1)  # per fit, towards accepting more (lowering a threshold)
-    max_step_up: float = Field(1.0, gt=0, le=1)  # per fit, towards escalating more
+    max_step: float = Field(0.05, gt=0, le=1)  # per fit, each threshold moves at most this far...
+    max_step_up: float = Field(1.0, gt=0, le=1)  # ...or up to this far up when the target is missed
     threshold_bounds: tuple[float, float] = (0.05, 0.99)
     # Fit with quality - margin_z * standard error >= target: a margin against fitting to noise.
     margin_z: float = Field(1.0, ge=0, le=5)
     # Drift: a labelled request's weight halves every `half_life_labels` newer labelled requests
     # (0: no decay); fits use at most the newest `window_labels` of them (0: 4 half-lives, or all).
-    half_life_labels: int = Field(500, ge=0)
+    half_life_labels: int = Field(2000, ge=0)
     window_labels: int = Field(0, ge=0)
+    # Abrupt change: when the newest `drift_labels` labelled requests' quality at the thresholds in force
+    # differs from the older ones' by 3 standard errors, fits start over from them (0: never).
+    drift_labels: int = Field(200, ge=0)
     # How often a replica looks in the store for new labels and for fits made by other replicas.
     sync_every_s: float = Field(30.0, gt=0)
     # Traces (with their attempts and labels) older than this are deleted, hourly; 0 keeps them forever.

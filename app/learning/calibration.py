@@ -164,6 +164,9 @@ def assemble(data: LabelledData, n_stages: int, *, pass_score: float = 0.5) -> R
     return weigh(entries, K, data.accepted, last_id=last_id)
 
 
+SEGMENT_LABELS = 10  # labelled requests per stratum of time when rates are measured along the stream
+
+
 def weigh(
     entries: Sequence[Entry],
     K: int,
@@ -176,28 +179,66 @@ def weigh(
     """Rows weighted by decay / realised labelling rate (module docstring).
 
     ``entries`` in arrival order. ``population``: every request (labelled or not) as ``(seq,
-    accepted_stage)`` in arrival order, or already counted per accepted stage (no decay then)."""
+    accepted_stage)`` in arrival order, or already counted per accepted stage (one rate per stage).
+    Along the stream the rate is measured per stratum of time: the requests accepted at a stage are cut,
+    in arrival order, into runs holding ``SEGMENT_LABELS`` labelled ones, and each labelled request
+    stands for its run. Rates that change over time (spend caps binding now and then, while the
+    thresholds and so the accepted answers change too) would otherwise bias the fit."""
     if window and len(entries) > window:
         entries = entries[-window:]
     seqs = np.asarray([e.seq for e in entries], dtype=np.int64)
     decay = _decay(seqs, seqs, half_life)
+    labelled: dict[int, float] = defaultdict(float)
+    for e, d_e in zip(entries, decay, strict=True):
+        labelled[e.accepted] += float(d_e)
     if isinstance(population, Mapping):
         totals = {int(k): float(v) for k, v in population.items()}
+        # A request counted as labelled is one of the population too: the rate is at most 1.
+        rate = {k: min(1.0, v / totals[k]) if totals.get(k) else 1.0 for k, v in labelled.items()}
+        w = [float(d_e) / rate[e.accepted] for e, d_e in zip(entries, decay, strict=True)]
     else:
         start = int(seqs[0]) if seqs.size else 0
         pop = np.asarray([p for p in population if p[0] >= start], dtype=np.int64).reshape(-1, 2)
         d = _decay(pop[:, 0], seqs, half_life)
         totals = {int(k): float(d[pop[:, 1] == k].sum()) for k in np.unique(pop[:, 1])}
-    labelled: dict[int, float] = defaultdict(float)
-    for e, d_e in zip(entries, decay, strict=True):
-        labelled[e.accepted] += float(d_e)
-    # A request counted as labelled is one of the population too: the rate is at most 1.
+        w = _stratified(entries, decay, pop, d)
     rates = {k: min(1.0, v / totals[k]) if totals.get(k) else 1.0 for k, v in labelled.items()}
-    w = [float(d_e) / rates[e.accepted] for e, d_e in zip(entries, decay, strict=True)]
     rows = to_rows(entries, K, w, last_id)
     rows.rates = dict(sorted(rates.items()))
     rows.accepted = {k: round(v, 3) for k, v in sorted(totals.items())}
     return rows
+
+
+def _stratified(entries: Sequence[Entry], decay: FloatArray, pop: np.ndarray, d: FloatArray) -> list[float]:
+    """Per accepted stage, runs of the population with SEGMENT_LABELS labelled requests each (the last,
+    shorter run joins the one before): a labelled request weighs its decay x (the run's decayed
+    requests / its decayed labelled ones)."""
+    index = {e.seq: i for i, e in enumerate(entries)}
+    w = [0.0] * len(entries)
+    for k in np.unique(pop[:, 1]):
+        runs: list[tuple[float, float, list[int]]] = []  # (requests, labelled, entry indexes)
+        mass = lab = 0.0
+        members: list[int] = []
+        for seq, dk in zip(pop[pop[:, 1] == k, 0], d[pop[:, 1] == k], strict=True):
+            mass += float(dk)
+            i = index.get(int(seq))
+            if i is not None and entries[i].accepted == k:
+                lab += float(decay[i])
+                members.append(i)
+                if len(members) == SEGMENT_LABELS:
+                    runs.append((mass, lab, members))
+                    mass, lab, members = 0.0, 0.0, []
+        if runs and (members or mass):
+            m0, l0, i0 = runs.pop()
+            runs.append((m0 + mass, l0 + lab, i0 + members))
+        elif members:
+            runs.append((mass, lab, members))
+        for m, lb, idx in runs:
+            factor = max(1.0, m / lb) if lb > 0 else 1.0
+            for i in idx:
+                w[i] = float(decay[i]) * factor
+    # Labelled requests missing from the population (not expected) keep their decay and rate 1.
+    return [wi if wi > 0 else float(dc) for wi, dc in zip(w, decay, strict=True)]
 
 
 def _decay(at: np.ndarray, labelled: np.ndarray, half_life: int) -> FloatArray:

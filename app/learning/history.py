@@ -31,6 +31,7 @@ class _Request:
     baseline: float
     attempts: dict[int, AttemptT] = field(default_factory=dict)
     labels: list[LabelT] = field(default_factory=list)
+    label_ids: list[int] = field(default_factory=list)
 
 
 class History:
@@ -106,6 +107,7 @@ class History:
                 continue
             for lid, label in sorted(labels):
                 req.labels.append(label)
+                req.label_ids.append(lid)
                 bisect.insort(self._label_ids, lid)
                 count += 1
         self._trim()
@@ -124,16 +126,21 @@ class History:
     def _trim(self) -> None:
         if not self.keep or len(self._requests) <= self.keep:
             return
-        by_seq = sorted(self._requests.items(), key=lambda kv: kv[1].seq)
-        drop = by_seq[: len(by_seq) - self.keep]
-        for tid, _req in drop:
+        by_seq = sorted(self._requests.values(), key=lambda r: r.seq)
+        self.forget_before(by_seq[len(by_seq) - self.keep].seq)
+
+    def forget_before(self, seq: int) -> None:
+        """Drop the requests (labelled or not) that arrived before ``seq``: a change was detected there,
+        or they fell out of the window."""
+        if seq <= 0:
+            return
+        old = [tid for tid, r in self._requests.items() if r.seq < seq]
+        for tid in old:
             del self._requests[tid]
-        oldest = by_seq[len(drop)][1].seq
-        while self._population and self._population[0][0] < oldest:
+        while self._population and self._population[0][0] < seq:
             self._population.popleft()
-        # Only counts of recent ids are asked for (labels since the last fit): drop the oldest.
-        n_labels = sum(len(r.labels) for r in self._requests.values())
-        del self._label_ids[: max(0, len(self._label_ids) - n_labels)]
+        if old:
+            self._label_ids = sorted(i for r in self._requests.values() for i in r.label_ids)
 
     def entries(self, pass_score: float) -> list[Entry]:
         out = []
@@ -155,6 +162,11 @@ class History:
             window=window,
             last_id=self.last_label_id,
         )
+
+    @property
+    def population(self) -> list[tuple[int, int]]:
+        """(seq, accepted stage) of every answered request held, in arrival order."""
+        return list(self._population)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -131,6 +131,15 @@ class LabelledTexts:
     labels: list[tuple[int, str, int | None, str, float, float, float]]  # as LabelledData.labels
 
 
+@dataclass(slots=True)
+class LabelSummary:
+    """Labels by request (count, label spend), by source and by comparator (``detail``)."""
+
+    by_trace: dict[str, tuple[int, float]]
+    by_source: dict[str, int]
+    by_detail: dict[str, int]
+
+
 class _Backend:
     """One blocking connection; every method runs in the store's worker thread."""
 
@@ -431,6 +440,16 @@ class _Backend:
         )
         return LabelledTexts(traces, attempts, labels)
 
+    def label_summary(self) -> LabelSummary:
+        rows = self._read("SELECT trace_id, count(*), sum(cost_usd) FROM labels GROUP BY trace_id")
+        by_source = self._read("SELECT source, count(*) FROM labels GROUP BY source ORDER BY source")
+        by_detail = self._read("SELECT detail, count(*) FROM labels GROUP BY detail ORDER BY detail")
+        return LabelSummary(
+            {str(t): (int(n), float(c or 0.0)) for t, n, c in rows},
+            {str(k): int(n) for k, n in by_source},
+            {str(k): int(n) for k, n in by_detail},
+        )
+
     def counts(self) -> dict[str, int]:
         out = {"traces": int(self._read("SELECT count(*) FROM traces")[0][0])}
         for source, n in self._read("SELECT source, count(*) FROM labels GROUP BY source ORDER BY source"):
@@ -509,6 +528,9 @@ class Store:
 
     async def labelled_texts(self, cascade: str) -> LabelledTexts:
         return await self.run(self._b.labelled_texts, cascade)
+
+    async def label_summary(self) -> LabelSummary:
+        return await self.run(self._b.label_summary)
 
     async def set_sampling(self, updates: Sequence[tuple[str, str]]) -> None:
         await self.run(self._b.set_sampling, updates)

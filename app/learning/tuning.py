@@ -7,9 +7,10 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
 3. when ``tune_every`` labels arrived since that fit and at least ``min_labels`` requests are labelled,
    fit again from the newest ``window_labels`` labelled requests, weighted by decay
    (``half_life_labels``) and realised labelling rates (``calibration.fit``: deterministic, so replicas
-   fitting the same labels agree), move each threshold towards the fit by at most ``max_step`` when it
-   goes down (accepting more: the risky way) and ``max_step_up`` when it goes up (escalating more),
-   within ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
+   fitting the same labels agree), move each threshold towards the fit by at most ``max_step`` (or
+   up to ``max_step_up`` towards escalating when the thresholds in force are estimated to miss the
+   target: a quality problem is fixed at once, saving money waits for evidence), within
+   ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.
 
@@ -22,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from app.cascade.plan import Plan
 from app.config import LearningConfig
-from app.learning.calibration import fit, guard
+from app.learning.calibration import fit, guard, weigh
 from app.learning.history import History
 from app.learning.store import Fit, Store, StoreError
 from app.learning.thresholds import evaluate_cascade
@@ -46,6 +49,49 @@ class PlanMeta:
     config_thresholds: tuple[float, ...]  # the scored stages' thresholds from config.yaml
     fit_version: int = 0
     compare: str = "auto"  # how its labels are decided (app.learning.labels)
+
+
+DRIFT_Z = 3.0  # standard errors between the newest labels' quality and the older ones' that mean a change
+
+
+@dataclass(slots=True)
+class Change:
+    since_seq: int
+    evidence: dict[str, Any]
+
+
+def changed(history: History, thresholds: Sequence[float], cfg: LearningConfig) -> Change | None:
+    """Whether the quality at ``thresholds`` on the newest ``drift_labels`` labelled requests differs
+    from the older ones' by more than ``DRIFT_Z`` standard errors (either way): an abrupt change
+    (new traffic, a new model behind an upstream), which decay alone would take thousands of labels
+    to follow. Then the fit starts over from the newest labels."""
+    n = cfg.drift_labels
+    entries = history.entries(cfg.user_pass_score)
+    if not n or len(entries) < 2 * n or not thresholds:
+        return None
+    population = history.population
+    cut = entries[-n].seq
+    new = weigh(entries[-n:], history.n_stages, [p for p in population if p[0] >= cut])
+    old = weigh(
+        entries[:-n],
+        history.n_stages,
+        [p for p in population if p[0] < cut],
+        half_life=cfg.half_life_labels,
+        window=cfg.window,
+    )
+    e_new = evaluate_cascade(new.scores, new.correct, new.cost, list(thresholds), new.weights)
+    e_old = evaluate_cascade(old.scores, old.correct, old.cost, list(thresholds), old.weights)
+    se = math.hypot(e_new.quality_se, e_old.quality_se)
+    z = (e_new.quality - e_old.quality) / se if se > 0 else 0.0
+    if abs(z) < DRIFT_Z:
+        return None
+    evidence = {
+        "quality_newest": round(e_new.quality, 4),
+        "quality_before": round(e_old.quality, 4),
+        "z": round(z, 2),
+        "labelled_newest": n,
+    }
+    return Change(cut, evidence)
 
 
 class Tuner:
@@ -115,6 +161,8 @@ class Tuner:
         key = (meta.name, meta.fingerprint)
         history = self.history(meta)
         await history.update(store)
+        if latest is not None:  # a change found by any replica: every one forgets what came before
+            history.forget_before(int(latest.evidence.get("since_seq", 0)))
         since = max(latest.last_label_id if latest else 0, self._checked.get(key, 0))
         top = history.last_label_id
         if history.labels_after(since) < self.cfg.tune_every:
@@ -142,6 +190,23 @@ class Tuner:
                 pass_score=cfg.user_pass_score,
             )
         )
+        since = int(latest.evidence.get("since_seq", 0)) if latest is not None else 0
+        change = await asyncio.to_thread(changed, history, old, cfg)
+        if change is not None:
+            since = change.since_seq
+            history.forget_before(since)
+            rows = await asyncio.to_thread(
+                functools.partial(
+                    history.rows,
+                    half_life=cfg.half_life_labels,
+                    window=cfg.window,
+                    pass_score=cfg.user_pass_score,
+                )
+            )
+            log.warning(
+                "label quality changed: thresholds are fitted from the newest labels only",
+                extra={"cascade": meta.name, **change.evidence},
+            )
         if rows.n < cfg.min_labels:
             log.info(
                 "not enough labelled requests to tune",
@@ -151,7 +216,13 @@ class Tuner:
         cal = await asyncio.to_thread(
             fit, rows, cfg.target_quality, margin_z=cfg.margin_z, bounds=cfg.threshold_bounds, current=old
         )
-        new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=cfg.max_step_up)
+        # The thresholds in force missing the target (less the margin) is corrected at once, up to
+        # max_step_up; every other move, down or up, is at most max_step per fit.
+        missing = cal.current is not None and (
+            cal.current.quality - cfg.margin_z * cal.current.quality_se < cfg.target_quality
+        )
+        up = cfg.max_step_up if missing else cfg.max_step
+        new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=up)
         at_new = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         evidence = {
             "rows": rows.n,
@@ -161,12 +232,15 @@ class Tuner:
             "last_label_id": top,
             "target_quality": cfg.target_quality,
             "proposed": list(cal.thresholds),
+            "missing_target": missing,
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
             "est_quality": round(at_new.quality, 6),
             "est_cost_usd": at_new.cost,
             "est_quality_before": None if cal.current is None else round(cal.current.quality, 6),
             "est_cost_usd_before": None if cal.current is None else cal.current.cost,
+            "since_seq": since,
+            "change": None if change is None else change.evidence,
         }
         return Fit(
             meta.name,

@@ -264,6 +264,12 @@ def add_commands(sub: Any) -> None:
         "--no-judge", action="store_true", help="no learning.judge: free-form answers get no label"
     )
     o.add_argument(
+        "--replicas", type=_positive, help="proxies sharing one store, the stream split (default 1)"
+    )
+    o.add_argument(
+        "--store", help="learning.store of the run, e.g. postgresql://... (default: a new SQLite file)"
+    )
+    o.add_argument(
         "--judge-model", help="dataset model whose price the replay judge charges (default: stage 0's)"
     )
     r.set_defaults(func=cmd_replay)

@@ -12,7 +12,9 @@ learned online (``learning.auto_tune``) from labels that arrive as they would in
    dearest, the ones between by relative rank; with fewer models than stages, neighbours share one);
 3. the proxy (``create_app``) on loopback, pointed at the replay upstream plus the replay judge
    (``app.replay.judge``: an oracle ``learning.judge`` for free-form answers), with ``auto_tune: true``
-   and a temporary SQLite store. Requests go one at a time; after each one the runner waits until its
+   and a temporary SQLite store (or ``--store``); with ``--replicas N``, N proxies share that store and
+   request i goes to replica i mod N (a fleet: every replica ends on the newest fit). Requests go one
+   at a time; after each one the runner waits until its
    label calls are done and stored, and every ``--sync-every`` requests it runs the tuner's sync
    itself (the background loop is off): so the same ``--seed`` gives the same run. Labels come as in
    production: free labels, shadow labels at ``--shadow-rate`` (within ``shadow_max_share``), user
@@ -31,9 +33,9 @@ online tuner is asked for the quality the offline fit delivers, in its own terms
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +49,7 @@ import numpy as np
 from app.config import Config, ConfigError, LearningConfig, parse_config
 from app.learning.labels import verdict
 from app.learning.rows import ModelAnswer, Row
+from app.learning.store import Store
 from app.learning.thresholds import choose_thresholds, evaluate_cascade
 from app.replay.configure import (
     ReplayError,
@@ -87,6 +90,8 @@ class OnlineOptions:
     judge_model: str | None = None
     limit: int | None = None
     work_dir: str | None = None
+    replicas: int = 1  # proxies sharing the store; request i goes to replica i mod n
+    store: str | None = None  # learning.store of the online run (default: a new SQLite file)
     # Python API only (bench/online.py): a cascade fitted before (the same fit_cascade result, reused
     # across runs on one dataset), and learning settings over the defaults / the config's.
     fitted: Any = None
@@ -264,38 +269,57 @@ async def _pass(
     progress: Progress | None,
     offset: int,
     total: int,
+    replicas: int = 1,
 ) -> tuple[list[Served], dict[str, Any]]:
+    """The stream through ``replicas`` proxies (request i to replica i mod n), all on ``config``; with
+    a learning section they share its store and sync their tuners at the fixed cadence."""
     from app.main import create_app
 
-    app = create_app(config)
-    learning = app.state.cascade.learning
-    cplan = app.state.cascade.runtime.plans.get(plan.cascade)
-    assert cplan is not None
+    apps = [create_app(config) for _ in range(replicas)]
+    learnings = [a.state.cascade.learning for a in apps]
+    plans = [a.state.cascade.runtime.plans.get(plan.cascade) for a in apps]
     models = plan.upstream_models
     out: list[Served] = []
     extra: dict[str, Any] = {}
     feedback = random.Random(opts.seed + 1)
-    async with serve_asgi(app) as proxy_url:
-        if learning is not None:
-            assert learning.tuner is not None
-            await learning.tuner.stop()  # the runner syncs it itself, at a fixed cadence
-            learning.shadow.rng = random.Random(opts.seed + 2).random
-        async with httpx.AsyncClient(base_url=proxy_url, timeout=600.0, trust_env=False) as client:
-            for i, item in enumerate(stream.items):
-                r = await client.post("/v1/chat/completions", json=request_body(plan.cascade, item.row))
-                served = _served(i, item, r, models, stream)
-                if learning is not None:
-                    if served.completion_id and feedback.random() < opts.feedback_rate:
-                        fb = {"id": served.completion_id, "score": 1.0 if served.correct else 0.0}
-                        await client.post("/v1/feedback", json=fb)
-                    await learning.settle(tune=(i + 1) % opts.sync_every == 0)
-                served.thresholds = [float(t) for t in cplan.thresholds[:-1] if t is not None]
-                out.append(served)
-                if progress is not None:
-                    progress(offset + i + 1, total)
-        if learning is not None:
-            await learning.settle(tune=False)
-            extra = _labels_of(config, out, app)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for k, app in enumerate(apps):
+            url = await stack.enter_async_context(serve_asgi(app))
+            learning = learnings[k]
+            if learning is not None:
+                assert learning.tuner is not None
+                await learning.tuner.stop()  # the runner syncs it itself, at a fixed cadence
+                learning.shadow.rng = random.Random(opts.seed + 2 + k).random
+            client = httpx.AsyncClient(base_url=url, timeout=600.0, trust_env=False)
+            clients.append(await stack.enter_async_context(client))
+        for i, item in enumerate(stream.items):
+            k = i % replicas
+            client, learning, cplan = clients[k], learnings[k], plans[k]
+            assert cplan is not None
+            r = await client.post("/v1/chat/completions", json=request_body(plan.cascade, item.row))
+            served = _served(i, item, r, models, stream)
+            if learning is not None:
+                if served.completion_id and feedback.random() < opts.feedback_rate:
+                    fb = {"id": served.completion_id, "score": 1.0 if served.correct else 0.0}
+                    await client.post("/v1/feedback", json=fb)
+                await learning.settle(tune=False)
+                if (i + 1) % opts.sync_every == 0:
+                    for each in learnings:
+                        assert each is not None
+                        await each.settle()
+            served.thresholds = [float(t) for t in cplan.thresholds[:-1] if t is not None]
+            out.append(served)
+            if progress is not None:
+                progress(offset + i + 1, total)
+        if learnings[0] is not None:
+            for each in learnings:
+                assert each is not None
+                await each.settle()  # every replica ends on the newest fit in the store
+            extra = await _labels_of(learnings[0].store, out, apps)
+            extra["thresholds_by_replica"] = [
+                [float(t) for t in p.thresholds[:-1] if t is not None] for p in plans if p is not None
+            ]
     return out, extra
 
 
@@ -319,40 +343,33 @@ def _served(i: int, item: Item, r: httpx.Response, models: dict[str, str], strea
     return s
 
 
-def _labels_of(config: Config, served: list[Served], app: Any) -> dict[str, Any]:
+async def _labels_of(store: Store, served: list[Served], apps: list[Any]) -> dict[str, Any]:
     """Label spend per request and labelled requests so far, from the store; label spend in total,
-    from the metrics (it includes calls that gave no label)."""
-    assert config.learning is not None
-    path = config.learning.store.removeprefix("sqlite:///")
-    conn = sqlite3.connect(path)
-    try:
-        cost = dict(conn.execute("SELECT trace_id, sum(cost_usd) FROM labels GROUP BY trace_id").fetchall())
-        first = {r[0] for r in conn.execute("SELECT DISTINCT trace_id FROM labels").fetchall()}
-        by_source = dict(conn.execute("SELECT source, count(*) FROM labels GROUP BY source").fetchall())
-        by_detail = dict(conn.execute("SELECT detail, count(*) FROM labels GROUP BY detail").fetchall())
-    finally:
-        conn.close()
+    from the replicas' metrics (it includes calls that gave no label)."""
+    summary = await store.label_summary()
     # Each request's labels are stored before the next request is sent (feedback on it included):
     # labelled requests so far is a running count in stream order.
     seen = 0
     for s in served:
-        s.label_cost = float(cost.get(s.completion_id, 0.0))
-        s.labelled = s.completion_id in first
+        got = summary.by_trace.get(s.completion_id)
+        s.label_cost = got[1] if got is not None else 0.0
+        s.labelled = got is not None
         seen += s.labelled
         s.labels = seen
-    reg = app.state.cascade.metrics.registry
     total = 0.0
     skipped: dict[str, int] = {}
-    for metric in reg.collect():
-        for sample in metric.samples:
-            if sample.name == "cascade_cost_usd_total" and sample.labels.get("purpose") == "shadow":
-                total += sample.value
-            if sample.name == "cascade_labels_skipped_total":
-                skipped[sample.labels["reason"]] = int(sample.value)
+    for app in apps:
+        for metric in app.state.cascade.metrics.registry.collect():
+            for sample in metric.samples:
+                if sample.name == "cascade_cost_usd_total" and sample.labels.get("purpose") == "shadow":
+                    total += sample.value
+                if sample.name == "cascade_labels_skipped_total":
+                    reason = sample.labels["reason"]
+                    skipped[reason] = skipped.get(reason, 0) + int(sample.value)
     return {
         "label_cost_usd": total,
-        "labels_by_source": by_source,
-        "labels_by_comparator": by_detail,
+        "labels_by_source": summary.by_source,
+        "labels_by_comparator": summary.by_detail,
         "labels_skipped": skipped,
     }
 
@@ -422,17 +439,18 @@ async def _run(
                 plan = with_thresholds(plan, [opts.start_threshold] * (len(plan.stages) - 1))
             start = list(plan.thresholds)
             learning = user_cfg.learning if user_cfg is not None else None
-            db = Path(work) / "traces.db"
-            for stale in (db, db.with_name("traces.db-wal"), db.with_name("traces.db-shm")):
-                stale.unlink(missing_ok=True)
-            store = f"sqlite:///{db}"
+            if opts.store is None:
+                db = Path(work) / "traces.db"
+                for stale in (db, db.with_name("traces.db-wal"), db.with_name("traces.db-shm")):
+                    stale.unlink(missing_ok=True)
+            store = opts.store or f"sqlite:///{db}"
             try:
                 cfg = online_config(plan, url, store, opts, target, learning)
             except ConfigError as exc:
                 raise ReplayError("; ".join(exc.problems)) from exc
             n = len(stream.items)
             t1 = time.perf_counter()
-            online, extra = await _pass(cfg, plan, stream, opts, progress, 0, 2 * n)
+            online, extra = await _pass(cfg, plan, stream, opts, progress, 0, 2 * n, opts.replicas)
             online_s = time.perf_counter() - t1
             ref = with_thresholds(plan, offline_thresholds)
             offline, _ = await _pass(ref.config, ref, stream, opts, progress, n, 2 * n)
@@ -457,6 +475,8 @@ async def _run(
         labels_by_source=extra.get("labels_by_source", {}),
         labels_by_comparator=extra.get("labels_by_comparator", {}),
         labels_skipped=extra.get("labels_skipped", {}),
+        replicas=opts.replicas,
+        thresholds_by_replica=extra.get("thresholds_by_replica", []),
         learning={
             k: getattr(cfg.learning, k)
             for k in (

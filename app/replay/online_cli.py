@@ -23,6 +23,8 @@ ONLINE_ONLY = (
     ("--sync-every", "sync_every"),
     ("--no-judge", "no_judge"),
     ("--judge-model", "judge_model"),
+    ("--replicas", "replicas"),
+    ("--store", "store"),
 )
 
 
@@ -48,6 +50,7 @@ def _options(args: argparse.Namespace) -> Any:
         judge=not args.no_judge,
         judge_model=args.judge_model,
         drift=args.drift,
+        store=args.store,
     )
     for dest in (
         "target_quality",
@@ -57,6 +60,7 @@ def _options(args: argparse.Namespace) -> Any:
         "feedback_rate",
         "passes",
         "sync_every",
+        "replicas",
     ):
         value = getattr(args, dest)
         if value is not None:

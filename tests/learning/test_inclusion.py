@@ -127,3 +127,43 @@ def test_the_realised_rate_estimate_is_unbiased_over_many_worlds() -> None:
     mean = sum(errors) / len(errors)
     sd = (sum((x - mean) ** 2 for x in errors) / (len(errors) - 1)) ** 0.5
     assert abs(mean) < 1.5 * sd / len(errors) ** 0.5 + 1e-3
+
+
+def test_rates_that_change_with_the_thresholds_are_measured_along_the_stream() -> None:
+    """First a strict threshold (0.8) while label calls are easy to afford (rate 0.5), then a loose one
+    (0.2) while a spend cap holds them to 0.02: one rate for the whole window over-weights the strict
+    era's good early answers and overstates the quality; rates per stretch of the stream do not."""
+    from collections import Counter
+
+    from app.learning.calibration import make_entry, weigh
+
+    rng = random.Random(8)
+    entries, population, truth = [], [], []
+    for i in range(60_000):
+        t, rate = (0.8, 0.5) if i < 30_000 else (0.2, 0.02)
+        s = rng.random()
+        ok0 = float(rng.random() < s * s)
+        early = s >= t
+        population.append((i, 0 if early else 1))
+        truth.append(ok0 if s >= 0.5 else 1.0)  # the quality at a candidate threshold of 0.5
+        atts = {0: ("accepted" if early else "rejected", s, C0)}
+        if not early:
+            atts[1] = ("accepted", None, C1)
+            labels = [("free", 0, ok0, 1.0, 0.0)]
+        elif rng.random() < rate:
+            labels = [("shadow", 0, ok0, 1 / rate, C1)]
+        else:
+            continue
+        e = make_entry(i, 2, 0 if early else 1, C1, atts, labels, 2)
+        assert e is not None
+        entries.append(e)
+    true_q = sum(truth) / len(truth)
+
+    def q(rows: object) -> float:
+        return evaluate_cascade(rows.scores, rows.correct, rows.cost, [0.5], rows.weights).quality  # type: ignore[attr-defined]
+
+    counts = Counter(k for _, k in population)
+    pooled = q(weigh(entries, 2, dict(counts)))  # one rate per stage over the window
+    along = q(weigh(entries, 2, population))  # the tuner's: per stretch of the stream
+    assert abs(along - true_q) < 0.01
+    assert pooled - true_q > 0.015

@@ -71,7 +71,8 @@ async def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def test_records_labels_and_feedback_in_postgres(fake: FakeUpstream, pg_url: str) -> None:
-    cfg = with_learning(base_config(), pg_url, shadow_rate=1.0)
+    # free text compared exactly; no cap on label spend relative to the (tiny) answers' spend
+    cfg = with_learning(base_config(), pg_url, shadow_rate=1.0, compare="exact", shadow_max_share=None)
     cfg["upstreams"]["refuser"] = {**cfg["upstreams"]["small"], "model": "refuse"}
     cfg["cascades"]["esc"] = {
         "stages": [
@@ -258,6 +259,7 @@ async def test_two_serve_processes_on_one_postgres_converge_on_the_same_threshol
         },
         "learning": {
             "store": pg_url,
+            "compare": "exact",  # "42" next to "large says hi": free text, compared exactly
             "auto_tune": True,
             "target_quality": 0.99,
             "margin_z": 0.0,
@@ -339,3 +341,30 @@ async def test_two_serve_processes_on_one_postgres_converge_on_the_same_threshol
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+# --- the online replay's stream through two replicas on one PostgreSQL -------------------------------------
+
+
+async def test_an_online_run_split_between_two_replicas_ends_on_one_fit(pg_url: str, tmp_path: Path) -> None:
+    """``cascade replay --online --replicas 2 --store postgresql://...``: two in-process proxies share
+    one PostgreSQL store, the stream alternates between them, each stores its own traces and labels and
+    syncs its tuner every few requests; they follow one sequence of fits and end on the same, newest
+    thresholds."""
+    from app.replay.online import OnlineOptions, run_online
+    from tests.replay import synth
+
+    data = synth.write(tmp_path / "syn.jsonl", n=300, seed=11)
+    opts = OnlineOptions(
+        str(data), seed=4, start_threshold=1.0, shadow_rate=0.3, feedback_rate=0.2, replicas=2, store=pg_url
+    )
+    rep = (await asyncio.to_thread(run_online, opts)).report  # it runs its own event loop
+    assert rep["errors"] == 0 and rep["replicas"] == 2
+    a, b = rep["thresholds_by_replica"]
+    assert a == b and max(a) < 1.0  # learned, and the same on both
+    assert {"free", "shadow", "user"} <= set(rep["labels_by_source"])
+    fits = await _rows(pg_url, "SELECT version, thresholds FROM fits ORDER BY version")
+    assert [f[0] for f in fits] == list(range(1, len(fits) + 1)) and len(fits) >= 3
+    assert json.loads(fits[-1][1]) == pytest.approx(a)
+    # Both replicas recorded their half of the stream in the one store.
+    assert await _rows(pg_url, "SELECT count(*) FROM traces") == [(300,)]

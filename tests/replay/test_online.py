@@ -145,3 +145,17 @@ def test_plot(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([*args, "--drift", str(data["b"])]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {png}" in capsys.readouterr().out
+
+
+def test_two_replicas_sharing_a_store_end_on_the_same_thresholds(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same on one SQLite file; tests/learning/test_postgres.py runs it on PostgreSQL.
+    store = f"sqlite:///{tmp_path / 'fleet.db'}"
+    code, rep, text = _run(
+        capsys, str(data["a"]), "--replicas", "2", "--store", store, "--seed", "4", "--start-threshold", "1",
+        "--limit", "300", "--shadow-rate", "0.3",
+    )  # fmt: skip
+    assert code == 0, text
+    a, b = rep["thresholds_by_replica"]
+    assert a == b and max(a) < 1.0 and rep["replicas"] == 2
