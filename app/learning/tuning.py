@@ -30,7 +30,7 @@ from typing import Any
 
 from app.cascade.plan import Plan
 from app.config import LearningConfig
-from app.learning.calibration import fit, guard, weigh
+from app.learning.calibration import Entry, fit, guard, weigh
 from app.learning.history import History
 from app.learning.store import Fit, Store, StoreError
 from app.learning.thresholds import evaluate_cascade
@@ -52,6 +52,7 @@ class PlanMeta:
 
 
 DRIFT_Z = 3.0  # standard errors between the newest labels' quality and the older ones' that mean a change
+DRIFT_MIN = 0.01  # ... and at least this much quality (tiny differences matter to no one)
 
 
 @dataclass(slots=True)
@@ -60,30 +61,35 @@ class Change:
     evidence: dict[str, Any]
 
 
-def changed(history: History, thresholds: Sequence[float], cfg: LearningConfig) -> Change | None:
+def changed(
+    entries: Sequence[Entry],
+    population: Sequence[tuple[int, int]],
+    n_stages: int,
+    thresholds: Sequence[float],
+    cfg: LearningConfig,
+) -> Change | None:
     """Whether the quality at ``thresholds`` on the newest ``drift_labels`` labelled requests differs
-    from the older ones' by more than ``DRIFT_Z`` standard errors (either way): an abrupt change
+    from the older ones' by ``DRIFT_Z`` standard errors and ``DRIFT_MIN`` (either way): an abrupt change
     (new traffic, a new model behind an upstream), which decay alone would take thousands of labels
     to follow. Then the fit starts over from the newest labels."""
     n = cfg.drift_labels
-    entries = history.entries(cfg.user_pass_score)
     if not n or len(entries) < 2 * n or not thresholds:
         return None
-    population = history.population
     cut = entries[-n].seq
-    new = weigh(entries[-n:], history.n_stages, [p for p in population if p[0] >= cut])
+    new = weigh(entries[-n:], n_stages, [p for p in population if p[0] >= cut])
     old = weigh(
         entries[:-n],
-        history.n_stages,
+        n_stages,
         [p for p in population if p[0] < cut],
         half_life=cfg.half_life_labels,
         window=cfg.window,
     )
     e_new = evaluate_cascade(new.scores, new.correct, new.cost, list(thresholds), new.weights)
     e_old = evaluate_cascade(old.scores, old.correct, old.cost, list(thresholds), old.weights)
+    diff = e_new.quality - e_old.quality
     se = math.hypot(e_new.quality_se, e_old.quality_se)
-    z = (e_new.quality - e_old.quality) / se if se > 0 else 0.0
-    if abs(z) < DRIFT_Z:
+    z = diff / se if se > 0 else 0.0
+    if abs(z) < DRIFT_Z or abs(diff) < DRIFT_MIN:
         return None
     evidence = {
         "quality_newest": round(e_new.quality, 4),
@@ -191,7 +197,9 @@ class Tuner:
             )
         )
         since = int(latest.evidence.get("since_seq", 0)) if latest is not None else 0
-        change = await asyncio.to_thread(changed, history, old, cfg)
+        change = await asyncio.to_thread(
+            changed, history.entries(cfg.user_pass_score), history.population, meta.n_stages, old, cfg
+        )
         if change is not None:
             since = change.since_seq
             history.forget_before(since)

@@ -115,3 +115,22 @@ async def test_memory_is_bounded_by_the_window(tmp_path: Path) -> None:
     assert h.size[0] == 300 and h.last_label_id == len(labels) + len(more_labels)
     await store.close()
     await asyncio.sleep(0)
+
+
+def test_an_abrupt_change_is_detected_and_the_fit_starts_over() -> None:
+    from app.config import LearningConfig
+    from app.learning.tuning import changed
+
+    cfg = LearningConfig(drift_labels=200, half_life_labels=2000)
+    rng = random.Random(2)
+    old, pop_old = _regime(rng, 0, 2000, cut=0.6)  # at 0.5, 90 % of the answers are good
+    same, pop_same = _regime(rng, 2000, 200, cut=0.6)
+    assert changed(old + same, pop_old + pop_same, 2, [0.5], cfg) is None  # the same traffic: no change
+    new, pop_new = _regime(rng, 2000, 200, cut=0.8)  # now 70 %
+    got = changed(old + new, pop_old + pop_new, 2, [0.5], cfg)
+    assert got is not None and got.since_seq == 2000  # the newest 200 labelled requests from here on
+    assert got.evidence["quality_newest"] < got.evidence["quality_before"] and got.evidence["z"] < -3
+    better, pop_better = _regime(rng, 2000, 200, cut=0.0)  # it works both ways
+    up = changed(new + better, pop_new + pop_better, 2, [0.5], cfg)
+    assert up is not None and up.evidence["z"] > 3
+    assert changed(old + new, pop_old + pop_new, 2, [0.5], LearningConfig(drift_labels=0)) is None
