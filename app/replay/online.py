@@ -38,19 +38,15 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from app.config import Config, ConfigError, LearningConfig, parse_config
-from app.learning.labels import verdict
-from app.learning.rows import ModelAnswer, Row
 from app.learning.store import Store
-from app.learning.thresholds import choose_thresholds, evaluate_cascade
 from app.replay.configure import (
     ReplayError,
     ReplayPlan,
@@ -60,9 +56,10 @@ from app.replay.configure import (
     stage_scores,
     with_thresholds,
 )
-from app.replay.dataset import Dataset, best_single, load_dataset, model_summary
+from app.replay.dataset import Dataset, load_dataset
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
+from app.replay.online_stream import Item, Stream, build_stream, train_scores, tuner_target
 from app.replay.runner import serve_asgi
 from app.replay.upstream import ReplayUpstream
 
@@ -98,126 +95,12 @@ class OnlineOptions:
     learning: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Item:
-    """One request of the stream: the row as served (answers keyed by the cascade's models) and as
-    recorded (its own dataset's models, for the best single model)."""
-
-    row: Row
-    native: Row
-    source: str
-
-
-@dataclass
-class Stream:
-    items: list[Item]
-    drift_at: int | None
-    best: dict[str, str]  # source dataset -> its best single model (over the stream's rows)
-    drift_map: dict[str, str] = field(default_factory=dict)  # cascade model -> OTHER's model
-
-
 @dataclass
 class OnlineResult:
     report: dict[str, Any]
     online: list[Served]
     offline: list[Served]
     errors: int
-
-
-# --- the stream -------------------------------------------------------------------------------------------
-
-
-def _shuffled(rows: Sequence[Row], rng: random.Random, passes: int) -> list[Row]:
-    out: list[Row] = []
-    for _ in range(passes):
-        order = list(rows)
-        rng.shuffle(order)
-        out += order
-    return out
-
-
-def drift_mapping(chain: Sequence[str], models: Sequence[str], other: Sequence[str]) -> dict[str, str]:
-    """Each chain model (a model of ``models``, cheapest first) -> the model of ``other`` (cheapest
-    first) at the same relative place in the cost order."""
-    out: dict[str, str] = {}
-    for m in chain:
-        r = models.index(m) / (len(models) - 1) if len(models) > 1 else 0.0
-        out[m] = other[int(r * (len(other) - 1) + 0.5)]
-    out[chain[0]] = other[0]
-    out[chain[-1]] = other[-1]
-    return out
-
-
-def build_stream(ds: Dataset, chain: Sequence[str], opts: OnlineOptions, other: Dataset | None) -> Stream:
-    rng = random.Random(opts.seed)
-    first = [Item(r, r, ds.name) for r in _shuffled(ds.rows, rng, opts.passes)]
-    best = {ds.name: best_single(model_summary(ds.rows, ds.models))}
-    if other is None:
-        items = first
-        return Stream(items[: opts.limit] if opts.limit else items, None, best)
-    mapping = drift_mapping(chain, ds.models, other.models)
-    half = len(first) // 2
-    second = []
-    for r in _shuffled(other.rows, rng, opts.passes):
-        answers: dict[str, ModelAnswer] = {m: r.answers[mapping[m]] for m in chain}
-        second.append(
-            Item(Row(f"drift:{r.id}", r.prompt, r.split, answers, r.reference, r.dataset), r, other.name)
-        )
-    best[other.name] = best_single(model_summary(other.rows, other.models))
-    items = first[:half] + second
-    return Stream(items[: opts.limit] if opts.limit else items, half, best, mapping)
-
-
-# --- the target -------------------------------------------------------------------------------------------
-
-
-def label_values(row: Row, chain: Sequence[str]) -> list[float]:
-    """What the labels say of each stage's answer on a recorded row: exact match with the last
-    stage's answer for closed forms, else what the replay judge says (as good: correct, or the last
-    one is not)."""
-    last = row.answers[chain[-1]]
-    out = []
-    for m in chain[:-1]:
-        a = row.answers[m]
-        v = verdict("auto", a.answer, last.answer, row.prompt, have_judge=True)
-        out.append(
-            v.value if v.how == "exact" and v.value is not None else float(a.correct or not last.correct)
-        )
-    return [*out, 1.0]
-
-
-def tuner_target(
-    rows: Sequence[Row],
-    models: Sequence[str],
-    chain: Sequence[str],
-    scores: Any,
-    target: float,
-    margin_z: float = 1.0,
-) -> float:
-    """``learning.target_quality`` for a replay target relative to the best single model: on the train
-    rows, the labels' quality (share of answers as good as the last stage's) at the thresholds an
-    offline fit chooses there (the cheapest whose accuracy less ``margin_z`` standard errors reaches
-    ``target`` x the best single model's; module doc)."""
-    summary = model_summary(rows, models)
-    acc_best = summary[best_single(summary)].accuracy
-    correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
-    cost = np.asarray([[r.answers[m].cost_usd for m in chain] for r in rows])
-    agree = np.asarray([label_values(r, chain) for r in rows])
-    at = choose_thresholds(scores, correct, cost, target * acc_best, margin_z=margin_z).best.thresholds
-    quality = evaluate_cascade(scores, agree, cost, at).quality
-    return round(min(0.999, max(0.5, quality)), 4)
-
-
-def train_scores(fitted: Any, rows: Sequence[Row]) -> Any:
-    """(n_rows, K) stage scores of the fitted chain's learned scorers on recorded rows (last column 0)."""
-    ms = fitted.models
-    out = np.zeros((len(rows), len(ms)))
-    for i, r in enumerate(rows):
-        previous: list[str] = []
-        for k, m in enumerate(ms[:-1]):
-            out[i, k] = fitted.score(k, r.prompt, r.answers[m].answer, previous)
-            previous.append(r.answers[m].answer)
-    return out
 
 
 # --- the config -------------------------------------------------------------------------------------------
@@ -412,7 +295,7 @@ async def _run(
         chain = mapped_config(user_cfg, ds.models, "http://127.0.0.1:9", opts.cascade, opts.mapping).stages
     if len(chain) < 2:
         raise ReplayError(f"{opts.dataset}: the cascade has one stage ({chain[0]}): there is nothing to tune")
-    stream = build_stream(ds, chain, opts, other)
+    stream = build_stream(ds, chain, other, opts.seed, opts.passes, opts.limit)
     rows = {it.row.id: it.row for it in stream.items}
     judge_model = opts.judge_model or chain[0]
     if judge_model not in ds.models:

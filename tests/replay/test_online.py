@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.cli import main
-from app.replay.online import drift_mapping
+from app.replay.online_stream import drift_mapping
 from tests.replay import synth
 
 pytestmark = pytest.mark.loopback

@@ -1,0 +1,144 @@
+"""The stream of ``cascade replay --online`` and its target, from recorded rows. Pure.
+
+``build_stream`` shuffles a dataset's rows (and, for ``--drift``, appends another dataset's rows under the
+cascade's model names, mapped by place in the cost order); ``tuner_target`` translates the replay's
+target (relative to the best single model's accuracy) into ``learning.target_quality`` (a share of
+answers as good as the last stage's) on the train rows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.learning.labels import verdict
+from app.learning.rows import ModelAnswer, Row
+from app.learning.thresholds import choose_thresholds, evaluate_cascade
+from app.replay.dataset import Dataset, best_single, model_summary
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of the stream: the row as served (answers keyed by the cascade's models) and as
+    recorded (its own dataset's models, for the best single model)."""
+
+    row: Row
+    native: Row
+    source: str
+
+
+@dataclass
+class Stream:
+    items: list[Item]
+    drift_at: int | None
+    best: dict[str, str]  # source dataset -> its best single model (over the stream's rows)
+    drift_map: dict[str, str] = field(default_factory=dict)  # cascade model -> OTHER's model
+
+
+# --- the stream -------------------------------------------------------------------------------------------
+
+
+def _shuffled(rows: Sequence[Row], rng: random.Random, passes: int) -> list[Row]:
+    out: list[Row] = []
+    for _ in range(passes):
+        order = list(rows)
+        rng.shuffle(order)
+        out += order
+    return out
+
+
+def drift_mapping(chain: Sequence[str], models: Sequence[str], other: Sequence[str]) -> dict[str, str]:
+    """Each chain model (a model of ``models``, cheapest first) -> the model of ``other`` (cheapest
+    first) at the same relative place in the cost order."""
+    out: dict[str, str] = {}
+    for m in chain:
+        r = models.index(m) / (len(models) - 1) if len(models) > 1 else 0.0
+        out[m] = other[int(r * (len(other) - 1) + 0.5)]
+    out[chain[0]] = other[0]
+    out[chain[-1]] = other[-1]
+    return out
+
+
+def build_stream(
+    ds: Dataset,
+    chain: Sequence[str],
+    other: Dataset | None,
+    seed: int,
+    passes: int = 1,
+    limit: int | None = None,
+) -> Stream:
+    """Every row of ``ds`` shuffled by ``seed``, ``passes`` times; with ``other``, the first half of that
+    and then ``other``'s rows under the cascade's model names (``drift_mapping``); at most ``limit``."""
+    rng = random.Random(seed)
+    first = [Item(r, r, ds.name) for r in _shuffled(ds.rows, rng, passes)]
+    best = {ds.name: best_single(model_summary(ds.rows, ds.models))}
+    if other is None:
+        items = first
+        return Stream(items[:limit] if limit else items, None, best)
+    mapping = drift_mapping(chain, ds.models, other.models)
+    half = len(first) // 2
+    second = []
+    for r in _shuffled(other.rows, rng, passes):
+        answers: dict[str, ModelAnswer] = {m: r.answers[mapping[m]] for m in chain}
+        second.append(
+            Item(Row(f"drift:{r.id}", r.prompt, r.split, answers, r.reference, r.dataset), r, other.name)
+        )
+    best[other.name] = best_single(model_summary(other.rows, other.models))
+    items = first[:half] + second
+    return Stream(items[:limit] if limit else items, half, best, mapping)
+
+
+# --- the target -------------------------------------------------------------------------------------------
+
+
+def label_values(row: Row, chain: Sequence[str]) -> list[float]:
+    """What the labels say of each stage's answer on a recorded row: exact match with the last
+    stage's answer for closed forms, else what the replay judge says (as good: correct, or the last
+    one is not)."""
+    last = row.answers[chain[-1]]
+    out = []
+    for m in chain[:-1]:
+        a = row.answers[m]
+        v = verdict("auto", a.answer, last.answer, row.prompt, have_judge=True)
+        out.append(
+            v.value if v.how == "exact" and v.value is not None else float(a.correct or not last.correct)
+        )
+    return [*out, 1.0]
+
+
+def tuner_target(
+    rows: Sequence[Row],
+    models: Sequence[str],
+    chain: Sequence[str],
+    scores: Any,
+    target: float,
+    margin_z: float = 1.0,
+) -> float:
+    """``learning.target_quality`` for a replay target relative to the best single model: on the train
+    rows, the labels' quality (share of answers as good as the last stage's) at the thresholds an
+    offline fit chooses there (the cheapest whose accuracy less ``margin_z`` standard errors reaches
+    ``target`` x the best single model's; module doc)."""
+    summary = model_summary(rows, models)
+    acc_best = summary[best_single(summary)].accuracy
+    correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
+    cost = np.asarray([[r.answers[m].cost_usd for m in chain] for r in rows])
+    agree = np.asarray([label_values(r, chain) for r in rows])
+    at = choose_thresholds(scores, correct, cost, target * acc_best, margin_z=margin_z).best.thresholds
+    quality = evaluate_cascade(scores, agree, cost, at).quality
+    return round(min(0.999, max(0.5, quality)), 4)
+
+
+def train_scores(fitted: Any, rows: Sequence[Row]) -> Any:
+    """(n_rows, K) stage scores of the fitted chain's learned scorers on recorded rows (last column 0)."""
+    ms = fitted.models
+    out = np.zeros((len(rows), len(ms)))
+    for i, r in enumerate(rows):
+        previous: list[str] = []
+        for k, m in enumerate(ms[:-1]):
+            out[i, k] = fitted.score(k, r.prompt, r.answers[m].answer, previous)
+            previous.append(r.answers[m].answer)
+    return out
