@@ -31,7 +31,7 @@ DATASETS = {
     "gsm8k": "routellm/gsm8k.jsonl",
     "mbpp": "routerbench/mbpp.jsonl",
 }
-MIN_REQUESTS = 1200
+MIN_REQUESTS = 2500
 
 
 def _value(v: str) -> Any:
@@ -76,10 +76,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--min-requests", type=int, default=MIN_REQUESTS, help="repeat shorter streams")
     ap.add_argument("--sets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--starts", nargs="+", default=["0", "1"], help="start thresholds ('fit': the fit's)")
     ap.add_argument("--drift", nargs="*", default=["winogrande:gsm8k"], help="A:B pairs")
-    ap.add_argument("--shadow-rate", type=float, default=0.1)
+    ap.add_argument("--shadow-rate", type=float, default=0.2)
     ap.add_argument("--feedback-rate", type=float, default=0.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", help="append one JSON line per run")
@@ -111,7 +112,7 @@ def main() -> int:
                 shadow_rate=args.shadow_rate,
                 feedback_rate=args.feedback_rate,
                 drift=str(data / DATASETS[other]) if other else None,
-                passes=max(1, math.ceil(MIN_REQUESTS / n_rows)),
+                passes=max(1, math.ceil(args.min_requests / n_rows)),
                 fitted=f,
                 learning=learning,
             )

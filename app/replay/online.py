@@ -65,6 +65,7 @@ from app.replay.upstream import ReplayUpstream
 
 Progress = Callable[[int, int], None]
 JUDGE_UPSTREAM = "replay-judge"
+TUNER_MARGIN_Z = 0.5
 
 
 @dataclass
@@ -78,7 +79,7 @@ class OnlineOptions:
     max_stages: int = 3
     seed: int = 0
     start_threshold: float | None = None
-    shadow_rate: float = 0.1
+    shadow_rate: float = 0.2
     feedback_rate: float = 0.0
     drift: str | None = None
     passes: int = 1
@@ -116,7 +117,11 @@ def online_config(
 ) -> Config:
     """The plan's config with a judge upstream and the learning section of the online run."""
     raw = plan.config.model_dump(mode="json", by_alias=True)
-    lrn: dict[str, Any] = learning.model_dump(mode="json") if learning is not None else {}
+    # The target is the offline fit's operating point, which carries the offline margin already: the
+    # tuner adds half a standard error of its own (a config's learning section says otherwise).
+    lrn: dict[str, Any] = (
+        learning.model_dump(mode="json") if learning is not None else {"margin_z": TUNER_MARGIN_Z}
+    )
     lrn.update(opts.learning)
     if opts.judge:
         raw["upstreams"][JUDGE_UPSTREAM] = {
