@@ -100,6 +100,31 @@ def changed(
     return Change(cut, evidence)
 
 
+STALE_LABELS = 20  # expected labels (at shadow_rate) missing in a row that make a stage's evidence stale
+
+
+def stale_stages(
+    entries: Sequence[Entry], population: Sequence[tuple[int, int]], n_scored: int, cfg: LearningConfig
+) -> list[int]:
+    """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
+    requests without one of them getting a label (none when shadow_rate is 0: labels then come from
+    users, at their own pace). A stage pushed up by this accepts little, and so is not stale next time."""
+    if cfg.shadow_rate <= 0 or not population:
+        return []
+    limit = math.ceil(STALE_LABELS / cfg.shadow_rate)
+    recent = population[-2 * limit :]
+    start = recent[0][0]
+    accepted: dict[int, int] = {}
+    for _seq, k in recent:
+        accepted[k] = accepted.get(k, 0) + 1
+    labelled = {e.accepted for e in entries if e.seq >= start and e.kind != "escalated"}
+    return sorted(k for k, n in accepted.items() if k < n_scored and n >= limit and k not in labelled)
+
+
+def _raise(t: float, step: float, bounds: tuple[float, float]) -> float:
+    return round(min(bounds[1], max(bounds[0], t + step)), 6)
+
+
 class Tuner:
     """Keeps the thresholds of ``plans()`` tuned; ``apply(fit)`` puts a fit into force."""
 
@@ -231,6 +256,19 @@ class Tuner:
         )
         up = cfg.max_step_up if missing else cfg.max_step
         new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=up)
+        # No recent label for the answers a stage accepts (spend caps starving shadow calls while cheap
+        # early answers keep the answers' spend low): its evidence is stale, so it escalates until
+        # labels flow again. Savings wait for evidence; quality does not.
+        stale = stale_stages(history.entries(cfg.user_pass_score), history.population, len(old), cfg)
+        if stale:
+            new = tuple(
+                _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t
+                for k, t in enumerate(new)
+            )
+            log.warning(
+                "no recent labels for early answers: escalating until there are",
+                extra={"cascade": meta.name, "stages": stale},
+            )
         at_new = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         evidence = {
             "rows": rows.n,
@@ -241,6 +279,7 @@ class Tuner:
             "target_quality": cfg.target_quality,
             "proposed": list(cal.thresholds),
             "missing_target": missing,
+            "stale_stages": stale,
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
             "est_quality": round(at_new.quality, 6),

@@ -134,3 +134,26 @@ def test_an_abrupt_change_is_detected_and_the_fit_starts_over() -> None:
     up = changed(new + better, pop_new + pop_better, 2, [0.5], cfg)
     assert up is not None and up.evidence["z"] > 3
     assert changed(old + new, pop_old + pop_new, 2, [0.5], LearningConfig(drift_labels=0)) is None
+
+
+def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
+    """Spend caps can starve shadow calls while cheap early answers keep the answers' spend low; a
+    stage whose answers go unlabelled for STALE_LABELS / shadow_rate requests escalates (tuning.py)."""
+    from app.config import LearningConfig
+    from app.learning.tuning import stale_stages
+
+    cfg = LearningConfig(shadow_rate=0.2)  # 100 accepted requests of the newest 200 without a label
+    rng = random.Random(3)
+    entries, _ = _regime(rng, 0, 50, cut=0.5)
+    early = [e for e in entries if e.accepted == 0]
+    population = [(i, 0) for i in range(300)]
+    assert stale_stages(early, population, 1, cfg) == [0]
+    labelled_now = make_entry(
+        250, 2, 0, 1e-4, {0: ("accepted", 0.9, 1e-6)}, [("shadow", 0, 1.0, 5.0, 1e-4)], 2
+    )
+    assert labelled_now is not None
+    assert stale_stages([*early, labelled_now], population, 1, cfg) == []
+    # Escalated, it accepts little: not stale any more, so the fits may bring it down again.
+    escalating = [(i, 0) for i in range(100)] + [(i, 1 if i % 4 else 0) for i in range(100, 300)]
+    assert stale_stages(early, escalating, 1, cfg) == []
+    assert stale_stages(early, population, 1, LearningConfig(shadow_rate=0.0)) == []
