@@ -100,15 +100,17 @@ def changed(
     return Change(cut, evidence)
 
 
-STALE_LABELS = 20  # expected labels (at shadow_rate) missing in a row that make a stage's evidence stale
+STALE_LABELS = 20  # labels expected (at shadow_rate) over the stretch a stage's evidence is judged on
+STALE_SHARE = 0.1  # stale when fewer than this share of them came
 
 
 def stale_stages(
     entries: Sequence[Entry], population: Sequence[tuple[int, int]], n_scored: int, cfg: LearningConfig
 ) -> list[int]:
     """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
-    requests without one of them getting a label (none when shadow_rate is 0: labels then come from
-    users, at their own pace). A stage pushed up by this accepts little, and so is not stale next time."""
+    requests, of which fewer than ``STALE_SHARE`` of the share ``shadow_rate`` asks for got a label
+    (none when shadow_rate is 0: labels then come from users, at their own pace). A stage pushed up by
+    this accepts little, and so is not stale next time."""
     if cfg.shadow_rate <= 0 or not population:
         return []
     limit = math.ceil(STALE_LABELS / cfg.shadow_rate)
@@ -117,8 +119,15 @@ def stale_stages(
     accepted: dict[int, int] = {}
     for _seq, k in recent:
         accepted[k] = accepted.get(k, 0) + 1
-    labelled = {e.accepted for e in entries if e.seq >= start and e.kind != "escalated"}
-    return sorted(k for k, n in accepted.items() if k < n_scored and n >= limit and k not in labelled)
+    labelled: dict[int, int] = {}
+    for e in entries:
+        if e.seq >= start and e.kind != "escalated":
+            labelled[e.accepted] = labelled.get(e.accepted, 0) + 1
+    return sorted(
+        k
+        for k, n in accepted.items()
+        if k < n_scored and n >= limit and labelled.get(k, 0) < round(STALE_SHARE * cfg.shadow_rate * n, 9)
+    )
 
 
 def _raise(t: float, step: float, bounds: tuple[float, float]) -> float:

@@ -142,17 +142,20 @@ def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
     from app.config import LearningConfig
     from app.learning.tuning import stale_stages
 
-    cfg = LearningConfig(shadow_rate=0.2)  # 100 accepted requests of the newest 200 without a label
+    # 100 or more accepted requests of the newest 200 with fewer than 0.1 x 0.2 of them labelled
+    cfg = LearningConfig(shadow_rate=0.2)
     rng = random.Random(3)
     entries, _ = _regime(rng, 0, 50, cut=0.5)
     early = [e for e in entries if e.accepted == 0]
     population = [(i, 0) for i in range(300)]
     assert stale_stages(early, population, 1, cfg) == [0]
-    labelled_now = make_entry(
-        250, 2, 0, 1e-4, {0: ("accepted", 0.9, 1e-6)}, [("shadow", 0, 1.0, 5.0, 1e-4)], 2
-    )
-    assert labelled_now is not None
-    assert stale_stages([*early, labelled_now], population, 1, cfg) == []
+    now = [
+        make_entry(seq, 2, 0, 1e-4, {0: ("accepted", 0.9, 1e-6)}, [("shadow", 0, 1.0, 5.0, 1e-4)], 2)
+        for seq in (150, 200, 250, 299)
+    ]
+    assert all(e is not None for e in now)
+    assert stale_stages([*early, *now[:3]], population, 1, cfg) == [0]  # type: ignore[list-item]
+    assert stale_stages([*early, *now], population, 1, cfg) == []  # type: ignore[list-item]
     # Escalated, it accepts little: not stale any more, so the fits may bring it down again.
     escalating = [(i, 0) for i in range(100)] + [(i, 1 if i % 4 else 0) for i in range(100, 300)]
     assert stale_stages(early, escalating, 1, cfg) == []
