@@ -163,6 +163,19 @@ class History:
             last_id=self.last_label_id,
         )
 
+    def early_labelled(self) -> list[tuple[int, int]]:
+        """(seq, accepted stage) of the requests answered before the last stage that have a shadow or
+        user label, in arrival order."""
+        last = self.n_stages - 1
+        out = [
+            (r.seq, r.accepted)
+            for r in self._requests.values()
+            if r.accepted is not None
+            and r.accepted < last
+            and any(lb[0] in ("shadow", "user") for lb in r.labels)
+        ]
+        return sorted(out)
+
     @property
     def population(self) -> list[tuple[int, int]]:
         """(seq, accepted stage) of every answered request held, in arrival order."""

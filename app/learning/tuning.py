@@ -105,12 +105,16 @@ STALE_SHARE = 0.1  # stale when fewer than this share of them came
 
 
 def stale_stages(
-    entries: Sequence[Entry], population: Sequence[tuple[int, int]], n_scored: int, cfg: LearningConfig
+    labelled: Sequence[tuple[int, int]],
+    population: Sequence[tuple[int, int]],
+    n_scored: int,
+    cfg: LearningConfig,
 ) -> list[int]:
     """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
     requests, of which fewer than ``STALE_SHARE`` of the share ``shadow_rate`` asks for got a label
     (none when shadow_rate is 0: labels then come from users, at their own pace). A stage pushed up by
-    this accepts little, and so is not stale next time."""
+    this accepts little, and so is not stale next time. ``labelled``: (seq, accepted stage) of the
+    requests accepted before the last stage that got a label (shadow or user)."""
     if cfg.shadow_rate <= 0 or not population:
         return []
     limit = math.ceil(STALE_LABELS / cfg.shadow_rate)
@@ -119,14 +123,14 @@ def stale_stages(
     accepted: dict[int, int] = {}
     for _seq, k in recent:
         accepted[k] = accepted.get(k, 0) + 1
-    labelled: dict[int, int] = {}
-    for e in entries:
-        if e.seq >= start and e.kind != "escalated":
-            labelled[e.accepted] = labelled.get(e.accepted, 0) + 1
+    got: dict[int, int] = {}
+    for seq, k in labelled:
+        if seq >= start:
+            got[k] = got.get(k, 0) + 1
     return sorted(
         k
         for k, n in accepted.items()
-        if k < n_scored and n >= limit and labelled.get(k, 0) < round(STALE_SHARE * cfg.shadow_rate * n, 9)
+        if k < n_scored and n >= limit and got.get(k, 0) < round(STALE_SHARE * cfg.shadow_rate * n, 9)
     )
 
 
@@ -205,7 +209,7 @@ class Tuner:
             history.forget_before(int(latest.evidence.get("since_seq", 0)))
         since = max(latest.last_label_id if latest else 0, self._checked.get(key, 0))
         top = history.last_label_id
-        if history.labels_after(since) < self.cfg.tune_every:
+        if history.labels_after(since) < self.cfg.tune_every and not self._stale(meta, latest, history):
             return
         proposal = await self._fit(meta, latest, history)
         if proposal is None:
@@ -217,6 +221,13 @@ class Tuner:
         winner = await store.latest_fit(meta.name, meta.fingerprint)  # another replica was first
         if winner is not None:
             self.apply(winner)
+
+    def _stale(self, meta: PlanMeta, latest: Fit | None, history: History) -> bool:
+        """A stage's evidence went stale and raising it would change something: fit now, even without
+        new labels (starved of labels, the tuner would otherwise never fit again)."""
+        old = latest.thresholds if latest is not None else meta.config_thresholds
+        stale = stale_stages(history.early_labelled(), history.population, len(old), self.cfg)
+        return any(old[k] < self.cfg.threshold_bounds[1] for k in stale)
 
     async def _fit(self, meta: PlanMeta, latest: Fit | None, history: History) -> Fit | None:
         cfg = self.cfg
@@ -250,6 +261,37 @@ class Tuner:
                 extra={"cascade": meta.name, **change.evidence},
             )
         if rows.n < cfg.min_labels:
+            stale = stale_stages(history.early_labelled(), history.population, len(old), cfg)
+            if stale:  # no evidence at all for what early stages accept: escalate, fit later
+                raised = tuple(
+                    _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t
+                    for k, t in enumerate(old)
+                )
+                if raised != tuple(old):
+                    log.warning(
+                        "no recent labels for early answers: escalating until there are",
+                        extra={"cascade": meta.name, "stages": stale},
+                    )
+                    evidence = {
+                        "rows": rows.n,
+                        "stale_stages": stale,
+                        "last_label_id": top,
+                        "since_seq": since,
+                    }
+                    version = (latest.version if latest is not None else 0) + 1
+                    return Fit(
+                        meta.name,
+                        meta.fingerprint,
+                        version,
+                        raised,
+                        top,
+                        rows.n,
+                        None,
+                        None,
+                        False,
+                        evidence,
+                        self.clock(),
+                    )
             log.info(
                 "not enough labelled requests to tune",
                 extra={"cascade": meta.name, "rows": rows.n, "min_labels": cfg.min_labels},
@@ -268,7 +310,7 @@ class Tuner:
         # No recent label for the answers a stage accepts (spend caps starving shadow calls while cheap
         # early answers keep the answers' spend low): its evidence is stale, so it escalates until
         # labels flow again. Savings wait for evidence; quality does not.
-        stale = stale_stages(history.entries(cfg.user_pass_score), history.population, len(old), cfg)
+        stale = stale_stages(history.early_labelled(), history.population, len(old), cfg)
         if stale:
             new = tuple(
                 _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t

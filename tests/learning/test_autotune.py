@@ -118,3 +118,26 @@ async def test_the_fit_is_deterministic(tmp_path: Path) -> None:
     await s.close()
     assert a.thresholds == b.thresholds and a.chosen == b.chosen
     assert a.search.feasible and a.chosen.quality - a.chosen.quality_se >= 0.9 - 0.02
+
+
+async def test_a_stage_starved_of_labels_escalates(fake: FakeUpstream, tmp_path: Path) -> None:
+    """Every answer accepted at stage 0 and not one shadow call affordable (shadow_max_share): with no
+    recent evidence of what stage 0 accepts, the tuner raises its threshold, without new labels."""
+    from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
+
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url, shadow_rate=1.0, shadow_max_share=0.0001, shadow_warmup=0, tune_every=1000)
+    cfg["cascades"]["default"]["stages"][0].update(
+        threshold=0.1, scorers=[{"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}]
+    )
+    async with proxy(cfg, fake) as (c, app):
+        plan = app.state.cascade.runtime.plans.get("default")
+        for i in range(40):
+            body = chat(content=f"q{i} score=0.9")
+            assert (await c.post("/v1/chat/completions", json=body)).json()["cascade"]["stage"] == 0
+        await learning_of(app).settle()
+        assert plan.thresholds[0] == pytest.approx(0.99)
+    assert query(url, "SELECT count(*) FROM labels") == [(0,)]
+    assert query(url, "SELECT DISTINCT sampling FROM traces") == [("budget",)]
+    (evidence,) = query(url, "SELECT evidence FROM fits")[0]
+    assert '"stale_stages": [0]' in evidence
