@@ -70,6 +70,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             work_dir=args.work_dir,
             want_curve=bool(args.plot),
+            resplits=args.resplits,
+            seed=args.seed,
+            pass_score=args.pass_score,
+            tolerance=args.tolerance,
         )
         bar = None if args.quiet else ProgressBar("replay")
         result = run_replay(opts, bar)
@@ -148,7 +152,7 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     from app.replay.dataset import load_dataset
 
     try:
-        ds = load_dataset(args.dataset)
+        ds = load_dataset(args.dataset, pass_score=args.pass_score)
     except (OSError, ValueError) as exc:
         print(f"cascade fit-scorer: {args.dataset}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -220,6 +224,27 @@ def add_commands(sub: Any) -> None:
     r.add_argument(
         "--plot", metavar="FILE.png", help="draw the cost/accuracy picture (needs the 'plot' extra)"
     )
+    r.add_argument(
+        "--resplits",
+        type=_positive,
+        default=1,
+        metavar="K",
+        help="fit and replay K splits: the dataset's own, then K-1 random stratified re-splits of the same "
+        "sizes; report each and their spread (default 1)",
+    )
+    r.add_argument("--seed", type=int, default=0, help="seed of the random re-splits (default 0)")
+    r.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="a split meets the target when quality_vs_best >= target - tolerance (default 0.01)",
+    )
+    r.add_argument(
+        "--pass-score",
+        type=float,
+        metavar="X",
+        help="graded datasets (a 'score' per answer, no 'correct'): an answer scoring at least X is correct",
+    )
     r.add_argument("--limit", type=_positive, help="replay only the first N test rows")
     r.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (default 8)")
     r.add_argument("--work-dir", help="keep the fitted scorer files here (default: a temporary directory)")
@@ -260,4 +285,10 @@ def add_commands(sub: Any) -> None:
     )
     f.add_argument("--margin-z", type=float, help="default 1 (--from-store: learning.margin_z)")
     f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
+    f.add_argument(
+        "--pass-score",
+        type=float,
+        metavar="X",
+        help="DATASET: graded answers (a 'score', no 'correct') scoring at least X are correct",
+    )
     f.set_defaults(func=cmd_fit_scorer)
