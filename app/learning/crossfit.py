@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.learning.fitting import fit_logistic
-from app.scoring.features import FeatureSpec
+from app.scoring.feature_spec import FeatureSpec
 from app.scoring.model import LogisticModel
 
 FloatArray = npt.NDArray[np.float64]

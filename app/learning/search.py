@@ -85,12 +85,21 @@ class PolicyGrid:
 
 
 def policy_grid(
-    scores: Any, correct: Any, cost: Any, candidates: Sequence[Sequence[float]], W: FloatArray
+    scores: Any,
+    correct: Any,
+    cost: Any,
+    candidates: Sequence[Sequence[float]],
+    W: FloatArray,
+    route: Any = None,
+    route_candidates: Sequence[float] = (),
 ) -> PolicyGrid:
     """Evaluate every combination of ``candidates`` (one list per scored stage) on every column of ``W``.
 
     ``scores`` ``(n, K-1)``: stage k's answer is served when its score is ``>= thresholds[k]`` (NaN:
     never); ``correct``/``cost`` ``(n, K)``; a row's cost is the sum over the stages it tried.
+    With ``route`` (a router's score per row) and ``route_candidates``, every combination also has a
+    router threshold, first in ``thresholds``: a row whose route score is ``>=`` it goes straight to the
+    last stage (served there, charged only for it); ``inf`` routes nothing.
     """
     c = np.asarray(correct, dtype=np.float64)
     k = np.asarray(cost, dtype=np.float64)
@@ -101,10 +110,15 @@ def policy_grid(
     if len(candidates) != K - 1:
         raise ValueError("candidates: one list per scored stage")
     cand = [np.asarray(cj, dtype=np.float64) for cj in candidates]
-    if K == 1:
+    routed = route is not None
+    if routed:
+        cand = [np.asarray(route_candidates, dtype=np.float64), *cand]
+        r = np.asarray(route, dtype=np.float64).reshape(n)
+    if not cand:
         T = np.zeros((1, 0))
     else:
-        T = np.asarray(list(itertools.product(*cand)), dtype=np.float64).reshape(-1, K - 1)
+        T = np.asarray(list(itertools.product(*cand)), dtype=np.float64).reshape(-1, len(cand))
+    off = 1 if routed else 0
     G, R = T.shape[0], W.shape[1]
     sums = W.sum(axis=0)
     sums[sums <= 0] = 1.0
@@ -116,10 +130,16 @@ def policy_grid(
         hi = min(n, lo + CHUNK_ROWS)
         served = np.full((G, hi - lo), K - 1, dtype=np.int8)
         for j in range(K - 2, -1, -1):  # earlier stages take precedence
-            served[s[None, lo:hi, j] >= T[:, j, None]] = j
+            served[s[None, lo:hi, j] >= T[:, off + j, None]] = j
         rows = np.arange(hi - lo)[None, :]
-        Q += c[lo:hi].astype(np.float32)[rows, served] @ W32[lo:hi]
-        C += cum[lo:hi].astype(np.float32)[rows, served] @ W32[lo:hi]
+        q = c[lo:hi].astype(np.float32)[rows, served]
+        paid = cum[lo:hi].astype(np.float32)[rows, served]
+        if routed:
+            go = r[None, lo:hi] >= T[:, 0, None]  # straight to the last stage
+            q = np.where(go, c[lo:hi, K - 1].astype(np.float32)[None, :], q)
+            paid = np.where(go, k[lo:hi, K - 1].astype(np.float32)[None, :], paid)
+        Q += q @ W32[lo:hi]
+        C += paid @ W32[lo:hi]
     return PolicyGrid(T, Q / sums[None, :], C / sums[None, :])
 
 
@@ -221,10 +241,12 @@ class Search:
             return max(0.0, float(np.mean(self._best_app[got] - self._best_orig[got])))
         return max(0.0, 0.632 * float(np.mean(self._best_app[got] - self._best_oob[got])))
 
-    def result(self, *, correct_optimism: bool = True) -> Pick:
+    def result(self, *, correct_optimism: bool = True, min_optimism: float = 0.0) -> Pick:
+        """The cheapest policy reaching ``target + optimism`` (at least ``min_optimism``, e.g. that of
+        an earlier search this one refines), with ``margin_z`` standard errors to spare."""
         if not self.chains:
             raise ValueError("no chain to choose from")
-        opt = self.optimism if correct_optimism else 0.0
+        opt = max(self.optimism, min_optimism) if correct_optimism else 0.0
         aim = self.target + opt
         best: tuple[float, float, int, int, int] | None = None  # (cost, -quality, stages, chain, policy)
         for ci, ch in enumerate(self.chains):

@@ -45,17 +45,18 @@ from typing import Any
 import numpy as np
 
 from app.learning.crossfit import CrossFit, crossfit, fold_ids
-from app.learning.fitting import fit_logistic
+from app.learning.routing import RouterFit, fit_router, request_for
 from app.learning.rows import Row
 from app.learning.search import PolicyGrid, Search, policy_grid, reference_quality, replicate_weights
 from app.learning.thresholds import (
     best_single_model,
     candidate_thresholds,
-    evaluate_cascade,
     single_model_stats,
 )
-from app.scoring.features import FeatureSpec, extract_features, with_previous
+from app.scoring.feature_spec import FeatureSpec
+from app.scoring.features import extract_features, with_previous
 from app.scoring.model import LogisticModel
+from app.scoring.prompt_features import request_prompt_features
 
 DEFAULT_SPEC = FeatureSpec(hash_dim=0)
 DEFAULT_L2 = 10.0
@@ -81,6 +82,24 @@ def featurize(examples: Sequence[StageExample], spec: FeatureSpec = DEFAULT_SPEC
     ]
 
 
+def crossfit_stage_scorer(
+    examples: Sequence[StageExample],
+    labels: Sequence[bool | float],
+    weights: Sequence[float] | None = None,
+    spec: FeatureSpec = DEFAULT_SPEC,
+    l2: float = DEFAULT_L2,
+    meta: Mapping[str, Any] | None = None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+) -> CrossFit:
+    """One stage's scorer from labelled answers (label: the answer was good enough), cross-fitted:
+    ``.model`` outputs P(good), ``.oof`` are out-of-fold scores of the examples for choosing thresholds."""
+    y = np.asarray([float(v) for v in labels])
+    k = folds if len(y) >= 2 * folds else 1
+    fold = fold_ids(len(y), k, seed, strata=y > 0.5)
+    return crossfit(featurize(examples, spec), y, fold, l2=l2, weights=weights, feature_spec=spec, meta=meta)
+
+
 def fit_stage_scorer(
     examples: Sequence[StageExample],
     labels: Sequence[bool | float],
@@ -89,15 +108,8 @@ def fit_stage_scorer(
     l2: float = DEFAULT_L2,
     meta: Mapping[str, Any] | None = None,
 ) -> LogisticModel:
-    """One stage's scorer from labelled answers (label: the answer was good enough)."""
-    return fit_logistic(
-        featurize(examples, spec),
-        [float(v) for v in labels],
-        l2=l2,
-        sample_weight=weights,
-        feature_spec=spec,
-        meta=meta,
-    )
+    """The calibrated model of :func:`crossfit_stage_scorer`."""
+    return crossfit_stage_scorer(examples, labels, weights, spec, l2, meta).model
 
 
 def _to_unit(t: float) -> float:
@@ -117,10 +129,20 @@ class FittedCascade:
     single_models: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     oof_scores: list[list[float]] = field(default_factory=list)  # per scored stage, per fitting row
+    router: LogisticModel | None = None  # route-then-cascade, when it paid on the fitting rows
+    router_threshold: float | None = None
+    router_info: dict[str, Any] = field(default_factory=dict)  # chosen or not, and why
 
     def score(self, stage: int, prompt: str, answer: str, previous: Sequence[str] = ()) -> float:
         model = self.scorers[stage]
         return model.predict_proba(extract_features(prompt, answer, previous, spec=model.feature_spec))
+
+    def routed(self, prompt: str) -> bool:
+        """Whether the router sends this (single user message) request straight to the last stage."""
+        if self.router is None or self.router_threshold is None:
+            return False
+        x = request_prompt_features(request_for(prompt), self.router.feature_spec)
+        return self.router.predict_proba(x) >= self.router_threshold
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +153,7 @@ class FittedCascade:
             "train": dict(self.train),
             "single_models": dict(self.single_models),
             "candidates": list(self.candidates),
+            "router": dict(self.router_info),
         }
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
@@ -142,6 +165,9 @@ class FittedCascade:
             p = d / f"stage{k}.json"
             m.save(p)
             paths[f"stage{k}"] = str(p)
+        if self.router is not None:
+            self.router.save(d / "router.json")
+            paths["router"] = str(d / "router.json")
         (d / "cascade.json").write_text(
             json.dumps(self.to_dict(), indent=1, sort_keys=True), encoding="utf-8"
         )
@@ -201,6 +227,35 @@ def _midpoint_thresholds(thresholds: Sequence[float], score_cols: Sequence[Any])
     return out
 
 
+@dataclass(frozen=True)
+class _Eval:
+    quality: float
+    cost: float
+    reach: list[float]  # share of rows whose request reached each stage
+    skipped: list[float]  # share of rows the router sent past each stage
+
+
+def _evaluate(
+    s: Any, c: Any, k: Any, thresholds: Sequence[float], weights: Any, route: Any, rho: float
+) -> _Eval:
+    """One policy on the fitting rows (the cross-fitted scores), the router's skips included."""
+    n, K = c.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    served = np.full(n, K - 1)
+    for j in range(K - 2, -1, -1):
+        served[s[:, j] >= thresholds[j]] = j
+    routed = np.zeros(n, dtype=bool) if route is None else np.asarray(route) >= rho
+    served[routed] = K - 1
+    paid = np.where(routed, k[:, K - 1], np.cumsum(k, axis=1)[np.arange(n), served])
+    reach = [
+        float(w[(served >= j) & ~routed].sum()) if j < K - 1 else float(w[served == j].sum())
+        for j in range(K)
+    ]
+    skipped = [float(w[routed].sum()) if j < K - 1 else 0.0 for j in range(K)]
+    return _Eval(float(w @ c[np.arange(n), served]), float(w @ paid), reach, skipped)
+
+
 def candidate_chains(
     models: Sequence[str], mean_cost: Mapping[str, float], max_stages: int
 ) -> list[tuple[str, ...]]:
@@ -228,6 +283,7 @@ def fit_cascade(
     replicates: int = DEFAULT_REPLICATES,
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
+    router: bool = True,
 ) -> FittedCascade:
     """Choose models, order, stage scorers and thresholds on labelled ``rows`` (see module doc)."""
     if not rows:
@@ -289,12 +345,25 @@ def fit_cascade(
     pick = search.result()
     ch = pick.chain
     cols = [crossfitted(ch[: j + 1]).oof for j in range(len(ch) - 1)]
-    thresholds = _midpoint_thresholds(pick.thresholds, cols)
     scorers = [crossfitted(ch[: j + 1]).model for j in range(len(ch) - 1)]
-    s = np.stack([*cols, np.zeros(n)], axis=1)
     c = np.stack([correct[m] for m in ch], axis=1)
     k = np.stack([cost[m] for m in ch], axis=1)
-    ev = evaluate_cascade(s, c, k, thresholds, weights)
+    s_cols = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+    routing = (
+        fit_router(
+            rows, s_cols, c, k, pick, W, reference, target_quality,
+            margin_z=margin_z, folds=fold, l2=l2, weights=weights,
+        )
+        if router and len(ch) > 1
+        else RouterFit(False, "off" if not router else "a one-model cascade has nothing to skip")
+    )  # fmt: skip
+    raw = pick.thresholds
+    if routing.chosen and routing.pick is not None:
+        raw = routing.pick.thresholds[1:]
+        pick = routing.pick
+    thresholds = _midpoint_thresholds(raw, cols)
+    route = routing.oof if routing.chosen else None
+    ev = _evaluate(s_cols, c, k, thresholds, weights, route, routing.threshold)
     ref0 = float(reference[0])
     return FittedCascade(
         models=list(ch),
@@ -311,6 +380,7 @@ def fit_cascade(
             "aim": pick.aim,
             "cost_usd": ev.cost,
             "reach": list(ev.reach),
+            "skipped_share": list(ev.skipped),
             "n": n,
             "best_single": best,
             "best_single_quality": stats[best][0] if best else 0.0,
@@ -322,4 +392,7 @@ def fit_cascade(
         single_models={m: {"accuracy": q, "cost_usd": cst} for m, (q, cst) in stats.items()},
         candidates=search.frontier(),
         oof_scores=[list(map(float, col)) for col in cols],
+        router=routing.model if routing.chosen else None,
+        router_threshold=routing.threshold if routing.chosen else None,
+        router_info=routing.to_dict(),
     )

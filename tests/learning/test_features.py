@@ -3,15 +3,8 @@ import time
 import pytest
 
 from app.answers import extract_code, extract_number, messages_to_prompt, normalize_answer
-from app.scoring.features import (
-    ENGINEERED_NAMES,
-    PREVIOUS_NAMES,
-    FeatureSpec,
-    arithmetic_checks,
-    extract_features,
-    feature_names,
-    with_previous,
-)
+from app.scoring.feature_spec import ENGINEERED_NAMES, PREVIOUS_NAMES, FeatureSpec, feature_names
+from app.scoring.features import arithmetic_checks, extract_features, with_previous
 
 MC_PROMPT = (
     "The trophy doesn't fit in the suitcase because the _ is too big.\nA) trophy\nB) suitcase\nAnswer:"
