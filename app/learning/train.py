@@ -60,7 +60,7 @@ from app.scoring.prompt_features import request_prompt_features
 
 DEFAULT_SPEC = FeatureSpec(hash_dim=0)
 DEFAULT_L2 = 10.0
-DEFAULT_MARGIN_Z = 1.0
+DEFAULT_MARGIN_Z = 0.0  # the optimism is paid; a margin on top is a choice (--margin-z)
 DEFAULT_CANDIDATES = 40
 DEFAULT_REPLICATES = 64
 DEFAULT_FOLDS = 5

@@ -167,7 +167,7 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         ds.models,
         target_quality=args.target_quality if args.target_quality is not None else 0.95,
         max_stages=args.max_stages if args.max_stages is not None else 3,
-        margin_z=args.margin_z if args.margin_z is not None else 1.0,
+        margin_z=args.margin_z if args.margin_z is not None else 0.0,
         chain=chain,
     )
     out = Path(args.out)
@@ -212,7 +212,13 @@ def add_commands(sub: Any) -> None:
         help="accuracy target relative to the best single model on train (default 0.95 when fitting; "
         "with --config: calibrate the config's thresholds to it)",
     )
-    r.add_argument("--margin-z", type=float, default=1.0, help="safety margin in standard errors (default 1)")
+    r.add_argument(
+        "--margin-z",
+        type=float,
+        default=0.0,
+        help="keep Z bootstrap standard errors of quality above the target, on top of the search's measured "
+        "optimism (default 0: the expected quality on new rows is the target)",
+    )
     r.add_argument(
         "--max-stages",
         type=int,
@@ -283,7 +289,7 @@ def add_commands(sub: Any) -> None:
         help="DATASET: relative to the best single model (default 0.95); --from-store: share of answers "
         "as good as the last stage's (default: learning.target_quality)",
     )
-    f.add_argument("--margin-z", type=float, help="default 1 (--from-store: learning.margin_z)")
+    f.add_argument("--margin-z", type=float, help="default 0 (--from-store: learning.margin_z)")
     f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
     f.add_argument(
         "--pass-score",

@@ -58,7 +58,7 @@ class ReplayOptions:
     cascade: str | None = None
     mapping: dict[str, str] = field(default_factory=dict)
     target_quality: float | None = None
-    margin_z: float = 1.0
+    margin_z: float = 0.0
     max_stages: int = 3
     limit: int | None = None
     concurrency: int = 8
