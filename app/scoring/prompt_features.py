@@ -65,7 +65,8 @@ def prompt_features(
             off = len(PROMPT_NAMES)
             for t, c in counts.items():
                 h = zlib.crc32(b"q:" + t.encode("utf-8"))
-                vec[off + h % spec.hash_dim] += (1.0 if (h >> 31) & 1 == 0 else -1.0) * scale * (1 + math.log(c))
+                sign = 1.0 if (h >> 31) & 1 == 0 else -1.0
+                vec[off + h % spec.hash_dim] += sign * scale * (1 + math.log(c))
     return vec
 
 
