@@ -246,12 +246,22 @@ class StageConfig(_Model):
     early_abort: bool = False
 
 
+class RouterConfig(_Model):
+    """Route-then-cascade: a prompt-only model (``cascade fit-scorer`` / ``cascade replay`` write it as
+    ``router.json``) estimates, before any answer exists, the chance that the earlier stages would be
+    rejected anyway; at ``threshold`` or above the request starts at the last stage."""
+
+    model: str
+    threshold: float = Field(ge=0, le=1)
+
+
 class CascadeConfig(_Model):
     stages: tuple[StageConfig, ...] = Field(min_length=1)
     deadline_s: float = Field(120.0, gt=0)
     # When the last stage fails (error, or the deadline passes before it answers): "none" answers with
     # the error (502/504); "best_rejected" serves the highest-scored answer an earlier stage gave.
     fallback: Literal["none", "best_rejected"] = "none"
+    router: RouterConfig | None = None
 
 
 class LearningConfig(_Model):
@@ -373,6 +383,10 @@ def _cross_check(cfg: Config) -> list[str]:
     problems = []
     names = set(cfg.upstreams)
     for cname, cascade in cfg.cascades.items():
+        if cascade.router is not None and len(cascade.stages) < 2:
+            problems.append(
+                f"cascades.{cname}.router: a router skips to the last stage; it needs two stages or more"
+            )
         if cname in names:
             problems.append(f"cascades.{cname}: name clashes with an upstream of the same name")
         last = len(cascade.stages) - 1

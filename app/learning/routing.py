@@ -27,7 +27,7 @@ from app.scoring.feature_spec import FeatureSpec
 from app.scoring.model import LogisticModel
 from app.scoring.prompt_features import request_prompt_features
 
-ROUTER_SPEC = FeatureSpec(hash_dim=32, prompt_tail_chars=1500, kind="prompt")
+ROUTER_SPEC = FeatureSpec(hash_dim=32, prompt_tail_chars=600, kind="prompt")
 ROUTE_CANDIDATES = 12
 STAGE_CANDIDATES = 24
 MIN_SHARE = 0.02  # fewer rows than this reaching (or skipping) the last stage: nothing to learn

@@ -97,7 +97,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_FAILED_REQUESTS if result.errors else 0
 
 
-def _snippet(models: list[str], thresholds: list[float], files: list[str]) -> str:
+def _snippet(
+    models: list[str], thresholds: list[float], files: list[str], router: tuple[str, float] | None = None
+) -> str:
     from app.replay.configure import upstream_names
 
     names = upstream_names(models)
@@ -112,7 +114,10 @@ def _snippet(models: list[str], thresholds: list[float], files: list[str]) -> st
             f"    model: {json.dumps(m)}",
             "    price: {input: 1.0, output: 2.0}",
         ]
-    lines += ["cascades:", "  default:", "    stages:"]
+    lines += ["cascades:", "  default:"]
+    if router is not None:
+        lines.append(f"    router: {{model: {json.dumps(router[0])}, threshold: {router[1]!r}}}")
+    lines.append("    stages:")
     for k, m in enumerate(models):
         lines.append(f"      - upstream: {names[m]}")
         if k < len(models) - 1:
@@ -173,7 +178,14 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     out = Path(args.out)
     saved = fitted.save(out)
     files = [str(Path(saved[f"stage{k}"]).resolve()) for k in range(len(fitted.scorers))]
-    (out / "cascade.yaml").write_text(_snippet(fitted.models, fitted.thresholds, files), encoding="utf-8")
+    router = (
+        (str(Path(saved["router"]).resolve()), fitted.router_threshold)
+        if "router" in saved and fitted.router_threshold is not None
+        else None
+    )
+    (out / "cascade.yaml").write_text(
+        _snippet(fitted.models, fitted.thresholds, files, router), encoding="utf-8"
+    )
     tr: dict[str, Any] = fitted.train
     print(
         f"chain: {' -> '.join(fitted.models)}  thresholds: {', '.join(f'{t:.4f}' for t in fitted.thresholds)}"
@@ -185,6 +197,8 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     )
     for k, f in enumerate(files):
         print(f"stage{k}: {f}")
+    info = fitted.router_info
+    print(f"router: {'chosen' if info.get('chosen') else 'not chosen'}: {info.get('reason', '')}")
     print(f"config snippet: {out / 'cascade.yaml'}")
     return 0
 

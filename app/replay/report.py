@@ -217,6 +217,16 @@ def format_table(result: ReplayResult) -> str:
         f"{r['quality_vs_best']:.3f}",
     ]
     lines.append(_equal_cost(r))
+    rt = r.get("router")
+    if rt:
+        skipped = "  ".join(
+            f"{m} {x:.1%}" for m, x in zip(r["stages"], rt.get("skipped_share", []), strict=False)
+        )
+        lines.append(
+            f"router (route-then-cascade): {'chosen' if rt.get('chosen') else 'not chosen'}"
+            + (f": {rt['reason']}" if rt.get("reason") else "")
+            + (f"; skipped per stage: {skipped}" if rt.get("chosen") else "")
+        )
     lines += _baseline_lines(r)
     lines += _resplit_lines(r)
     ok = n - len(result.errors)

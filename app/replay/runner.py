@@ -79,6 +79,7 @@ class RowOutcome:
     cost_usd: float
     correct: bool
     error: str | None = None
+    routed: bool = False  # the router sent it straight to the last stage
 
 
 @dataclass
@@ -129,10 +130,13 @@ def _outcome(row: Row, status: int, body: Any, upstream_models: dict[str, str]) 
     attempts = ext.get("attempts") or []
     reached = 1 + max((int(a.get("stage", 0)) for a in attempts), default=0)
     cost = float(ext.get("cost_usd") or 0.0)
+    routed = bool(ext.get("routed"))
     model = upstream_models.get(str(ext.get("upstream")))
     if model is None:
-        return RowOutcome(row, None, -1, reached, cost, False, f"unknown upstream {ext.get('upstream')!r}")
-    return RowOutcome(row, model, int(ext.get("stage", 0)), reached, cost, row.answers[model].correct)
+        err = f"unknown upstream {ext.get('upstream')!r}"
+        return RowOutcome(row, None, -1, reached, cost, False, err, routed)
+    stage = int(ext.get("stage", 0))
+    return RowOutcome(row, model, stage, reached, cost, row.answers[model].correct, None, routed)
 
 
 async def send_rows(
@@ -178,8 +182,18 @@ def summarise(outcomes: Sequence[RowOutcome], n_stages: int) -> tuple[float, flo
         return 0.0, 0.0, [0.0] * n_stages
     acc = sum(o.correct for o in outcomes) / n
     cost = sum(o.cost_usd for o in outcomes) / n
-    reach = [sum(1 for o in outcomes if o.reached > k) / n for k in range(n_stages)]
+    reach = [
+        sum(1 for o in outcomes if o.reached > k and (not o.routed or k == n_stages - 1)) / n
+        for k in range(n_stages)
+    ]
     return acc, cost, reach
+
+
+def skipped_shares(outcomes: Sequence[RowOutcome], n_stages: int) -> list[float]:
+    """Per stage, the share of requests the router sent past it (straight to the last stage)."""
+    n = len(outcomes)
+    routed = sum(1 for o in outcomes if o.routed) / n if n else 0.0
+    return [routed if k < n_stages - 1 else 0.0 for k in range(n_stages)]
 
 
 MIN_TRAIN_ROWS = 20  # below this a fit (5-fold cross-fitting, a bootstrap) means nothing
@@ -234,7 +248,7 @@ async def _fit_plan(
         out = Path(work_dir) / (f"split{split.index}" if split.index else "")
         saved = fitted.save(out)
         paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
-        plan = fitted_config(fitted, paths, replay_url)
+        plan = fitted_config(fitted, paths, replay_url, saved.get("router"))
         if opts.want_curve and split.index == 0:
             plan.curve = train_curve(fitted, split.train)
         return plan, fitted, paths, time.perf_counter() - t0
@@ -276,6 +290,10 @@ async def _run_split(
     report = report_object(
         ds.name, len(split.train), split.test, ds.models, plan.stages, plan.thresholds, acc, cost, reach
     )
+    report["router"] = {
+        **(fitted.router_info if fitted is not None else {"chosen": plan.routed, "reason": "from --config"}),
+        "skipped_share": skipped_shares(outcomes, len(plan.stages)),
+    }
     report["baselines"] = baselines(
         split.test,
         ds.models,

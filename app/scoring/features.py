@@ -29,6 +29,7 @@ do not dominate.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 import zlib
@@ -149,6 +150,16 @@ _NON_PY = ("function ", "console.log", "public static", "#include", "=> {", "var
 
 
 _INDEX: dict[str, int] = {n: i for i, n in enumerate(ENGINEERED_NAMES)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _prompt_numbers(ptail: str, with_words: bool) -> frozenset[str]:
+    """The numbers a prompt (tail) mentions, canonical; with number words. Cached: every stage's answer
+    to one request (and every model's, when fitting) is scored against the same prompt."""
+    nums = {c for c in (canon_number(n) for n in NUM_RE.findall(ptail)) if c is not None}
+    if with_words:
+        nums.update(_NUMBER_WORDS[w] for w in _WORD_RE.findall(ptail.lower()) if w in _NUMBER_WORDS)
+    return frozenset(nums)
 
 
 def _count_any(text: str, needles: Sequence[str]) -> int:
@@ -293,9 +304,7 @@ def extract_features(
         f["final_integer"] = 1.0 if abs(fv - round(fv)) < 1e-9 else 0.0
         f["final_negative"] = 1.0 if fv < 0 else 0.0
         f["final_log_magnitude"] = math.log10(abs(fv) + 1.0)
-    p_nums = {c for c in (canon_number(n) for n in NUM_RE.findall(ptail)) if c is not None}
-    if not has_code and len(ptail) <= 3000:
-        p_nums.update(_NUMBER_WORDS[w] for w in _WORD_RE.findall(ptail.lower()) if w in _NUMBER_WORDS)
+    p_nums = _prompt_numbers(ptail, with_words=not has_code and len(ptail) <= 3000)
     a_nums_list = (
         [c for c in (canon_number(n) for n in NUM_RE.findall(a)) if c is not None] if not has_code else []
     )

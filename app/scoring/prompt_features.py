@@ -20,7 +20,10 @@ _TOKEN_RE = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
 _NUM_RE = re.compile(r"\d+(?:\.\d+)?")
 _OPTION_RE = re.compile(r"^\s*[\(\[]?([A-E])[\)\]\.:]\s+\S", re.MULTILINE)
 _CODE_WORDS = ("def ", "return", "function", "class ", "import ", "```", "print(", "list", "string")
-_MATH = set("+-*/=^%<>")
+# str.translate tables that delete a class of characters: counting by length difference runs in C.
+_DROP_DIGITS = str.maketrans("", "", "0123456789")
+_DROP_UPPER = str.maketrans("", "", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_DROP_MATH = str.maketrans("", "", "+-*/=^%<>")
 
 
 def _log1p(x: float) -> float:
@@ -40,16 +43,16 @@ def prompt_features(
     f["log_words"] = _log1p(len(p.split()))
     f["log_lines"] = _log1p(p.count("\n"))
     f["log_numbers"] = _log1p(len(_NUM_RE.findall(p)))
-    f["digit_share"] = sum(ch.isdigit() for ch in p) / n if n else 0.0
-    f["upper_share"] = sum(ch.isupper() for ch in p) / n if n else 0.0
+    f["digit_share"] = (n - len(p.translate(_DROP_DIGITS))) / n if n else 0.0
+    f["upper_share"] = (n - len(p.translate(_DROP_UPPER))) / n if n else 0.0
     f["question_marks"] = _log1p(p.count("?"))
     opts = {m for m in _OPTION_RE.findall(p[-1500:])}
     f["n_options"] = float(len(opts))
     f["has_options"] = 1.0 if len(opts) >= 2 else 0.0
     f["has_code"] = 1.0 if "```" in p or "def " in p else 0.0
     f["code_words"] = _log1p(sum(low.count(w) for w in _CODE_WORDS))
-    f["math_symbols"] = _log1p(sum(ch in _MATH for ch in p))
-    f["log_longest_word"] = _log1p(max((len(w) for w in p.split()), default=0))
+    f["math_symbols"] = _log1p(n - len(p.translate(_DROP_MATH)))
+    f["log_longest_word"] = _log1p(max(map(len, p.split()), default=0))
     if messages is not None:
         f["n_messages"] = _log1p(len(messages))
         f["has_system"] = 1.0 if any(m.get("role") == "system" for m in messages) else 0.0
