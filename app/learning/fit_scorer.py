@@ -13,9 +13,9 @@ Each stage's model (``app.learning.train.crossfit_stage_scorer``: calibrated, P(
 ``DIR/stage{k}.json``, usable as ``{type: learned, model: DIR/stage{k}.json}``. Thresholds for the new
 scorers are then chosen like ``cascade calibrate`` does (the cheapest meeting ``target_quality``), on
 the new scorers' cross-fitted scores of the same labelled requests (each answer scored by a model
-fitted without it, so the thresholds are not chosen on scores the model has memorised), and written with a summary to ``DIR/cascade.json`` and as a config snippet to
-``DIR/cascade.yaml``. Exit codes: 0 done, 1 not enough labelled answers with text (or none: store_text
-was off), 2 config or usage error.
+fitted without it, so the thresholds are not chosen on scores the model has memorised), and written
+with a summary to ``DIR/cascade.json`` and as a config snippet to ``DIR/cascade.yaml``. Exit codes:
+0 done, 1 not enough labelled answers with text (or none: store_text was off), 2 config or usage error.
 """
 
 from __future__ import annotations
