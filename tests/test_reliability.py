@@ -36,6 +36,7 @@ from tests.conftest import (
     proxy,
     two_stage,
     upstream,
+    wait_for,
 )
 from tests.fake_upstream import CHAOS_FAULTS, FakeUpstream, create_fake_upstream
 from tests.schema import check_error
@@ -265,6 +266,41 @@ async def test_saturated_first_stage_escalates_and_all_saturated_is_429(fake: Fa
     assert int(limited.headers["retry-after"]) >= 1
     assert _sample(registry, "cascade_upstream_rejected_total", upstream="small", reason="saturated") == 2
     assert fake.counts["slow-400"] == 1  # saturation never reached the upstream
+
+
+@pytest.mark.parametrize("ending", ["deadline", "client_gone"])
+async def test_a_probe_that_ends_while_waiting_for_a_slot_frees_the_half_open_circuit(
+    fake: FakeUpstream, ending: str
+) -> None:
+    """The half-open probe is admitted by the breaker, then waits for a concurrency slot. Whatever ends
+    that wait (the cascade deadline, the client leaving) must give the probe back, or the upstream stays
+    skipped ("a probe call is in flight") until a restart."""
+    cfg = two_stage("flaky-1")
+    cfg["cascades"]["default"]["deadline_s"] = 1.5
+    cfg["upstreams"]["small"].update(
+        max_retries=0, circuit={"failures": 1, "cooldown_s": 0.05}, max_concurrency=1, queue_timeout_s=60
+    )
+    async with proxy(cfg, fake) as (c, app):
+        small = app.state.cascade.runtime.upstreams["small"]
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.json()["cascade"]["upstream"] == "large" and small.breaker.state == OPEN
+        await wait_for(lambda: small.breaker.retry_after() == 0, "cool-down over")
+        await small.limiter.acquire()  # a call in flight holds the only slot
+        waiting = asyncio.create_task(c.post("/v1/chat/completions", json=chat()))
+        await wait_for(lambda: small.breaker.blocked() is not None, "the probe is admitted")
+        assert small.limiter.in_flight == 1  # ... and waits for the slot
+        if ending == "deadline":
+            r = await waiting
+            assert r.status_code == 504
+        else:
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        small.limiter.release()
+        assert small.breaker.blocked() is None  # the next call may probe
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["upstream"] == "small"
+        assert small.breaker.state == CLOSED and small.limiter.in_flight == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -181,11 +181,16 @@ class Upstream:
             self._rejected("circuit_open")
             why = self.breaker.blocked() or "circuit open"
             raise UpstreamUnavailable(self.name, why, retry_after=self.breaker.retry_after())
+        # Every way out of the wait gives the ticket back (a half-open probe holds the circuit's only
+        # probe slot): saturation, and also a cancel (client gone, cascade deadline) while queued.
         try:
             await self.limiter.acquire()
         except UpstreamSaturated:
             ticket.close()
             self._rejected("saturated")
+            raise
+        except BaseException:
+            ticket.close()
             raise
         return ticket
 
