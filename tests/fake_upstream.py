@@ -83,6 +83,8 @@ class Behaviour:
     leak: str | None = None  # `leak`: error messages echo the request's authorization header
     quote: str | None = None  # `quote`: error messages echo the last message, as vLLM's validation errors do
     chaos: float = 0.0  # percent of requests that get a random fault (see CHAOS_FAULTS)
+    ptokens: int | None = None  # `ptokens-<n>`: the usage reports n prompt tokens, however absurd
+    badchunk: str | None = None  # `badchunk-<kind>`: a stream's chunk CUT_AFTER is malformed (BAD_CHUNKS)
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -121,6 +123,19 @@ _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "flaky-": lambda v: {"flaky": int(v)},
     "model-": lambda v: {"reply_model": v},
     "chaos-": lambda v: {"chaos": min(100.0, max(0.0, float(v)))},
+    "ptokens-": lambda v: {"ptokens": int(v)},
+    "badchunk-": lambda v: {"badchunk": v} if v in BAD_CHUNKS else {},
+}
+# `badchunk-<kind>`: valid JSON, wrong shape. Each replaces choice 0's chunk at position CUT_AFTER.
+BAD_CHUNKS: dict[str, dict[str, Any]] = {
+    "toolcalls": {"index": 0, "delta": {"tool_calls": 5}, "finish_reason": None},
+    "index": {"index": [0], "delta": {"content": "x"}, "finish_reason": None},
+    "toolindex": {
+        "index": 0,
+        "delta": {"tool_calls": [{"index": [0], "function": {}}]},
+        "finish_reason": None,
+    },
+    "choices": {"index": 0, "delta": "not an object", "finish_reason": None},
 }
 # `chaos-<pct>`: each request, with probability pct/100 (seeded RNG: `FakeUpstream(seed=...)`), gets one
 # of these faults, chosen uniformly: HTTP 500, HTTP 429, a stall (timeout), a mid-body/mid-stream drop,
@@ -248,9 +263,10 @@ def _completion_tokens(content: str | None, calls: list[dict[str, Any]] | None) 
     return max(1, len(text or "") // 4)
 
 
-def _usage(request: dict[str, Any], completion: int) -> dict[str, int]:
-    prompt = prompt_tokens(request)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(request: dict[str, Any], completion: int, b: Behaviour) -> dict[str, int]:
+    prompt = prompt_tokens(request) if b.ptokens is None else b.ptokens
+    total = min(prompt + completion, 2**64 - 1)  # JSON has no limit; orjson (and many servers) do
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
 def build_completion(
@@ -278,7 +294,7 @@ def build_completion(
         "created": created or int(time.time()),
         "model": b.reply_model or str(request.get("model", "ok")),
         "choices": choices,
-        "usage": _usage(request, completion),
+        "usage": _usage(request, completion, b),
     }
 
 
@@ -342,7 +358,7 @@ def iter_chunks(
     for group in itertools.zip_longest(*per_choice):
         yield from (c for c in group if c is not None)
     if usage:
-        yield {**head, "choices": [], "usage": _usage(request, completion)}
+        yield {**head, "choices": [], "usage": _usage(request, completion, b)}
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
@@ -523,6 +539,8 @@ class FakeUpstream:
             chunks = iter_chunks(request, b, completion_id=f"chatcmpl-fake-{next(self._ids)}")
             cut = b.drop or b.stall
             for i, chunk in enumerate(chunks):
+                if b.badchunk is not None and i == CUT_AFTER:
+                    chunk = {**chunk, "choices": [BAD_CHUNKS[b.badchunk]]}
                 if cut and (i >= CUT_AFTER or _is_final(chunk)):
                     cut = False
                     if b.drop:

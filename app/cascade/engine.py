@@ -42,6 +42,7 @@ from app.protocol import (
     include_usage,
     new_id,
     shape_completion,
+    token_count,
     wants_logprobs,
     withhold_quotes,
 )
@@ -439,8 +440,8 @@ def _account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:
     usage = completion.get("usage")
     pt = ct = None
     if isinstance(usage, dict):
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if isinstance(pt, int) and isinstance(ct, int):
+        pt, ct = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+    if pt is not None and ct is not None:
         att.prompt_tokens, att.completion_tokens = pt, ct
     else:
         att.usage_estimated = True
@@ -462,9 +463,9 @@ def _account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:
 def _account_stream(att: Attempt, stage: Stage, body: Json, relay: StreamRelay) -> Json:
     att.answer = relay
     usage = relay.usage
-    pt = usage.get("prompt_tokens") if usage else None
-    ct = usage.get("completion_tokens") if usage else None
-    if isinstance(pt, int) and isinstance(ct, int):
+    pt = token_count(usage.get("prompt_tokens")) if usage else None
+    ct = token_count(usage.get("completion_tokens")) if usage else None
+    if pt is not None and ct is not None:
         att.prompt_tokens, att.completion_tokens = pt, ct
     else:
         att.usage_estimated = True

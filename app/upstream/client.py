@@ -29,6 +29,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.protocol import token_count
 from app.upstream.breaker import Breaker, Ticket
 from app.upstream.limits import Limiter
 from app.upstream.sse import SSEDecoder
@@ -117,9 +118,8 @@ class Upstream:
         """(prompt tokens, completion tokens, USD) for a reply's ``usage`` (zeros when it has none)."""
         if not isinstance(usage, dict):
             return 0, 0, 0.0
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        pt = pt if isinstance(pt, int) else 0
-        ct = ct if isinstance(ct, int) else 0
+        pt = token_count(usage.get("prompt_tokens")) or 0
+        ct = token_count(usage.get("completion_tokens")) or 0
         return pt, ct, price_usd(self.cfg.price, pt, ct, usage.get("cost"))
 
     def blocked(self) -> str | None:

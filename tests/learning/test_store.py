@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -161,3 +162,63 @@ async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) ->
     with pytest.raises(StoreError, match="newer"):
         await s.open()
     await s.close()
+
+
+async def test_an_absurd_usage_report_is_estimated_and_recorded(fake: FakeUpstream, tmp_path: Path) -> None:
+    """``prompt_tokens: 2**64-1`` fits no INTEGER column (SQLite raised OverflowError, which ended the
+    writer for good). It is no token count: the attempt is charged an estimate, and recorded."""
+    url = sqlite_url(tmp_path)
+    cfg = with_learning(base_config(), url)
+    cfg["upstreams"]["small"]["model"] = f"ptokens-{2**64 - 1}"
+    async with proxy(cfg, fake) as (c, app):
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json=chat("small", stream=stream))
+            assert r.status_code == 200
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["attempts"][0]["usage_estimated"] is True
+        assert r.json()["usage"]["prompt_tokens"] < 1000
+        async with asyncio.timeout(10):
+            await settle(app)
+        r = await c.post("/v1/chat/completions", json=chat("large"))
+        async with asyncio.timeout(10):
+            await settle(app)
+    got = query(url, "SELECT a.prompt_tokens FROM attempts a JOIN traces t ON t.id = a.trace_id")
+    assert len(got) == 4 and all(0 < pt < 1000 for (pt,) in got)
+
+
+async def test_a_record_the_store_cannot_take_is_dropped_alone_and_the_writer_carries_on(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the cause (here a value no INTEGER column holds, put on a finished trace), a record that
+    cannot be written is dropped and counted on its own; the rest of its batch and every later one is
+    written, and the log line names no data."""
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    async with proxy(with_learning(base_config(), url), fake, registry=reg) as (c, app):
+        learning = app.state.cascade.learning
+        real = learning.on_finish
+        poisoned: list[str] = []
+
+        def poison(trace: Any, ok: bool, seconds: float) -> None:
+            if trace.request["messages"][0]["content"] == "poison":
+                trace.attempts[0].prompt_tokens = 2**64 - 1
+                poisoned.append(trace.completion_id)
+            real(trace, ok, seconds)
+
+        rt = app.state.cascade.runtime
+        rt.finish_hooks[rt.finish_hooks.index(real)] = poison
+        # One batch: the writer takes everything queued when it wakes; the replies come first.
+        rs = await asyncio.gather(
+            *(c.post("/v1/chat/completions", json=chat(content=t)) for t in ("a", "poison", "b"))
+        )
+        async with asyncio.timeout(10):
+            await settle(app)
+        later = await c.post("/v1/chat/completions", json=chat(content="after"))
+        async with asyncio.timeout(10):
+            await settle(app)
+    ids = {r[0] for r in query(url, "SELECT id FROM traces")}
+    assert len(poisoned) == 1 and poisoned[0] not in ids
+    assert ids == {r.json()["id"] for r in [*rs, later]} - set(poisoned)
+    assert reg.get_sample_value("cascade_trace_dropped_total", {"reason": "bad_record"}) == 1.0
+    logged = [rec for rec in caplog.records if rec.name == "cascade.learning" and rec.levelname == "WARNING"]
+    assert logged and all("poison" not in rec.getMessage() for rec in logged)
