@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import base_config, chat, sse_events, two_stage
+from tests.conftest import base_config, chat, sse_events, two_stage, wait_for
 from tests.conftest import loopback_stack as stack
 from tests.schema import check_chunk, check_completion, check_error
 
@@ -274,3 +274,25 @@ async def _failed_requests(registry: Any) -> float:
             break
         await asyncio.sleep(0.01)
     return float(registry.get_sample_value("cascade_requests_total", labels) or 0.0)
+
+
+async def test_a_stream_whose_response_cannot_be_built_is_still_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the upstream stream opening and the SSE response starting, whatever fails (here building
+    the response) must not leave the stream without an owner: the upstream connection is closed, the
+    request recorded, the in-flight gauge back to 0."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("cannot build the response")
+
+    monkeypatch.setattr("app.api.chat.SSEResponse", broken)
+    cfg = two_stage("refuse", "stall")
+    async with stack(cfg) as (url, fake, registry), httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(url + "/chat/completions", json=chat(stream=True))
+        assert r.status_code == 500
+        check_error(r.json())
+        await wait_for(lambda: fake.cancelled_streams == 1, "the upstream stream is closed")
+        assert fake.active_streams == 0
+        assert await _failed_requests(registry) == 1
+        assert registry.get_sample_value("cascade_in_flight_requests") == 0

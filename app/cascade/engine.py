@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +63,24 @@ class Completed:
     trace: Trace
 
 
-@dataclass(slots=True)
 class Streamed:
-    trace: Trace
-    events: AsyncIterator[bytes]
+    """A streamed answer, and who owns it. ``events`` yields the SSE bytes to send. Whoever gets this from
+    ``Engine.run`` calls ``aclose()`` when done with it, however that went (sent in full, client gone,
+    or never started because building the response failed): that closes the upstream stream and
+    records the request, exactly once. When the events ran, their own clean-up did it already."""
+
+    __slots__ = ("_end", "events", "trace")
+
+    def __init__(
+        self, trace: Trace, events: AsyncGenerator[bytes, None], end: Callable[[bool], Awaitable[None]]
+    ) -> None:
+        self.trace = trace
+        self.events = events
+        self._end = end
+
+    async def aclose(self) -> None:
+        await self.events.aclose()
+        await self._end(False)
 
 
 class Engine:
@@ -229,21 +243,8 @@ class Engine:
             return Completed(completion, trace)
         chunks = completion_to_chunks(completion, with_usage=include_usage(body), keep_logprobs=keep_lp)
         chunks[-1]["cascade"] = completion["cascade"]
-        return Streamed(trace, self._replay(trace, chunks))
-
-    async def _replay(self, trace: Trace, chunks: list[Json]) -> AsyncIterator[bytes]:
-        ok = False
-        try:
-            first = True
-            for c in chunks:
-                yield encode(orjson.dumps(c))
-                if first:
-                    self._first_byte(trace)
-                    first = False
-            yield DONE
-            ok = True
-        finally:
-            self._finish(trace, ok)
+        replay = _Replayed(self, trace, chunks)
+        return Streamed(trace, replay.events(), replay.end)
 
     # --- the streamed last stage -------------------------------------------------------------------------
 
@@ -261,6 +262,8 @@ class Engine:
         except BaseException:
             await stack.aclose()
             raise
+        # From here the open stream belongs to the ``_Relayed`` (and, through the ``Streamed``, to the
+        # caller): its ``end`` closes it, whether or not the events ever start.
         trace.serving = att
         relay = StreamRelay(
             trace.completion_id,
@@ -270,81 +273,8 @@ class Engine:
         )
         if self.keep_text:
             relay.keep_text()
-        return Streamed(
-            trace, self._relay(stage, body, trace, att, t0, deadline, stack, chunks, first, relay)
-        )
-
-    async def _relay(
-        self,
-        stage: Stage,
-        body: Json,
-        trace: Trace,
-        att: Attempt,
-        t0: float,
-        deadline: float,
-        stack: AsyncExitStack,
-        chunks: AsyncIterator[Json],
-        first: Json,
-        relay: StreamRelay,
-    ) -> AsyncIterator[bytes]:
-        ok = False
-        accounted = False
-        sent_any = False
-        try:
-            try:
-                chunk: Json | None = first
-                while chunk is not None:
-                    out = relay.process(chunk)
-                    if out is not None:
-                        yield out
-                        if not sent_any:
-                            sent_any = True
-                            self._first_byte(trace)
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        chunk = None
-            except UpstreamError as err:
-                _failed(att, err, t0, body, final=True)
-                _account_stream(att, stage, body, relay)
-                accounted = True
-                yield _error_event(
-                    f"The upstream stream failed: {att.detail}", "upstream_error", "upstream_stream_failed"
-                )
-                yield DONE
-                return
-            except TimeoutError:
-                att.outcome, att.reason, att.error_kind = "error", "timeout", "timeout"
-                att.detail = "cascade deadline passed while streaming"
-                att.latency_ms = (time.perf_counter() - t0) * 1000
-                _account_stream(att, stage, body, relay)
-                accounted = True
-                yield _error_event(
-                    "The cascade deadline passed while streaming.", "timeout_error", "deadline_exceeded"
-                )
-                yield DONE
-                return
-            att.latency_ms = (time.perf_counter() - t0) * 1000
-            usage = _account_stream(att, stage, body, relay)
-            accounted = True
-            att.outcome, att.reason, att.detail = "accepted", "accepted", "last stage"
-            trace.accepted = att
-            for b in relay.finish(trace.extension(), usage):
-                yield b
-                if not sent_any:
-                    sent_any = True
-                    self._first_byte(trace)
-            yield DONE
-            ok = True
-        finally:
-            await stack.aclose()
-            if not accounted:
-                # Client went away mid-stream: charge what was generated so far.
-                att.outcome, att.reason, att.detail = "error", "cancelled", "client disconnected"
-                att.latency_ms = (time.perf_counter() - t0) * 1000
-                _account_stream(att, stage, body, relay)
-            self._finish(trace, ok)
+        run = _Relayed(self, stage, body, trace, att, t0, deadline, stack, chunks, first, relay)
+        return Streamed(trace, run.events(), run.end)
 
     # --- endings -------------------------------------------------------------------------------------------
 
@@ -538,3 +468,154 @@ def _all_failed(trace: Trace) -> ProxyError:
 
 def _error_event(message: str, type_: str, code: str) -> bytes:
     return encode(orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}))
+
+
+class _Replayed:
+    """An answer that is whole already (a scored stage, a fallback), sent as a stream."""
+
+    __slots__ = ("_chunks", "_ended", "_engine", "_trace")
+
+    def __init__(self, engine: Engine, trace: Trace, chunks: list[Json]) -> None:
+        self._engine = engine
+        self._trace = trace
+        self._chunks = chunks
+        self._ended = False
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        ok = False
+        try:
+            first = True
+            for c in self._chunks:
+                yield encode(orjson.dumps(c))
+                if first:
+                    self._engine._first_byte(self._trace)
+                    first = False
+            yield DONE
+            ok = True
+        finally:
+            await self.end(ok)
+
+    async def end(self, ok: bool) -> None:
+        if not self._ended:
+            self._ended = True
+            self._engine._finish(self._trace, ok)
+
+
+class _Relayed:
+    """The streamed last stage: relays the open upstream stream to the client, then accounts for it.
+    ``end`` is its one way out: it closes the upstream stream, charges what was generated and records
+    the request, once, whether ``events`` finished, broke off, or never started."""
+
+    __slots__ = (
+        "_accounted",
+        "_att",
+        "_body",
+        "_chunks",
+        "_deadline",
+        "_ended",
+        "_engine",
+        "_first",
+        "_relay",
+        "_stack",
+        "_stage",
+        "_t0",
+        "_trace",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        engine: Engine,
+        stage: Stage,
+        body: Json,
+        trace: Trace,
+        att: Attempt,
+        t0: float,
+        deadline: float,
+        stack: AsyncExitStack,
+        chunks: AsyncIterator[Json],
+        first: Json,
+        relay: StreamRelay,
+    ) -> None:
+        self._engine = engine
+        self._stage = stage
+        self._body = body
+        self._trace = trace
+        self._att = att
+        self._t0 = t0
+        self._deadline = deadline
+        self._stack = stack
+        self._chunks = chunks
+        self._first = first
+        self._relay = relay
+        self._accounted = False
+        self._ended = False
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        engine, trace, att, relay = self._engine, self._trace, self._att, self._relay
+        ok = False
+        sent_any = False
+        try:
+            try:
+                chunk: Json | None = self._first
+                while chunk is not None:
+                    out = relay.process(chunk)
+                    if out is not None:
+                        yield out
+                        if not sent_any:
+                            sent_any = True
+                            engine._first_byte(trace)
+                    try:
+                        async with asyncio.timeout_at(self._deadline):
+                            chunk = await anext(self._chunks)
+                    except StopAsyncIteration:
+                        chunk = None
+            except UpstreamError as err:
+                _failed(att, err, self._t0, self._body, final=True)
+                self._account()
+                yield _error_event(
+                    f"The upstream stream failed: {att.detail}", "upstream_error", "upstream_stream_failed"
+                )
+                yield DONE
+                return
+            except TimeoutError:
+                att.outcome, att.reason, att.error_kind = "error", "timeout", "timeout"
+                att.detail = "cascade deadline passed while streaming"
+                att.latency_ms = (time.perf_counter() - self._t0) * 1000
+                self._account()
+                yield _error_event(
+                    "The cascade deadline passed while streaming.", "timeout_error", "deadline_exceeded"
+                )
+                yield DONE
+                return
+            att.latency_ms = (time.perf_counter() - self._t0) * 1000
+            usage = self._account()
+            att.outcome, att.reason, att.detail = "accepted", "accepted", "last stage"
+            trace.accepted = att
+            for b in relay.finish(trace.extension(), usage):
+                yield b
+                if not sent_any:
+                    sent_any = True
+                    engine._first_byte(trace)
+            yield DONE
+            ok = True
+        finally:
+            await self.end(ok)
+
+    def _account(self) -> Json:
+        self._accounted = True
+        return _account_stream(self._att, self._stage, self._body, self._relay)
+
+    async def end(self, ok: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            await self._stack.aclose()
+        finally:
+            if not self._accounted:
+                # The client went away mid-stream, or the events never started: charge what was generated.
+                att = self._att
+                att.outcome, att.reason, att.detail = "error", "cancelled", "client disconnected"
+                att.latency_ms = (time.perf_counter() - self._t0) * 1000
+                self._account()
+            self._engine._finish(self._trace, ok)
