@@ -126,16 +126,28 @@ _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "ptokens-": lambda v: {"ptokens": int(v)},
     "badchunk-": lambda v: {"badchunk": v} if v in BAD_CHUNKS else {},
 }
-# `badchunk-<kind>`: valid JSON, wrong shape. Each replaces choice 0's chunk at position CUT_AFTER.
+# `badchunk-<kind>`: valid JSON of the wrong shape. A stream's chunk CUT_AFTER carries BAD_CHUNKS[kind]
+# as its choice; a whole reply has BAD_CHOICES[kind] as its first choice.
 BAD_CHUNKS: dict[str, dict[str, Any]] = {
     "toolcalls": {"index": 0, "delta": {"tool_calls": 5}, "finish_reason": None},
     "index": {"index": [0], "delta": {"content": "x"}, "finish_reason": None},
-    "toolindex": {
+    "toolcall": {
         "index": 0,
         "delta": {"tool_calls": [{"index": [0], "function": {}}]},
         "finish_reason": None,
     },
-    "choices": {"index": 0, "delta": "not an object", "finish_reason": None},
+    "choice": {"index": 0, "delta": "not an object", "finish_reason": None},
+}
+_MSG = {"role": "assistant", "content": "x", "refusal": None}
+BAD_CHOICES: dict[str, dict[str, Any]] = {
+    "toolcalls": {"index": 0, "message": {**_MSG, "tool_calls": 5}, "finish_reason": "stop"},
+    "index": {"index": [0], "message": _MSG, "finish_reason": "stop"},
+    "toolcall": {
+        "index": 0,
+        "message": {**_MSG, "tool_calls": [{"id": "c", "function": "f"}]},
+        "finish_reason": "stop",
+    },
+    "choice": {"index": 0, "message": "not an object", "finish_reason": "stop"},
 }
 # `chaos-<pct>`: each request, with probability pct/100 (seeded RNG: `FakeUpstream(seed=...)`), gets one
 # of these faults, chosen uniformly: HTTP 500, HTTP 429, a stall (timeout), a mid-body/mid-stream drop,
@@ -288,6 +300,8 @@ def build_completion(
         finish = "tool_calls" if calls else b.finish_reason
         choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         completion += _completion_tokens(content, calls)
+    if b.badchunk is not None:
+        choices[0] = BAD_CHOICES[b.badchunk]
     return {
         "id": completion_id,
         "object": "chat.completion",

@@ -6,9 +6,10 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import BAD_CHUNKS, FakeUpstream
 from tests.schema import check_chunk, check_completion, check_error
 
 pytestmark = pytest.mark.anyio
@@ -322,6 +323,54 @@ async def test_stream_error_after_first_byte_is_an_error_event_then_done(fake: F
     check_error(err)
     assert err["error"]["code"] == "upstream_stream_failed"
     assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events[:-2])
+
+
+def _protocol_errors(registry: CollectorRegistry, upstream: str) -> float:
+    labels = {"upstream": upstream, "kind": "protocol"}
+    return registry.get_sample_value("cascade_upstream_errors_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHUNKS))
+async def test_a_malformed_chunk_after_the_first_byte_is_a_protocol_error_event(
+    fake: FakeUpstream, kind: str
+) -> None:
+    registry = CollectorRegistry()
+    async with proxy(two_stage("refuse", f"badchunk-{kind}"), fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    err = events[-2]
+    check_error(err)
+    assert (err["error"]["type"], err["error"]["code"]) == ("upstream_error", "upstream_stream_failed")
+    assert "malformed chunk" in err["error"]["message"]
+    assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-2])
+    assert _protocol_errors(registry, "large") == 1
+    labels = {"cascade": "default", "stage": "1", "upstream": "large", "outcome": "error"}
+    assert registry.get_sample_value("cascade_attempts_total", labels) == 1
+    assert (
+        registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"}) == 1
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHUNKS))
+@pytest.mark.parametrize("early_abort", [False, True])
+async def test_a_malformed_reply_from_a_scored_stage_escalates(
+    fake: FakeUpstream, kind: str, early_abort: bool
+) -> None:
+    """A whole reply, or a stream read whole to be scored (early abort), of the wrong shape is an
+    upstream protocol error: the cascade escalates, as for bad JSON."""
+    registry = CollectorRegistry()
+    cfg = two_stage(f"badchunk-{kind}", scorers=[{"type": "heuristic"}], early_abort=early_abort)
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200
+    check_completion(r.json())
+    first = r.json()["cascade"]["attempts"][0]
+    assert r.json()["cascade"]["upstream"] == "large"
+    assert (first["outcome"], first["reason"]) == ("error", "upstream_error")
+    assert "malformed" in first["detail"]
+    assert _protocol_errors(registry, "small") == 1
 
 
 async def test_stream_failure_before_first_byte_is_a_status_error(fake: FakeUpstream) -> None:

@@ -124,6 +124,8 @@ def test_parse_directives_combines_and_ignores_unknown() -> None:
     assert parse_directives("error-429").error_status == 429
     assert parse_directives("echo+answer-x").echo is False  # later content directive wins
     assert parse_directives("slow-abc") == Behaviour()
+    assert parse_directives("badchunk-index+ptokens-7") == Behaviour(badchunk="index", ptokens=7)
+    assert parse_directives("badchunk-nonsense") == Behaviour()
 
 
 def test_pure_builders_match_schema() -> None:

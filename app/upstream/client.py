@@ -32,6 +32,7 @@ from app.errors import (
 from app.protocol import token_count
 from app.upstream.breaker import Breaker, Ticket
 from app.upstream.limits import Limiter
+from app.upstream.shapes import chunk_problem, completion_problem
 from app.upstream.sse import SSEDecoder
 from app.upstream.transport import (
     Stream,
@@ -364,6 +365,9 @@ class Upstream:
             raise UpstreamProtocolError(self.name, "SSE event is not a JSON object")
         if ("error" in chunk and "choices" not in chunk) or event == "error":
             raise UpstreamProtocolError(self.name, f"error event in stream: {self._message_of(chunk)}")
+        why = chunk_problem(chunk)
+        if why is not None:
+            raise UpstreamProtocolError(self.name, f"malformed chunk: {why}")
         return chunk
 
     def _parse_body(self, headers: Mapping[str, str], content: bytes) -> Json:
@@ -381,6 +385,9 @@ class Upstream:
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
             raise UpstreamProtocolError(self.name, "reply has no choices")
+        why = completion_problem(body)
+        if why is not None:
+            raise UpstreamProtocolError(self.name, f"malformed reply: {why}")
         return body
 
     def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> UpstreamStatusError:
