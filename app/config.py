@@ -369,9 +369,20 @@ def _format_validation(exc: ValidationError) -> list[str]:
     return out
 
 
+def _header_safe(name: str) -> bool:
+    """Fits an HTTP header value: printable Latin-1 (no control characters)."""
+    return name.isprintable() and all(ord(c) < 256 for c in name)
+
+
 def _cross_check(cfg: Config) -> list[str]:
     problems = []
     names = set(cfg.upstreams)
+    for name in cfg.upstreams:
+        if not _header_safe(name):
+            shown = name if name.isprintable() else name.encode("unicode_escape").decode()
+            problems.append(
+                f"upstreams.{shown}: the name goes out in a response header, so it must be printable Latin-1"
+            )
     for cname, cascade in cfg.cascades.items():
         if cname in names:
             problems.append(f"cascades.{cname}: name clashes with an upstream of the same name")
