@@ -147,6 +147,10 @@ class Engine:
             if left < need:
                 att.outcome, att.reason, att.error_kind = "error", "timeout", "deadline"
                 att.detail = f"not started: {max(left, 0.0):.2f}s of the deadline left, needs {need:g}s"
+                # The deadline ends the cascade here as surely as if it had passed mid-stage: same fallback.
+                served = self._fallback(plan, trace, body, stream)
+                if served is not None:
+                    return served
                 raise DeadlineExceeded(
                     f"The cascade deadline of {plan.deadline_s:g}s cannot fit stage {stage.index}. "
                     f"{_summary(trace)}"
