@@ -188,12 +188,13 @@ class Engine:
                 ch0.get("message") or {}, ch0.get("finish_reason"), completion, up.name, stage.index
             )
             threshold = att.threshold if att.threshold is not None else 0.0
-            ctx = ScoreContext(plan.name, stage.index, body, answer, tuple(previous))
+            # The attempt's scoring spend is the scorers' ledger: calls in flight when the request
+            # ends (deadline, client gone) are on it already, at their estimated prompt cost.
+            ctx = ScoreContext(plan.name, stage.index, body, answer, tuple(previous), att.scoring)
             verdict = await score_stage(stage.scorers, ctx, threshold)
             att.score = verdict.value
             att.scores = verdict.scores
             att.reasons = verdict.reasons
-            att.scoring = verdict.spend
             if verdict.value >= threshold:
                 return self._accept(
                     att, trace, body, completion, stream, reason=verdict.reason or "score >= threshold"

@@ -1,6 +1,6 @@
 """Scorers that ask a model a question about the answer: ``judge`` (another upstream grades it) and
 ``self_verify`` (the stage's own model says whether it is correct). Their calls are paid for and show
-up as ``scoring`` spend."""
+up as ``scoring`` spend (``app.scoring.paid``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 from app.config import JudgeScorer as JudgeConfig
 from app.config import SelfVerifyScorer as SelfVerifyConfig
 from app.protocol import prompt_text
-from app.scoring.base import Score, ScoreContext, Spend
+from app.scoring import paid
+from app.scoring.base import Score, ScoreContext
 from app.upstream.client import Upstream
 
 Json = dict[str, Any]
@@ -30,11 +31,7 @@ _NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?:\s*/\s*(100|10)\b)?")
 
 
 class ScorerCallError(Exception):
-    """A scoring call failed; ``spend`` is what it cost anyway."""
-
-    def __init__(self, message: str, spend: list[Spend] | None = None) -> None:
-        super().__init__(message)
-        self.spend = spend or []
+    """A scoring call answered, but not with a verdict (its cost is on the context's ledger)."""
 
 
 def _render(template: str, request: Json, answer: str) -> str:
@@ -49,12 +46,6 @@ def _answer_text(ctx: ScoreContext) -> str:
     return "\n".join(
         f"call {c.get('function', {}).get('name')}({c.get('function', {}).get('arguments')})" for c in calls
     )
-
-
-async def _ask(up: Upstream, body: Json) -> tuple[Json, Spend]:
-    reply = await up.complete(up.prepare(body, stream=False))
-    pt, ct, usd = up.cost(reply.body.get("usage"))
-    return reply.body, Spend(up.name, pt, ct, usd)
 
 
 def _content(reply: Json) -> str:
@@ -94,12 +85,12 @@ class Judge:
             "temperature": 0,
             "max_tokens": 8,
         }
-        reply, spend = await _ask(self._up, body)
+        reply = await paid.complete(ctx, self._up, body)
         text = _content(reply)
         grade = parse_grade(text)
         if grade is None:
-            raise ScorerCallError("the judge gave no grade", [spend])
-        return Score(grade, f"judge {self._up.name} rated {text.strip()[:20]}", [spend])
+            raise ScorerCallError("the judge gave no grade")
+        return Score(grade, f"judge {self._up.name} rated {text.strip()[:20]}")
 
 
 def yes_probability(reply: Json) -> float | None:
@@ -142,13 +133,13 @@ class SelfVerify:
         }
         if self._up.cfg.logprobs:
             body.update(logprobs=True, top_logprobs=5)
-        reply, spend = await _ask(self._up, body)
+        reply = await paid.complete(ctx, self._up, body)
         p = yes_probability(reply)
         if p is not None:
-            return Score(p, f"P(yes) = {p:.2f}", [spend])
+            return Score(p, f"P(yes) = {p:.2f}")
         verdict = _content(reply).strip().lower()
         if verdict.startswith("yes"):
-            return Score(1.0, "said yes", [spend])
+            return Score(1.0, "said yes")
         if verdict.startswith("no"):
-            return Score(0.0, "said no", [spend])
-        raise ScorerCallError("no yes/no verdict", [spend])
+            return Score(0.0, "said no")
+        raise ScorerCallError("no yes/no verdict")
