@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import orjson
@@ -556,6 +557,47 @@ async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
     rejected = [rec for rec in caplog.records if rec.msg.startswith("config reload rejected")]
     assert len(rejected) == 2
     assert "unknown upstream 'medum'" in rejected[0].problems[0]  # type: ignore[attr-defined]
+
+
+class ThreadProbe:
+    """A ``python`` scorer that notes the thread it is built on (a reload imports and builds scorers)."""
+
+    built_on: ClassVar[list[int]] = []
+
+    def __init__(self) -> None:
+        ThreadProbe.built_on.append(threading.get_ident())
+
+    async def score(self, request: dict[str, Any], answer: dict[str, Any]) -> float:
+        return 1.0
+
+
+async def test_reload_reads_and_builds_the_config_off_the_event_loop(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Reading YAML, importing scorers and loading model files block: a reload does them in a thread and
+    only swaps the finished runtime in on the loop."""
+    cfg = _secret_config(
+        two_stage("ok", scorers=[{"type": "python", "class": "tests.test_reliability:ThreadProbe"}])
+    )
+    path = tmp_path / "config.yaml"
+    _write(path, cfg)
+    loaded_on: list[int] = []
+
+    def loader() -> Any:
+        loaded_on.append(threading.get_ident())
+        return load_config(path, env={})
+
+    async with proxy(cfg, fake) as (c, app):
+        app.state.cascade.loader = loader
+        before = app.state.cascade.runtime
+        ThreadProbe.built_on.clear()
+        assert (await c.post("/admin/reload", headers=AUTH)).status_code == 200
+        assert app.state.cascade.runtime is not before
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+    assert r.status_code == 200 and r.json()["cascade"]["attempts"][0]["scores"] == {"python": 1.0}
+    on_loop = threading.get_ident()
+    assert loaded_on and ThreadProbe.built_on
+    assert on_loop not in loaded_on and on_loop not in ThreadProbe.built_on
 
 
 async def test_reload_keeps_an_open_circuit_when_its_settings_did_not_change(

@@ -89,5 +89,5 @@ async def metrics(request: Request) -> Response:
     rt = state.runtime
     if rt.config.auth.protect_metrics:
         check_key(request, rt.keys)
-    payload, ctype = state.exposition()
+    payload, ctype = await state.exposition()
     return Response(payload, media_type=ctype)
