@@ -262,6 +262,8 @@ class LearningConfig(_Model):
     store: str = "sqlite:///./data/traces.db"
     store_text: bool = False  # also keep prompt and answer texts (off: only text-free features)
     queue_size: int = Field(10_000, ge=1)  # records waiting for the store; beyond it they are dropped
+    # PostgreSQL: the longest one statement may run, so a hung query cannot block writes and shutdown.
+    statement_timeout_s: float = Field(30.0, gt=0)
     shadow_rate: float = Field(0.0, ge=0, le=1)
     shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per server: each worker gets 1/workers
     shadow_judge: str | None = None  # upstream name; default: normalised answer match

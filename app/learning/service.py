@@ -61,7 +61,7 @@ class Learning:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
-        self.store = Store(cfg.store)
+        self.store = Store(cfg.store, statement_timeout_s=cfg.statement_timeout_s)
         self.shadow = Shadow(cfg, metrics, self.emit_labels, clock=clock, workers=workers)
         self.labels_added = asyncio.Event()  # set when labels were stored (wakes the tuner)
         self._queue: asyncio.Queue[_Pending | _Labels] = asyncio.Queue(maxsize=cfg.queue_size)

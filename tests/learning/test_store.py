@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from app.learning import store as store_mod
 from app.learning.records import TraceRow
 from app.learning.store import SCHEMA_VERSION, Store, StoreError
-from tests.conftest import SECRET_PROMPT, base_config, chat, proxy, sse_events, two_stage
+from tests.conftest import SECRET_PROMPT, base_config, chat, proxy, sse_events, two_stage, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import db_bytes, query, settle, sqlite_url, with_learning
 
@@ -222,3 +223,58 @@ async def test_a_record_the_store_cannot_take_is_dropped_alone_and_the_writer_ca
     assert reg.get_sample_value("cascade_trace_dropped_total", {"reason": "bad_record"}) == 1.0
     logged = [rec for rec in caplog.records if rec.name == "cascade.learning" and rec.levelname == "WARNING"]
     assert logged and all("poison" not in rec.getMessage() for rec in logged)
+
+
+async def test_a_slow_read_does_not_hold_up_trace_writes(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads (a /v1/feedback lookup, the tuner's queries) use a connection and thread of their own: while
+    one is stuck, requests are still recorded."""
+    url = sqlite_url(tmp_path)
+    release, entered = threading.Event(), threading.Event()
+    real = store_mod._Backend.trace_info
+
+    def stuck(self: store_mod._Backend, trace_id: str) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(self, trace_id)
+
+    monkeypatch.setattr(store_mod._Backend, "trace_info", stuck)
+    async with proxy(with_learning(base_config(), url), fake) as (c, app):
+        lookup = asyncio.create_task(c.post("/v1/feedback", json={"id": "chatcmpl-unknown", "score": 1.0}))
+        try:
+            await wait_for(entered.is_set, "the lookup is stuck")
+            r = await c.post("/v1/chat/completions", json=chat())
+            async with asyncio.timeout(10):
+                await settle(app)
+            assert query(url, "SELECT id FROM traces") == [(r.json()["id"],)]
+            assert not lookup.done()
+        finally:
+            release.set()
+        assert (await lookup).status_code == 404
+
+
+async def test_closing_the_store_is_bounded_even_with_a_write_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung database call must not hold up shutdown: close() gives up on it after its bound."""
+    release = threading.Event()
+    stuck = threading.Event()
+
+    def hang(self: store_mod._Backend, traces: Any, labels: Any) -> None:
+        stuck.set()
+        release.wait(30)
+
+    s = Store(sqlite_url(tmp_path))
+    await s.open()
+    monkeypatch.setattr(store_mod._Backend, "write", hang)
+    writing = asyncio.create_task(s.write([], []))
+    try:
+        await wait_for(stuck.is_set, "the write hangs")
+        async with asyncio.timeout(10):
+            await s.close(timeout_s=0.1)
+        assert not writing.done()  # close() returned while the write was still stuck
+    finally:
+        release.set()
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)
