@@ -85,6 +85,7 @@ class Behaviour:
     chaos: float = 0.0  # percent of requests that get a random fault (see CHAOS_FAULTS)
     ptokens: int | None = None  # `ptokens-<n>`: the usage reports n prompt tokens, however absurd
     badchunk: str | None = None  # `badchunk-<kind>`: a stream's chunk CUT_AFTER is malformed (BAD_CHUNKS)
+    gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -112,6 +113,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "varied": {"varied": True},
     "leak": {"leak": ""},
     "quote": {"quote": ""},
+    "gated": {"gated": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -412,6 +414,17 @@ class _ClientWatch:
                 await asyncio.wait_for(self.gone.wait(), seconds)
         return self.gone.is_set()
 
+    async def wait_for(self, gate: asyncio.Event) -> bool:
+        """Wait until ``gate`` is set; True when the client went away first."""
+        self.start()
+        waits = [asyncio.ensure_future(gate.wait()), asyncio.ensure_future(self.gone.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return not gate.is_set()
+
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -425,6 +438,7 @@ class FakeUpstream:
         self.counts: dict[str, int] = {}
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
         self.cancelled_waits = 0  # non-stream requests whose client left while the fake was waiting
+        self.gate = asyncio.Event()  # `gated` requests wait for it (in-process fakes only)
         self._ids = itertools.count(1)
 
     def reset(self) -> None:
@@ -496,7 +510,7 @@ class FakeUpstream:
             delay = max(delay, STALL_S)
         watch = _ClientWatch(receive)
         try:
-            if await watch.pause(delay):
+            if await watch.pause(delay) or (b.gated and await watch.wait_for(self.gate)):
                 self.cancelled_waits += 1
                 return
             await self._reply(send, request, b, count, stream, watch)

@@ -243,16 +243,20 @@ def test_yes_probability() -> None:
 async def test_self_verify(fake: FakeUpstream, answer: str, expected: str, logprobs: bool) -> None:
     cfg = two_stage(f"answer-{answer}", scorers=[{"type": "self_verify"}])
     cfg["upstreams"]["small"]["logprobs"] = logprobs
-    async with proxy(cfg, fake) as (c, _):
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat())
     ext = _ext(r)
     assert ext["upstream"] == expected
     verify = fake.requests[1]["body"]
     assert "Is the proposed answer correct?" in verify["messages"][0]["content"]
     assert verify.get("logprobs", False) is logprobs
-    assert (
-        ext["attempts"][0]["cost_usd"] > ext["attempts"][0]["cost_usd"] - 1
-    )  # spend included (non-negative)
+    # The verification call is paid at the stage's own prices, as scoring, and in the attempt's cost.
+    spent = {"cascade": "default", "upstream": "small"}
+    scoring = registry.get_sample_value("cascade_cost_usd_total", {**spent, "purpose": "scoring"})
+    answer_usd = registry.get_sample_value("cascade_cost_usd_total", {**spent, "purpose": "answer"})
+    assert scoring is not None and scoring > 0 and answer_usd is not None
+    assert ext["attempts"][0]["cost_usd"] == pytest.approx(answer_usd + scoring)
 
 
 # --- consistency and agreement ---------------------------------------------------------------------------

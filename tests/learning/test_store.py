@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +108,26 @@ async def test_a_slow_store_never_slows_requests_and_a_full_queue_drops(
     fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_write = store_mod._Backend.write
+    release, writing = threading.Event(), threading.Event()
 
-    def slow_write(self: store_mod._Backend, traces: list[TraceRow], labels: list) -> None:  # type: ignore[type-arg]
-        time.sleep(0.3)
+    def stuck_write(self: store_mod._Backend, traces: list[TraceRow], labels: list) -> None:  # type: ignore[type-arg]
+        writing.set()
+        release.wait(30)
         real_write(self, traces, labels)
 
-    monkeypatch.setattr(store_mod._Backend, "write", slow_write)
+    monkeypatch.setattr(store_mod._Backend, "write", stuck_write)
     url = sqlite_url(tmp_path)
     reg = CollectorRegistry()
     async with proxy(with_learning(base_config(), url, queue_size=2), fake, registry=reg) as (c, app):
-        t0 = time.perf_counter()
-        rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=chat()) for _ in range(12)))
-        took = time.perf_counter() - t0
-        assert all(r.status_code == 200 for r in rs)
-        assert took < 0.3, f"requests waited for the store: {took:.3f}s"
+        try:
+            first = await c.post("/v1/chat/completions", json=chat())
+            await wait_for(writing.is_set, "the first record's write is stuck")
+            # Requests that waited for the store would never be answered while its write is stuck.
+            async with asyncio.timeout(10):
+                rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=chat()) for _ in range(11)))
+            assert all(r.status_code == 200 for r in [first, *rs])
+        finally:
+            release.set()
         await settle(app)
     dropped = reg.get_sample_value("cascade_trace_dropped_total", {"reason": "queue_full"})
     stored = query(url, "SELECT count(*) FROM traces")[0][0]
