@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.errors import CascadeBaseError, InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
 
 
-class ClientGone(Exception):
+class ClientGone(CascadeBaseError):
     """The client disconnected before the answer was ready."""
 
 

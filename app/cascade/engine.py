@@ -26,6 +26,7 @@ from app.cascade.relay import StreamRelay
 from app.cascade.trace import Attempt, Trace
 from app.errors import (
     AllStagesFailed,
+    CascadeBaseError,
     DeadlineExceeded,
     InvalidRequest,
     ProxyError,
@@ -312,7 +313,7 @@ def _ask_logprobs(stage: Stage, body: Json, req: Json) -> Json:
     return req
 
 
-class _EarlyAbort(Exception):
+class _EarlyAbort(CascadeBaseError):
     def __init__(self, reason: str, partial: Json) -> None:
         super().__init__(reason)
         self.reason = reason

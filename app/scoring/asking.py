@@ -10,6 +10,7 @@ from typing import Any
 
 from app.config import JudgeScorer as JudgeConfig
 from app.config import SelfVerifyScorer as SelfVerifyConfig
+from app.errors import ScorerError
 from app.protocol import prompt_text
 from app.scoring import paid
 from app.scoring.base import Score, ScoreContext
@@ -30,7 +31,7 @@ _MAX_CHARS = 12_000
 _NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?:\s*/\s*(100|10)\b)?")
 
 
-class ScorerCallError(Exception):
+class ScorerCallError(ScorerError):
     """A scoring call answered, but not with a verdict (its cost is on the context's ledger)."""
 
 

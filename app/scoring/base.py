@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from app.config import ScorerCommon
+from app.errors import CascadeBaseError
 
 Json = dict[str, Any]
 log = logging.getLogger("cascade.scoring")
@@ -76,7 +77,7 @@ class ScoreContext:
     spent: list[Spend] = field(default_factory=list)
 
 
-class Abstain(Exception):
+class Abstain(CascadeBaseError):
     """Raised by a scorer that has no opinion on this answer (e.g. logprob on a tool call): it is left
     out of the stage's mean, whatever its ``on_error`` policy."""
 

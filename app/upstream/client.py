@@ -21,6 +21,7 @@ import orjson
 
 from app.config import Price, UpstreamConfig
 from app.errors import (
+    CascadeBaseError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -453,7 +454,7 @@ class _Watched:
             raise
 
 
-class _BeforeFirstByte(Exception):
+class _BeforeFirstByte(CascadeBaseError):
     """Carries an UpstreamError that happened before any byte of the answer (so a retry is safe)."""
 
     def __init__(self, error: UpstreamError) -> None:

@@ -19,8 +19,10 @@ from typing import Protocol
 import aiohttp
 import httpx
 
+from app.errors import CascadeBaseError
 
-class TransportError(Exception):
+
+class TransportError(CascadeBaseError):
     """Base: the connection broke or the bytes are not HTTP."""
 
 
