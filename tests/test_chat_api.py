@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import orjson
 import pytest
+from asgi_lifespan import LifespanManager
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
+from app import main as main_module
+from app.config import parse_config
+from app.main import create_app
+from tests.conftest import Router, base_config, chat, proxy, sse_events, two_stage, upstream
 from tests.fake_upstream import BAD_CHUNKS, FakeUpstream
 from tests.schema import check_chunk, check_completion, check_error
 
@@ -547,3 +552,48 @@ async def test_a_bug_on_the_chat_path_answers_500_and_logs_no_data(
     assert models.status_code == 200
     errors = [rec for rec in caplog.records if rec.getMessage() == "unhandled error"]
     assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_middleware_added_later_sees_chat_completions_too(
+    fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """Chat completions are answered ahead of the middleware stack (CascadeApp.__call__) only while the
+    app has no middleware of its own: one added later must not silently skip the path that matters."""
+    fast = []
+    real = main_module.serve_chat
+
+    async def counted(*args: Any) -> None:
+        fast.append(1)
+        await real(*args)
+
+    monkeypatch.setattr(main_module, "serve_chat", counted)
+    app = create_app(parse_config(base_config(), env={}), transport=Router({"fake.local": fake}))
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c,
+    ):
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+    assert r.status_code == 200 and fast == [1]  # no middleware: the fast path
+
+    seen: list[str] = []
+    app = create_app(parse_config(base_config(), env={}), transport=Router({"fake.local": fake}))
+
+    @app.middleware("http")
+    async def note(request: Any, call_next: Any) -> Any:
+        seen.append(request.url.path)
+        return await call_next(request)
+
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c,
+    ):
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+        bad = await c.post("/v1/chat/completions", json={"model": "default"})
+    assert r.status_code == 200 and seen == ["/v1/chat/completions"] * 2 and fast == [1]
+    if stream:
+        assert sse_events(r.text)[-1] == "[DONE]"
+    else:
+        check_completion(r.json())
+    assert bad.status_code == 400
+    check_error(bad.json())

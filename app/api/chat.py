@@ -3,8 +3,8 @@
 Every request crosses this code, so it skips the framework's routing, dependency solving and request
 objects (about 45 us of CPU per request measured in-process) and works on the ASGI scope directly:
 parse, call the engine once, render. ``CascadeApp`` (app.main) routes the one path here ahead of FastAPI
-and its middleware; the FastAPI route of the same path (kept for the OpenAPI document) answers through
-the same function.
+while the app has no middleware of its own (with one, the path goes through it like any other); the
+FastAPI route of the same path (the OpenAPI document, and that case) answers through the same function.
 """
 
 from __future__ import annotations
