@@ -18,7 +18,7 @@ Every exception the package raises on purpose derives from ``CascadeBaseError``:
     ├── Abstain                     a scorer has no opinion: left out of the mean (app.scoring.base)
     ├── ConfigError                 config.yaml problems, one dotted path each (app.config)
     ├── StoreError                  the trace store failed (app.learning.store)
-    ├── ClientGone                  the client disconnected before the answer was ready (app.api.transport)
+    ├── ClientGone                  the client disconnected before the answer was ready (app.api.http_io)
     └── module-private signals that never leave their module: ``_BeforeFirstByte``
         (app.upstream.client), ``_EarlyAbort`` (app.cascade.engine)
 

@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 from app.api.admin import router as admin_router
 from app.api.chat import is_chat, serve_chat
 from app.api.feedback import router as feedback_router
+from app.api.http_io import json_response
 from app.api.routes import router
-from app.api.transport import json_response
 from app.config import Config
 from app.errors import InternalError, ProxyError, error_body
 from app.learning.service import Learning

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import check_presented
-from app.api.transport import ClientGone, SSEResponse, parse_json, run_or_cancel
+from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
 from app.cascade.engine import Completed, Streamed
 from app.cascade.trace import Trace
 from app.errors import InternalError, PayloadTooLarge, ProxyError

@@ -65,8 +65,8 @@ def price_usd(price: Price, prompt_tokens: int, completion_tokens: int, reported
 
 
 @dataclass(slots=True)
-class Reply:
-    """A whole non-streamed answer."""
+class CompletionReply:
+    """A whole non-streamed answer, parsed (the transport's ``RawReply`` is the bytes it came in)."""
 
     body: Json
     latency_s: float
@@ -160,7 +160,7 @@ class Upstream:
             out.pop("stream_options", None)
         return out
 
-    async def complete(self, body: Json) -> Reply:
+    async def complete(self, body: Json) -> CompletionReply:
         """POST a non-streamed request (``body`` already prepared). Raises UpstreamError."""
         # The admission of ``_admit``, spelled out: this runs on every request and a generator-based
         # context manager costs more than the call bookkeeping itself.
@@ -228,7 +228,7 @@ class Upstream:
         if self.on_rejected is not None:
             self.on_rejected(self.name, reason)
 
-    async def _complete(self, body: Json) -> Reply:
+    async def _complete(self, body: Json) -> CompletionReply:
         payload = orjson.dumps(body)
         started = time.perf_counter()
         attempt = 0
@@ -250,7 +250,7 @@ class Upstream:
             latency = time.perf_counter() - started
             if self._on_duration is not None:
                 self._on_duration(self.name, latency)
-            return Reply(reply, latency)
+            return CompletionReply(reply, latency)
 
     @asynccontextmanager
     async def _stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:

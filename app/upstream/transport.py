@@ -41,7 +41,9 @@ class Timeouts:
 
 
 @dataclass(slots=True)
-class Reply:
+class RawReply:
+    """An HTTP reply as received: status, headers, body bytes (``Upstream`` parses it)."""
+
     status: int
     headers: Mapping[str, str]  # lower-case keys
     body: bytes
@@ -59,7 +61,9 @@ class Stream:
 
 
 class Transport(Protocol):
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply: ...
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts
+    ) -> RawReply: ...
 
     def stream(
         self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts
@@ -100,14 +104,14 @@ class AiohttpTransport:
             raise TransportError("transport used before start()")
         return self._session
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply:
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> RawReply:
         # No total timeout here: the caller bounds the whole call (``asyncio.timeout``), and a second
         # timer per request in aiohttp would only cost CPU.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
         try:
             async with self._s().post(url, data=body, headers=headers, timeout=timeout) as r:
                 content = await r.read()
-                return Reply(r.status, _lower(r.headers), content)
+                return RawReply(r.status, _lower(r.headers), content)
         except TimeoutError as exc:  # aiohttp's ServerTimeoutError is a TimeoutError too
             raise TransportTimeout("timed out") from exc
         except aiohttp.ClientConnectorError as exc:
@@ -166,7 +170,7 @@ class HttpxTransport:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply:
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> RawReply:
         t = httpx.Timeout(
             connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.read
         )
@@ -178,7 +182,7 @@ class HttpxTransport:
             raise TransportTimeout("timed out") from exc
         except httpx.HTTPError as exc:
             raise TransportError(type(exc).__name__) from exc
-        return Reply(r.status_code, _lower(r.headers), r.content)
+        return RawReply(r.status_code, _lower(r.headers), r.content)
 
     @asynccontextmanager
     async def stream(
