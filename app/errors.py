@@ -19,8 +19,9 @@ Every exception the package raises on purpose derives from ``CascadeBaseError``:
     ├── ConfigError                 config.yaml problems, one dotted path each (app.config)
     ├── StoreError                  the trace store failed (app.learning.store)
     ├── ClientGone                  the client disconnected before the answer was ready (app.api.http_io)
-    └── module-private signals that never leave their module: ``_BeforeFirstByte``
-        (app.upstream.client), ``_EarlyAbort`` (app.cascade.engine)
+    ├── EarlyAbort                  a stream check rejected a scored stage mid-stream (app.cascade.calls)
+    └── _BeforeFirstByte            an upstream error before any byte, so a retry is safe; never leaves
+                                    app.upstream.client
 
 Not in it yet (their modules are being rewritten): ``ReplayError``, ``ReplayLookupError`` (app.replay),
 ``CalibrateError`` (app.learning.cli), ``FitError`` (app.learning.fit_scorer).

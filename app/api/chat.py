@@ -20,7 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.auth import check_presented
 from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
-from app.cascade.engine import Completed, Streamed
+from app.cascade.engine import Completed
+from app.cascade.streams import Streamed
 from app.cascade.trace import Trace
 from app.errors import InternalError, PayloadTooLarge, ProxyError
 from app.protocol import new_id, validate_chat_request
