@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -89,62 +90,33 @@ class Replayed:
             self._engine.finish(self._trace, ok)
 
 
+@dataclass(slots=True, eq=False)
 class Relayed:
     """The streamed last stage: relays the open upstream stream to the client, then accounts for it.
     ``end`` is its one way out: it closes the upstream stream, charges what was generated and records
     the request, once, whether ``events`` finished, broke off, or never started."""
 
-    __slots__ = (
-        "_accounted",
-        "_att",
-        "_body",
-        "_chunks",
-        "_deadline",
-        "_ended",
-        "_engine",
-        "_first",
-        "_relay",
-        "_stack",
-        "_stage",
-        "_t0",
-        "_trace",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        engine: Endings,
-        stage: Stage,
-        body: Json,
-        trace: Trace,
-        att: Attempt,
-        t0: float,
-        deadline: float,
-        stack: AsyncExitStack,
-        chunks: AsyncIterator[Json],
-        first: Json,
-        relay: StreamRelay,
-    ) -> None:
-        self._engine = engine
-        self._stage = stage
-        self._body = body
-        self._trace = trace
-        self._att = att
-        self._t0 = t0
-        self._deadline = deadline
-        self._stack = stack
-        self._chunks = chunks
-        self._first = first
-        self._relay = relay
-        self._accounted = False
-        self._ended = False
+    engine: Endings
+    stage: Stage
+    body: Json
+    trace: Trace
+    att: Attempt
+    t0: float
+    deadline: float
+    stack: AsyncExitStack  # holds the open upstream stream
+    chunks: AsyncIterator[Json]
+    first: Json  # the first chunk, already read
+    relay: StreamRelay
+    accounted: bool = False
+    ended: bool = False
 
     async def events(self) -> AsyncGenerator[bytes, None]:
-        engine, trace, att, relay = self._engine, self._trace, self._att, self._relay
+        engine, trace, att, relay = self.engine, self.trace, self.att, self.relay
         ok = False
         sent_any = False
         try:
             try:
-                chunk: Json | None = self._first
+                chunk: Json | None = self.first
                 while chunk is not None:
                     out = relay.process(chunk)
                     if out is not None:
@@ -153,12 +125,12 @@ class Relayed:
                             sent_any = True
                             engine.first_byte(trace)
                     try:
-                        async with asyncio.timeout_at(self._deadline):
-                            chunk = await anext(self._chunks)
+                        async with asyncio.timeout_at(self.deadline):
+                            chunk = await anext(self.chunks)
                     except StopAsyncIteration:
                         chunk = None
             except UpstreamError as err:
-                record_failure(att, err, self._t0, self._body, final=True)
+                record_failure(att, err, self.t0, self.body, final=True)
                 self._account()
                 yield error_event(
                     f"The upstream stream failed: {att.detail}", "upstream_error", "upstream_stream_failed"
@@ -168,14 +140,14 @@ class Relayed:
             except TimeoutError:
                 att.outcome, att.reason, att.error_kind = "error", "timeout", "timeout"
                 att.detail = "cascade deadline passed while streaming"
-                att.latency_ms = (time.perf_counter() - self._t0) * 1000
+                att.latency_ms = (time.perf_counter() - self.t0) * 1000
                 self._account()
                 yield error_event(
                     "The cascade deadline passed while streaming.", "timeout_error", "deadline_exceeded"
                 )
                 yield DONE
                 return
-            att.latency_ms = (time.perf_counter() - self._t0) * 1000
+            att.latency_ms = (time.perf_counter() - self.t0) * 1000
             usage = self._account()
             att.outcome, att.reason, att.detail = "accepted", "accepted", "last stage"
             trace.accepted = att
@@ -190,20 +162,20 @@ class Relayed:
             await self.end(ok)
 
     def _account(self) -> Json:
-        self._accounted = True
-        return account_stream(self._att, self._stage, self._body, self._relay)
+        self.accounted = True
+        return account_stream(self.att, self.stage, self.body, self.relay)
 
     async def end(self, ok: bool) -> None:
-        if self._ended:
+        if self.ended:
             return
-        self._ended = True
+        self.ended = True
         try:
-            await self._stack.aclose()
+            await self.stack.aclose()
         finally:
-            if not self._accounted:
+            if not self.accounted:
                 # The client went away mid-stream, or the events never started: charge what was generated.
-                att = self._att
+                att = self.att
                 att.outcome, att.reason, att.detail = "error", "cancelled", "client disconnected"
-                att.latency_ms = (time.perf_counter() - self._t0) * 1000
+                att.latency_ms = (time.perf_counter() - self.t0) * 1000
                 self._account()
-            self._engine.finish(self._trace, ok)
+            self.engine.finish(self.trace, ok)

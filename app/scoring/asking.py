@@ -40,6 +40,12 @@ def _render(template: str, request: Json, answer: str) -> str:
     return template.replace("{question}", question).replace("{answer}", answer[-_MAX_CHARS:])
 
 
+def _question(template: str, ctx: ScoreContext, *, max_tokens: int) -> Json:
+    """The request that asks the question ``template`` about this answer, greedily and briefly."""
+    content = _render(template, ctx.request, _answer_text(ctx))
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": max_tokens}
+
+
 def _answer_text(ctx: ScoreContext) -> str:
     if ctx.answer.text:
         return ctx.answer.text
@@ -70,23 +76,25 @@ def parse_grade(text: str) -> float | None:
     return max(0.0, min(1.0, (value - 1) / 9))
 
 
-class Judge:
-    kind = "judge"
+class _Asking:
+    """A scorer that asks an upstream one question about the answer (``prompt``, or the default)."""
 
-    def __init__(self, cfg: JudgeConfig, judge: Upstream) -> None:
+    default_prompt = ""
+
+    def __init__(self, cfg: JudgeConfig | SelfVerifyConfig, asked: Upstream) -> None:
         self.cfg = cfg
-        self._up = judge
-        self._template = cfg.prompt or JUDGE_PROMPT
+        self._up = asked
+        self._template = cfg.prompt or self.default_prompt
+
+
+class Judge(_Asking):
+    """Another upstream (``upstream``) grades the answer 1-10."""
+
+    kind = "judge"
+    default_prompt = JUDGE_PROMPT
 
     async def score(self, ctx: ScoreContext) -> Score:
-        body = {
-            "messages": [
-                {"role": "user", "content": _render(self._template, ctx.request, _answer_text(ctx))}
-            ],
-            "temperature": 0,
-            "max_tokens": 8,
-        }
-        reply = await paid.complete(ctx, self._up, body)
+        reply = await paid.complete(ctx, self._up, _question(self._template, ctx, max_tokens=8))
         text = _content(reply)
         grade = parse_grade(text)
         if grade is None:
@@ -116,22 +124,14 @@ def yes_probability(reply: Json) -> float | None:
     return yes / (yes + no)
 
 
-class SelfVerify:
-    kind = "self_verify"
+class SelfVerify(_Asking):
+    """The stage's own model says whether its answer is correct."""
 
-    def __init__(self, cfg: SelfVerifyConfig, own: Upstream) -> None:
-        self.cfg = cfg
-        self._up = own
-        self._template = cfg.prompt or VERIFY_PROMPT
+    kind = "self_verify"
+    default_prompt = VERIFY_PROMPT
 
     async def score(self, ctx: ScoreContext) -> Score:
-        body: Json = {
-            "messages": [
-                {"role": "user", "content": _render(self._template, ctx.request, _answer_text(ctx))}
-            ],
-            "temperature": 0,
-            "max_tokens": 2,
-        }
+        body = _question(self._template, ctx, max_tokens=2)
         if self._up.cfg.logprobs:
             body.update(logprobs=True, top_logprobs=5)
         reply = await paid.complete(ctx, self._up, body)

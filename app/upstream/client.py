@@ -357,13 +357,17 @@ class Upstream:
         self._failed(cut)
         raise cut
 
-    def _parse_chunk(self, data: str, event: str) -> Json:
+    def _json_object(self, raw: str | bytes, what: str) -> Json:
         try:
-            chunk = orjson.loads(data)
+            obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError(self.name, "invalid JSON in an SSE event") from exc
-        if not isinstance(chunk, dict):
-            raise UpstreamProtocolError(self.name, "SSE event is not a JSON object")
+            raise UpstreamProtocolError(self.name, f"invalid JSON in {what}") from exc
+        if not isinstance(obj, dict):
+            raise UpstreamProtocolError(self.name, f"{what} is not a JSON object")
+        return obj
+
+    def _parse_chunk(self, data: str, event: str) -> Json:
+        chunk = self._json_object(data, "an SSE event")
         if ("error" in chunk and "choices" not in chunk) or event == "error":
             raise UpstreamProtocolError(self.name, f"error event in stream: {self._message_of(chunk)}")
         why = chunk_problem(chunk)
@@ -375,12 +379,7 @@ class Upstream:
         ctype = headers.get("content-type", "")
         if ctype and "json" not in ctype:
             raise UpstreamProtocolError(self.name, f"expected application/json, got '{ctype[:60]}'")
-        try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError(self.name, "invalid JSON body") from exc
-        if not isinstance(body, dict):
-            raise UpstreamProtocolError(self.name, "JSON body is not an object")
+        body = self._json_object(content, "the body")
         if "error" in body and not body.get("choices"):
             raise UpstreamProtocolError(self.name, f"error in a 200 reply: {self._message_of(body)}")
         choices = body.get("choices")

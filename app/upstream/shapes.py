@@ -10,6 +10,7 @@ plain dicts and lists, and a bool is no index.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 Json = dict[str, Any]
@@ -17,55 +18,58 @@ Json = dict[str, Any]
 
 def chunk_problem(chunk: Json) -> str | None:
     """What is wrong with a ``chat.completion.chunk``'s shape, or None."""
-    return _problem(chunk, "delta")
+    return _each(chunk.get("choices"), "choices", _delta_choice) or _usage(chunk)
 
 
 def completion_problem(body: Json) -> str | None:
     """What is wrong with a ``chat.completion``'s shape, or None."""
-    return _problem(body, "message")
+    return _each(body.get("choices"), "choices", _message_choice) or _usage(body)
 
 
-def _problem(obj: Json, part: str) -> str | None:
-    choices = obj.get("choices")
-    if choices is not None:
-        if type(choices) is not list:
-            return "choices is not a list"
-        for ch in choices:
-            if type(ch) is not dict:
-                return "a choice is not an object"
-            why = _choice(ch, part)
-            if why is not None:
-                return why
-    usage = obj.get("usage")
-    if usage is not None and type(usage) is not dict:
-        return "usage is not an object"
+def _each(items: object, name: str, check: Callable[[Json], str | None]) -> str | None:
+    """``items``, when present, is a list of objects, each of which passes ``check``."""
+    if items is None:
+        return None
+    if type(items) is not list:
+        return f"{name} is not a list"
+    for item in items:
+        if type(item) is not dict:
+            return f"an item of {name} is not an object"
+        why = check(item)
+        if why is not None:
+            return why
     return None
+
+
+def _usage(obj: Json) -> str | None:
+    return _typed(obj, "usage", dict, "usage is not an object")
+
+
+def _delta_choice(ch: Json) -> str | None:
+    return _choice(ch, "delta")
+
+
+def _message_choice(ch: Json) -> str | None:
+    return _choice(ch, "message")
 
 
 def _choice(ch: Json, part: str) -> str | None:
-    index = ch.get("index")
-    if index is not None and type(index) is not int:
-        return "a choice index is not an integer"
-    finish = ch.get("finish_reason")
-    if finish is not None and type(finish) is not str:
-        return "finish_reason is not a string"
+    why = (
+        _typed(ch, "index", int, "a choice index is not an integer")
+        or _typed(ch, "finish_reason", str, "finish_reason is not a string")
+        or _typed(ch, part, dict, f"{part} is not an object")
+    )
     msg = ch.get(part)
-    if msg is None:
-        return None
-    if type(msg) is not dict:
-        return f"{part} is not an object"
-    calls = msg.get("tool_calls")
-    if calls is None:
-        return None
-    if type(calls) is not list:
-        return "tool_calls is not a list"
-    for call in calls:
-        if type(call) is not dict:
-            return "a tool call is not an object"
-        index = call.get("index")
-        if index is not None and type(index) is not int:
-            return "a tool call index is not an integer"
-        fn = call.get("function")
-        if fn is not None and type(fn) is not dict:
-            return "a tool call's function is not an object"
-    return None
+    return why or (_each(msg.get("tool_calls"), "tool_calls", _tool_call) if msg is not None else None)
+
+
+def _tool_call(call: Json) -> str | None:
+    return _typed(call, "index", int, "a tool call index is not an integer") or _typed(
+        call, "function", dict, "a tool call's function is not an object"
+    )
+
+
+def _typed(obj: Json, key: str, kind: type, problem: str) -> str | None:
+    """``problem`` when ``obj[key]`` is there (not null) and not exactly of type ``kind``."""
+    value = obj.get(key)
+    return None if value is None or type(value) is kind else problem
