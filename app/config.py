@@ -1,5 +1,7 @@
 """config.yaml: closed, frozen models, validated once with one dotted-path message per problem.
 
+Over 400 lines on purpose: every key config.yaml accepts, and its checks, in one place to read.
+
 ``load_config(path)`` reads the YAML, interpolates ``${VAR}`` / ``${VAR:-default}`` in every string,
 validates the tree and the cross references (stage -> upstream, judge -> upstream, names) and either
 returns a ``Config`` or raises ``ConfigError`` whose ``problems`` are lines like

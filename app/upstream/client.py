@@ -1,5 +1,8 @@
 """Talking to one OpenAI-compatible upstream: request building, retries, error mapping, SSE chunks.
 
+Over 400 lines on purpose: one call's whole life (admission, retries, parsing, error mapping) reads in
+one place; the pieces that stand alone are modules of their own (breaker, limits, sse, shapes, transport).
+
 One pooled HTTP transport per process is shared by every ``Upstream`` (lifespan-owned; see
 ``app.upstream.transport``). Transport errors and bad payloads are translated here into the
 ``UpstreamError`` tree, ``from exc``. Retries (connect errors, 429, 5xx) happen only before the first
