@@ -98,7 +98,7 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
                     f"http://127.0.0.1:{ports[name]}/readyz",
                     cpu=None,
                     cwd=tree,
-                    ready_timeout=300,
+                    ready_timeout=900,  # python under callgrind on a busy 2-CPU box starts in minutes
                     env={"PYTHONHASHSEED": "0"},  # the same dict and set layouts in both
                 )
             per_req: dict[str, list[float]] = {"base": [], "new": []}
