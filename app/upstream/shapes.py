@@ -18,18 +18,41 @@ Json = dict[str, Any]
 
 def chunk_problem(chunk: Json) -> str | None:
     """What is wrong with a ``chat.completion.chunk``'s shape, or None."""
-    return _each(chunk.get("choices"), "choices", _delta_choice) or _usage(chunk)
+    return _problem(chunk, "delta")
 
 
 def completion_problem(body: Json) -> str | None:
     """What is wrong with a ``chat.completion``'s shape, or None."""
-    return _each(body.get("choices"), "choices", _message_choice) or _usage(body)
+    return _problem(body, "message")
+
+
+def _problem(obj: Json, part: str) -> str | None:
+    # The common case (a list of well-formed choices) inline: this runs on every reply and chunk.
+    choices = obj.get("choices")
+    if choices is not None:
+        if type(choices) is not list:
+            return "choices is not a list"
+        for ch in choices:
+            if type(ch) is not dict:
+                return "an item of choices is not an object"
+            index, finish, msg = ch.get("index"), ch.get("finish_reason"), ch.get(part)
+            if index is not None and type(index) is not int:
+                return "a choice index is not an integer"
+            if finish is not None and type(finish) is not str:
+                return "finish_reason is not a string"
+            if msg is not None:
+                if type(msg) is not dict:
+                    return f"{part} is not an object"
+                calls = msg.get("tool_calls")
+                if calls is not None:
+                    why = _each(calls, "tool_calls", _tool_call)
+                    if why is not None:
+                        return why
+    return _typed(obj, "usage", dict, "usage is not an object")
 
 
 def _each(items: object, name: str, check: Callable[[Json], str | None]) -> str | None:
-    """``items``, when present, is a list of objects, each of which passes ``check``."""
-    if items is None:
-        return None
+    """``items`` is a list of objects, each of which passes ``check``."""
     if type(items) is not list:
         return f"{name} is not a list"
     for item in items:
@@ -39,28 +62,6 @@ def _each(items: object, name: str, check: Callable[[Json], str | None]) -> str 
         if why is not None:
             return why
     return None
-
-
-def _usage(obj: Json) -> str | None:
-    return _typed(obj, "usage", dict, "usage is not an object")
-
-
-def _delta_choice(ch: Json) -> str | None:
-    return _choice(ch, "delta")
-
-
-def _message_choice(ch: Json) -> str | None:
-    return _choice(ch, "message")
-
-
-def _choice(ch: Json, part: str) -> str | None:
-    why = (
-        _typed(ch, "index", int, "a choice index is not an integer")
-        or _typed(ch, "finish_reason", str, "finish_reason is not a string")
-        or _typed(ch, part, dict, f"{part} is not an object")
-    )
-    msg = ch.get(part)
-    return why or (_each(msg.get("tool_calls"), "tool_calls", _tool_call) if msg is not None else None)
 
 
 def _tool_call(call: Json) -> str | None:
