@@ -99,6 +99,8 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     q: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_SIZE)
     _listener = logging.handlers.QueueListener(q, writer)
     _listener.start()
+    atexit.unregister(stop_logging)  # once, however often logging is set up
+    atexit.register(stop_logging)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -126,6 +128,3 @@ def stop_logging() -> None:
             root.removeHandler(h)
     root.addHandler(_writer)
     listener.stop()
-
-
-atexit.register(stop_logging)
