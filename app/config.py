@@ -1,5 +1,7 @@
 """config.yaml: closed, frozen models, validated once with one dotted-path message per problem.
 
+Over 400 lines on purpose: every key config.yaml accepts, and its checks, in one place to read.
+
 ``load_config(path)`` reads the YAML, interpolates ``${VAR}`` / ``${VAR:-default}`` in every string,
 validates the tree and the cross references (stage -> upstream, judge -> upstream, names) and either
 returns a ``Config`` or raises ``ConfigError`` whose ``problems`` are lines like
@@ -272,6 +274,8 @@ class LearningConfig(_Model):
     store: str = "sqlite:///./data/traces.db"
     store_text: bool = False  # also keep prompt and answer texts (off: only text-free features)
     queue_size: int = Field(10_000, ge=1)  # records waiting for the store; beyond it they are dropped
+    # PostgreSQL: the longest one statement may run, so a hung query cannot block writes and shutdown.
+    statement_timeout_s: float = Field(30.0, gt=0)
     shadow_rate: float = Field(0.0, ge=0, le=1)
     shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per server: each worker gets 1/workers
     shadow_judge: str | None = None  # upstream name; default: normalised answer match
@@ -379,9 +383,20 @@ def _format_validation(exc: ValidationError) -> list[str]:
     return out
 
 
+def _header_safe(name: str) -> bool:
+    """Fits an HTTP header value: printable Latin-1 (no control characters)."""
+    return name.isprintable() and all(ord(c) < 256 for c in name)
+
+
 def _cross_check(cfg: Config) -> list[str]:
     problems = []
     names = set(cfg.upstreams)
+    for name in cfg.upstreams:
+        if not _header_safe(name):
+            shown = name if name.isprintable() else name.encode("unicode_escape").decode()
+            problems.append(
+                f"upstreams.{shown}: the name goes out in a response header, so it must be printable Latin-1"
+            )
     for cname, cascade in cfg.cascades.items():
         if cascade.router is not None and len(cascade.stages) < 2:
             problems.append(

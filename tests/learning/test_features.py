@@ -1,4 +1,4 @@
-import time
+import math
 
 import pytest
 
@@ -137,14 +137,11 @@ def test_spec_roundtrip_and_version_check() -> None:
         FeatureSpec.from_dict({**spec.to_dict(), "engineered": ["x"]})
 
 
-def test_extraction_is_fast() -> None:
+def test_extraction_of_a_long_prompt_is_complete_and_deterministic() -> None:
+    # Its speed is a benchmark figure (bench/), not a wall-clock assertion that flakes on a busy machine.
     prompt = ("Some context sentence with 12 numbers and words. " * 60) + "\nA) first\nB) second\nAnswer:"
     answer = "Step: 12 * 3 = <<12*3=36>>36 apples.\nThen 36 + 4 = 40.\n" * 10 + "#### 40"
     spec = FeatureSpec(hash_dim=256)
-    extract_features(prompt, answer, ["#### 40"], spec=spec)
-    n = 50
-    t0 = time.perf_counter()
-    for _ in range(n):
-        extract_features(prompt, answer, ["#### 40"], spec=spec)
-    per_call = (time.perf_counter() - t0) / n
-    assert per_call < 0.02  # generous bound for slow CI; typical is well under 1 ms
+    first = extract_features(prompt, answer, ["#### 40"], spec=spec)
+    assert len(first) == len(feature_names(spec)) and all(math.isfinite(v) for v in first)
+    assert extract_features(prompt, answer, ["#### 40"], spec=spec) == first
