@@ -91,6 +91,8 @@ def _cascade_headers(trace: Trace, request_id: str) -> dict[str, str]:
         h["x-cascade-stage"] = str(a.stage)
     if trace.fallback:
         h["x-cascade-fallback"] = trace.fallback
+    if trace.routed:
+        h["x-cascade-routed"] = "true"
     return h
 
 

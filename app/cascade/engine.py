@@ -89,7 +89,9 @@ class Engine:
         previous: list[Answer] = []
         last = len(plan.stages) - 1
         thresholds = list(plan.thresholds)
-        for stage in plan.stages:
+        start = plan.first_stage(body) if plan.router is not None else 0
+        trace.routed = start > 0
+        for stage in plan.stages[start:]:
             final = stage.index == last
             att = Attempt(stage.index, stage.upstream.name, threshold=thresholds[stage.index])
             trace.attempts.append(att)
