@@ -18,13 +18,15 @@ Every exception the package raises on purpose derives from ``CascadeBaseError``:
     ├── Abstain                     a scorer has no opinion: left out of the mean (app.scoring.base)
     ├── ConfigError                 config.yaml problems, one dotted path each (app.config)
     ├── StoreError                  the trace store failed (app.learning.store)
+    ├── CalibrateError, FitError    `cascade calibrate` / `fit-scorer --from-store` cannot run as asked
+    │                               (app.learning.cli, app.learning.fit_scorer): exit codes 1 or 2
+    ├── ReplayError                 `cascade replay` cannot run as asked (app.replay.configure): exit 2
+    ├── LabelError                  a recorded row without correctness (app.replay.dataset; a ValueError)
+    ├── ReplayLookupError           the replay upstream has no row for a request (app.replay.upstream)
     ├── ClientGone                  the client disconnected before the answer was ready (app.api.http_io)
     ├── EarlyAbort                  a stream check rejected a scored stage mid-stream (app.cascade.calls)
     └── _BeforeFirstByte            an upstream error before any byte, so a retry is safe; never leaves
                                     app.upstream.client
-
-Not in it yet (their modules are being rewritten): ``ReplayError``, ``ReplayLookupError`` (app.replay),
-``CalibrateError`` (app.learning.cli), ``FitError`` (app.learning.fit_scorer).
 
 ``ProxyError`` subclasses carry their own status, OpenAI ``type`` and ``code``: the one table from error
 to HTTP reply. ``UpstreamError`` never reaches a client directly: the cascade turns it into attempts and,

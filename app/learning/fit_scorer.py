@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config, ConfigError, LearningConfig
+from app.errors import CascadeBaseError
 from app.learning.calibration import Calibration, assemble, fit
 from app.learning.store import LabelledData, LabelledTexts, Store, StoreError
 from app.learning.train import StageExample, crossfit_stage_scorer
@@ -40,7 +41,7 @@ from app.scoring.model import LogisticModel
 EXIT_OK, EXIT_LABELS, EXIT_CONFIG = 0, 1, 2
 
 
-class FitError(Exception):
+class FitError(CascadeBaseError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code

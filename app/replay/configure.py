@@ -36,6 +36,7 @@ from app.config import (
     ServerConfig,
     parse_config,
 )
+from app.errors import CascadeBaseError
 from app.learning.rows import Row
 from app.learning.thresholds import candidate_thresholds, choose_thresholds
 from app.learning.train import FittedCascade
@@ -45,7 +46,7 @@ REPLAY_CASCADE = "replay"
 UPSTREAM_TIMEOUT_S = 60.0
 
 
-class ReplayError(Exception):
+class ReplayError(CascadeBaseError):
     """A replay that cannot run as asked (bad dataset, unmapped model, missing extra): exit code 2."""
 
 

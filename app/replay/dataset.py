@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.errors import CascadeBaseError
 from app.learning.rows import ModelAnswer, Row
 
 # USD per 1M tokens (input, output). Early-2024 list prices; documented, override via `prices=`.
@@ -147,7 +148,7 @@ def _answer_text(v: Any) -> str:
     return json.dumps(v, sort_keys=True)
 
 
-class LabelError(ValueError):
+class LabelError(CascadeBaseError, ValueError):
     """A row without the correctness a replay needs (``correct``, or ``score`` with a pass score)."""
 
 
