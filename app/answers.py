@@ -18,6 +18,7 @@ API::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -86,7 +87,13 @@ def final_number_str(text: str) -> str | None:
 
 def _prompt_options(prompt: str) -> dict[str, str]:
     """Options of the last multiple-choice question in the prompt: normalised option text -> letter."""
-    tail = prompt[-800:]
+    return _options_of_tail(prompt[-800:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _options_of_tail(tail: str) -> dict[str, str]:
+    # Cached: every stage's answer to one request (and every model's, when fitting) reads the same prompt.
+    # Callers only read the dict.
     opts: dict[str, str] = {}
     for m in _OPTION_LINE_RE.finditer(tail):
         letter, text = m.group(1), norm_text(m.group(2))

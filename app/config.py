@@ -1,5 +1,7 @@
 """config.yaml: closed, frozen models, validated once with one dotted-path message per problem.
 
+Over 400 lines on purpose: every key config.yaml accepts, and its checks, in one place to read.
+
 ``load_config(path)`` reads the YAML, interpolates ``${VAR}`` / ``${VAR:-default}`` in every string,
 validates the tree and the cross references (stage -> upstream, judge -> upstream, names) and either
 returns a ``Config`` or raises ``ConfigError`` whose ``problems`` are lines like
@@ -246,12 +248,22 @@ class StageConfig(_Model):
     early_abort: bool = False
 
 
+class RouterConfig(_Model):
+    """Route-then-cascade: a prompt-only model (``cascade fit-scorer`` / ``cascade replay`` write it as
+    ``router.json``) estimates, before any answer exists, the chance that the earlier stages would be
+    rejected anyway; at ``threshold`` or above the request starts at the last stage."""
+
+    model: str
+    threshold: float = Field(ge=0, le=1)
+
+
 class CascadeConfig(_Model):
     stages: tuple[StageConfig, ...] = Field(min_length=1)
     deadline_s: float = Field(120.0, gt=0)
     # When the last stage fails (error, or the deadline passes before it answers): "none" answers with
     # the error (502/504); "best_rejected" serves the highest-scored answer an earlier stage gave.
     fallback: Literal["none", "best_rejected"] = "none"
+    router: RouterConfig | None = None
     # How labels decide "as good as the last stage's answer" for this cascade (default: learning.compare).
     compare: Literal["auto", "exact", "judge"] | None = None
 
@@ -264,6 +276,8 @@ class LearningConfig(_Model):
     store: str = "sqlite:///./data/traces.db"
     store_text: bool = False  # also keep prompt and answer texts (off: only text-free features)
     queue_size: int = Field(10_000, ge=1)  # records waiting for the store; beyond it they are dropped
+    # PostgreSQL: the longest one statement may run, so a hung query cannot block writes and shutdown.
+    statement_timeout_s: float = Field(30.0, gt=0)
     shadow_rate: float = Field(0.0, ge=0, le=1)
     shadow_budget_usd_per_hour: float = Field(1.0, ge=0)  # per server: each worker gets 1/workers
     # Shadow and judge spend at most this share of what the answers cost (per process, last hour);
@@ -410,10 +424,25 @@ def _format_validation(exc: ValidationError) -> list[str]:
     return out
 
 
+def _header_safe(name: str) -> bool:
+    """Fits an HTTP header value: printable Latin-1 (no control characters)."""
+    return name.isprintable() and all(ord(c) < 256 for c in name)
+
+
 def _cross_check(cfg: Config) -> list[str]:
     problems = []
     names = set(cfg.upstreams)
+    for name in cfg.upstreams:
+        if not _header_safe(name):
+            shown = name if name.isprintable() else name.encode("unicode_escape").decode()
+            problems.append(
+                f"upstreams.{shown}: the name goes out in a response header, so it must be printable Latin-1"
+            )
     for cname, cascade in cfg.cascades.items():
+        if cascade.router is not None and len(cascade.stages) < 2:
+            problems.append(
+                f"cascades.{cname}.router: a router skips to the last stage; it needs two stages or more"
+            )
         if cname in names:
             problems.append(f"cascades.{cname}: name clashes with an upstream of the same name")
         last = len(cascade.stages) - 1

@@ -1,10 +1,38 @@
 """The exception tree and the one table from exception to HTTP status + OpenAI error body.
 
-Client-facing errors (``ProxyError`` subclasses) carry their own status, OpenAI ``type`` and ``code``.
-Upstream failures (``UpstreamError`` subclasses) are raised by ``app.upstream`` and never reach a client
-directly: the cascade turns them into attempts and, when every stage failed, into one ``AllStagesFailed``.
-Third-party exceptions (httpx, orjson) are translated at the boundary where they happen, ``from exc``.
-Messages never contain upstream keys, proxy keys, prompts or answers.
+Every exception the package raises on purpose derives from ``CascadeBaseError``::
+
+    CascadeBaseError
+    ├── ProxyError                  what a client sees: status, OpenAI type and code (this module)
+    │   ├── InvalidRequest (400), AuthenticationFailed (401), Forbidden (403), NotFound (404)
+    │   │   └── ModelNotFound, PayloadTooLarge (413), ConfigRejected (422), RateLimited (429)
+    │   └── AllStagesFailed (502), ServiceUnavailable (503), DeadlineExceeded (504), InternalError (500)
+    ├── UpstreamError               an upstream call failed; the cascade makes it an attempt (this module)
+    │   ├── UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, UpstreamStatusError
+    │   └── UpstreamUnavailable (circuit open), UpstreamSaturated (concurrency limit full)
+    ├── TransportError              the HTTP seam under the upstream client (app.upstream.transport)
+    │   └── TransportTimeout, TransportConnectError
+    ├── ScorerError                 a scorer could not score: its ``on_error`` policy applies (this module)
+    │   └── ScorerCallError (app.scoring.asking), ScorerServiceError (app.scoring.http),
+    │       MissingLogprobs (app.scoring.logprob)
+    ├── Abstain                     a scorer has no opinion: left out of the mean (app.scoring.base)
+    ├── ConfigError                 config.yaml problems, one dotted path each (app.config)
+    ├── StoreError                  the trace store failed (app.learning.store)
+    ├── CalibrateError, FitError    `cascade calibrate` / `fit-scorer --from-store` cannot run as asked
+    │                               (app.learning.cli, app.learning.fit_scorer): exit codes 1 or 2
+    ├── ReplayError                 `cascade replay` cannot run as asked (app.replay.configure): exit 2
+    ├── LabelError                  a recorded row without correctness (app.replay.dataset; a ValueError)
+    ├── ReplayLookupError           the replay upstream has no row for a request (app.replay.upstream)
+    ├── ClientGone                  the client disconnected before the answer was ready (app.api.http_io)
+    ├── EarlyAbort                  a stream check rejected a scored stage mid-stream (app.cascade.calls)
+    └── _BeforeFirstByte            an upstream error before any byte, so a retry is safe; never leaves
+                                    app.upstream.client
+
+``ProxyError`` subclasses carry their own status, OpenAI ``type`` and ``code``: the one table from error
+to HTTP reply. ``UpstreamError`` never reaches a client directly: the cascade turns it into attempts and,
+when every stage failed, into one ``AllStagesFailed``. Third-party exceptions (aiohttp, httpx, orjson,
+sqlite3, psycopg) are translated at the boundary where they happen, ``from exc``. Messages never contain
+upstream keys, proxy keys, prompts or answers.
 """
 
 from __future__ import annotations
@@ -181,6 +209,13 @@ class UpstreamSaturated(UpstreamError):
     """Not called at all: the upstream's ``max_concurrency`` stayed full for ``queue_timeout_s``."""
 
     kind = "saturated"
+
+
+# --- scorers -----------------------------------------------------------------------------------------
+
+
+class ScorerError(CascadeBaseError):
+    """A scorer could not score this answer; its ``on_error`` policy decides the score."""
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:

@@ -3,7 +3,10 @@ trace. Exceptions are reduced to their type and the place they were raised."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 import traceback
@@ -59,13 +62,49 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# Records waiting for the writer thread. A stderr that stops draining must not grow memory without bound:
+# beyond this many, records are dropped (and counted in ``dropped``).
+QUEUE_SIZE = 10_000
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands a record to the writer thread: the caller (the event loop, on every request) never waits on
+    stderr. The message is merged now (its arguments may change later); formatting, the exception
+    reduced to type and place included, happens in the writer thread."""
+
+    dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            _Enqueue.dropped += 1
+
+
+_listener: logging.handlers.QueueListener | None = None
+_writer: logging.Handler | None = None
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    """Every log record goes through a queue to one writer thread that formats it and writes stderr."""
+    global _listener, _writer
+    stop_logging()
+    writer = _writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    q: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_SIZE)
+    _listener = logging.handlers.QueueListener(q, writer)
+    _listener.start()
+    atexit.unregister(stop_logging)  # once, however often logging is set up
+    atexit.register(stop_logging)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(handler)
+    root.addHandler(_Enqueue(q))
     root.setLevel(level.upper())
     # uvicorn's access log would print every request line; our one-line-per-request log replaces it.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -74,3 +113,18 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
         lg.propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def stop_logging() -> None:
+    """Write what is queued and stop the writer thread (also at exit); later records are written
+    directly, by the thread that logs them."""
+    global _listener
+    if _listener is None or _writer is None:
+        return
+    listener, _listener = _listener, None
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _Enqueue):
+            root.removeHandler(h)
+    root.addHandler(_writer)
+    listener.stop()

@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 from app.api.admin import router as admin_router
 from app.api.chat import is_chat, serve_chat
 from app.api.feedback import router as feedback_router
+from app.api.http_io import json_response
 from app.api.routes import router
-from app.api.transport import json_response
 from app.config import Config
 from app.errors import InternalError, ProxyError, error_body
 from app.learning.service import Learning
@@ -37,10 +37,15 @@ log = logging.getLogger("cascade.app")
 
 class CascadeApp(FastAPI):
     """FastAPI, with ``POST /v1/chat/completions`` (every request the proxy exists for) answered ahead
-    of the middleware stack and routing; every other route goes through FastAPI as usual."""
+    of the middleware stack and routing; every other route goes through FastAPI as usual.
+
+    The shortcut holds only while the app has no middleware of its own (``user_middleware``): add one
+    (``add_middleware``, ``@app.middleware``) and chat completions go through it, and the framework,
+    like every other route, at the framework's cost per request. ``serve_chat`` does for this path what
+    Starlette's own outer layers do (a bug answers 500 in the OpenAI envelope, logged without data)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if is_chat(scope):
+        if not self.user_middleware and is_chat(scope):
             await serve_chat(self, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)

@@ -98,6 +98,13 @@ class Metrics:
             ["cascade", "upstream"],
             registry=r,
         )
+        self.routed_requests = Counter(
+            "cascade_routed",
+            "Requests the cascade's router (route-then-cascade) sent straight to its last stage, by that "
+            "stage's upstream: the earlier stages were skipped, neither called nor paid.",
+            ["cascade", "upstream"],
+            registry=r,
+        )
         self.circuit_open = Gauge(
             "cascade_circuit_open",
             "1 while an upstream's circuit is open or half-open, 0 when closed.",
@@ -175,6 +182,9 @@ class Metrics:
 
     def fallback(self, cascade: str, upstream: str) -> None:
         self._child(self.fallbacks, cascade, upstream).inc()
+
+    def routed(self, cascade: str, upstream: str) -> None:
+        self._child(self.routed_requests, cascade, upstream).inc()
 
     def spend(
         self, cascade: str, upstream: str, purpose: str, usd: float, prompt: int, completion: int

@@ -208,6 +208,16 @@ def withhold_quotes(text: str, body: Json) -> str:
     return text
 
 
+# A reported token count above this is no count (and fits no SQL INTEGER column of the trace store).
+MAX_TOKENS = 2**31 - 1
+
+
+def token_count(value: object) -> int | None:
+    """A ``usage`` token count as the upstream reported it, or None when it is missing or implausible
+    (not an int, negative, beyond ``MAX_TOKENS``): the caller estimates instead, as for no usage."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
+
+
 def estimate_prompt_tokens(body: Json) -> int:
     # ~4 tokens of chat framing per message, as OpenAI's own counting guide does.
     return estimate_tokens(prompt_text(body)) + 4 * len(body.get("messages") or ())

@@ -54,13 +54,10 @@ class AppState:
     def __post_init__(self) -> None:
         self._wire(self.runtime)
 
-    def exposition(self) -> tuple[bytes, str]:
-        if self.multiprocess_dir and os.path.isdir(self.multiprocess_dir):
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-            return generate_latest(registry), CONTENT_TYPE_LATEST
+    async def exposition(self) -> tuple[bytes, str]:
+        if self.multiprocess_dir:
+            # Every worker's metric files are read and merged: file I/O, kept off the event loop.
+            return await asyncio.to_thread(_multiprocess_exposition, self.multiprocess_dir, self.metrics)
         return generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
 
     # --- reload ------------------------------------------------------------------------------------
@@ -73,8 +70,9 @@ class AppState:
                 raise ConfigError(["reload: this app was not started from a config file"])
             old = self.runtime
             try:
-                cfg = self.loader()
-                new = build_runtime(cfg, self.http, self.metrics)
+                # Reading YAML, importing python scorers and loading model files block: a thread builds
+                # the runtime; the swap below happens on the loop, in one assignment.
+                cfg, new = await asyncio.to_thread(_load_and_build, self.loader, self.http, self.metrics)
             except ConfigError as exc:
                 log.error(
                     "config reload rejected; the running config is kept", extra={"problems": exc.problems}
@@ -122,3 +120,18 @@ class AppState:
             self.metrics.circuit_state(up.name, up.breaker.state, changed=False)
         if self.learning is not None:
             self.learning.attach(rt)
+
+
+def _load_and_build(loader: Loader, http: Transport, metrics: Metrics) -> tuple[Config, Runtime]:
+    cfg = loader()
+    return cfg, build_runtime(cfg, http, metrics)
+
+
+def _multiprocess_exposition(path: str, metrics: Metrics) -> tuple[bytes, str]:
+    if not os.path.isdir(path):
+        return generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

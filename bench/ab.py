@@ -7,6 +7,8 @@ worktree remove .cache/ab/SHA`` drops one). Needs nginx, and wrk for ``cpu``
 
     .venv/bin/python bench/ab.py --base HEAD                     # uncommitted change vs HEAD, CPU time
     .venv/bin/python bench/ab.py --base HEAD --mode instructions # the same, counted by callgrind
+    .venv/bin/python bench/ab.py --base A --new B                # two revisions, neither checked out
+    .venv/bin/python bench/ab.py --log-level info                # with the per-request log line on
 
 ``cpu`` (default): both workers pinned to CPU 0; wrk (with nginx on CPU 1) loads one at a time,
 alternating, and the median CPU microseconds per request and requests/s are printed. On a shared
@@ -70,7 +72,13 @@ def _callgrind_total(out_dir: Path, name: str, pid: int, seen: set[Path]) -> int
     raise RuntimeError(f"no callgrind dump from {name}")
 
 
-def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int) -> None:
+def config_for(up: str, port: int, log_level: str) -> dict[str, Any]:
+    cfg = proxy_config(up, port)
+    cfg["server"]["log_level"] = log_level
+    return cfg
+
+
+def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int, log_level: str) -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         up_port = free_port()
@@ -80,7 +88,7 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
             for name, tree in trees.items():
                 ports[name] = free_port()
                 cfg = tmp / f"{name}.yaml"
-                cfg.write_text(yaml.safe_dump(proxy_config(up, ports[name])))
+                cfg.write_text(yaml.safe_dump(config_for(up, ports[name], log_level)))
                 cmd = [
                     "valgrind", "--tool=callgrind", "--quiet", f"--callgrind-out-file={tmp}/cg-{name}.%p.out",
                     sys.executable, "-m", "app.cli", "serve", "--config", str(cfg),
@@ -90,7 +98,7 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
                     f"http://127.0.0.1:{ports[name]}/readyz",
                     cpu=None,
                     cwd=tree,
-                    ready_timeout=300,
+                    ready_timeout=900,  # python under callgrind on a busy 2-CPU box starts in minutes
                     env={"PYTHONHASHSEED": "0"},  # the same dict and set layouts in both
                 )
             per_req: dict[str, list[float]] = {"base": [], "new": []}
@@ -121,6 +129,12 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="HEAD", help="git revision to compare against (default HEAD)")
+    ap.add_argument("--new", help="git revision to measure (default: this working tree)")
+    ap.add_argument(
+        "--log-level",
+        default="warning",
+        help="the proxies' server.log_level (default warning: no per-request log line; info: one each)",
+    )
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--concurrency", type=int, default=64)
@@ -136,7 +150,7 @@ def main() -> None:
         sys.exit("--stream needs --mode instructions (wrk does not read SSE)")
     if args.mode == "instructions" and not shutil.which("valgrind"):
         sys.exit("--mode instructions needs valgrind (apt-get install -y valgrind)")
-    trees = {"base": worktree(args.base), "new": ROOT}
+    trees = {"base": worktree(args.base), "new": worktree(args.new) if args.new else ROOT}
     for name, tree in trees.items():
         where = subprocess.run(
             [sys.executable, "-c", "import app; print(app.__file__)"],
@@ -149,7 +163,7 @@ def main() -> None:
     pin(os.getpid(), 1)
     body = body_for(args.model, args.stream)
     if args.mode == "instructions":
-        instructions(trees, body, args.requests, args.reps)
+        instructions(trees, body, args.requests, args.reps, args.log_level)
         return
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -161,7 +175,7 @@ def main() -> None:
             for name, tree in trees.items():
                 ports[name] = free_port()
                 cfg = tmp / f"{name}.yaml"
-                cfg.write_text(yaml.safe_dump(proxy_config(up, ports[name])))
+                cfg.write_text(yaml.safe_dump(config_for(up, ports[name], args.log_level)))
                 procs[name] = process(
                     [sys.executable, "-m", "app.cli", "serve", "--config", str(cfg)],
                     f"http://127.0.0.1:{ports[name]}/readyz",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -124,6 +126,17 @@ async def loopback_stack(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUp
         app = create_app(parse_config(cfg, env={}), registry=registry)
         async with serve_in_background(app) as proxy_url:
             yield proxy_url + "/v1", fake, registry
+
+
+async def wait_for(cond: Callable[[], object], what: str = "", *, within: float = 10.0) -> None:
+    """Wait until ``cond()`` is true, polling; fail after ``within`` seconds. The bound is generous on
+    purpose (a loaded 2-core machine stalls for seconds): it only stops a test whose condition never
+    comes, it measures nothing."""
+    end = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {within:g}s: {what or 'condition'}")
+        await asyncio.sleep(0.005)
 
 
 def chat(model: str = "default", content: str = "What is 6*7?", **extra: Any) -> dict[str, Any]:

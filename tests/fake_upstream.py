@@ -83,6 +83,9 @@ class Behaviour:
     leak: str | None = None  # `leak`: error messages echo the request's authorization header
     quote: str | None = None  # `quote`: error messages echo the last message, as vLLM's validation errors do
     chaos: float = 0.0  # percent of requests that get a random fault (see CHAOS_FAULTS)
+    ptokens: int | None = None  # `ptokens-<n>`: the usage reports n prompt tokens, however absurd
+    badchunk: str | None = None  # `badchunk-<kind>`: a stream's chunk CUT_AFTER is malformed (BAD_CHUNKS)
+    gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -110,6 +113,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "varied": {"varied": True},
     "leak": {"leak": ""},
     "quote": {"quote": ""},
+    "gated": {"gated": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -121,6 +125,31 @@ _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "flaky-": lambda v: {"flaky": int(v)},
     "model-": lambda v: {"reply_model": v},
     "chaos-": lambda v: {"chaos": min(100.0, max(0.0, float(v)))},
+    "ptokens-": lambda v: {"ptokens": int(v)},
+    "badchunk-": lambda v: {"badchunk": v} if v in BAD_CHUNKS else {},
+}
+# `badchunk-<kind>`: valid JSON of the wrong shape. A stream's chunk CUT_AFTER carries BAD_CHUNKS[kind]
+# as its choice; a whole reply has BAD_CHOICES[kind] as its first choice.
+BAD_CHUNKS: dict[str, dict[str, Any]] = {
+    "toolcalls": {"index": 0, "delta": {"tool_calls": 5}, "finish_reason": None},
+    "index": {"index": [0], "delta": {"content": "x"}, "finish_reason": None},
+    "toolcall": {
+        "index": 0,
+        "delta": {"tool_calls": [{"index": [0], "function": {}}]},
+        "finish_reason": None,
+    },
+    "choice": {"index": 0, "delta": "not an object", "finish_reason": None},
+}
+_MSG = {"role": "assistant", "content": "x", "refusal": None}
+BAD_CHOICES: dict[str, dict[str, Any]] = {
+    "toolcalls": {"index": 0, "message": {**_MSG, "tool_calls": 5}, "finish_reason": "stop"},
+    "index": {"index": [0], "message": _MSG, "finish_reason": "stop"},
+    "toolcall": {
+        "index": 0,
+        "message": {**_MSG, "tool_calls": [{"id": "c", "function": "f"}]},
+        "finish_reason": "stop",
+    },
+    "choice": {"index": 0, "message": "not an object", "finish_reason": "stop"},
 }
 # `chaos-<pct>`: each request, with probability pct/100 (seeded RNG: `FakeUpstream(seed=...)`), gets one
 # of these faults, chosen uniformly: HTTP 500, HTTP 429, a stall (timeout), a mid-body/mid-stream drop,
@@ -248,9 +277,10 @@ def _completion_tokens(content: str | None, calls: list[dict[str, Any]] | None) 
     return max(1, len(text or "") // 4)
 
 
-def _usage(request: dict[str, Any], completion: int) -> dict[str, int]:
-    prompt = prompt_tokens(request)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(request: dict[str, Any], completion: int, b: Behaviour) -> dict[str, int]:
+    prompt = prompt_tokens(request) if b.ptokens is None else b.ptokens
+    total = min(prompt + completion, 2**64 - 1)  # JSON has no limit; orjson (and many servers) do
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
 def build_completion(
@@ -272,13 +302,15 @@ def build_completion(
         finish = "tool_calls" if calls else b.finish_reason
         choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         completion += _completion_tokens(content, calls)
+    if b.badchunk is not None:
+        choices[0] = BAD_CHOICES[b.badchunk]
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": b.reply_model or str(request.get("model", "ok")),
         "choices": choices,
-        "usage": _usage(request, completion),
+        "usage": _usage(request, completion, b),
     }
 
 
@@ -342,7 +374,7 @@ def iter_chunks(
     for group in itertools.zip_longest(*per_choice):
         yield from (c for c in group if c is not None)
     if usage:
-        yield {**head, "choices": [], "usage": _usage(request, completion)}
+        yield {**head, "choices": [], "usage": _usage(request, completion, b)}
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
@@ -382,6 +414,17 @@ class _ClientWatch:
                 await asyncio.wait_for(self.gone.wait(), seconds)
         return self.gone.is_set()
 
+    async def wait_for(self, gate: asyncio.Event) -> bool:
+        """Wait until ``gate`` is set; True when the client went away first."""
+        self.start()
+        waits = [asyncio.ensure_future(gate.wait()), asyncio.ensure_future(self.gone.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return not gate.is_set()
+
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -395,6 +438,7 @@ class FakeUpstream:
         self.counts: dict[str, int] = {}
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
         self.cancelled_waits = 0  # non-stream requests whose client left while the fake was waiting
+        self.gate = asyncio.Event()  # `gated` requests wait for it (in-process fakes only)
         self._ids = itertools.count(1)
 
     def reset(self) -> None:
@@ -466,7 +510,7 @@ class FakeUpstream:
             delay = max(delay, STALL_S)
         watch = _ClientWatch(receive)
         try:
-            if await watch.pause(delay):
+            if await watch.pause(delay) or (b.gated and await watch.wait_for(self.gate)):
                 self.cancelled_waits += 1
                 return
             await self._reply(send, request, b, count, stream, watch)
@@ -523,6 +567,8 @@ class FakeUpstream:
             chunks = iter_chunks(request, b, completion_id=f"chatcmpl-fake-{next(self._ids)}")
             cut = b.drop or b.stall
             for i, chunk in enumerate(chunks):
+                if b.badchunk is not None and i == CUT_AFTER:
+                    chunk = {**chunk, "choices": [BAD_CHUNKS[b.badchunk]]}
                 if cut and (i >= CUT_AFTER or _is_final(chunk)):
                     cut = False
                     if b.drop:

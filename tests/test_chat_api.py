@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import orjson
 import pytest
+from asgi_lifespan import LifespanManager
+from prometheus_client import CollectorRegistry
 
-from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
-from tests.fake_upstream import FakeUpstream
+from app import main as main_module
+from app.config import parse_config
+from app.main import create_app
+from tests.conftest import Router, base_config, chat, proxy, sse_events, two_stage, upstream
+from tests.fake_upstream import BAD_CHUNKS, FakeUpstream
 from tests.schema import check_chunk, check_completion, check_error
 
 pytestmark = pytest.mark.anyio
@@ -324,6 +330,54 @@ async def test_stream_error_after_first_byte_is_an_error_event_then_done(fake: F
     assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events[:-2])
 
 
+def _protocol_errors(registry: CollectorRegistry, upstream: str) -> float:
+    labels = {"upstream": upstream, "kind": "protocol"}
+    return registry.get_sample_value("cascade_upstream_errors_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHUNKS))
+async def test_a_malformed_chunk_after_the_first_byte_is_a_protocol_error_event(
+    fake: FakeUpstream, kind: str
+) -> None:
+    registry = CollectorRegistry()
+    async with proxy(two_stage("refuse", f"badchunk-{kind}"), fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    err = events[-2]
+    check_error(err)
+    assert (err["error"]["type"], err["error"]["code"]) == ("upstream_error", "upstream_stream_failed")
+    assert "malformed chunk" in err["error"]["message"]
+    assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-2])
+    assert _protocol_errors(registry, "large") == 1
+    labels = {"cascade": "default", "stage": "1", "upstream": "large", "outcome": "error"}
+    assert registry.get_sample_value("cascade_attempts_total", labels) == 1
+    assert (
+        registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"}) == 1
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHUNKS))
+@pytest.mark.parametrize("early_abort", [False, True])
+async def test_a_malformed_reply_from_a_scored_stage_escalates(
+    fake: FakeUpstream, kind: str, early_abort: bool
+) -> None:
+    """A whole reply, or a stream read whole to be scored (early abort), of the wrong shape is an
+    upstream protocol error: the cascade escalates, as for bad JSON."""
+    registry = CollectorRegistry()
+    cfg = two_stage(f"badchunk-{kind}", scorers=[{"type": "heuristic"}], early_abort=early_abort)
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200
+    check_completion(r.json())
+    first = r.json()["cascade"]["attempts"][0]
+    assert r.json()["cascade"]["upstream"] == "large"
+    assert (first["outcome"], first["reason"]) == ("error", "upstream_error")
+    assert "malformed" in first["detail"]
+    assert _protocol_errors(registry, "small") == 1
+
+
 async def test_stream_failure_before_first_byte_is_a_status_error(fake: FakeUpstream) -> None:
     async with proxy(two_stage("refuse", "error-500"), fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(stream=True))
@@ -498,3 +552,48 @@ async def test_a_bug_on_the_chat_path_answers_500_and_logs_no_data(
     assert models.status_code == 200
     errors = [rec for rec in caplog.records if rec.getMessage() == "unhandled error"]
     assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_middleware_added_later_sees_chat_completions_too(
+    fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """Chat completions are answered ahead of the middleware stack (CascadeApp.__call__) only while the
+    app has no middleware of its own: one added later must not silently skip the path that matters."""
+    fast = []
+    real = main_module.serve_chat
+
+    async def counted(*args: Any) -> None:
+        fast.append(1)
+        await real(*args)
+
+    monkeypatch.setattr(main_module, "serve_chat", counted)
+    app = create_app(parse_config(base_config(), env={}), transport=Router({"fake.local": fake}))
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c,
+    ):
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+    assert r.status_code == 200 and fast == [1]  # no middleware: the fast path
+
+    seen: list[str] = []
+    app = create_app(parse_config(base_config(), env={}), transport=Router({"fake.local": fake}))
+
+    @app.middleware("http")
+    async def note(request: Any, call_next: Any) -> Any:
+        seen.append(request.url.path)
+        return await call_next(request)
+
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c,
+    ):
+        r = await c.post("/v1/chat/completions", json=chat(stream=stream))
+        bad = await c.post("/v1/chat/completions", json={"model": "default"})
+    assert r.status_code == 200 and seen == ["/v1/chat/completions"] * 2 and fast == [1]
+    if stream:
+        assert sse_events(r.text)[-1] == "[DONE]"
+    else:
+        check_completion(r.json())
+    assert bad.status_code == 400
+    check_error(bad.json())

@@ -12,7 +12,8 @@ import yaml
 from app.cli import main
 from app.config import ConfigError, load_config, parse_config
 from app.settings import load_effective
-from tests.conftest import base_config
+from tests.conftest import base_config, chat, proxy
+from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +133,32 @@ def test_serve_with_a_bad_config_exits_2_before_binding(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["upstreams: must have at least 1 item(s)"]
+
+
+@pytest.mark.parametrize("name", ["small-\u2603", "tab\there", "line\nbreak"])
+def test_an_upstream_name_that_cannot_be_a_header_value_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Upstream names go out in the ``x-cascade-upstream`` header, which is Latin-1 text without control
+    characters: such a name used to pass config and make a 500 after the upstream was paid."""
+    raw = base_config()
+    raw["upstreams"][name] = raw["upstreams"].pop("large")
+    raw["cascades"]["default"]["stages"][1]["upstream"] = name
+    shown = name if name.isprintable() else name.encode("unicode_escape").decode()  # one line each
+    expected = f"upstreams.{shown}: the name goes out in a response header, so it must be printable Latin-1"
+    assert _problems(raw) == [expected]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == expected
+
+
+@pytest.mark.anyio
+async def test_a_latin1_upstream_name_serves(fake: FakeUpstream) -> None:
+    raw = base_config()
+    raw["upstreams"]["café"] = raw["upstreams"].pop("large")
+    raw["cascades"]["default"]["stages"][1]["upstream"] = "café"
+    async with proxy(raw, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat("café", stream=True))
+    assert r.status_code == 200
+    assert dict(r.headers.raw)[b"x-cascade-upstream"] == "café".encode("latin-1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import socket
@@ -20,6 +21,7 @@ import pytest
 from referencing import Registry, Resource
 
 from tests import fake_upstream
+from tests.conftest import wait_for
 from tests.fake_upstream import (
     DEFAULT_CONTENT,
     REFUSAL,
@@ -124,6 +126,8 @@ def test_parse_directives_combines_and_ignores_unknown() -> None:
     assert parse_directives("error-429").error_status == 429
     assert parse_directives("echo+answer-x").echo is False  # later content directive wins
     assert parse_directives("slow-abc") == Behaviour()
+    assert parse_directives("badchunk-index+ptokens-7") == Behaviour(badchunk="index", ptokens=7)
+    assert parse_directives("badchunk-nonsense") == Behaviour()
 
 
 def test_pure_builders_match_schema() -> None:
@@ -474,3 +478,15 @@ def test_cli_serves() -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+async def test_gated_replies_wait_for_the_gate() -> None:
+    fake = create_fake_upstream()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fake), base_url="http://f") as c:
+        body = {"model": "gated+answer-open", "messages": MESSAGES}
+        reply = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+        await wait_for(lambda: fake.counts.get("gated+answer-open"), "the request arrived")
+        assert not reply.done()
+        fake.gate.set()
+        r = await reply
+    assert r.json()["choices"][0]["message"]["content"] == "open"

@@ -84,6 +84,24 @@ async def test_the_deadline_passing_in_the_last_stage_serves_the_fallback(fake: 
     assert ext["fallback"] == "best_rejected" and ext["attempts"][-1]["reason"] == "timeout"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_last_stage_that_cannot_fit_the_deadline_serves_the_fallback(
+    fake: FakeUpstream, stream: bool
+) -> None:
+    """Skipped for lack of time before it started, or cut by the deadline mid-way: the same fallback."""
+    cfg = cascade("answer-never_asked", deadline_s=30)
+    cfg["upstreams"]["large"]["min_budget_s"] = 60  # never fits
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(content="score=0.3", stream=stream))
+    assert r.status_code == 200 and r.headers["x-cascade-fallback"] == "best_rejected"
+    ext = sse_events(r.text)[-2]["cascade"] if stream else r.json()["cascade"]
+    assert ext["fallback"] == "best_rejected" and ext["upstream"] == "mid"
+    last = ext["attempts"][-1]
+    assert (last["outcome"], last["reason"]) == ("error", "timeout")
+    assert last["detail"].startswith("not started")
+    assert "answer-never_asked" not in fake.counts
+
+
 async def test_without_the_option_or_an_earlier_answer_the_error_stays(fake: FakeUpstream) -> None:
     reg = CollectorRegistry()
     async with proxy(cascade("error-500", fallback=None), fake, registry=reg) as (c, _):

@@ -170,7 +170,8 @@ async def test_sigterm_drains_in_flight_requests_and_streams_then_exits_0(
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(
-        yaml.safe_dump(_config(fake_url, slow="slow-1200", streamy="chunkdelay-120+words-12", fast="ok")),
+        # Long enough that both are surely still in flight when the test has seen them start.
+        yaml.safe_dump(_config(fake_url, slow="slow-6000", streamy="chunkdelay-500+words-12", fast="ok")),
         encoding="utf-8",
     )
     async with serve(path, workers) as s, httpx.AsyncClient(timeout=20) as client:
@@ -183,7 +184,13 @@ async def test_sigterm_drains_in_flight_requests_and_streams_then_exits_0(
                 return [line async for line in r.aiter_lines() if line.startswith("data: ")]
 
         streamed = asyncio.create_task(stream())
-        await asyncio.sleep(0.4)  # both in flight
+
+        async def both_in_flight() -> bool:
+            async with httpx.AsyncClient(timeout=5) as c:
+                text = (await c.get(s.url + "/metrics")).text
+            return "cascade_in_flight_requests 2.0" in text
+
+        await _until("both requests in flight", 20, both_in_flight)
         s.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import base_config, chat, proxy, sse_events, upstream
+from app.config import parse_config
+from app.main import create_app
+from tests.conftest import Router, base_config, chat, proxy, sse_events, upstream
 from tests.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.anyio
@@ -136,3 +142,28 @@ async def test_counters_add_up_to_the_cent(fake: FakeUpstream) -> None:
     # tokens: every attempt's usage, by upstream
     prompt = sum(7 for b in bodies for a in b["cascade"]["attempts"] if a["upstream"] == "large")
     assert get("cascade_tokens_total", {"upstream": "large", "kind": "prompt"}) == prompt
+
+
+async def test_multiprocess_metrics_are_collected_off_the_event_loop(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--workers N`` a scrape reads every worker's metric files: in a thread, not on the loop."""
+    from prometheus_client import multiprocess
+
+    read_on: list[int] = []
+    collect = multiprocess.MultiProcessCollector.collect
+
+    def noting(self: Any) -> Any:
+        read_on.append(threading.get_ident())
+        return collect(self)
+
+    monkeypatch.setattr(multiprocess.MultiProcessCollector, "collect", noting)
+    config = parse_config(base_config(), env={})
+    app = create_app(config, transport=Router({"fake.local": fake}), multiprocess_dir=str(tmp_path))
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as c,
+    ):
+        r = await c.get("/metrics")
+    assert r.status_code == 200
+    assert read_on and threading.get_ident() not in read_on

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import orjson
@@ -36,6 +37,7 @@ from tests.conftest import (
     proxy,
     two_stage,
     upstream,
+    wait_for,
 )
 from tests.fake_upstream import CHAOS_FAULTS, FakeUpstream, create_fake_upstream
 from tests.schema import check_error
@@ -171,14 +173,18 @@ async def test_limiter_waits_a_bounded_time_then_reports_saturation() -> None:
     await lim.acquire()
     await lim.acquire()
     t0 = time.perf_counter()
-    with pytest.raises(UpstreamSaturated, match="saturated: 2 of max_concurrency 2"):
-        await lim.acquire()
-    assert 0.04 < time.perf_counter() - t0 < 0.5
-    waiter = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0.01)
-    lim.release()  # a slot frees up within the wait: the waiter gets it
-    await waiter
-    assert lim.in_flight == 2
+    async with asyncio.timeout(10):
+        with pytest.raises(UpstreamSaturated, match="saturated: 2 of max_concurrency 2"):
+            await lim.acquire()
+    assert time.perf_counter() - t0 >= 0.04  # it waited (a busy machine can only make it longer)
+    patient = Limiter("up", 1, 30)
+    await patient.acquire()
+    waiter = asyncio.create_task(patient.acquire())
+    await asyncio.sleep(0)  # the waiter runs until it waits for the slot
+    patient.release()  # a slot frees up within the wait: the waiter gets it (not after 30 s)
+    async with asyncio.timeout(10):
+        await waiter
+    assert patient.in_flight == 1
 
 
 # --- circuit breaker and limits through the proxy -------------------------------------------------------
@@ -188,7 +194,7 @@ async def test_open_circuit_skips_the_stage_then_a_probe_closes_it(fake: FakeUps
     cfg = _secret_config(two_stage("flaky-2"))
     cfg["upstreams"]["small"].update(max_retries=0, circuit={"failures": 2, "cooldown_s": 0.2})
     registry = CollectorRegistry()
-    async with proxy(cfg, fake, registry=registry) as (c, _):
+    async with proxy(cfg, fake, registry=registry) as (c, app):
         for _ in range(2):
             r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
             assert r.status_code == 200 and r.json()["cascade"]["attempts"][0]["outcome"] == "error"
@@ -216,7 +222,9 @@ async def test_open_circuit_skips_the_stage_then_a_probe_closes_it(fake: FakeUps
             == 3
         )
 
-        await asyncio.sleep(0.25)  # cool-down over: the next call probes, succeeds, closes the circuit
+        small = app.state.cascade.runtime.upstreams["small"]
+        await wait_for(lambda: small.breaker.retry_after() == 0, "cool-down over")
+        # The next call probes, succeeds, closes the circuit.
         r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
         assert r.json()["cascade"]["upstream"] == "small"
         assert _sample(registry, "cascade_circuit_open", upstream="small") == 0
@@ -267,16 +275,49 @@ async def test_saturated_first_stage_escalates_and_all_saturated_is_429(fake: Fa
     assert fake.counts["slow-400"] == 1  # saturation never reached the upstream
 
 
+@pytest.mark.parametrize("ending", ["deadline", "client_gone"])
+async def test_a_probe_that_ends_while_waiting_for_a_slot_frees_the_half_open_circuit(
+    fake: FakeUpstream, ending: str
+) -> None:
+    """The half-open probe is admitted by the breaker, then waits for a concurrency slot. Whatever ends
+    that wait (the cascade deadline, the client leaving) must give the probe back, or the upstream stays
+    skipped ("a probe call is in flight") until a restart."""
+    cfg = two_stage("flaky-1")
+    cfg["cascades"]["default"]["deadline_s"] = 1.5
+    cfg["upstreams"]["small"].update(
+        max_retries=0, circuit={"failures": 1, "cooldown_s": 0.05}, max_concurrency=1, queue_timeout_s=60
+    )
+    async with proxy(cfg, fake) as (c, app):
+        small = app.state.cascade.runtime.upstreams["small"]
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.json()["cascade"]["upstream"] == "large" and small.breaker.state == OPEN
+        await wait_for(lambda: small.breaker.retry_after() == 0, "cool-down over")
+        await small.limiter.acquire()  # a call in flight holds the only slot
+        waiting = asyncio.create_task(c.post("/v1/chat/completions", json=chat()))
+        await wait_for(lambda: small.breaker.blocked() is not None, "the probe is admitted")
+        assert small.limiter.in_flight == 1  # ... and waits for the slot
+        if ending == "deadline":
+            r = await waiting
+            assert r.status_code == 504
+        else:
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        small.limiter.release()
+        assert small.breaker.blocked() is None  # the next call may probe
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["upstream"] == "small"
+        assert small.breaker.state == CLOSED and small.limiter.in_flight == 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_stage_that_cannot_fit_the_deadline_is_not_started(fake: FakeUpstream, stream: bool) -> None:
-    cfg = two_stage("refuse+slow-500")
-    cfg["cascades"]["default"]["deadline_s"] = 1.0
-    cfg["upstreams"]["large"]["min_budget_s"] = 0.7
+    cfg = two_stage("refuse")
+    cfg["cascades"]["default"]["deadline_s"] = 30
+    cfg["upstreams"]["large"]["min_budget_s"] = 60  # never fits: started, it would answer at once
     async with proxy(cfg, fake) as (c, _):
-        t0 = time.perf_counter()
         r = await c.post("/v1/chat/completions", json=chat(stream=stream))
-        took = time.perf_counter() - t0
-    assert r.status_code == 504 and took < 0.9
+    assert r.status_code == 504
     check_error(r.json())
     msg = r.json()["error"]["message"]
     assert "cannot fit stage 1" in msg
@@ -293,30 +334,17 @@ async def loopback(cfg: dict[str, Any]) -> AsyncIterator[tuple[str, FakeUpstream
         yield url + "/chat/completions", fake, registry
 
 
-async def _within(seconds: float, cond: Callable[[], bool]) -> float:
-    """How long until ``cond()`` held (polling); fails past ``seconds``."""
-    t0 = time.perf_counter()
-    while not cond():
-        if time.perf_counter() - t0 > seconds:
-            break
-        await asyncio.sleep(0.002)
-    took = time.perf_counter() - t0
-    assert cond(), f"not within {seconds}s"
-    return took
-
-
 @pytest.mark.loopback
 @pytest.mark.parametrize("stream", [False, True])
-async def test_disconnect_while_a_scored_stage_is_buffered_cancels_it_within_100ms(stream: bool) -> None:
-    async with loopback(_secret_config(two_stage("slow-5000"))) as (url, fake, registry):
+async def test_disconnect_while_a_scored_stage_is_buffered_cancels_it(stream: bool) -> None:
+    # Not cancelled, the upstream call would sit there for a minute, far past the wait's bound.
+    async with loopback(_secret_config(two_stage("slow-60000"))) as (url, fake, registry):
         async with httpx.AsyncClient(timeout=0.3) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(url, json=_ask(stream=stream), headers=AUTH)
-        took = await _within(1.0, lambda: fake.cancelled_waits == 1)
-        assert took < 0.1, f"upstream call cancelled {took * 1000:.0f} ms after the client left"
-        await _within(
-            1.0, lambda: _sample(registry, "cascade_requests_total", cascade="default", outcome="error") == 1
-        )
+        await wait_for(lambda: fake.cancelled_waits == 1, "the upstream call is cancelled")
+        failed = {"cascade": "default", "outcome": "error"}
+        await wait_for(lambda: _sample(registry, "cascade_requests_total", **failed) == 1, "recorded")
         assert _sample(registry, "cascade_in_flight_requests") == 0
         assert (
             _sample(
@@ -340,8 +368,9 @@ async def test_disconnect_while_a_scored_stage_is_buffered_cancels_it_within_100
 
 
 @pytest.mark.loopback
-async def test_disconnect_mid_stream_cancels_within_100ms_and_charges_what_was_generated() -> None:
-    async with loopback(_secret_config(two_stage("refuse", "chunkdelay-40+words-400"))) as (
+async def test_disconnect_mid_stream_cancels_it_and_charges_what_was_generated() -> None:
+    # 2000 words 40 ms apart: an upstream stream left running would take 80 s to finish.
+    async with loopback(_secret_config(two_stage("refuse", "chunkdelay-40+words-2000"))) as (
         url,
         fake,
         registry,
@@ -355,12 +384,10 @@ async def test_disconnect_mid_stream_cancels_within_100ms_and_charges_what_was_g
                 got += line.startswith('data: {"')
                 if got >= 6:
                     break
-        took = await _within(1.0, lambda: fake.cancelled_streams == 1)
-        assert took < 0.1, f"upstream stream cancelled {took * 1000:.0f} ms after the client left"
+        await wait_for(lambda: fake.cancelled_streams == 1, "the upstream stream is closed")
         assert fake.active_streams == 0
-        await _within(
-            1.0, lambda: _sample(registry, "cascade_requests_total", cascade="default", outcome="error") == 1
-        )
+        failed = {"cascade": "default", "outcome": "error"}
+        await wait_for(lambda: _sample(registry, "cascade_requests_total", **failed) == 1, "recorded")
         # Both stages were charged: the rejected refusal and the part of the stream generated so far.
         assert (
             _sample(registry, "cascade_cost_usd_total", cascade="default", upstream="small", purpose="answer")
@@ -371,7 +398,7 @@ async def test_disconnect_mid_stream_cancels_within_100ms_and_charges_what_was_g
         )
         assert large > 0
         completion = _sample(registry, "cascade_tokens_total", upstream="large", kind="completion")
-        assert 4 <= completion < 400  # some of the 400 words, not all of them
+        assert 4 <= completion < 2000  # some of the words, not all of them
         assert _sample(registry, "cascade_in_flight_requests") == 0
 
 
@@ -474,7 +501,7 @@ async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
 ) -> None:
     caplog.set_level(logging.INFO, logger="cascade.reload")
     old = _secret_config(base_config())
-    old["upstreams"]["large"]["model"] = "slow-400+answer-old_config"
+    old["upstreams"]["large"]["model"] = "gated+answer-old_config"  # answers when the test opens the gate
     path = tmp_path / "config.yaml"
     _write(path, old)
     new = copy.deepcopy(old)
@@ -489,11 +516,13 @@ async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
         in_flight = asyncio.create_task(
             c.post("/v1/chat/completions", json=_ask(model="large"), headers=AUTH)
         )
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: fake.counts.get("gated+answer-old_config"), "the request reached the upstream")
         _write(path, new)
         r = await c.post("/admin/reload", headers=AUTH)
         assert r.status_code == 200, r.text
         assert r.json()["upstreams"] == ["extra", "large", "small"] and r.json()["reloads"] == 1
+        assert not in_flight.done()  # it is still waiting on the old config's upstream
+        fake.gate.set()
         done = await in_flight
         assert done.json()["choices"][0]["message"]["content"] == "old config"
 
@@ -520,6 +549,47 @@ async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
     rejected = [rec for rec in caplog.records if rec.msg.startswith("config reload rejected")]
     assert len(rejected) == 2
     assert "unknown upstream 'medum'" in rejected[0].problems[0]  # type: ignore[attr-defined]
+
+
+class ThreadProbe:
+    """A ``python`` scorer that notes the thread it is built on (a reload imports and builds scorers)."""
+
+    built_on: ClassVar[list[int]] = []
+
+    def __init__(self) -> None:
+        ThreadProbe.built_on.append(threading.get_ident())
+
+    async def score(self, request: dict[str, Any], answer: dict[str, Any]) -> float:
+        return 1.0
+
+
+async def test_reload_reads_and_builds_the_config_off_the_event_loop(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Reading YAML, importing scorers and loading model files block: a reload does them in a thread and
+    only swaps the finished runtime in on the loop."""
+    cfg = _secret_config(
+        two_stage("ok", scorers=[{"type": "python", "class": "tests.test_reliability:ThreadProbe"}])
+    )
+    path = tmp_path / "config.yaml"
+    _write(path, cfg)
+    loaded_on: list[int] = []
+
+    def loader() -> Any:
+        loaded_on.append(threading.get_ident())
+        return load_config(path, env={})
+
+    async with proxy(cfg, fake) as (c, app):
+        app.state.cascade.loader = loader
+        before = app.state.cascade.runtime
+        ThreadProbe.built_on.clear()
+        assert (await c.post("/admin/reload", headers=AUTH)).status_code == 200
+        assert app.state.cascade.runtime is not before
+        r = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+    assert r.status_code == 200 and r.json()["cascade"]["attempts"][0]["scores"] == {"python": 1.0}
+    on_loop = threading.get_ident()
+    assert loaded_on and ThreadProbe.built_on
+    assert on_loop not in loaded_on and on_loop not in ThreadProbe.built_on
 
 
 async def test_reload_keeps_an_open_circuit_when_its_settings_did_not_change(

@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry
 
 from app.config import ConfigError, parse_config
 from app.main import create_app
+from app.protocol import estimate_prompt_tokens
 from app.scoring.asking import parse_grade, yes_probability
 from app.scoring.logprob import aggregate, token_probs
-from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
+from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream, wait_for
 from tests.conftest import loopback_stack as stack
 from tests.fake_upstream import FakeUpstream
 
@@ -155,6 +156,62 @@ async def test_judge_grades_and_its_cost_is_scoring_spend(
     assert ext["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in ext["attempts"]))
 
 
+def _judged(grader_timeout_s: float = 5, scorer_timeout_s: float = 10, **cascade: Any) -> dict[str, Any]:
+    cfg = two_stage("ok", scorers=[{"type": "judge", "upstream": "grader", "timeout_s": scorer_timeout_s}])
+    cfg["upstreams"]["grader"] = upstream(
+        "slow-30000", price={"input": 3.0, "output": 4.0}, timeout_s=grader_timeout_s, max_retries=0
+    )
+    cfg["cascades"]["default"].update(cascade)
+    return cfg
+
+
+def _scoring_usd(registry: CollectorRegistry) -> float:
+    labels = {"cascade": "default", "upstream": "grader", "purpose": "scoring"}
+    return registry.get_sample_value("cascade_cost_usd_total", labels) or 0.0
+
+
+def _judge_prompt_usd(fake: FakeUpstream) -> float:
+    """What the judge call is known to have cost when it was cut off: its estimated prompt tokens."""
+    (judge,) = [x["body"] for x in fake.requests if x["body"]["model"] == "slow-30000"]
+    return estimate_prompt_tokens(judge) * 3.0 / 1e6
+
+
+@pytest.mark.parametrize("cut", ["scorer_timeout", "upstream_timeout"])
+async def test_a_judge_call_that_times_out_is_still_charged(fake: FakeUpstream, cut: str) -> None:
+    cfg = _judged(scorer_timeout_s=0.2) if cut == "scorer_timeout" else _judged(grader_timeout_s=0.2)
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200
+    att0 = _ext(r)["attempts"][0]
+    assert att0["outcome"] == "rejected" and "judge" in att0["reasons"]
+    spent = _judge_prompt_usd(fake)
+    assert spent > 0 and _scoring_usd(registry) == pytest.approx(spent)
+    answer = registry.get_sample_value(
+        "cascade_cost_usd_total", {"cascade": "default", "upstream": "small", "purpose": "answer"}
+    )
+    assert att0["cost_usd"] == pytest.approx(answer + spent)
+
+
+@pytest.mark.parametrize("ending", ["deadline", "client_gone"])
+async def test_scoring_in_flight_when_the_request_ends_is_charged(fake: FakeUpstream, ending: str) -> None:
+    registry = CollectorRegistry()
+    cfg = _judged(deadline_s=1.0) if ending == "deadline" else _judged()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        asked = asyncio.create_task(c.post("/v1/chat/completions", json=chat()))
+        if ending == "deadline":
+            assert (await asked).status_code == 504
+        else:
+            await wait_for(lambda: fake.counts.get("slow-30000"), "the judge call is sent")
+            asked.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asked
+        failed = {"cascade": "default", "outcome": "error"}
+        await wait_for(lambda: registry.get_sample_value("cascade_requests_total", failed), "recorded")
+    spent = _judge_prompt_usd(fake)
+    assert spent > 0 and _scoring_usd(registry) == pytest.approx(spent)
+
+
 def test_yes_probability() -> None:
     reply = {
         "choices": [
@@ -186,16 +243,20 @@ def test_yes_probability() -> None:
 async def test_self_verify(fake: FakeUpstream, answer: str, expected: str, logprobs: bool) -> None:
     cfg = two_stage(f"answer-{answer}", scorers=[{"type": "self_verify"}])
     cfg["upstreams"]["small"]["logprobs"] = logprobs
-    async with proxy(cfg, fake) as (c, _):
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat())
     ext = _ext(r)
     assert ext["upstream"] == expected
     verify = fake.requests[1]["body"]
     assert "Is the proposed answer correct?" in verify["messages"][0]["content"]
     assert verify.get("logprobs", False) is logprobs
-    assert (
-        ext["attempts"][0]["cost_usd"] > ext["attempts"][0]["cost_usd"] - 1
-    )  # spend included (non-negative)
+    # The verification call is paid at the stage's own prices, as scoring, and in the attempt's cost.
+    spent = {"cascade": "default", "upstream": "small"}
+    scoring = registry.get_sample_value("cascade_cost_usd_total", {**spent, "purpose": "scoring"})
+    answer_usd = registry.get_sample_value("cascade_cost_usd_total", {**spent, "purpose": "answer"})
+    assert scoring is not None and scoring > 0 and answer_usd is not None
+    assert ext["attempts"][0]["cost_usd"] == pytest.approx(answer_usd + scoring)
 
 
 # --- consistency and agreement ---------------------------------------------------------------------------

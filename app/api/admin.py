@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.auth import check_key
-from app.api.transport import json_response
+from app.api.http_io import json_response
 from app.config import ConfigError
 from app.errors import ConfigRejected, Forbidden
 from app.state import AppState

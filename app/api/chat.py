@@ -3,8 +3,8 @@
 Every request crosses this code, so it skips the framework's routing, dependency solving and request
 objects (about 45 us of CPU per request measured in-process) and works on the ASGI scope directly:
 parse, call the engine once, render. ``CascadeApp`` (app.main) routes the one path here ahead of FastAPI
-and its middleware; the FastAPI route of the same path (kept for the OpenAPI document) answers through
-the same function.
+while the app has no middleware of its own (with one, the path goes through it like any other); the
+FastAPI route of the same path (the OpenAPI document, and that case) answers through the same function.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import check_presented
-from app.api.transport import ClientGone, SSEResponse, parse_json, run_or_cancel
+from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
 from app.cascade.engine import Completed
+from app.cascade.streams import Streamed
 from app.cascade.trace import Trace
 from app.errors import InternalError, PayloadTooLarge, ProxyError
 from app.protocol import new_id, validate_chat_request
@@ -90,6 +91,8 @@ def _cascade_headers(trace: Trace, request_id: str) -> dict[str, str]:
         h["x-cascade-stage"] = str(a.stage)
     if trace.fallback:
         h["x-cascade-fallback"] = trace.fallback
+    if trace.routed:
+        h["x-cascade-routed"] = "true"
     return h
 
 
@@ -111,7 +114,7 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
     stream = body.get("stream") is True
     metrics = state.metrics
     metrics.in_flight.inc()
-    handed_off = False
+    result: Completed | Streamed | None = None
     try:
         try:
             result = await run_or_cancel(receive, rt.engine.run(plan, body, request_id=rid, stream=stream))
@@ -125,11 +128,13 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
             headers["x-cascade-cost-usd"] = f"{result.trace.cost_usd:.10f}"
             await _send_json(send, 200, result.body, headers)
             return
-        handed_off = True
-        await SSEResponse(result.events, headers, on_close=metrics.in_flight.dec)(scope, receive, send)
+        await SSEResponse(result.events, headers)(scope, receive, send)
     finally:
-        if not handed_off:
-            metrics.in_flight.dec()
+        if isinstance(result, Streamed):
+            # This handler owns the stream: whatever happened since the engine opened it (even the
+            # response failing to build), it is closed and the request recorded here, once.
+            await result.aclose()
+        metrics.in_flight.dec()
 
 
 class ChatEndpoint(Response):

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.auth import check_key
-from app.api.transport import json_response, parse_json, read_body
+from app.api.http_io import json_response, parse_json, read_body
 from app.errors import InvalidRequest, NotFound, ServiceUnavailable
 from app.learning.store import StoreError
 from app.state import AppState

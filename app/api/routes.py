@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from app.api.auth import check_key
 from app.api.chat import ChatEndpoint
-from app.api.transport import json_response
+from app.api.http_io import json_response
 from app.errors import NotFound
 from app.protocol import model_object
 from app.state import AppState
@@ -89,5 +89,5 @@ async def metrics(request: Request) -> Response:
     rt = state.runtime
     if rt.config.auth.protect_metrics:
         check_key(request, rt.keys)
-    payload, ctype = state.exposition()
+    payload, ctype = await state.exposition()
     return Response(payload, media_type=ctype)

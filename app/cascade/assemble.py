@@ -1,5 +1,6 @@
 """Rebuild a ``chat.completion`` from ``chat.completion.chunk`` events (a scored stage streamed upstream
-so it could be aborted early is scored, and replayed, as one whole answer)."""
+so it could be aborted early is scored, and replayed, as one whole answer). The chunks arrive with
+their shape checked (``app.upstream.shapes``): a malformed one is an upstream protocol error there."""
 
 from __future__ import annotations
 

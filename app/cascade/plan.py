@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.config import Config
 from app.errors import ModelNotFound
 from app.scoring.base import Configured, StreamCheck
 from app.scoring.registry import ScorerDeps, build_stage_scorers
+from app.scoring.router import Router
 from app.upstream.client import Upstream
 
 
@@ -36,6 +38,14 @@ class Plan:
     passthrough: bool = False
     thresholds: list[float | None] = field(default_factory=list)
     fallback: str = "none"  # "best_rejected": serve the best earlier answer when the last stage fails
+    router: Router | None = None  # route-then-cascade: may start a request at the last stage
+
+    def first_stage(self, body: Mapping[str, Any]) -> int:
+        """Where a request starts: the last stage when the router says the earlier ones would be
+        rejected anyway, else stage 0."""
+        if self.router is not None and len(self.stages) > 1 and self.router.skips(body):
+            return len(self.stages) - 1
+        return 0
 
     @property
     def final(self) -> Stage:
@@ -84,7 +94,8 @@ def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps
             stages.append(
                 Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp, early)
             )
-        plan = Plan(cname, stages, ccfg.deadline_s, fallback=ccfg.fallback)
+        router = Router.load(ccfg.router, f"cascades.{cname}") if ccfg.router is not None else None
+        plan = Plan(cname, stages, ccfg.deadline_s, fallback=ccfg.fallback, router=router)
         plan.thresholds = [s.threshold for s in stages]
         plans[cname] = plan
     return Plans(plans, created)

@@ -1,10 +1,13 @@
 """Pure helpers that rewrite an upstream chunk stream for the client.
 
-Content chunks are forwarded the moment they arrive (only the id, and logprobs/usage the client did not
-ask for, are changed). From the first chunk carrying a ``finish_reason`` on, chunks are held until the
-upstream ends, so the ``cascade`` extension (which needs the final usage and cost) can ride on the last
-chunk: the usage chunk when the client asked for usage, else the finish chunk. Holding costs nothing
-visible: after a finish_reason only the usage chunk and ``[DONE]`` follow.
+Chunks arrive with their shape checked (``app.upstream.shapes``). Content chunks are forwarded the moment
+they arrive (only the id, and logprobs/usage the client did not ask for, are changed). From the first
+chunk carrying a ``finish_reason`` on, chunks are held until the upstream ends, so the ``cascade``
+extension (which needs the final usage and cost) can ride on the last chunk: the usage chunk when the
+client asked for usage, else the last finish chunk. With one choice (``n`` = 1) holding costs nothing
+visible: after a finish_reason only the usage chunk and ``[DONE]`` follow. With ``n`` > 1 the choices
+interleave and finish one by one, so everything after the first choice to finish (the other choices'
+remaining content included) is held and reaches the client in one burst when the upstream ends.
 """
 
 from __future__ import annotations

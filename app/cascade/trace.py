@@ -80,6 +80,7 @@ class Trace:
     serving: Attempt | None = None
     request: Json | None = None  # the client's request body (for the trace store and shadow labels)
     fallback: str | None = None  # "best_rejected" when the last stage failed and an earlier answer served
+    routed: bool = False  # the cascade's router sent the request straight to its last stage
 
     @property
     def escalations(self) -> int:
@@ -114,6 +115,8 @@ class Trace:
         }
         if self.fallback:
             ext["fallback"] = self.fallback
+        if self.routed:
+            ext["routed"] = True
         return ext
 
     def record(self, metrics: Metrics, *, ok: bool, seconds: float) -> None:
@@ -130,4 +133,6 @@ class Trace:
                 metrics.escalation(c, a.upstream, self.attempts[i + 1].upstream, a.escalation_reason)
         if self.fallback and self.accepted is not None:
             metrics.fallback(c, self.accepted.upstream)
+        if self.routed and self.attempts:
+            metrics.routed(c, self.attempts[0].upstream)
         metrics.finished(c, ok, self.stream, seconds, self.baseline_usd if ok else 0.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config, ConfigError, LearningConfig
+from app.errors import CascadeBaseError
 from app.learning.calibration import Calibration, Rows, assemble, fit, to_unit
 from app.learning.records import plan_fingerprint
 from app.learning.store import Store, StoreError
@@ -31,7 +32,7 @@ MAX_TABLE_ROWS = 30
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-class CalibrateError(Exception):
+class CalibrateError(CascadeBaseError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code

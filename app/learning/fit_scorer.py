@@ -9,12 +9,13 @@ overrides them), weighted by the inverse of the chance the request was labelled 
 for shadowed requests). Only traces that ran on the upstreams the cascade has now are used; their
 scorers and thresholds may differ (fitting a learned scorer to replace them is the point).
 
-Each stage's model (``app.learning.train.fit_stage_scorer``) is written as ``DIR/stage{k}.json``, usable
-as ``{type: learned, model: DIR/stage{k}.json}``. Thresholds for the new scorers are then chosen like
-``cascade calibrate`` does (the cheapest meeting ``target_quality``), on the new scorers' scores of the
-same labelled requests, and written with a summary to ``DIR/cascade.json`` and as a config snippet to
-``DIR/cascade.yaml``. Exit codes: 0 done, 1 not enough labelled answers with text (or none: store_text
-was off), 2 config or usage error.
+Each stage's model (``app.learning.train.crossfit_stage_scorer``: calibrated, P(good)) is written as
+``DIR/stage{k}.json``, usable as ``{type: learned, model: DIR/stage{k}.json}``. Thresholds for the new
+scorers are then chosen like ``cascade calibrate`` does (the cheapest meeting ``target_quality``), on
+the new scorers' cross-fitted scores of the same labelled requests (each answer scored by a model
+fitted without it, so the thresholds are not chosen on scores the model has memorised), and written
+with a summary to ``DIR/cascade.json`` and as a config snippet to ``DIR/cascade.yaml``. Exit codes:
+0 done, 1 not enough labelled answers with text (or none: store_text was off), 2 config or usage error.
 """
 
 from __future__ import annotations
@@ -24,22 +25,23 @@ import asyncio
 import json
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from app.config import Config, ConfigError, LearningConfig
+from app.errors import CascadeBaseError
 from app.learning.calibration import Calibration, assemble, fit
 from app.learning.store import LabelledData, LabelledTexts, Store, StoreError
-from app.learning.train import StageExample, fit_stage_scorer
+from app.learning.train import StageExample, crossfit_stage_scorer
 from app.scoring.features import extract_features
 from app.scoring.model import LogisticModel
 
 EXIT_OK, EXIT_LABELS, EXIT_CONFIG = 0, 1, 2
 
 
-class FitError(Exception):
+class FitError(CascadeBaseError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
@@ -55,6 +57,7 @@ class StageSet:
     labels: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     sources: Counter[str] = field(default_factory=Counter)
+    ids: list[str] = field(default_factory=list)  # the trace of each example
 
     @property
     def good(self) -> int:
@@ -123,14 +126,22 @@ def collect(data: LabelledTexts, upstreams: Sequence[str]) -> Collected:
                 s.labels.append(value)
                 s.weights.append(weight)
                 s.sources[source] += 1
+                s.ids.append(tid)
             if _answered(outcome, reason, text):
                 assert text is not None
                 previous.append(text)
     return Collected(sets, labelled, with_text, other)
 
 
-def rescored(data: LabelledTexts, upstreams: Sequence[str], models: Sequence[LogisticModel]) -> LabelledData:
-    """The labelled requests (with texts) as the threshold fit reads them, scored by the new models."""
+def rescored(
+    data: LabelledTexts,
+    upstreams: Sequence[str],
+    models: Sequence[LogisticModel],
+    fixed: Mapping[tuple[str, int], float] | None = None,
+) -> LabelledData:
+    """The labelled requests (with texts) as the threshold fit reads them, scored by the new models;
+    ``fixed`` (trace id, stage) -> score takes precedence: the cross-fitted scores of the answers the
+    models were fitted on, so the thresholds are chosen on scores the models did not see."""
     K = len(upstreams)
     by_trace: dict[str, list[tuple[int, str, str, str, float, str | None, str | None]]] = defaultdict(list)
     for tid, stage, upstream, outcome, reason, cost, finish, text in data.attempts:
@@ -147,6 +158,8 @@ def rescored(data: LabelledTexts, upstreams: Sequence[str], models: Sequence[Log
             score: float | None = None
             if reason == "early_abort":
                 score = 0.0  # rejected while streaming, before any scorer ran (as at request time)
+            elif fixed is not None and (tid, stage) in fixed:
+                score = fixed[(tid, stage)]
             elif stage < K - 1 and text is not None and outcome != "error":
                 m = models[stage]
                 x = extract_features(prompt, text, previous, None, finish, m.feature_spec)
@@ -210,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     models: list[LogisticModel] = []
     files: list[str] = []
+    oof: dict[tuple[str, int], float] = {}
     for s in got.stages:
         meta = {
             "source": "traces",
@@ -221,12 +235,13 @@ def _run(args: argparse.Namespace) -> int:
             "n_train": len(s.labels),
             "labels_by_source": dict(sorted(s.sources.items())),
         }
-        model = fit_stage_scorer(s.examples, s.labels, s.weights, meta=meta)
+        cf = crossfit_stage_scorer(s.examples, s.labels, s.weights, meta=meta)
         p = out / f"stage{s.stage}.json"
-        model.save(p)
-        models.append(model)
+        cf.model.save(p)
+        models.append(cf.model)
         files.append(str(p.resolve()))
-    rows = assemble(rescored(data, upstreams, models), len(upstreams))
+        oof.update({(tid, s.stage): float(v) for tid, v in zip(s.ids, cf.oof, strict=True)})
+    rows = assemble(rescored(data, upstreams, models, oof), len(upstreams))
     cal = fit(rows, target, margin_z=margin_z, bounds=lcfg.threshold_bounds) if rows.n else None
     summary = _summary(name, upstreams, got, cal, rows.n, target, margin_z, files)
     (out / "cascade.json").write_text(json.dumps(summary, indent=1, sort_keys=True), encoding="utf-8")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from app.scoring.features import FeatureSpec, feature_names
+from app.scoring.feature_spec import FeatureSpec, feature_names
 from app.scoring.model import LogisticModel
 
 
@@ -20,7 +20,7 @@ def fit_logistic(
     y: Sequence[bool | int | float] | Any,
     *,
     l2: float = 1.0,
-    class_weight: str | Mapping[int, float] | None = "balanced",
+    class_weight: str | Mapping[int, float] | None = None,
     sample_weight: Sequence[float] | Any | None = None,
     feature_spec: FeatureSpec | None = None,
     names: Sequence[str] | None = None,
@@ -32,8 +32,9 @@ def fit_logistic(
 
     ``l2`` is the penalty on standardised coefficients (the intercept is not penalised), relative to
     the total sample weight: loss = sum_i w_i * logloss_i / sum_i w_i + l2 / (2 n) * |coef|^2.
-    ``class_weight``: ``"balanced"`` (each class gets half the total weight), a ``{0: w0, 1: w1}``
-    mapping, or ``None``. ``sample_weight`` multiplies in (e.g. inverse sampling probabilities).
+    ``class_weight``: ``None`` (the default: the output is P(label), what thresholds need),
+    ``"balanced"`` (each class gets half the total weight; not a probability any more), or a
+    ``{0: w0, 1: w1}`` mapping. ``sample_weight`` multiplies in (e.g. inverse sampling probabilities).
     """
 
     xa = np.asarray(x, dtype=np.float64)

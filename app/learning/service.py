@@ -82,7 +82,7 @@ class Learning:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
-        self.store = Store(cfg.store)
+        self.store = Store(cfg.store, statement_timeout_s=cfg.statement_timeout_s)
         self.shadow = Shadow(
             cfg, metrics, self.emit_labels, self.settle_sampling, clock=clock, workers=workers
         )
@@ -307,10 +307,13 @@ class Learning:
                     ok = await self._write(batch)
                 else:
                     ok = False
-                    self.metrics.traces_dropped("store_error", sum(isinstance(b, _Pending) for b in batch))
-                    self._forget(batch)
+                    self.metrics.traces_dropped("store_error", _records(batch))
                 failures = 0 if ok else failures + 1
+            except Exception as exc:  # nothing may end the writer: later records must flow
+                self.metrics.traces_dropped("bad_record", _records(batch))
+                log.error("trace store writer: batch dropped", extra={"error": type(exc).__name__})
             finally:
+                self._forget(batch)
                 for _ in batch:
                     self._queue.task_done()
             if failures:
@@ -324,16 +327,27 @@ class Learning:
     async def _write(self, batch: list[_Item]) -> bool:
         have_judge = bool(self.cfg.judge)
         try:
-            labels, built = await self.store.run(
-                _build_and_write, self.store, batch, self.cfg.store_text, have_judge
-            )
+            try:
+                labels, built = await self.store.run(
+                    _build_and_write, self.store, batch, self.cfg.store_text, have_judge
+                )
+            except StoreError:
+                raise
+            except Exception:  # a record the store cannot take, not the database failing
+                # One at a time, so only the records at fault are lost (each in its own transaction).
+                labels, built, bad = await self.store.run(
+                    _write_each, self.store, batch, self.cfg.store_text, have_judge
+                )
+                self.metrics.traces_dropped("bad_record", len(bad))
+                log.warning(
+                    "trace store: records it cannot take were dropped",
+                    extra={"records": len(bad), "errors": sorted(set(bad))},
+                )
         except StoreError as exc:
-            n = sum(1 for b in batch if isinstance(b, _Pending))
+            n = _records(batch)
             self.metrics.traces_dropped("store_error", n or 1)
             log.warning("trace store write failed; batch dropped", extra={"error": str(exc), "records": n})
             return False
-        finally:
-            self._forget(batch)
         for (cascade, source), n in labels.items():
             self.metrics.labelled(cascade, source, n)
         if labels:
@@ -352,6 +366,31 @@ class Learning:
             outcome = self.shadow.judge_free(trace, b.prompt, b.reference, b.judge, judge)
             if outcome != "judge":
                 self.settle_sampling(trace.cascade, trace.completion_id, outcome)
+
+
+def _records(batch: list[_Item]) -> int:
+    return sum(1 for b in batch if isinstance(b, _Pending))
+
+
+def _write_each(
+    store: Store, batch: list[_Item], store_text: bool, have_judge: bool
+) -> tuple[Counter[tuple[str, str]], list[tuple[Trace, Built]], list[str]]:
+    """``_build_and_write`` item by item; returns the labels stored, what was built and, for each item
+    that could not be built or stored, its error's type name (never its data). Database errors
+    propagate."""
+    counts: Counter[tuple[str, str]] = Counter()
+    built: list[tuple[Trace, Built]] = []
+    bad: list[str] = []
+    for item in batch:
+        try:
+            c, b = store.run_sync(_build_and_write, store, [item], store_text, have_judge)
+            counts += c
+            built += b
+        except StoreError:
+            raise
+        except Exception as exc:  # this record is at fault: drop it, keep the others
+            bad.append(type(exc).__name__)
+    return counts, built, bad
 
 
 def _build_and_write(

@@ -1,10 +1,14 @@
 """The trace store: decision records, labels and fitted thresholds, in SQLite or PostgreSQL.
 
-``Store(url)`` is an async facade over one blocking connection used from one worker thread, so the
-event loop never waits on the database and the two backends share every query (stdlib ``sqlite3`` in
-WAL mode; ``psycopg`` 3 for ``postgresql://``). The schema is created, or migrated, on ``open()``
-under a lock (``BEGIN IMMEDIATE`` / an advisory lock), so replicas starting together agree on it.
-Database errors are translated to ``StoreError`` here, at the boundary.
+``Store(url)`` is an async facade over two blocking connections, each used from a worker thread of its
+own: one writes (records, labels, fits, pruning, the schema), one reads (feedback lookups, the tuner's
+queries), so the event loop never waits on the database and a slow read never holds up the writes. The
+two backends share every query (stdlib ``sqlite3`` in WAL mode, where readers and the writer do not
+block each other; ``psycopg`` 3 for ``postgresql://``, where every statement has a time limit,
+``statement_timeout_s``). ``close()`` is bounded: a call stuck past it is left to its daemon thread.
+The schema is created, or migrated, on ``open()`` under a lock (``BEGIN IMMEDIATE`` / an advisory
+lock), so replicas starting together agree on it. Database errors are translated to ``StoreError``
+here, at the boundary.
 
 Fits are versioned per (cascade, plan): ``save_fit`` inserts version ``base + 1`` and fails quietly
 when another replica got there first, which then is the fit everyone adopts.
@@ -19,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +37,10 @@ from app.errors import CascadeBaseError
 from app.learning.records import LabelRow, TraceRow
 
 T = TypeVar("T")
+log = logging.getLogger("cascade.learning")
+
+STATEMENT_TIMEOUT_S = 30.0  # PostgreSQL: the longest one statement may run (learning.statement_timeout_s)
+CLOSE_TIMEOUT_S = 5.0  # close() waits this long for calls in flight
 
 SCHEMA_VERSION = 3
 _LOCK_KEY = 7_220_113  # advisory lock id for schema changes (PostgreSQL)
@@ -141,11 +152,12 @@ class LabelSummary:
 
 
 class _Backend:
-    """One blocking connection; every method runs in the store's worker thread."""
+    """One blocking connection; every method runs in the worker thread that owns it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self.statement_timeout_s = statement_timeout_s
         self._conn: Any = None
         self.rows_read = 0  # every row any read returned (tests check reads stay incremental)
         self.seq = "seq" if self.postgres else "rowid"
@@ -161,7 +173,12 @@ class _Backend:
         if self.postgres:
             import psycopg
 
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            # A hung statement (a lock, a runaway plan) fails after the limit instead of blocking every
+            # write behind it, and shutdown. A statement_timeout set in the URL's options wins.
+            extra: dict[str, Any] = {}
+            if "statement_timeout" not in self.url:
+                extra["options"] = f"-c statement_timeout={max(1, round(self.statement_timeout_s * 1000))}"
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, **extra)
         else:
             path = Path(self.url.removeprefix("sqlite:///"))
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -468,22 +485,58 @@ def _db_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class _Worker:
+    """One daemon thread that runs calls in order. A daemon: a call stuck in the database cannot hold up
+    the process exit (``ThreadPoolExecutor`` threads are joined at exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._started = False
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        done: Future[T] = Future()
+        self._calls.put((done, call))
+        return done
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        while (item := self._calls.get()) is not None:
+            done, call = item
+            if not done.set_running_or_notify_cancel():
+                continue  # its caller gave up before it started
+            try:
+                done.set_result(call())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+
 class Store:
     """Async trace store. ``url``: ``sqlite:///PATH`` or ``postgresql://...``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
         self.url = url
         self.kind = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
-        self._b = _Backend(url)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade-store")
+        self._b = _Backend(url, statement_timeout_s)  # writes (and ``run``)
+        self._r = _Backend(url, statement_timeout_s)  # reads
+        self._writer = _Worker("cascade-store-write")
+        self._reader = _Worker("cascade-store-read")
         self._errors = _db_errors()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call ``fn(*args)`` in the store's worker thread (it may use ``self.backend``)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._call, fn, args)
+        """Call ``fn(*args)`` in the store's writer thread (it may use ``self.backend``)."""
+        return await asyncio.wrap_future(self._writer.submit(lambda: self._call(self._b, fn, args)))
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)``, a method of the reading backend, in the reader thread."""
+        return await asyncio.wrap_future(self._reader.submit(lambda: self._call(self._r, fn, args)))
+
+    def _call(self, backend: _Backend, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
             return fn(*args)
         except StoreError:
@@ -491,12 +544,13 @@ class Store:
         except ImportError as exc:
             raise StoreError("postgresql:// stores need psycopg: pip install 'psycopg[binary]'") from exc
         except self._errors as exc:
-            self._b.close()
+            backend.close()
             raise StoreError(f"{self.kind} store: {type(exc).__name__}: {_first_line(exc)}") from exc
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a backend method from a thread that is not the event loop (the CLI)."""
-        return self._call(fn, args)
+        """Call a backend method from a thread that is not the event loop (the CLI, or the writer thread
+        itself); it may use ``self.backend``."""
+        return self._call(self._b, fn, args)
 
     @property
     def backend(self) -> _Backend:
@@ -512,48 +566,59 @@ class Store:
         return await self.run(self._b.prune, before, limit)
 
     async def trace_info(self, trace_id: str) -> tuple[str, int | None] | None:
-        return await self.run(self._b.trace_info, trace_id)
+        return await self._read(self._r.trace_info, trace_id)
 
     async def latest_fit(self, cascade: str, plan: str) -> Fit | None:
-        return await self.run(self._b.latest_fit, cascade, plan)
+        return await self._read(self._r.latest_fit, cascade, plan)
 
     async def save_fit(self, fit: Fit) -> bool:
         return await self.run(self._b.save_fit, fit)
 
     async def label_stats(self, cascade: str, plan: str, after_id: int) -> tuple[int, int]:
-        return await self.run(self._b.label_stats, cascade, plan, after_id)
+        return await self._read(self._r.label_stats, cascade, plan, after_id)
 
     async def labelled(self, cascade: str, plan: str, max_label_id: int | None = None) -> LabelledData:
-        return await self.run(self._b.labelled, cascade, plan, max_label_id)
+        return await self._read(self._r.labelled, cascade, plan, max_label_id)
 
     async def labelled_texts(self, cascade: str) -> LabelledTexts:
-        return await self.run(self._b.labelled_texts, cascade)
+        return await self._read(self._r.labelled_texts, cascade)
 
     async def label_summary(self) -> LabelSummary:
-        return await self.run(self._b.label_summary)
+        return await self._read(self._r.label_summary)
 
     async def set_sampling(self, updates: Sequence[tuple[str, str]]) -> None:
         await self.run(self._b.set_sampling, updates)
 
     async def traces_after(self, cascade: str, plan: str, after_seq: int, limit: int) -> NewTraces:
-        return await self.run(self._b.traces_after, cascade, plan, after_seq, limit)
+        return await self._read(self._r.traces_after, cascade, plan, after_seq, limit)
 
     async def labels_after(
         self, cascade: str, plan: str, after_id: int, limit: int
     ) -> list[tuple[int, str, int | None, str, float, float, float]]:
-        return await self.run(self._b.labels_after, cascade, plan, after_id, limit)
+        return await self._read(self._r.labels_after, cascade, plan, after_id, limit)
 
     async def trace_rows(self, trace_ids: Sequence[str]) -> NewTraces:
-        return await self.run(self._b.trace_rows, trace_ids)
+        return await self._read(self._r.trace_rows, trace_ids)
 
     async def attempts_of(self, trace_ids: Sequence[str]) -> list[tuple[str, int, str, float | None, float]]:
-        return await self.run(self._b.attempts_of, trace_ids)
+        return await self._read(self._r.attempts_of, trace_ids)
 
-    async def close(self) -> None:
+    @property
+    def rows_read(self) -> int:
+        """Rows every read so far returned (both connections): tests check reads stay incremental."""
+        return self._b.rows_read + self._r.rows_read
+
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close both connections once the calls queued before have run, waiting at most ``timeout_s``:
+        a call stuck past that (a dead network) is left to its daemon thread, and shutdown goes on."""
         try:
-            await self.run(self._b.close)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(self.run(self._b.close), self._read(self._r.close))
+        except TimeoutError:
+            log.warning("trace store: a database call still runs at close; left behind")
         finally:
-            self._pool.shutdown(wait=False)
+            self._writer.stop()
+            self._reader.stop()
 
 
 def _first_line(exc: BaseException) -> str:

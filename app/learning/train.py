@@ -33,6 +33,7 @@ cheapest feasible one wins.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -43,20 +44,27 @@ from typing import Any
 
 import numpy as np
 
-from app.learning.fitting import fit_logistic
+from app.learning.crossfit import CrossFit, crossfit, fold_ids
+from app.learning.routing import RouterFit, fit_router, request_for
 from app.learning.rows import Row
+from app.learning.search import PolicyGrid, Search, policy_grid, reference_quality, replicate_weights
 from app.learning.thresholds import (
-    CascadeChoice,
     best_single_model,
-    evaluate_cascade,
-    search_cascades,
+    candidate_thresholds,
     single_model_stats,
 )
-from app.scoring.features import FeatureSpec, extract_features, with_previous
+from app.scoring.feature_spec import FeatureSpec
+from app.scoring.features import extract_features, with_previous
 from app.scoring.model import LogisticModel
+from app.scoring.prompt_features import request_prompt_features
 
 DEFAULT_SPEC = FeatureSpec(hash_dim=0)
 DEFAULT_L2 = 10.0
+DEFAULT_MARGIN_Z = 0.0  # the optimism is paid; a margin on top is a choice (--margin-z)
+DEFAULT_CANDIDATES = 40
+DEFAULT_REPLICATES = 64
+DEFAULT_FOLDS = 5
+SHORTLIST = 24  # chains that get the full bootstrap search
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,24 @@ def featurize(examples: Sequence[StageExample], spec: FeatureSpec = DEFAULT_SPEC
     ]
 
 
+def crossfit_stage_scorer(
+    examples: Sequence[StageExample],
+    labels: Sequence[bool | float],
+    weights: Sequence[float] | None = None,
+    spec: FeatureSpec = DEFAULT_SPEC,
+    l2: float = DEFAULT_L2,
+    meta: Mapping[str, Any] | None = None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+) -> CrossFit:
+    """One stage's scorer from labelled answers (label: the answer was good enough), cross-fitted:
+    ``.model`` outputs P(good), ``.oof`` are out-of-fold scores of the examples for choosing thresholds."""
+    y = np.asarray([float(v) for v in labels])
+    k = folds if len(y) >= 2 * folds else 1
+    fold = fold_ids(len(y), k, seed, strata=y > 0.5)
+    return crossfit(featurize(examples, spec), y, fold, l2=l2, weights=weights, feature_spec=spec, meta=meta)
+
+
 def fit_stage_scorer(
     examples: Sequence[StageExample],
     labels: Sequence[bool | float],
@@ -82,15 +108,8 @@ def fit_stage_scorer(
     l2: float = DEFAULT_L2,
     meta: Mapping[str, Any] | None = None,
 ) -> LogisticModel:
-    """One stage's scorer from labelled answers (label: the answer was good enough)."""
-    return fit_logistic(
-        featurize(examples, spec),
-        [float(v) for v in labels],
-        l2=l2,
-        sample_weight=weights,
-        feature_spec=spec,
-        meta=meta,
-    )
+    """The calibrated model of :func:`crossfit_stage_scorer`."""
+    return crossfit_stage_scorer(examples, labels, weights, spec, l2, meta).model
 
 
 def _to_unit(t: float) -> float:
@@ -109,10 +128,21 @@ class FittedCascade:
     train: dict[str, Any] = field(default_factory=dict)
     single_models: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    oof_scores: list[list[float]] = field(default_factory=list)  # per scored stage, per fitting row
+    router: LogisticModel | None = None  # route-then-cascade, when it paid on the fitting rows
+    router_threshold: float | None = None
+    router_info: dict[str, Any] = field(default_factory=dict)  # chosen or not, and why
 
     def score(self, stage: int, prompt: str, answer: str, previous: Sequence[str] = ()) -> float:
         model = self.scorers[stage]
         return model.predict_proba(extract_features(prompt, answer, previous, spec=model.feature_spec))
+
+    def routed(self, prompt: str) -> bool:
+        """Whether the router sends this (single user message) request straight to the last stage."""
+        if self.router is None or self.router_threshold is None:
+            return False
+        x = request_prompt_features(request_for(prompt), self.router.feature_spec)
+        return self.router.predict_proba(x) >= self.router_threshold
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +153,7 @@ class FittedCascade:
             "train": dict(self.train),
             "single_models": dict(self.single_models),
             "candidates": list(self.candidates),
+            "router": dict(self.router_info),
         }
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
@@ -134,6 +165,9 @@ class FittedCascade:
             p = d / f"stage{k}.json"
             m.save(p)
             paths[f"stage{k}"] = str(p)
+        if self.router is not None:
+            self.router.save(d / "router.json")
+            paths["router"] = str(d / "router.json")
         (d / "cascade.json").write_text(
             json.dumps(self.to_dict(), indent=1, sort_keys=True), encoding="utf-8"
         )
@@ -193,6 +227,46 @@ def _midpoint_thresholds(thresholds: Sequence[float], score_cols: Sequence[Any])
     return out
 
 
+@dataclass(frozen=True)
+class _Eval:
+    quality: float
+    cost: float
+    reach: list[float]  # share of rows whose request reached each stage
+    skipped: list[float]  # share of rows the router sent past each stage
+
+
+def _evaluate(
+    s: Any, c: Any, k: Any, thresholds: Sequence[float], weights: Any, route: Any, rho: float
+) -> _Eval:
+    """One policy on the fitting rows (the cross-fitted scores), the router's skips included."""
+    n, K = c.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    served = np.full(n, K - 1)
+    for j in range(K - 2, -1, -1):
+        served[s[:, j] >= thresholds[j]] = j
+    routed = np.zeros(n, dtype=bool) if route is None else np.asarray(route) >= rho
+    served[routed] = K - 1
+    paid = np.where(routed, k[:, K - 1], np.cumsum(k, axis=1)[np.arange(n), served])
+    reach = [
+        float(w[(served >= j) & ~routed].sum()) if j < K - 1 else float(w[served == j].sum())
+        for j in range(K)
+    ]
+    skipped = [float(w[routed].sum()) if j < K - 1 else 0.0 for j in range(K)]
+    return _Eval(float(w @ c[np.arange(n), served]), float(w @ paid), reach, skipped)
+
+
+def candidate_chains(
+    models: Sequence[str], mean_cost: Mapping[str, float], max_stages: int
+) -> list[tuple[str, ...]]:
+    """Every chain of up to ``max_stages`` models in increasing mean-cost order (FrugalGPT's space)."""
+    by_cost = sorted(models, key=lambda m: (mean_cost[m], m))
+    out: list[tuple[str, ...]] = []
+    for k in range(1, max_stages + 1):
+        out.extend(itertools.combinations(by_cost, k))
+    return out
+
+
 def fit_cascade(
     rows: Sequence[Row],
     models: Sequence[str] | None = None,
@@ -200,13 +274,16 @@ def fit_cascade(
     target_quality: float = 0.95,
     relative: bool = True,
     max_stages: int = 3,
-    order: str = "cost",
-    margin_z: float = 1.0,
+    margin_z: float = DEFAULT_MARGIN_Z,
     l2: float = DEFAULT_L2,
     spec: FeatureSpec = DEFAULT_SPEC,
     chain: Sequence[str] | None = None,
     weights: Sequence[float] | None = None,
-    n_candidates: int = 40,
+    n_candidates: int = DEFAULT_CANDIDATES,
+    replicates: int = DEFAULT_REPLICATES,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    router: bool = True,
 ) -> FittedCascade:
     """Choose models, order, stage scorers and thresholds on labelled ``rows`` (see module doc)."""
     if not rows:
@@ -217,97 +294,105 @@ def fit_cascade(
         else [m for m in rows[0].answers if all(m in r.answers for r in rows)]
     )
     if chain is not None:
-        missing = [m for m in chain if m not in cand_models and not all(m in r.answers for r in rows)]
+        missing = [m for m in chain if not all(m in r.answers for r in rows)]
         if missing:
             raise ValueError(f"models not in every row: {missing}")
-    correct = {m: np.asarray([1.0 if r.answers[m].correct else 0.0 for r in rows]) for m in cand_models}
-    cost = {m: np.asarray([r.answers[m].cost_usd for r in rows]) for m in cand_models}
-    if chain is not None:
-        for m in chain:
-            correct.setdefault(m, np.asarray([1.0 if r.answers[m].correct else 0.0 for r in rows]))
-            cost.setdefault(m, np.asarray([r.answers[m].cost_usd for r in rows]))
+    every = list(dict.fromkeys([*cand_models, *(chain or ())]))
+    correct = {m: np.asarray([1.0 if r.answers[m].correct else 0.0 for r in rows]) for m in every}
+    cost = {m: np.asarray([r.answers[m].cost_usd for r in rows]) for m in every}
+    n = len(rows)
     stats = single_model_stats(correct, cost, weights)
     best = best_single_model({m: stats[m] for m in cand_models}) if cand_models else ""
-    target = target_quality * stats[best][0] if relative else target_quality
+    W = replicate_weights(n, replicates, seed, weights)
+    if relative:
+        reference = reference_quality(np.stack([correct[m] for m in cand_models], axis=1), W)
+    else:
+        reference = np.ones(W.shape[1])
+    search = Search(reference, target_quality, margin_z)
 
     feats = _ChainFeatures(rows, spec)
-    fitted_models: dict[tuple[str, ...], LogisticModel] = {}
-    sw = None if weights is None else np.asarray(weights, dtype=np.float64)
+    fold = fold_ids(n, folds, seed, strata=correct[best] if best else None)
+    fitted: dict[tuple[str, ...], CrossFit] = {}
 
-    def scorer_for(ch: tuple[str, ...]) -> LogisticModel:
-        if ch not in fitted_models:
-            y = correct[ch[-1]]
-            fitted_models[ch] = fit_logistic(
-                feats.matrix(ch),
-                y,
-                l2=l2,
-                sample_weight=sw,
-                feature_spec=spec,
-                meta={"stage": len(ch) - 1, "model": ch[-1], "previous": list(ch[:-1]), "n_train": len(rows)},
+    def crossfitted(ch: tuple[str, ...]) -> CrossFit:
+        if ch not in fitted:
+            meta = {"stage": len(ch) - 1, "model": ch[-1], "previous": list(ch[:-1]), "n_train": n}
+            fitted[ch] = crossfit(
+                feats.matrix(ch), correct[ch[-1]], fold, l2=l2, weights=weights, feature_spec=spec, meta=meta
             )
-        return fitted_models[ch]
+        return fitted[ch]
 
-    def score_fn(ch: tuple[str, ...]) -> Any:
-        mdl = scorer_for(ch)
-        mat = feats.matrix(ch)
-        w, b = mdl.folded
-        z = np.clip(mat @ np.asarray(w) + b, -30.0, 30.0)
-        return 1.0 / (1.0 + np.exp(-z))
+    chains = (
+        [tuple(chain)]
+        if chain is not None
+        else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages)
+    )
 
-    if chain is not None:
-        sr = search_cascades(
-            list(chain),
-            correct,
-            cost,
-            score_fn,
-            target,
-            max_stages=len(chain),
-            weights=weights,
-            order="any",
-            n_candidates=n_candidates,
-            margin_z=margin_z,
-        )
-        exact = [c for c in sr.candidates if c.models == tuple(chain)]
-        choice: CascadeChoice = exact[0]
-    else:
-        sr = search_cascades(
-            cand_models,
-            correct,
-            cost,
-            score_fn,
-            target,
-            max_stages=max_stages,
-            weights=weights,
-            order=order,
-            n_candidates=n_candidates,
-            margin_z=margin_z,
-        )
-        choice = sr.best
-    ch = choice.models
-    cols = [np.asarray(score_fn(ch[: j + 1])) for j in range(len(ch) - 1)]
-    thresholds = _midpoint_thresholds(choice.thresholds, cols)
-    scorers = [scorer_for(ch[: j + 1]) for j in range(len(ch) - 1)]
-    s = np.stack([*cols, np.zeros(len(rows))], axis=1)
+    def grid(ch: tuple[str, ...], w: Any) -> PolicyGrid:
+        cols = [crossfitted(ch[: j + 1]).oof for j in range(len(ch) - 1)]
+        s = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+        c = np.stack([correct[m] for m in ch], axis=1)
+        k = np.stack([cost[m] for m in ch], axis=1)
+        return policy_grid(s, c, k, [candidate_thresholds(col, n_candidates) for col in cols], w)
+
+    if len(chains) > SHORTLIST:  # a quick pass on the rows alone, then the bootstrap on the contenders
+        pre = Search(reference[:1], target_quality, 0.0)
+        for ch in chains:
+            pre.add(ch, grid(ch, W[:, :1]))
+        chains = pre.shortlist(limit=SHORTLIST)
+    for ch in chains:
+        search.add(ch, grid(ch, W))
+    pick = search.result()
+    ch = pick.chain
+    cols = [crossfitted(ch[: j + 1]).oof for j in range(len(ch) - 1)]
+    scorers = [crossfitted(ch[: j + 1]).model for j in range(len(ch) - 1)]
     c = np.stack([correct[m] for m in ch], axis=1)
     k = np.stack([cost[m] for m in ch], axis=1)
-    ev = evaluate_cascade(s, c, k, thresholds, weights)
-    top = sorted(sr.candidates, key=lambda x: (not x.feasible, x.cost))[:20]
+    s_cols = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+    routing = (
+        fit_router(
+            rows, s_cols, c, k, pick, W, reference, target_quality,
+            margin_z=margin_z, folds=fold, l2=l2, weights=weights,
+        )
+        if router and len(ch) > 1
+        else RouterFit(False, "off" if not router else "a one-model cascade has nothing to skip")
+    )  # fmt: skip
+    raw = pick.thresholds
+    if routing.chosen and routing.pick is not None:
+        raw = routing.pick.thresholds[1:]
+        pick = routing.pick
+    thresholds = _midpoint_thresholds(raw, cols)
+    route = routing.oof if routing.chosen else None
+    ev = _evaluate(s_cols, c, k, thresholds, weights, route, routing.threshold)
+    ref0 = float(reference[0])
     return FittedCascade(
         models=list(ch),
         thresholds=thresholds,
         scorers=scorers,
-        target_quality=target,
-        feasible=choice.feasible,
+        target_quality=target_quality * ref0 if relative else target_quality,
+        feasible=pick.feasible,
         train={
             "quality": ev.quality,
-            "quality_se": ev.quality_se,
+            "quality_se": pick.se * ref0,
+            "quality_vs_best": pick.quality if relative else ev.quality / max(1e-12, stats[best][0]),
+            "quality_vs_best_corrected": pick.quality_corrected,
+            "optimism": pick.optimism,
+            "aim": pick.aim,
             "cost_usd": ev.cost,
             "reach": list(ev.reach),
-            "n": len(rows),
+            "skipped_share": list(ev.skipped),
+            "n": n,
             "best_single": best,
             "best_single_quality": stats[best][0] if best else 0.0,
             "best_single_cost_usd": stats[best][1] if best else 0.0,
+            "replicates": replicates,
+            "folds": folds,
+            "margin_z": margin_z,
         },
         single_models={m: {"accuracy": q, "cost_usd": cst} for m, (q, cst) in stats.items()},
-        candidates=[x.to_dict() for x in top],
+        candidates=search.frontier(),
+        oof_scores=[list(map(float, col)) for col in cols],
+        router=routing.model if routing.chosen else None,
+        router_threshold=routing.threshold if routing.chosen else None,
+        router_info=routing.to_dict(),
     )

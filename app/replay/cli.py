@@ -89,6 +89,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             work_dir=args.work_dir,
             want_curve=bool(args.plot),
+            resplits=args.resplits,
+            seed=args.seed,
+            pass_score=args.pass_score,
+            tolerance=args.tolerance,
         )
         bar = None if args.quiet else ProgressBar("replay")
         result = run_replay(opts, bar)
@@ -112,7 +116,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_FAILED_REQUESTS if result.errors else 0
 
 
-def _snippet(models: list[str], thresholds: list[float], files: list[str]) -> str:
+def _snippet(
+    models: list[str], thresholds: list[float], files: list[str], router: tuple[str, float] | None = None
+) -> str:
     from app.replay.configure import upstream_names
 
     names = upstream_names(models)
@@ -127,7 +133,10 @@ def _snippet(models: list[str], thresholds: list[float], files: list[str]) -> st
             f"    model: {json.dumps(m)}",
             "    price: {input: 1.0, output: 2.0}",
         ]
-    lines += ["cascades:", "  default:", "    stages:"]
+    lines += ["cascades:", "  default:"]
+    if router is not None:
+        lines.append(f"    router: {{model: {json.dumps(router[0])}, threshold: {router[1]!r}}}")
+    lines.append("    stages:")
     for k, m in enumerate(models):
         lines.append(f"      - upstream: {names[m]}")
         if k < len(models) - 1:
@@ -167,7 +176,7 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     from app.replay.dataset import load_dataset
 
     try:
-        ds = load_dataset(args.dataset)
+        ds = load_dataset(args.dataset, pass_score=args.pass_score)
     except (OSError, ValueError) as exc:
         print(f"cascade fit-scorer: {args.dataset}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -182,13 +191,20 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         ds.models,
         target_quality=args.target_quality if args.target_quality is not None else 0.95,
         max_stages=args.max_stages if args.max_stages is not None else 3,
-        margin_z=args.margin_z if args.margin_z is not None else 1.0,
+        margin_z=args.margin_z if args.margin_z is not None else 0.0,
         chain=chain,
     )
     out = Path(args.out)
     saved = fitted.save(out)
     files = [str(Path(saved[f"stage{k}"]).resolve()) for k in range(len(fitted.scorers))]
-    (out / "cascade.yaml").write_text(_snippet(fitted.models, fitted.thresholds, files), encoding="utf-8")
+    router = (
+        (str(Path(saved["router"]).resolve()), fitted.router_threshold)
+        if "router" in saved and fitted.router_threshold is not None
+        else None
+    )
+    (out / "cascade.yaml").write_text(
+        _snippet(fitted.models, fitted.thresholds, files, router), encoding="utf-8"
+    )
     tr: dict[str, Any] = fitted.train
     print(
         f"chain: {' -> '.join(fitted.models)}  thresholds: {', '.join(f'{t:.4f}' for t in fitted.thresholds)}"
@@ -200,6 +216,8 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     )
     for k, f in enumerate(files):
         print(f"stage{k}: {f}")
+    info = fitted.router_info
+    print(f"router: {'chosen' if info.get('chosen') else 'not chosen'}: {info.get('reason', '')}")
     print(f"config snippet: {out / 'cascade.yaml'}")
     return 0
 
@@ -227,7 +245,13 @@ def add_commands(sub: Any) -> None:
         help="accuracy target relative to the best single model on train (default 0.95 when fitting; "
         "with --config: calibrate the config's thresholds to it)",
     )
-    r.add_argument("--margin-z", type=float, default=1.0, help="safety margin in standard errors (default 1)")
+    r.add_argument(
+        "--margin-z",
+        type=float,
+        default=0.0,
+        help="keep Z bootstrap standard errors of quality above the target, on top of the search's measured "
+        "optimism (default 0: the expected quality on new rows is the target)",
+    )
     r.add_argument(
         "--max-stages",
         type=int,
@@ -239,6 +263,33 @@ def add_commands(sub: Any) -> None:
     r.add_argument(
         "--plot", metavar="FILE.png", help="draw the cost/accuracy picture (needs the 'plot' extra)"
     )
+    r.add_argument(
+        "--resplits",
+        type=_positive,
+        default=1,
+        metavar="K",
+        help="fit and replay K splits: the dataset's own, then K-1 random stratified re-splits of the same "
+        "sizes; report each and their spread (default 1)",
+    )
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random re-splits; with --online, of the stream's order, shadow draws and feedback "
+        "(default 0)",
+    )
+    r.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="a split meets the target when quality_vs_best >= target - tolerance (default 0.01)",
+    )
+    r.add_argument(
+        "--pass-score",
+        type=float,
+        metavar="X",
+        help="graded datasets (a 'score' per answer, no 'correct'): an answer scoring at least X is correct",
+    )
     r.add_argument("--limit", type=_positive, help="replay only the first N test rows")
     r.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (default 8)")
     r.add_argument("--work-dir", help="keep the fitted scorer files here (default: a temporary directory)")
@@ -249,9 +300,6 @@ def add_commands(sub: Any) -> None:
         "the thresholds converge (windows of 100 requests); see README, Learning.",
     )
     o.add_argument("--online", action="store_true", help="learn the thresholds online from a request stream")
-    o.add_argument(
-        "--seed", type=int, help="shuffles the stream and draws shadow calls and feedback (default 0)"
-    )
     o.add_argument(
         "--start-threshold", type=_unit, help="every scored stage starts here (default: the fit's)"
     )
@@ -306,6 +354,12 @@ def add_commands(sub: Any) -> None:
         help="DATASET: relative to the best single model (default 0.95); --from-store: share of answers "
         "as good as the last stage's (default: learning.target_quality)",
     )
-    f.add_argument("--margin-z", type=float, help="default 1 (--from-store: learning.margin_z)")
+    f.add_argument("--margin-z", type=float, help="default 0 (--from-store: learning.margin_z)")
     f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
+    f.add_argument(
+        "--pass-score",
+        type=float,
+        metavar="X",
+        help="DATASET: graded answers (a 'score', no 'correct') scoring at least X are correct",
+    )
     f.set_defaults(func=cmd_fit_scorer)

@@ -36,6 +36,7 @@ from app.config import (
     ServerConfig,
     parse_config,
 )
+from app.errors import CascadeBaseError
 from app.learning.rows import Row
 from app.learning.thresholds import candidate_thresholds, choose_thresholds
 from app.learning.train import FittedCascade
@@ -45,7 +46,7 @@ REPLAY_CASCADE = "replay"
 UPSTREAM_TIMEOUT_S = 60.0
 
 
-class ReplayError(Exception):
+class ReplayError(CascadeBaseError):
     """A replay that cannot run as asked (bad dataset, unmapped model, missing extra): exit code 2."""
 
 
@@ -60,6 +61,11 @@ class ReplayPlan:
     thresholds: list[float]
     curve: list[tuple[float, float]] = field(default_factory=list)  # train (cost, accuracy) frontier
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def routed(self) -> bool:
+        """Whether the cascade has a router (route-then-cascade)."""
+        return self.config.cascades[self.cascade].router is not None
 
 
 def request_body(model: str, row: Row) -> dict[str, Any]:
@@ -97,7 +103,9 @@ def _replay_upstream(url: str, model: str, logprobs: bool = False) -> dict[str, 
     }
 
 
-def fitted_config(fitted: FittedCascade, scorer_paths: Sequence[str], url: str) -> ReplayPlan:
+def fitted_config(
+    fitted: FittedCascade, scorer_paths: Sequence[str], url: str, router_path: str | None = None
+) -> ReplayPlan:
     names = upstream_names(fitted.models)
     stages: list[dict[str, Any]] = []
     for k, m in enumerate(fitted.models):
@@ -106,10 +114,13 @@ def fitted_config(fitted: FittedCascade, scorer_paths: Sequence[str], url: str) 
             st["threshold"] = fitted.thresholds[k]
             st["scorers"] = [{"type": "learned", "model": scorer_paths[k]}]
         stages.append(st)
+    cascade: dict[str, Any] = {"deadline_s": 600, "stages": stages}
+    if router_path is not None and fitted.router_threshold is not None:
+        cascade["router"] = {"model": router_path, "threshold": fitted.router_threshold}
     raw = {
         "server": {"log_level": "warning"},
         "upstreams": {names[m]: _replay_upstream(url, m) for m in fitted.models},
-        "cascades": {REPLAY_CASCADE: {"deadline_s": 600, "stages": stages}},
+        "cascades": {REPLAY_CASCADE: cascade},
     }
     cfg = parse_config(raw, env={})
     return ReplayPlan(

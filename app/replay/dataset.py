@@ -9,6 +9,7 @@ API::
 
     ds = load_dataset(path, prices=None, test_fraction=0.5, drop_contaminated=True)
     ds.models                       # models present in every row, cheapest (mean cost) first
+    resplit(rows, n_test, seed, strata=None) -> rows with a new stratified random train/test split
     ds.train, ds.test               # lists of Row
     model_summary(rows, models) -> {model: ModelSummary(accuracy, mean_cost_usd, total_cost_usd, n)}
     best_single(summary) -> model   # most accurate, cheaper on ties
@@ -19,7 +20,9 @@ Rules:
 
 * ``split`` missing -> deterministic: ``sha256(id)`` mapped to [0, 1); below ``test_fraction`` is test.
 * ``contaminated: true`` rows are dropped (``drop_contaminated``).
-* ``correct`` may be a bool, a 0/1 number or missing; missing falls back to ``score >= 0.5``, else False.
+* ``correct`` may be a bool or a 0/1 number. Without it a graded row (``score``, or MT-Bench's
+  ``turn1_score``) is correct when ``score >= pass_score``; a row with neither, or a graded one without
+  ``pass_score``, is a :class:`LabelError` naming the line, the row and the model.
 * ``cost_usd`` missing -> estimated from a price table (USD per 1M tokens, input/output) with tokens
   ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
   :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
@@ -31,6 +34,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.errors import CascadeBaseError
 from app.learning.rows import ModelAnswer, Row
 
 # USD per 1M tokens (input, output). Early-2024 list prices; documented, override via `prices=`.
@@ -143,12 +148,31 @@ def _answer_text(v: Any) -> str:
     return json.dumps(v, sort_keys=True)
 
 
+class LabelError(CascadeBaseError, ValueError):
+    """A row without the correctness a replay needs (``correct``, or ``score`` with a pass score)."""
+
+
+def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str, model: str) -> bool:
+    if score is None:
+        raise LabelError(
+            f"line {lineno} (id {rid!r}): models.{model} has no 'correct' (true/false) and no 'score': "
+            "a replay needs to know whether each recorded answer was right"
+        )
+    if pass_score is None:
+        raise LabelError(
+            f"line {lineno} (id {rid!r}): models.{model} has a 'score' ({score:g}) but no 'correct': "
+            "for a graded dataset say which score passes, e.g. --pass-score 8"
+        )
+    return score >= pass_score
+
+
 def parse_rows(
     lines: Iterable[str],
     prices: Mapping[str, tuple[float, float]] | None = None,
     test_fraction: float = 0.5,
     drop_contaminated: bool = True,
     name: str = "",
+    pass_score: float | None = None,
 ) -> Dataset:
     rows: list[Row] = []
     dropped = 0
@@ -181,11 +205,11 @@ def parse_rows(
             if not isinstance(rec, dict):
                 continue
             text = _answer_text(rec.get("answer"))
-            score = rec.get("score")
+            score = rec.get("score", rec.get("turn1_score"))
             score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
             corr = _as_bool(rec.get("correct"))
             if corr is None:
-                corr = score_f is not None and score_f >= 0.5
+                corr = _graded(score_f, pass_score, lineno, rid, m)
             cost = rec.get("cost_usd")
             if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(float(cost)):
                 answers[m] = ModelAnswer(text, corr, float(cost), False, score_f)
@@ -215,10 +239,31 @@ def load_dataset(
     prices: Mapping[str, tuple[float, float]] | None = None,
     test_fraction: float = 0.5,
     drop_contaminated: bool = True,
+    pass_score: float | None = None,
 ) -> Dataset:
     p = Path(path)
     with p.open(encoding="utf-8") as fh:
-        return parse_rows(fh, prices, test_fraction, drop_contaminated, name=p.stem)
+        return parse_rows(fh, prices, test_fraction, drop_contaminated, name=p.stem, pass_score=pass_score)
+
+
+def resplit(rows: Sequence[Row], n_test: int, seed: int, strata: Sequence[Any] | None = None) -> list[Row]:
+    """The rows with a new random train/test split: ``n_test`` test rows, drawn within each stratum
+    in proportion (largest remainders), seeded. Returns the rows with their ``split`` replaced."""
+    import random
+
+    rng = random.Random(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(strata if strata is not None else [0] * len(rows)):
+        groups.setdefault(key, []).append(i)
+    n = len(rows)
+    quota = {k: len(v) * n_test / n for k, v in groups.items()}
+    take = {k: int(q) for k, q in quota.items()}
+    for k in sorted(groups, key=lambda k: (-(quota[k] - take[k]), str(k)))[: n_test - sum(take.values())]:
+        take[k] += 1
+    test: set[int] = set()
+    for k in sorted(groups, key=str):
+        test.update(rng.sample(groups[k], take[k]))
+    return [dataclasses.replace(r, split="test" if i in test else "train") for i, r in enumerate(rows)]
 
 
 @dataclass(frozen=True)

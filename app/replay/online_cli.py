@@ -14,7 +14,6 @@ EXIT_FAILED_REQUESTS = 1
 EXIT_BAD_INPUT = 2
 
 ONLINE_ONLY = (
-    ("--seed", "seed"),
     ("--start-threshold", "start_threshold"),
     ("--shadow-rate", "shadow_rate"),
     ("--feedback-rate", "feedback_rate"),

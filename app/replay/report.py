@@ -123,6 +123,61 @@ def _equal_cost(r: dict[str, Any]) -> str:
     )
 
 
+_BASELINES = (
+    ("agreement", "agreement rule (same chain)"),
+    ("random", "random at the same reach"),
+    ("oracle_chain", "oracle within the chain"),
+    ("oracle_all", "oracle over every model"),
+)
+
+
+def _baseline_lines(r: dict[str, Any]) -> list[str]:
+    b = r.get("baselines")
+    if not b:
+        return []
+    out = ["", f"  {'against':34}  {'x best acc':>10}  {'savings':>8}"]
+    out.append(f"  {'CASCADE (learned)':34}  {r['quality_vs_best']:10.3f}  {r['savings_vs_best']:8.1%}")
+    for key, label in _BASELINES:
+        v = b.get(key)
+        if v is None:
+            out.append(f"  {label:34}  {'n/a':>10}  {'n/a':>8}")
+            continue
+        extra = f"   ({' -> '.join(v['chain'])})" if key == "agreement" else ""
+        out.append(f"  {label:34}  {v['quality_vs_best']:10.3f}  {v['savings_vs_best']:8.1%}{extra}")
+    return out
+
+
+def _resplit_lines(r: dict[str, Any]) -> list[str]:
+    splits = r.get("resplits") or []
+    if len(splits) < 2:
+        return []
+    target = r.get("target_quality")
+    out = [
+        "",
+        f"re-splits ({len(splits)}): quality vs best min {r['quality_vs_best_min']:.3f} "
+        f"mean {r['quality_vs_best_mean']:.3f}; savings mean {r['savings_vs_best_mean']:.1%} "
+        f"min {r['savings_vs_best_min']:.1%}"
+        + (
+            f"; target {target:g} (-{r['target_tolerance']:g}) met on {r['target_met_share']:.0%}"
+            if target is not None and r.get("target_met_share") is not None
+            else ""
+        ),
+        f"  {'split':>7}  {'quality':>7}  {'savings':>8}  {'agreement q / sav':>18}  "
+        f"{'random q / sav':>15}  chain",
+    ]
+    for e in splits:
+        ag = e["baselines"].get("agreement")
+        rd = e["baselines"].get("random")
+        ag_s = f"{ag['quality_vs_best']:.3f} / {ag['savings_vs_best']:6.1%}" if ag else "n/a"
+        rd_s = f"{rd['quality_vs_best']:.3f} / {rd['savings_vs_best']:6.1%}" if rd else "n/a"
+        name = "dataset" if e["seed"] is None else f"seed {e['seed']}"
+        out.append(
+            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {e['savings_vs_best']:8.1%}  {ag_s:>18}  {rd_s:>15}  "
+            + " -> ".join(e["stages"])
+        )
+    return out
+
+
 def format_table(result: ReplayResult) -> str:
     """The human report (several lines, no trailing newline)."""
     r: dict[str, Any] = result.report
@@ -162,6 +217,18 @@ def format_table(result: ReplayResult) -> str:
         f"{r['quality_vs_best']:.3f}",
     ]
     lines.append(_equal_cost(r))
+    rt = r.get("router")
+    if rt:
+        skipped = "  ".join(
+            f"{m} {x:.1%}" for m, x in zip(r["stages"], rt.get("skipped_share", []), strict=False)
+        )
+        lines.append(
+            f"router (route-then-cascade): {'chosen' if rt.get('chosen') else 'not chosen'}"
+            + (f": {rt['reason']}" if rt.get("reason") else "")
+            + (f"; skipped per stage: {skipped}" if rt.get("chosen") else "")
+        )
+    lines += _baseline_lines(r)
+    lines += _resplit_lines(r)
     ok = n - len(result.errors)
     rate = n / result.elapsed_s if result.elapsed_s > 0 else 0.0
     lines.append(

@@ -32,6 +32,7 @@ import uvicorn
 from app.config import Config
 from app.learning.rows import Row
 from app.learning.train import FittedCascade
+from app.replay.baselines import baselines
 from app.replay.configure import (
     ReplayError,
     ReplayPlan,
@@ -57,12 +58,16 @@ class ReplayOptions:
     cascade: str | None = None
     mapping: dict[str, str] = field(default_factory=dict)
     target_quality: float | None = None
-    margin_z: float = 1.0
+    margin_z: float = 0.0
     max_stages: int = 3
     limit: int | None = None
     concurrency: int = 8
     work_dir: str | None = None
     want_curve: bool = False
+    resplits: int = 1  # the dataset's split, then resplits - 1 random stratified re-splits
+    seed: int = 0
+    pass_score: float | None = None  # graded datasets: a score at least this is correct
+    tolerance: float = 0.01  # a split meets the target when quality_vs_best >= target - tolerance
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class RowOutcome:
     cost_usd: float
     correct: bool
     error: str | None = None
+    routed: bool = False  # the router sent it straight to the last stage
 
 
 @dataclass
@@ -87,6 +93,8 @@ class ReplayResult:
     scorer_files: list[str] = field(default_factory=list)
     scorer_timing: dict[str, float] = field(default_factory=dict)
     fitted: FittedCascade | None = None  # the cascade fit_cascade chose (no --config)
+    split: Split | None = None
+    splits: list[ReplayResult] = field(default_factory=list)  # every split, this one first
 
     @property
     def errors(self) -> list[RowOutcome]:
@@ -122,10 +130,13 @@ def _outcome(row: Row, status: int, body: Any, upstream_models: dict[str, str]) 
     attempts = ext.get("attempts") or []
     reached = 1 + max((int(a.get("stage", 0)) for a in attempts), default=0)
     cost = float(ext.get("cost_usd") or 0.0)
+    routed = bool(ext.get("routed"))
     model = upstream_models.get(str(ext.get("upstream")))
     if model is None:
-        return RowOutcome(row, None, -1, reached, cost, False, f"unknown upstream {ext.get('upstream')!r}")
-    return RowOutcome(row, model, int(ext.get("stage", 0)), reached, cost, row.answers[model].correct)
+        err = f"unknown upstream {ext.get('upstream')!r}"
+        return RowOutcome(row, None, -1, reached, cost, False, err, routed)
+    stage = int(ext.get("stage", 0))
+    return RowOutcome(row, model, stage, reached, cost, row.answers[model].correct, None, routed)
 
 
 async def send_rows(
@@ -171,68 +182,125 @@ def summarise(outcomes: Sequence[RowOutcome], n_stages: int) -> tuple[float, flo
         return 0.0, 0.0, [0.0] * n_stages
     acc = sum(o.correct for o in outcomes) / n
     cost = sum(o.cost_usd for o in outcomes) / n
-    reach = [sum(1 for o in outcomes if o.reached > k) / n for k in range(n_stages)]
+    reach = [
+        sum(1 for o in outcomes if o.reached > k and (not o.routed or k == n_stages - 1)) / n
+        for k in range(n_stages)
+    ]
     return acc, cost, reach
 
 
-async def _run(
-    opts: ReplayOptions, ds: Dataset, test: list[Row], work_dir: str, progress: Progress | None
-) -> ReplayResult:
-    from app.learning.train import fit_cascade
-    from app.main import create_app
+def skipped_shares(outcomes: Sequence[RowOutcome], n_stages: int) -> list[float]:
+    """Per stage, the share of requests the router sent past it (straight to the last stage)."""
+    n = len(outcomes)
+    routed = sum(1 for o in outcomes if o.routed) / n if n else 0.0
+    return [routed if k < n_stages - 1 else 0.0 for k in range(n_stages)]
 
-    t_fit = time.perf_counter()
-    fitted = None
-    paths: list[str] = []
-    user_cfg: Config | None = None
-    if opts.config is None:
-        fitted = fit_cascade(
-            ds.train,
+
+MIN_TRAIN_ROWS = 20  # below this a fit (5-fold cross-fitting, a bootstrap) means nothing
+MIN_TEST_ROWS = 10
+
+
+@dataclass(frozen=True)
+class Split:
+    index: int  # 0: the dataset's own split
+    seed: int | None  # None for the dataset's own split
+    train: list[Row]
+    test: list[Row]
+
+
+def make_splits(ds: Dataset, test: list[Row], resplits: int, seed: int) -> list[Split]:
+    """The dataset's own split, then ``resplits - 1`` random re-splits of the same sizes, stratified by
+    whether the best single model (on every row) was right and by how many models were (difficulty),
+    so that train and test are alike in what decides a cascade's figures."""
+    out = [Split(0, None, ds.train, test)]
+    if resplits <= 1:
+        return out
+    from app.replay.dataset import best_single, model_summary, resplit
+
+    rows = [*ds.train, *test]
+    summ = model_summary(rows, ds.models)
+    best = best_single(summ)
+    strata = [(r.answers[best].correct, sum(r.answers[m].correct for m in ds.models)) for r in rows]
+    for i in range(1, resplits):
+        new = resplit(rows, len(test), seed + i, strata)
+        out.append(
+            Split(i, seed + i, [r for r in new if r.split == "train"], [r for r in new if r.split == "test"])
+        )
+    return out
+
+
+async def _fit_plan(
+    opts: ReplayOptions, ds: Dataset, split: Split, work_dir: str, replay_url: str, user_cfg: Config | None
+) -> tuple[ReplayPlan, FittedCascade | None, list[str], float]:
+    """The cascade this split replays: fitted on its train rows, or the user's (calibrated on them)."""
+    from app.learning.train import fit_cascade
+
+    t0 = time.perf_counter()
+    if user_cfg is None:
+        fitted = await asyncio.to_thread(
+            fit_cascade,
+            split.train,
             ds.models,
             target_quality=0.95 if opts.target_quality is None else opts.target_quality,
             max_stages=opts.max_stages,
             margin_z=opts.margin_z,
         )
-        saved = fitted.save(Path(work_dir))
+        out = Path(work_dir) / (f"split{split.index}" if split.index else "")
+        saved = fitted.save(out)
         paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
-    else:
-        from app.config import load_config
+        plan = fitted_config(fitted, paths, replay_url, saved.get("router"))
+        if opts.want_curve and split.index == 0:
+            plan.curve = train_curve(fitted, split.train)
+        return plan, fitted, paths, time.perf_counter() - t0
+    plan = mapped_config(user_cfg, ds.models, replay_url, opts.cascade, opts.mapping)
+    if opts.target_quality is not None:
+        scores = await stage_scores(plan, split.train, opts.concurrency)
+        plan = calibrate_thresholds(
+            plan, split.train, scores, opts.target_quality, ds.models, margin_z=opts.margin_z
+        )
+    return plan, None, [], time.perf_counter() - t0
 
-        user_cfg = load_config(opts.config)
-    fit_s = time.perf_counter() - t_fit
 
-    replay = ReplayUpstream(ds.rows)
-    async with serve_asgi(replay) as replay_url:
-        if fitted is not None:
-            plan = fitted_config(fitted, paths, replay_url)
-            if opts.want_curve:
-                plan.curve = train_curve(fitted, ds.train)
-        else:
-            assert user_cfg is not None
-            plan = mapped_config(user_cfg, ds.models, replay_url, opts.cascade, opts.mapping)
-            if opts.target_quality is not None:
-                t0 = time.perf_counter()
-                scores = await stage_scores(plan, ds.train, opts.concurrency)
-                plan = calibrate_thresholds(
-                    plan, ds.train, scores, opts.target_quality, ds.models, margin_z=opts.margin_z
-                )
-                fit_s += time.perf_counter() - t0
-        # The proxy logs one line per request at info: keep a replay's output to the report.
-        log = logging.getLogger("cascade")
-        level = log.level
-        log.setLevel(logging.WARNING)
-        t0 = time.perf_counter()
-        try:
-            async with serve_asgi(create_app(plan.config)) as proxy_url:
-                outcomes = await send_rows(
-                    proxy_url, plan.cascade, test, plan.upstream_models, opts.concurrency, progress
-                )
-        finally:
-            log.setLevel(level)
-        elapsed = time.perf_counter() - t0
+async def _run_split(
+    opts: ReplayOptions,
+    ds: Dataset,
+    split: Split,
+    work_dir: str,
+    replay_url: str,
+    user_cfg: Config | None,
+    progress: Progress | None,
+) -> ReplayResult:
+    from app.main import create_app
+
+    plan, fitted, paths, fit_s = await _fit_plan(opts, ds, split, work_dir, replay_url, user_cfg)
+    # The proxy logs one line per request at info: keep a replay's output to the report.
+    log = logging.getLogger("cascade")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    try:
+        async with serve_asgi(create_app(plan.config)) as proxy_url:
+            outcomes = await send_rows(
+                proxy_url, plan.cascade, split.test, plan.upstream_models, opts.concurrency, progress
+            )
+    finally:
+        log.setLevel(level)
+    elapsed = time.perf_counter() - t0
     acc, cost, reach = summarise(outcomes, len(plan.stages))
     report = report_object(
-        ds.name, len(ds.train), test, ds.models, plan.stages, plan.thresholds, acc, cost, reach
+        ds.name, len(split.train), split.test, ds.models, plan.stages, plan.thresholds, acc, cost, reach
+    )
+    report["router"] = {
+        **(fitted.router_info if fitted is not None else {"chosen": plan.routed, "reason": "from --config"}),
+        "skipped_share": skipped_shares(outcomes, len(plan.stages)),
+    }
+    report["baselines"] = baselines(
+        split.test,
+        ds.models,
+        plan.stages,
+        reach,
+        train=split.train,
+        target_quality=0.95 if opts.target_quality is None else opts.target_quality,
     )
     return ReplayResult(
         report,
@@ -242,15 +310,96 @@ async def _run(
         fit_s,
         feasible=None if fitted is None else fitted.feasible,
         scorer_files=paths,
-        scorer_timing=time_learned_scorers(plan, outcomes),
+        scorer_timing=time_learned_scorers(plan, outcomes) if split.index == 0 else {},
         fitted=fitted,
+        split=split,
     )
+
+
+def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: float | None, tol: float) -> None:
+    """Add the re-splits and their aggregates to the first split's report (in place)."""
+    entries = []
+    for run in runs:
+        r = run.report
+        met = None if target is None else bool(r["quality_vs_best"] >= target - tol)
+        entries.append(
+            {
+                "seed": run.split.seed if run.split is not None else None,
+                "split": "dataset" if run.split is None or run.split.index == 0 else "random",
+                "quality_vs_best": r["quality_vs_best"],
+                "savings_vs_best": r["savings_vs_best"],
+                "target_met": met,
+                "stages": r["stages"],
+                "thresholds": r["thresholds"],
+                "escalation_rate": r["escalation_rate"],
+                "baselines": {
+                    k: None
+                    if v is None
+                    else {"quality_vs_best": v["quality_vs_best"], "savings_vs_best": v["savings_vs_best"]}
+                    for k, v in r["baselines"].items()
+                },
+            }
+        )
+    q = [e["quality_vs_best"] for e in entries]
+    s = [e["savings_vs_best"] for e in entries]
+    first["target_quality"] = target
+    first["target_tolerance"] = tol
+    first["resplits"] = entries
+    first["quality_vs_best_min"] = min(q)
+    first["quality_vs_best_mean"] = sum(q) / len(q)
+    first["savings_vs_best_mean"] = sum(s) / len(s)
+    first["savings_vs_best_min"] = min(s)
+    shares = [bool(e["target_met"]) for e in entries if e["target_met"] is not None]
+    first["target_met_share"] = (sum(shares) / len(shares)) if shares else None
+    means: dict[str, Any] = {}
+    for name in entries[0]["baselines"]:
+        vals = [e["baselines"][name] for e in entries if e["baselines"].get(name) is not None]
+        means[name] = (
+            {
+                "quality_vs_best": sum(v["quality_vs_best"] for v in vals) / len(vals),
+                "savings_vs_best": sum(v["savings_vs_best"] for v in vals) / len(vals),
+            }
+            if vals
+            else None
+        )
+    first["baselines_mean"] = means
+
+
+async def _run(
+    opts: ReplayOptions, ds: Dataset, test: list[Row], work_dir: str, progress: Progress | None
+) -> ReplayResult:
+    user_cfg: Config | None = None
+    if opts.config is not None:
+        from app.config import load_config
+
+        user_cfg = load_config(opts.config)
+    splits = make_splits(ds, test, opts.resplits, opts.seed)
+    for sp in splits:
+        if len(sp.train) < MIN_TRAIN_ROWS or len(sp.test) < MIN_TEST_ROWS:
+            raise ReplayError(
+                f"{opts.dataset}: too few rows to replay: {len(sp.train)} train and {len(sp.test)} test rows "
+                f"(at least {MIN_TRAIN_ROWS} and {MIN_TEST_ROWS} are needed)"
+            )
+    runs: list[ReplayResult] = []
+    replay = ReplayUpstream(ds.rows)
+    async with serve_asgi(replay) as replay_url:
+        for sp in splits:
+            runs.append(
+                await _run_split(
+                    opts, ds, sp, work_dir, replay_url, user_cfg, progress if sp.index == 0 else None
+                )
+            )
+    first = runs[0]
+    target = opts.target_quality if opts.target_quality is not None else (0.95 if user_cfg is None else None)
+    _aggregate(first.report, runs, target, opts.tolerance)
+    first.splits = runs
+    return first
 
 
 def run_replay(opts: ReplayOptions, progress: Progress | None = None) -> ReplayResult:
     """Load, fit or calibrate, replay the test rows through HTTP; raises ReplayError on bad input."""
     try:
-        ds = load_dataset(opts.dataset)
+        ds = load_dataset(opts.dataset, pass_score=opts.pass_score)
     except (OSError, ValueError) as exc:
         raise ReplayError(f"{opts.dataset}: {exc}") from exc
     if not ds.train:

@@ -32,6 +32,7 @@ class SimulationResult:
     escalation_rate: list[float]
     accepted_stage: list[int]
     scores: list[list[float]]
+    skipped_share: list[float]  # per stage, the share of requests the router sent past it
 
 
 def simulate(fitted: FittedCascade, rows: Sequence[Row]) -> SimulationResult:
@@ -39,12 +40,22 @@ def simulate(fitted: FittedCascade, rows: Sequence[Row]) -> SimulationResult:
     n = len(rows)
     reached = [0] * K
     correct = 0
+    skipped = 0
     total = 0.0
     accepted: list[int] = []
     all_scores: list[list[float]] = []
     for r in rows:
         answers: list[str] = []
         scores: list[float] = []
+        if K > 1 and fitted.routed(r.prompt):  # route-then-cascade: straight to the last stage
+            reached[K - 1] += 1
+            rec = r.answers[fitted.models[-1]]
+            total += rec.cost_usd
+            accepted.append(K - 1)
+            correct += int(rec.correct)
+            skipped += 1
+            all_scores.append(scores)
+            continue
         for k, m in enumerate(fitted.models):
             reached[k] += 1
             rec = r.answers[m]
@@ -67,6 +78,7 @@ def simulate(fitted: FittedCascade, rows: Sequence[Row]) -> SimulationResult:
         escalation_rate=[x / n if n else 0.0 for x in reached],
         accepted_stage=accepted,
         scores=all_scores,
+        skipped_share=[skipped / n if n and k < K - 1 else 0.0 for k in range(K)],
     )
 
 

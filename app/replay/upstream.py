@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from app.answers import messages_to_prompt
+from app.errors import CascadeBaseError
 from app.learning.rows import ModelAnswer, Row
 from app.replay.dataset import estimate_tokens
 
@@ -40,7 +41,7 @@ _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
-class ReplayLookupError(Exception):
+class ReplayLookupError(CascadeBaseError):
     def __init__(self, message: str, code: str, param: str | None) -> None:
         super().__init__(message)
         self.code = code

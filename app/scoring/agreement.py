@@ -15,7 +15,8 @@ from app.answers import normalize_answer
 from app.config import AgreementScorer as AgreementConfig
 from app.config import ConsistencyScorer as ConsistencyConfig
 from app.protocol import prompt_text
-from app.scoring.base import Answer, Score, ScoreContext, Spend
+from app.scoring import paid
+from app.scoring.base import Answer, Score, ScoreContext
 from app.upstream.client import Upstream
 
 Json = dict[str, Any]
@@ -32,40 +33,41 @@ class Consistency:
         self.cfg = cfg
         self._up = own
 
-    async def _sample(self, request: Json, n: int) -> tuple[list[str], list[Spend]]:
+    async def _sample(self, ctx: ScoreContext, n: int) -> list[str]:
         body = {
             k: v
-            for k, v in request.items()
+            for k, v in ctx.request.items()
             if k not in ("stream", "stream_options", "logprobs", "top_logprobs")
         }
         body["temperature"] = self.cfg.temperature
         up = self._up
         if up.cfg.supports_n:
             body["n"] = n
-            replies = [await up.complete(up.prepare(body, stream=False))]
+            replies = [await paid.complete(ctx, up, body)]
         else:
             body.pop("n", None)
-            replies = list(
-                await asyncio.gather(*(up.complete(up.prepare(body, stream=False)) for _ in range(n)))
-            )
+            calls = [asyncio.ensure_future(paid.complete(ctx, up, body)) for _ in range(n)]
+            try:
+                replies = list(await asyncio.gather(*calls))
+            except BaseException:
+                for call in calls:  # one failed (or the scorer was cut off): stop the others
+                    call.cancel()
+                raise
         texts: list[str] = []
-        spend: list[Spend] = []
         for r in replies:
-            pt, ct, usd = up.cost(r.body.get("usage"))
-            spend.append(Spend(up.name, pt, ct, usd))
-            for ch in r.body.get("choices") or ():
+            for ch in r.get("choices") or ():
                 c = (ch.get("message") or {}).get("content")
                 texts.append(c if isinstance(c, str) else "")
-        return texts, spend
+        return texts
 
     async def score(self, ctx: ScoreContext) -> Score:
         prompt = prompt_text(ctx.request)
         mine = _norm(ctx.answer, prompt)
-        texts, spend = await self._sample(ctx.request, self.cfg.k - 1)
+        texts = await self._sample(ctx, self.cfg.k - 1)
         if not texts:
-            return Score(0.0, "no samples", spend)
+            return Score(0.0, "no samples")
         same = sum(1 for t in texts if normalize_answer(t, prompt) == mine)
-        return Score(same / len(texts), f"{same}/{len(texts)} samples agree", spend)
+        return Score(same / len(texts), f"{same}/{len(texts)} samples agree")
 
 
 class Agreement:

@@ -1,6 +1,6 @@
 """Scorers that ask a model a question about the answer: ``judge`` (another upstream grades it) and
 ``self_verify`` (the stage's own model says whether it is correct). Their calls are paid for and show
-up as ``scoring`` spend."""
+up as ``scoring`` spend (``app.scoring.paid``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 
 from app.config import JudgeScorer as JudgeConfig
 from app.config import SelfVerifyScorer as SelfVerifyConfig
+from app.errors import ScorerError
 from app.protocol import prompt_text
-from app.scoring.base import Score, ScoreContext, Spend
+from app.scoring import paid
+from app.scoring.base import Score, ScoreContext
 from app.upstream.client import Upstream
 
 Json = dict[str, Any]
@@ -29,17 +31,19 @@ _MAX_CHARS = 12_000
 _NUMBER = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?:\s*/\s*(100|10)\b)?")
 
 
-class ScorerCallError(Exception):
-    """A scoring call failed; ``spend`` is what it cost anyway."""
-
-    def __init__(self, message: str, spend: list[Spend] | None = None) -> None:
-        super().__init__(message)
-        self.spend = spend or []
+class ScorerCallError(ScorerError):
+    """A scoring call answered, but not with a verdict (its cost is on the context's ledger)."""
 
 
 def _render(template: str, request: Json, answer: str) -> str:
     question = prompt_text(request)[-_MAX_CHARS:]
     return template.replace("{question}", question).replace("{answer}", answer[-_MAX_CHARS:])
+
+
+def _question(template: str, ctx: ScoreContext, *, max_tokens: int) -> Json:
+    """The request that asks the question ``template`` about this answer, greedily and briefly."""
+    content = _render(template, ctx.request, _answer_text(ctx))
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": max_tokens}
 
 
 def _answer_text(ctx: ScoreContext) -> str:
@@ -49,12 +53,6 @@ def _answer_text(ctx: ScoreContext) -> str:
     return "\n".join(
         f"call {c.get('function', {}).get('name')}({c.get('function', {}).get('arguments')})" for c in calls
     )
-
-
-async def _ask(up: Upstream, body: Json) -> tuple[Json, Spend]:
-    reply = await up.complete(up.prepare(body, stream=False))
-    pt, ct, usd = up.cost(reply.body.get("usage"))
-    return reply.body, Spend(up.name, pt, ct, usd)
 
 
 def _content(reply: Json) -> str:
@@ -78,28 +76,30 @@ def parse_grade(text: str) -> float | None:
     return max(0.0, min(1.0, (value - 1) / 9))
 
 
-class Judge:
-    kind = "judge"
+class _Asking:
+    """A scorer that asks an upstream one question about the answer (``prompt``, or the default)."""
 
-    def __init__(self, cfg: JudgeConfig, judge: Upstream) -> None:
+    default_prompt = ""
+
+    def __init__(self, cfg: JudgeConfig | SelfVerifyConfig, asked: Upstream) -> None:
         self.cfg = cfg
-        self._up = judge
-        self._template = cfg.prompt or JUDGE_PROMPT
+        self._up = asked
+        self._template = cfg.prompt or self.default_prompt
+
+
+class Judge(_Asking):
+    """Another upstream (``upstream``) grades the answer 1-10."""
+
+    kind = "judge"
+    default_prompt = JUDGE_PROMPT
 
     async def score(self, ctx: ScoreContext) -> Score:
-        body = {
-            "messages": [
-                {"role": "user", "content": _render(self._template, ctx.request, _answer_text(ctx))}
-            ],
-            "temperature": 0,
-            "max_tokens": 8,
-        }
-        reply, spend = await _ask(self._up, body)
+        reply = await paid.complete(ctx, self._up, _question(self._template, ctx, max_tokens=8))
         text = _content(reply)
         grade = parse_grade(text)
         if grade is None:
-            raise ScorerCallError("the judge gave no grade", [spend])
-        return Score(grade, f"judge {self._up.name} rated {text.strip()[:20]}", [spend])
+            raise ScorerCallError("the judge gave no grade")
+        return Score(grade, f"judge {self._up.name} rated {text.strip()[:20]}")
 
 
 def yes_probability(reply: Json) -> float | None:
@@ -124,31 +124,23 @@ def yes_probability(reply: Json) -> float | None:
     return yes / (yes + no)
 
 
-class SelfVerify:
-    kind = "self_verify"
+class SelfVerify(_Asking):
+    """The stage's own model says whether its answer is correct."""
 
-    def __init__(self, cfg: SelfVerifyConfig, own: Upstream) -> None:
-        self.cfg = cfg
-        self._up = own
-        self._template = cfg.prompt or VERIFY_PROMPT
+    kind = "self_verify"
+    default_prompt = VERIFY_PROMPT
 
     async def score(self, ctx: ScoreContext) -> Score:
-        body: Json = {
-            "messages": [
-                {"role": "user", "content": _render(self._template, ctx.request, _answer_text(ctx))}
-            ],
-            "temperature": 0,
-            "max_tokens": 2,
-        }
+        body = _question(self._template, ctx, max_tokens=2)
         if self._up.cfg.logprobs:
             body.update(logprobs=True, top_logprobs=5)
-        reply, spend = await _ask(self._up, body)
+        reply = await paid.complete(ctx, self._up, body)
         p = yes_probability(reply)
         if p is not None:
-            return Score(p, f"P(yes) = {p:.2f}", [spend])
+            return Score(p, f"P(yes) = {p:.2f}")
         verdict = _content(reply).strip().lower()
         if verdict.startswith("yes"):
-            return Score(1.0, "said yes", [spend])
+            return Score(1.0, "said yes")
         if verdict.startswith("no"):
-            return Score(0.0, "said no", [spend])
-        raise ScorerCallError("no yes/no verdict", [spend])
+            return Score(0.0, "said no")
+        raise ScorerCallError("no yes/no verdict")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from app.config import ScorerCommon
+from app.errors import CascadeBaseError
 
 Json = dict[str, Any]
 log = logging.getLogger("cascade.scoring")
@@ -28,6 +29,7 @@ class Spend:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+    estimated: bool = False  # the call was cut off (or reported no usage): its estimated prompt cost
 
 
 @dataclass(slots=True)
@@ -70,9 +72,12 @@ class ScoreContext:
     request: Json  # the client's request body, as received
     answer: Answer
     previous: Sequence[Answer] = ()  # answers of earlier stages of this request, in stage order
+    # What scoring this answer costs: paid calls go on it as they are sent (``app.scoring.paid``), so a
+    # call cut off by a timeout, the deadline or the client leaving is still charged.
+    spent: list[Spend] = field(default_factory=list)
 
 
-class Abstain(Exception):
+class Abstain(CascadeBaseError):
     """Raised by a scorer that has no opinion on this answer (e.g. logprob on a tool call): it is left
     out of the stage's mean, whatever its ``on_error`` policy."""
 
@@ -147,10 +152,6 @@ async def _run_one(item: Configured, ctx: ScoreContext) -> Score | None:
             "scorer %s failed: %s", item.name, type(exc).__name__, exc_info=log.isEnabledFor(logging.DEBUG)
         )
         reason = f"error: {type(exc).__name__}"
-        spend = getattr(exc, "spend", None)
-        if policy == "ignore":
-            return None
-        return Score(1.0 if policy == "accept" else 0.0, reason, spend if isinstance(spend, list) else [])
     if policy == "ignore":
         return None
     return Score(1.0 if policy == "accept" else 0.0, reason)
@@ -163,7 +164,7 @@ async def score_stage(items: Sequence[Configured], ctx: ScoreContext, veto_below
         results = list(await asyncio.gather(*(_run_one(it, ctx) for it in items)))
     scores: dict[str, float] = {}
     reasons: dict[str, str] = {}
-    spend: list[Spend] = []
+    spend = ctx.spent  # the paid calls, settled or cut off; plus what scorers report themselves
     total = weight = 0.0
     vetoed: str | None = None
     for it, s in zip(items, results, strict=True):

@@ -29,12 +29,11 @@ do not dominate.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from app.answers import (
     BOXED_RE,
@@ -47,8 +46,7 @@ from app.answers import (
     normalize_answer,
 )
 from app.scoring.arithmetic import ANNOT_RE, EQ_CLEAN_RE, EQ_RE, arithmetic_checks
-
-FEATURE_SPEC_VERSION = 1
+from app.scoring.feature_spec import ENGINEERED_NAMES, FeatureSpec
 
 _TOKEN_RE = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
 _FINAL_LINE_RE = re.compile(r"####([^\n]*)")
@@ -150,125 +148,18 @@ _REFUSALS = (
 )
 _NON_PY = ("function ", "console.log", "public static", "#include", "=> {", "var ", "let ", "const ")
 
-# Features comparing the answer with earlier stages' answers (``previous_features``).
-PREVIOUS_NAMES: tuple[str, ...] = (
-    "has_prev",
-    "n_prev",
-    "agree_prev",
-    "agree_any",
-    "agree_frac",
-    "disagree_prev",
-    "prev_agree_each_other",
-    "max_jaccard_prev",
-    "prev_choice_A",
-    "prev_choice_B",
-    "prev_choice_C",
-    "prev_choice_D",
-    "prev_choice_E",
-)
-
-ENGINEERED_NAMES: tuple[str, ...] = (
-    "bias_one",
-    "empty",
-    "log_answer_chars",
-    "log_prompt_chars",
-    "log_answer_prompt_ratio",
-    "answer_lines",
-    "hedge_count",
-    "self_correct_count",
-    "refusal",
-    "ends_clean",
-    "unbalanced_annotation",
-    "finish_length",
-    "is_choice",
-    "choice_clean",
-    "choice_from_option_text",
-    "choice_A",
-    "choice_B",
-    "choice_C",
-    "choice_D",
-    "choice_E",
-    "answer_words_log",
-    "has_final_mark",
-    "final_mark_decorated",
-    "final_mark_conflict",
-    "final_decimal_zero",
-    "has_number",
-    "final_integer",
-    "final_negative",
-    "final_log_magnitude",
-    "final_in_prompt",
-    "final_in_body",
-    "final_is_last_eq_result",
-    "prompt_numbers_used_frac",
-    "answer_numbers_log",
-    "n_ann_log",
-    "ann_wrong",
-    "ann_wrong_frac",
-    "n_eq_log",
-    "eq_wrong",
-    "eq_wrong_frac",
-    "any_arith_wrong",
-    "has_code",
-    "code_python_parses",
-    "code_defines_function",
-    "code_non_python",
-    "code_lines_log",
-    *PREVIOUS_NAMES,
-    "has_logprobs",
-    "lp_mean",
-    "lp_min",
-    "lp_p10",
-)
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Layout of the feature vector; saved with a model so that scoring rebuilds the same vector."""
-
-    hash_dim: int = 256
-    prompt_tail_chars: int = 1500
-    hash_answer: bool = True
-    hash_prompt: bool = True
-    version: int = FEATURE_SPEC_VERSION
-
-    @property
-    def dim(self) -> int:
-        return len(ENGINEERED_NAMES) + self.hash_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "hash_dim": self.hash_dim,
-            "prompt_tail_chars": self.prompt_tail_chars,
-            "hash_answer": self.hash_answer,
-            "hash_prompt": self.hash_prompt,
-            "engineered": list(ENGINEERED_NAMES),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
-        version = int(d.get("version", FEATURE_SPEC_VERSION))
-        if version != FEATURE_SPEC_VERSION:
-            raise ValueError(f"feature spec version {version} is not supported (want {FEATURE_SPEC_VERSION})")
-        eng = d.get("engineered")
-        if eng is not None and list(eng) != list(ENGINEERED_NAMES):
-            raise ValueError("feature spec lists different engineered features than this version computes")
-        return cls(
-            hash_dim=int(d.get("hash_dim", 256)),
-            prompt_tail_chars=int(d.get("prompt_tail_chars", 1500)),
-            hash_answer=bool(d.get("hash_answer", True)),
-            hash_prompt=bool(d.get("hash_prompt", True)),
-            version=version,
-        )
-
 
 _INDEX: dict[str, int] = {n: i for i, n in enumerate(ENGINEERED_NAMES)}
 
 
-def feature_names(spec: FeatureSpec | None = None) -> list[str]:
-    spec = spec or FeatureSpec()
-    return list(ENGINEERED_NAMES) + [f"h{i}" for i in range(spec.hash_dim)]
+@functools.lru_cache(maxsize=1024)
+def _prompt_numbers(ptail: str, with_words: bool) -> frozenset[str]:
+    """The numbers a prompt (tail) mentions, canonical; with number words. Cached: every stage's answer
+    to one request (and every model's, when fitting) is scored against the same prompt."""
+    nums = {c for c in (canon_number(n) for n in NUM_RE.findall(ptail)) if c is not None}
+    if with_words:
+        nums.update(_NUMBER_WORDS[w] for w in _WORD_RE.findall(ptail.lower()) if w in _NUMBER_WORDS)
+    return frozenset(nums)
 
 
 def _count_any(text: str, needles: Sequence[str]) -> int:
@@ -413,9 +304,7 @@ def extract_features(
         f["final_integer"] = 1.0 if abs(fv - round(fv)) < 1e-9 else 0.0
         f["final_negative"] = 1.0 if fv < 0 else 0.0
         f["final_log_magnitude"] = math.log10(abs(fv) + 1.0)
-    p_nums = {c for c in (canon_number(n) for n in NUM_RE.findall(ptail)) if c is not None}
-    if not has_code and len(ptail) <= 3000:
-        p_nums.update(_NUMBER_WORDS[w] for w in _WORD_RE.findall(ptail.lower()) if w in _NUMBER_WORDS)
+    p_nums = _prompt_numbers(ptail, with_words=not has_code and len(ptail) <= 3000)
     a_nums_list = (
         [c for c in (canon_number(n) for n in NUM_RE.findall(a)) if c is not None] if not has_code else []
     )

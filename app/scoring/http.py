@@ -10,12 +10,13 @@ from __future__ import annotations
 import orjson
 
 from app.config import HttpScorer as HttpConfig
+from app.errors import ScorerError
 from app.scoring.base import Score, ScoreContext
 from app.upstream.transport import Timeouts, Transport, TransportError
 
 
-class ScorerServiceError(Exception):
-    pass
+class ScorerServiceError(ScorerError):
+    """The scoring service was unreachable or answered out of shape."""
 
 
 class HttpScore:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 
 from app.config import LogprobScorer as LogprobConfig
+from app.errors import ScorerError
 from app.scoring.base import Abstain, Score, ScoreContext
 
 
-class MissingLogprobs(Exception):
-    pass
+class MissingLogprobs(ScorerError):
+    """The upstream sent no logprobs to score."""
 
 
 def token_probs(logprobs: object) -> list[float]:

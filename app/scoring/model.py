@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.scoring.features import FeatureSpec, extract_features
+from app.scoring.feature_spec import FeatureSpec
+from app.scoring.features import extract_features
 
 MODEL_FORMAT = "cascade-learned-scorer"
 MODEL_VERSION = 1

@@ -1,5 +1,8 @@
 """Talking to one OpenAI-compatible upstream: request building, retries, error mapping, SSE chunks.
 
+Over 400 lines on purpose: one call's whole life (admission, retries, parsing, error mapping) reads in
+one place; the pieces that stand alone are modules of their own (breaker, limits, sse, shapes, transport).
+
 One pooled HTTP transport per process is shared by every ``Upstream`` (lifespan-owned; see
 ``app.upstream.transport``). Transport errors and bad payloads are translated here into the
 ``UpstreamError`` tree, ``from exc``. Retries (connect errors, 429, 5xx) happen only before the first
@@ -21,6 +24,7 @@ import orjson
 
 from app.config import Price, UpstreamConfig
 from app.errors import (
+    CascadeBaseError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -29,8 +33,10 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.protocol import token_count
 from app.upstream.breaker import Breaker, Ticket
 from app.upstream.limits import Limiter
+from app.upstream.shapes import chunk_problem, completion_problem
 from app.upstream.sse import SSEDecoder
 from app.upstream.transport import (
     Stream,
@@ -62,8 +68,8 @@ def price_usd(price: Price, prompt_tokens: int, completion_tokens: int, reported
 
 
 @dataclass(slots=True)
-class Reply:
-    """A whole non-streamed answer."""
+class CompletionReply:
+    """A whole non-streamed answer, parsed (the transport's ``RawReply`` is the bytes it came in)."""
 
     body: Json
     latency_s: float
@@ -117,9 +123,8 @@ class Upstream:
         """(prompt tokens, completion tokens, USD) for a reply's ``usage`` (zeros when it has none)."""
         if not isinstance(usage, dict):
             return 0, 0, 0.0
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        pt = pt if isinstance(pt, int) else 0
-        ct = ct if isinstance(ct, int) else 0
+        pt = token_count(usage.get("prompt_tokens")) or 0
+        ct = token_count(usage.get("completion_tokens")) or 0
         return pt, ct, price_usd(self.cfg.price, pt, ct, usage.get("cost"))
 
     def blocked(self) -> str | None:
@@ -158,7 +163,7 @@ class Upstream:
             out.pop("stream_options", None)
         return out
 
-    async def complete(self, body: Json) -> Reply:
+    async def complete(self, body: Json) -> CompletionReply:
         """POST a non-streamed request (``body`` already prepared). Raises UpstreamError."""
         # The admission of ``_admit``, spelled out: this runs on every request and a generator-based
         # context manager costs more than the call bookkeeping itself.
@@ -181,11 +186,16 @@ class Upstream:
             self._rejected("circuit_open")
             why = self.breaker.blocked() or "circuit open"
             raise UpstreamUnavailable(self.name, why, retry_after=self.breaker.retry_after())
+        # Every way out of the wait gives the ticket back (a half-open probe holds the circuit's only
+        # probe slot): saturation, and also a cancel (client gone, cascade deadline) while queued.
         try:
             await self.limiter.acquire()
         except UpstreamSaturated:
             ticket.close()
             self._rejected("saturated")
+            raise
+        except BaseException:
+            ticket.close()
             raise
         return ticket
 
@@ -221,7 +231,7 @@ class Upstream:
         if self.on_rejected is not None:
             self.on_rejected(self.name, reason)
 
-    async def _complete(self, body: Json) -> Reply:
+    async def _complete(self, body: Json) -> CompletionReply:
         payload = orjson.dumps(body)
         started = time.perf_counter()
         attempt = 0
@@ -243,7 +253,7 @@ class Upstream:
             latency = time.perf_counter() - started
             if self._on_duration is not None:
                 self._on_duration(self.name, latency)
-            return Reply(reply, latency)
+            return CompletionReply(reply, latency)
 
     @asynccontextmanager
     async def _stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
@@ -350,32 +360,37 @@ class Upstream:
         self._failed(cut)
         raise cut
 
-    def _parse_chunk(self, data: str, event: str) -> Json:
+    def _json_object(self, raw: str | bytes, what: str) -> Json:
         try:
-            chunk = orjson.loads(data)
+            obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError(self.name, "invalid JSON in an SSE event") from exc
-        if not isinstance(chunk, dict):
-            raise UpstreamProtocolError(self.name, "SSE event is not a JSON object")
+            raise UpstreamProtocolError(self.name, f"invalid JSON in {what}") from exc
+        if not isinstance(obj, dict):
+            raise UpstreamProtocolError(self.name, f"{what} is not a JSON object")
+        return obj
+
+    def _parse_chunk(self, data: str, event: str) -> Json:
+        chunk = self._json_object(data, "an SSE event")
         if ("error" in chunk and "choices" not in chunk) or event == "error":
             raise UpstreamProtocolError(self.name, f"error event in stream: {self._message_of(chunk)}")
+        why = chunk_problem(chunk)
+        if why is not None:
+            raise UpstreamProtocolError(self.name, f"malformed chunk: {why}")
         return chunk
 
     def _parse_body(self, headers: Mapping[str, str], content: bytes) -> Json:
         ctype = headers.get("content-type", "")
         if ctype and "json" not in ctype:
             raise UpstreamProtocolError(self.name, f"expected application/json, got '{ctype[:60]}'")
-        try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError(self.name, "invalid JSON body") from exc
-        if not isinstance(body, dict):
-            raise UpstreamProtocolError(self.name, "JSON body is not an object")
+        body = self._json_object(content, "the body")
         if "error" in body and not body.get("choices"):
             raise UpstreamProtocolError(self.name, f"error in a 200 reply: {self._message_of(body)}")
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
             raise UpstreamProtocolError(self.name, "reply has no choices")
+        why = completion_problem(body)
+        if why is not None:
+            raise UpstreamProtocolError(self.name, f"malformed reply: {why}")
         return body
 
     def _status_error(self, status: int, headers: Mapping[str, str], content: bytes) -> UpstreamStatusError:
@@ -441,7 +456,7 @@ class _Watched:
             raise
 
 
-class _BeforeFirstByte(Exception):
+class _BeforeFirstByte(CascadeBaseError):
     """Carries an UpstreamError that happened before any byte of the answer (so a retry is safe)."""
 
     def __init__(self, error: UpstreamError) -> None:

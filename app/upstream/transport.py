@@ -19,8 +19,10 @@ from typing import Protocol
 import aiohttp
 import httpx
 
+from app.errors import CascadeBaseError
 
-class TransportError(Exception):
+
+class TransportError(CascadeBaseError):
     """Base: the connection broke or the bytes are not HTTP."""
 
 
@@ -39,7 +41,9 @@ class Timeouts:
 
 
 @dataclass(slots=True)
-class Reply:
+class RawReply:
+    """An HTTP reply as received: status, headers, body bytes (``Upstream`` parses it)."""
+
     status: int
     headers: Mapping[str, str]  # lower-case keys
     body: bytes
@@ -57,7 +61,9 @@ class Stream:
 
 
 class Transport(Protocol):
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply: ...
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts
+    ) -> RawReply: ...
 
     def stream(
         self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts
@@ -98,20 +104,16 @@ class AiohttpTransport:
             raise TransportError("transport used before start()")
         return self._session
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply:
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> RawReply:
         # No total timeout here: the caller bounds the whole call (``asyncio.timeout``), and a second
         # timer per request in aiohttp would only cost CPU.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
         try:
             async with self._s().post(url, data=body, headers=headers, timeout=timeout) as r:
                 content = await r.read()
-                return Reply(r.status, _lower(r.headers), content)
-        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is a TimeoutError too
-            raise TransportTimeout("timed out") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransportConnectError("cannot connect") from exc
-        except aiohttp.ClientError as exc:
-            raise TransportError(type(exc).__name__) from exc
+                return RawReply(r.status, _lower(r.headers), content)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _from_aiohttp(exc, "timed out") from exc
 
     @asynccontextmanager
     async def stream(
@@ -120,12 +122,8 @@ class AiohttpTransport:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=timeouts.read)
         try:
             resp = await self._s().post(url, data=body, headers=headers, timeout=timeout)
-        except TimeoutError as exc:
-            raise TransportTimeout("timed out before the first byte") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise TransportConnectError("cannot connect") from exc
-        except aiohttp.ClientError as exc:
-            raise TransportError(type(exc).__name__) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _from_aiohttp(exc, "timed out before the first byte") from exc
         try:
             yield Stream(resp.status, _lower(resp.headers), _aiohttp_chunks(resp))
         finally:
@@ -141,10 +139,17 @@ async def _aiohttp_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
         async for chunk in resp.content.iter_any():
             yield chunk
-    except TimeoutError as exc:
-        raise TransportTimeout("stalled") from exc
-    except aiohttp.ClientError as exc:
-        raise TransportError(type(exc).__name__) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _from_aiohttp(exc, "stalled") from exc
+
+
+def _from_aiohttp(exc: BaseException, timed_out: str) -> TransportError:
+    """aiohttp's exception as one of ours (its ServerTimeoutError is a TimeoutError too)."""
+    if isinstance(exc, TimeoutError):
+        return TransportTimeout(timed_out)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TransportConnectError("cannot connect")
+    return TransportError(type(exc).__name__)
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
@@ -164,36 +169,26 @@ class HttpxTransport:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Reply:
-        t = httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.read
-        )
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> RawReply:
         try:
-            r = await self._client.post(url, content=body, headers=dict(headers), timeout=t)
-        except httpx.ConnectError as exc:
-            raise TransportConnectError("cannot connect") from exc
-        except httpx.TimeoutException as exc:
-            raise TransportTimeout("timed out") from exc
+            r = await self._client.post(
+                url, content=body, headers=dict(headers), timeout=_httpx_timeout(timeouts)
+            )
         except httpx.HTTPError as exc:
-            raise TransportError(type(exc).__name__) from exc
-        return Reply(r.status_code, _lower(r.headers), r.content)
+            raise _from_httpx(exc, "timed out") from exc
+        return RawReply(r.status_code, _lower(r.headers), r.content)
 
     @asynccontextmanager
     async def stream(
         self, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts
     ) -> AsyncIterator[Stream]:
-        t = httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.read
+        req = self._client.build_request(
+            "POST", url, content=body, headers=dict(headers), timeout=_httpx_timeout(timeouts)
         )
-        req = self._client.build_request("POST", url, content=body, headers=dict(headers), timeout=t)
         try:
             resp = await self._client.send(req, stream=True)
-        except httpx.ConnectError as exc:
-            raise TransportConnectError("cannot connect") from exc
-        except httpx.TimeoutException as exc:
-            raise TransportTimeout("timed out before the first byte") from exc
         except httpx.HTTPError as exc:
-            raise TransportError(type(exc).__name__) from exc
+            raise _from_httpx(exc, "timed out before the first byte") from exc
         try:
             yield Stream(resp.status_code, _lower(resp.headers), _httpx_chunks(resp))
         finally:
@@ -204,7 +199,20 @@ async def _httpx_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
     try:
         async for chunk in resp.aiter_raw():
             yield chunk
-    except httpx.TimeoutException as exc:
-        raise TransportTimeout("stalled") from exc
     except httpx.HTTPError as exc:
-        raise TransportError(type(exc).__name__) from exc
+        raise _from_httpx(exc, "stalled") from exc
+
+
+def _httpx_timeout(timeouts: Timeouts) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.read
+    )
+
+
+def _from_httpx(exc: httpx.HTTPError, timed_out: str) -> TransportError:
+    """httpx's exception as one of ours."""
+    if isinstance(exc, httpx.ConnectError):
+        return TransportConnectError("cannot connect")
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportTimeout(timed_out)
+    return TransportError(type(exc).__name__)

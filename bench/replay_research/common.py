@@ -5,7 +5,8 @@ from functools import lru_cache
 import numpy as np
 sys.path.insert(0, '/work/main')
 from app.replay.dataset import load_dataset, model_summary, best_single, oracle
-from app.scoring.features import extract_features, FeatureSpec, feature_names, ENGINEERED_NAMES
+from app.scoring.features import extract_features
+from app.scoring.feature_spec import FeatureSpec, feature_names, ENGINEERED_NAMES
 from app.learning.fitting import fit_logistic
 from app.scoring.model import LogisticModel
 from app.learning.thresholds import choose_thresholds, evaluate_cascade, search_cascades

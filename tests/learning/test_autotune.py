@@ -3,7 +3,6 @@ restart, exported as cascade_threshold, logged, and kept across a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from fastapi import FastAPI
 
 from app.learning.calibration import assemble, fit
 from app.learning.store import Store
-from tests.conftest import base_config, chat, proxy
+from tests.conftest import base_config, chat, proxy, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import learning_of, query, sqlite_url, synthetic, with_learning
 
@@ -45,9 +44,23 @@ async def _populate(url: str, cfg: dict[str, Any], n: int = 400) -> list[str]:
 
 async def _until(app: FastAPI, value: float) -> None:
     plan = app.state.cascade.runtime.plans.get("default")
-    async with asyncio.timeout(5):
-        while plan.thresholds[0] != pytest.approx(value):  # noqa: ASYNC110 (a plain list, set by the tuner)
-            await asyncio.sleep(0.01)
+    await wait_for(lambda: plan.thresholds[0] == pytest.approx(value), f"threshold {value}")
+
+
+def _count_syncs(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the tuner's looks at the store for new labels (one per cascade per sync round), so a test
+    can wait for rounds to pass instead of sleeping and hoping one did."""
+    store = learning_of(app).store
+    looks: list[int] = []
+    real = store.labels_after
+
+    async def counted(cascade: str, plan: str, after_id: int, limit: int) -> Any:
+        out = await real(cascade, plan, after_id, limit)
+        looks.append(1)
+        return out
+
+    monkeypatch.setattr(store, "labels_after", counted)
+    return looks
 
 
 def _gauge(app: FastAPI) -> float | None:
@@ -57,7 +70,7 @@ def _gauge(app: FastAPI) -> float | None:
 
 
 async def test_auto_tune_moves_thresholds_within_guard_rails_and_survives_restart(
-    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = sqlite_url(tmp_path)
     cfg = _cfg(url)
@@ -69,8 +82,9 @@ async def test_auto_tune_moves_thresholds_within_guard_rails_and_survives_restar
         assert _gauge(app) == pytest.approx(0.65)
         r = await c.post("/v1/chat/completions", json=chat())
         assert r.json()["cascade"]["attempts"][0]["threshold"] == pytest.approx(0.65)
-        await asyncio.sleep(0.2)  # no new labels: no new fit
-        assert query(url, "SELECT count(*) FROM fits") == [(1,)]
+        looks = _count_syncs(app, monkeypatch)
+        await wait_for(lambda: len(looks) >= 3, "three more sync rounds")
+        assert query(url, "SELECT count(*) FROM fits") == [(1,)]  # no new labels: no new fit
         # tune_every (10) new labels: the next step.
         for tid in ids[:10]:
             assert (await c.post("/v1/feedback", json={"id": tid, "score": 1.0})).status_code == 200
@@ -92,12 +106,15 @@ async def test_auto_tune_moves_thresholds_within_guard_rails_and_survives_restar
         assert learning_of(app)._meta["default"].fit_version == 2
 
 
-async def test_no_tuning_below_min_labels(fake: FakeUpstream, tmp_path: Path) -> None:
+async def test_no_tuning_below_min_labels(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = sqlite_url(tmp_path)
     cfg = _cfg(url, min_labels=5000)
     await _populate(url, cfg, 100)
     async with proxy(cfg, fake) as (_, app):
-        await asyncio.sleep(0.3)
+        looks = _count_syncs(app, monkeypatch)
+        await wait_for(lambda: len(looks) >= 3, "three sync rounds")
         assert app.state.cascade.runtime.plans.get("default").thresholds[0] == 0.7
     assert query(url, "SELECT count(*) FROM fits") == [(0,)]
 

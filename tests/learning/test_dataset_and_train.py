@@ -87,7 +87,7 @@ def test_load_dataset_hash_split_contaminated_and_estimated_cost(tmp_path: Path)
         }
         for i in range(40)
     ]
-    ds = load_dataset(_write(tmp_path / "g.jsonl", rows))
+    ds = load_dataset(_write(tmp_path / "g.jsonl", rows), pass_score=0.5)
     assert ds.n_dropped_contaminated == 1 and len(ds.rows) == 39
     assert ds.split_from_hash and ds.cost_estimated
     assert ds.partial_models == ["partial-model"]
@@ -133,17 +133,18 @@ def test_fit_stage_scorer_learns_hedging() -> None:
 
 def test_fit_cascade_and_simulate(tmp_path: Path) -> None:
     ds = load_dataset(_write(tmp_path / "toy.jsonl", _mc_rows(90)))
-    fitted = fit_cascade(ds.train, ds.models, target_quality=1.0, relative=True, margin_z=0.0)
+    fitted = fit_cascade(ds.train, ds.models, target_quality=0.97, relative=True, margin_z=0.0)
     assert fitted.feasible
     assert fitted.models == ["weak", "strong"]
     assert len(fitted.thresholds) == 1 and 0.0 <= fitted.thresholds[0] <= 1.0
-    assert fitted.train["quality"] == pytest.approx(1.0)
+    assert fitted.train["quality"] >= 0.97 * fitted.train["best_single_quality"]
+    assert fitted.train["quality_vs_best_corrected"] >= 0.97 - 1e-9
     run = simulate(fitted, ds.test)
-    assert run.accuracy == 1.0
-    assert run.escalation_rate[0] == 1.0 and run.escalation_rate[1] == pytest.approx(0.5, abs=0.1)
+    assert run.accuracy >= 0.95
+    assert run.escalation_rate[0] == 1.0 and run.escalation_rate[1] == pytest.approx(0.5, abs=0.15)
     rep = replay_report(ds, fitted, run)
     assert rep["stages"] == ["weak", "strong"] and rep["n_test"] == 30
-    assert rep["savings_vs_best"] > 0.3 and rep["quality_vs_best"] == 1.0
+    assert rep["savings_vs_best"] > 0.3 and rep["quality_vs_best"] >= 0.95
     assert set(rep) >= {
         "dataset",
         "n_train",

@@ -80,12 +80,12 @@ async def test_the_tuner_reads_only_what_is_new(fake: FakeUpstream, tmp_path: Pa
         await learning.settle()  # the first sync reads the history once
         first = query(url, "SELECT version, n_rows FROM fits")
         assert len(first) == 1 and first[0][1] > 1000
-        read = learning.store.backend.rows_read
+        read = learning.store.rows_read
         assert read > 3000  # traces, labels and attempts of the labelled requests
         for t in traces[:20]:  # 20 new labels, on old traces
             assert (await c.post("/v1/feedback", json={"id": t.id, "score": 1.0})).status_code == 200
         await learning.settle()
-        delta = learning.store.backend.rows_read - read
+        delta = learning.store.rows_read - read
         fits = query(url, "SELECT version, n_rows FROM fits ORDER BY version")
     # The labels woke the tuner once or twice (tune_every 10); each new fit used the whole history.
     assert len(fits) in (2, 3) and all(n >= first[0][1] for _, n in fits)

@@ -1,17 +1,10 @@
-import time
+import math
 
 import pytest
 
 from app.answers import extract_code, extract_number, messages_to_prompt, normalize_answer
-from app.scoring.features import (
-    ENGINEERED_NAMES,
-    PREVIOUS_NAMES,
-    FeatureSpec,
-    arithmetic_checks,
-    extract_features,
-    feature_names,
-    with_previous,
-)
+from app.scoring.feature_spec import ENGINEERED_NAMES, PREVIOUS_NAMES, FeatureSpec, feature_names
+from app.scoring.features import arithmetic_checks, extract_features, with_previous
 
 MC_PROMPT = (
     "The trophy doesn't fit in the suitcase because the _ is too big.\nA) trophy\nB) suitcase\nAnswer:"
@@ -144,14 +137,11 @@ def test_spec_roundtrip_and_version_check() -> None:
         FeatureSpec.from_dict({**spec.to_dict(), "engineered": ["x"]})
 
 
-def test_extraction_is_fast() -> None:
+def test_extraction_of_a_long_prompt_is_complete_and_deterministic() -> None:
+    # Its speed is a benchmark figure (bench/), not a wall-clock assertion that flakes on a busy machine.
     prompt = ("Some context sentence with 12 numbers and words. " * 60) + "\nA) first\nB) second\nAnswer:"
     answer = "Step: 12 * 3 = <<12*3=36>>36 apples.\nThen 36 + 4 = 40.\n" * 10 + "#### 40"
     spec = FeatureSpec(hash_dim=256)
-    extract_features(prompt, answer, ["#### 40"], spec=spec)
-    n = 50
-    t0 = time.perf_counter()
-    for _ in range(n):
-        extract_features(prompt, answer, ["#### 40"], spec=spec)
-    per_call = (time.perf_counter() - t0) / n
-    assert per_call < 0.02  # generous bound for slow CI; typical is well under 1 ms
+    first = extract_features(prompt, answer, ["#### 40"], spec=spec)
+    assert len(first) == len(feature_names(spec)) and all(math.isfinite(v) for v in first)
+    assert extract_features(prompt, answer, ["#### 40"], spec=spec) == first

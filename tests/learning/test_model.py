@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from app.learning.fitting import fit_logistic
-from app.scoring.features import FeatureSpec, extract_features
+from app.scoring.feature_spec import FeatureSpec
+from app.scoring.features import extract_features
 from app.scoring.model import MODEL_FORMAT, LogisticModel
 
 

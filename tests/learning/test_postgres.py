@@ -28,7 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.learning.store import SCHEMA_VERSION, Store
+from app.learning.store import SCHEMA_VERSION, Store, StoreError
 from tests.conftest import base_config, chat, proxy
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import learning_of, settle, synthetic, with_learning
@@ -341,6 +341,34 @@ async def test_two_serve_processes_on_one_postgres_converge_on_the_same_threshol
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+def _sql(store: Store, sql: str) -> Any:
+    cur = store.backend.connect().cursor()
+    try:
+        cur.execute(sql)
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
+async def test_a_hung_query_is_cut_by_the_statement_timeout(fake: FakeUpstream, pg_url: str) -> None:
+    """One hung query must not block every write and shutdown: statements have a time limit
+    (``learning.statement_timeout_s``, 30 s by default)."""
+    store = Store(pg_url)
+    await store.open()
+    try:
+        assert await store.run(_sql, store, "SHOW statement_timeout") == [("30s",)]
+    finally:
+        await store.close()
+    cfg = with_learning(base_config(), pg_url, statement_timeout_s=0.2)
+    async with proxy(cfg, fake) as (c, app):
+        store = learning_of(app).store
+        with pytest.raises(StoreError, match="statement timeout"):
+            await store.run(_sql, store, "SELECT pg_sleep(30)")
+        r = await c.post("/v1/chat/completions", json=chat())  # the store carries on
+        await settle(app)
+    assert await _rows(pg_url, "SELECT id FROM traces") == [(r.json()["id"],)]
 
 
 # --- the online replay's stream through two replicas on one PostgreSQL -------------------------------------

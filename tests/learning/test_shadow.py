@@ -5,14 +5,13 @@ share of the answers' spend; every draw and skip is recorded on the trace."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import base_config, chat, proxy
+from tests.conftest import base_config, chat, proxy, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import learning_of, query, settle, sqlite_url, with_learning
 
@@ -44,14 +43,14 @@ def _labels(url: str) -> list[tuple[Any, ...]]:
 async def test_shadow_labels_good_and_bad_answers_after_the_reply(fake: FakeUpstream, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     reg = CollectorRegistry()
-    cfg = _cfg(url, last="answer-Paris+slow-300")
+    cfg = _cfg(url, last="answer-Paris+gated")  # the shadow call answers when the test opens the gate
     async with proxy(cfg, fake, registry=reg) as (c, app):
-        t0 = time.perf_counter()
-        r1 = await c.post("/v1/chat/completions", json=chat())
-        took = time.perf_counter() - t0
+        async with asyncio.timeout(10):  # a client that waited for the shadow call would never get here
+            r1 = await c.post("/v1/chat/completions", json=chat())
         r2 = await c.post("/v1/chat/completions", json=chat("other"))
         assert r1.json()["cascade"]["stage"] == 0 and r2.json()["cascade"]["stage"] == 0
-        assert took < 0.3, "the client waited for the shadow call"
+        await wait_for(lambda: fake.counts.get("answer-Paris+gated"), "the shadow call is sent")
+        fake.gate.set()
         # The shadow call is not part of what the request cost.
         assert r1.json()["cascade"]["cost_usd"] == pytest.approx(
             r1.json()["cascade"]["attempts"][0]["cost_usd"]

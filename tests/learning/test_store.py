@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from app.learning import store as store_mod
 from app.learning.records import TraceRow
 from app.learning.store import SCHEMA_VERSION, Store, StoreError
-from tests.conftest import SECRET_PROMPT, base_config, chat, proxy, sse_events, two_stage
+from tests.conftest import SECRET_PROMPT, base_config, chat, proxy, sse_events, two_stage, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import db_bytes, query, settle, sqlite_url, with_learning
 
@@ -107,20 +108,26 @@ async def test_a_slow_store_never_slows_requests_and_a_full_queue_drops(
     fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_write = store_mod._Backend.write
+    release, writing = threading.Event(), threading.Event()
 
-    def slow_write(self: store_mod._Backend, traces: list[TraceRow], labels: list) -> None:  # type: ignore[type-arg]
-        time.sleep(0.3)
+    def stuck_write(self: store_mod._Backend, traces: list[TraceRow], labels: list) -> None:  # type: ignore[type-arg]
+        writing.set()
+        release.wait(30)
         real_write(self, traces, labels)
 
-    monkeypatch.setattr(store_mod._Backend, "write", slow_write)
+    monkeypatch.setattr(store_mod._Backend, "write", stuck_write)
     url = sqlite_url(tmp_path)
     reg = CollectorRegistry()
     async with proxy(with_learning(base_config(), url, queue_size=2), fake, registry=reg) as (c, app):
-        t0 = time.perf_counter()
-        rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=chat()) for _ in range(12)))
-        took = time.perf_counter() - t0
-        assert all(r.status_code == 200 for r in rs)
-        assert took < 0.3, f"requests waited for the store: {took:.3f}s"
+        try:
+            first = await c.post("/v1/chat/completions", json=chat())
+            await wait_for(writing.is_set, "the first record's write is stuck")
+            # Requests that waited for the store would never be answered while its write is stuck.
+            async with asyncio.timeout(10):
+                rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=chat()) for _ in range(11)))
+            assert all(r.status_code == 200 for r in [first, *rs])
+        finally:
+            release.set()
         await settle(app)
     dropped = reg.get_sample_value("cascade_trace_dropped_total", {"reason": "queue_full"})
     stored = query(url, "SELECT count(*) FROM traces")[0][0]
@@ -161,3 +168,118 @@ async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) ->
     with pytest.raises(StoreError, match="newer"):
         await s.open()
     await s.close()
+
+
+async def test_an_absurd_usage_report_is_estimated_and_recorded(fake: FakeUpstream, tmp_path: Path) -> None:
+    """``prompt_tokens: 2**64-1`` fits no INTEGER column (SQLite raised OverflowError, which ended the
+    writer for good). It is no token count: the attempt is charged an estimate, and recorded."""
+    url = sqlite_url(tmp_path)
+    cfg = with_learning(base_config(), url)
+    cfg["upstreams"]["small"]["model"] = f"ptokens-{2**64 - 1}"
+    async with proxy(cfg, fake) as (c, app):
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json=chat("small", stream=stream))
+            assert r.status_code == 200
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["attempts"][0]["usage_estimated"] is True
+        assert r.json()["usage"]["prompt_tokens"] < 1000
+        async with asyncio.timeout(10):
+            await settle(app)
+        r = await c.post("/v1/chat/completions", json=chat("large"))
+        async with asyncio.timeout(10):
+            await settle(app)
+    got = query(url, "SELECT a.prompt_tokens FROM attempts a JOIN traces t ON t.id = a.trace_id")
+    assert len(got) == 4 and all(0 < pt < 1000 for (pt,) in got)
+
+
+async def test_a_record_the_store_cannot_take_is_dropped_alone_and_the_writer_carries_on(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the cause (here a value no INTEGER column holds, put on a finished trace), a record that
+    cannot be written is dropped and counted on its own; the rest of its batch and every later one is
+    written, and the log line names no data."""
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    async with proxy(with_learning(base_config(), url), fake, registry=reg) as (c, app):
+        learning = app.state.cascade.learning
+        real = learning.on_finish
+        poisoned: list[str] = []
+
+        def poison(trace: Any, ok: bool, seconds: float) -> None:
+            if trace.request["messages"][0]["content"] == "poison":
+                trace.attempts[0].prompt_tokens = 2**64 - 1
+                poisoned.append(trace.completion_id)
+            real(trace, ok, seconds)
+
+        rt = app.state.cascade.runtime
+        rt.finish_hooks[rt.finish_hooks.index(real)] = poison
+        # One batch: the writer takes everything queued when it wakes; the replies come first.
+        rs = await asyncio.gather(
+            *(c.post("/v1/chat/completions", json=chat(content=t)) for t in ("a", "poison", "b"))
+        )
+        async with asyncio.timeout(10):
+            await settle(app)
+        later = await c.post("/v1/chat/completions", json=chat(content="after"))
+        async with asyncio.timeout(10):
+            await settle(app)
+    ids = {r[0] for r in query(url, "SELECT id FROM traces")}
+    assert len(poisoned) == 1 and poisoned[0] not in ids
+    assert ids == {r.json()["id"] for r in [*rs, later]} - set(poisoned)
+    assert reg.get_sample_value("cascade_trace_dropped_total", {"reason": "bad_record"}) == 1.0
+    logged = [rec for rec in caplog.records if rec.name == "cascade.learning" and rec.levelname == "WARNING"]
+    assert logged and all("poison" not in rec.getMessage() for rec in logged)
+
+
+async def test_a_slow_read_does_not_hold_up_trace_writes(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads (a /v1/feedback lookup, the tuner's queries) use a connection and thread of their own: while
+    one is stuck, requests are still recorded."""
+    url = sqlite_url(tmp_path)
+    release, entered = threading.Event(), threading.Event()
+    real = store_mod._Backend.trace_info
+
+    def stuck(self: store_mod._Backend, trace_id: str) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(self, trace_id)
+
+    monkeypatch.setattr(store_mod._Backend, "trace_info", stuck)
+    async with proxy(with_learning(base_config(), url), fake) as (c, app):
+        lookup = asyncio.create_task(c.post("/v1/feedback", json={"id": "chatcmpl-unknown", "score": 1.0}))
+        try:
+            await wait_for(entered.is_set, "the lookup is stuck")
+            r = await c.post("/v1/chat/completions", json=chat())
+            async with asyncio.timeout(10):
+                await settle(app)
+            assert query(url, "SELECT id FROM traces") == [(r.json()["id"],)]
+            assert not lookup.done()
+        finally:
+            release.set()
+        assert (await lookup).status_code == 404
+
+
+async def test_closing_the_store_is_bounded_even_with_a_write_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung database call must not hold up shutdown: close() gives up on it after its bound."""
+    release = threading.Event()
+    stuck = threading.Event()
+
+    def hang(self: store_mod._Backend, traces: Any, labels: Any) -> None:
+        stuck.set()
+        release.wait(30)
+
+    s = Store(sqlite_url(tmp_path))
+    await s.open()
+    monkeypatch.setattr(store_mod._Backend, "write", hang)
+    writing = asyncio.create_task(s.write([], []))
+    try:
+        await wait_for(stuck.is_set, "the write hangs")
+        async with asyncio.timeout(10):
+            await s.close(timeout_s=0.1)
+        assert not writing.done()  # close() returned while the write was still stuck
+    finally:
+        release.set()
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)

@@ -59,3 +59,40 @@ def write(
 ) -> Path:
     path.write_text("\n".join(json.dumps(r) for r in rows(n, seed, models)) + "\n", encoding="utf-8")
     return path
+
+
+def routed_rows(n: int = 240, seed: int = 5, hard_share: float = 0.35) -> list[dict[str, Any]]:
+    """A dataset where the prompt alone says when the cheap model will fail: "proof" questions are hard
+    (the cheap model is wrong, and sure of itself, so its scorer cannot tell), the rest easy. The cheap
+    call costs a third of the big one, so skipping it on hard prompts pays: what a router is for."""
+    rnd = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        a, b = rnd.randint(2, 99), rnd.randint(2, 99)
+        hard = rnd.random() < hard_share
+        prompt = (
+            f"Q{i}: Prove, step by step and with a formal proof, what {a} + {b} is."
+            if hard
+            else f"Q{i}: What is {a} + {b}?"
+        )
+        gold = a + b
+        recs: dict[str, Any] = {}
+        for m, cost, p_ok in (("cheap", 3e-4, 0.02 if hard else 0.92), ("big", 1e-3, 0.97)):
+            ok = rnd.random() < p_ok
+            val = gold if ok else gold + rnd.choice([-10, -1, 1, 2, 10])
+            recs[m] = {"answer": f"{a} + {b} = {val}. The answer is {val}.", "correct": ok, "cost_usd": cost}
+        out.append(
+            {
+                "id": f"rt-{i}",
+                "dataset": "routed",
+                "prompt": prompt,
+                "split": "train" if i < n * 2 // 3 else "test",
+                "models": recs,
+            }
+        )
+    return out
+
+
+def write_routed(path: Path, n: int = 240, seed: int = 5) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in routed_rows(n, seed)) + "\n", encoding="utf-8")
+    return path

@@ -122,7 +122,7 @@ def test_without_a_judge_free_form_answers_get_no_label(
     [
         (["--online", "--start-threshold", "1.5"], "--start-threshold: must be in [0, 1]"),
         (["--online", "--shadow-rate", "x"], "--shadow-rate: must be a number in [0, 1]"),
-        (["--seed", "3"], "--seed: only with --online"),
+        (["--start-threshold", "0.5"], "--start-threshold: only with --online"),
         (["--drift", "other.jsonl", "--passes", "2"], "--drift, --passes: only with --online"),
         (["--online", "--drift", "/nonexistent/other.jsonl"], "/nonexistent/other.jsonl"),
         (["--online", "--judge-model", "nope"], "--judge-model: 'nope' is not a model"),

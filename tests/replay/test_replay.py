@@ -67,7 +67,7 @@ def test_http_replay_equals_offline_simulation(syn_path: Path) -> None:
         assert o.cost_usd == pytest.approx(expected, abs=(stage + 1) * 1e-10)  # the wire rounds to 1e-10
     offline = replay_report(ds, fitted, sim)
     http = result.report
-    assert set(http) == CONTRACT_KEYS
+    assert set(http) >= CONTRACT_KEYS
     for key in CONTRACT_KEYS - {"cost_usd", "savings_vs_best"}:
         assert http[key] == offline[key], key
     assert http["cost_usd"] == pytest.approx(offline["cost_usd"], abs=1e-10)
@@ -86,7 +86,7 @@ def test_cli_json_on_an_unseen_model_set(tmp_path: Path, capsys: pytest.CaptureF
     out, err = capsys.readouterr()
     assert code == 0
     rep = _json_line(out)
-    assert set(rep) == CONTRACT_KEYS
+    assert set(rep) >= CONTRACT_KEYS
     assert rep["n_test"] == 20 and rep["dataset"] == "other"
     assert set(rep["stages"]) <= set(models) and 1 <= len(rep["stages"]) <= 3
     assert len(rep["thresholds"]) == len(rep["stages"]) - 1

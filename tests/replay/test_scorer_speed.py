@@ -8,7 +8,8 @@ import re
 import time
 
 from app.scoring.arithmetic import EQ_RE as _EQ_RE
-from app.scoring.features import FeatureSpec, extract_features
+from app.scoring.feature_spec import FeatureSpec
+from app.scoring.features import extract_features
 
 # The pattern before possessive whitespace / atomic numbers: the reference for equivalence.
 _PLAIN_EQ_RE = re.compile(

@@ -9,7 +9,7 @@ iterator, so the upstream connection is released and the request accounted for e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.errors import CascadeBaseError, InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
 
 
-class ClientGone(Exception):
+class ClientGone(CascadeBaseError):
     """The client disconnected before the answer was ready."""
 
 
@@ -94,18 +94,12 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Future[Any]) -> 
 class SSEResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        headers: Mapping[str, str],
-        on_close: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
         # Like StreamingResponse: no body attribute, so no content-length header is added.
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
         self.events = events
-        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -116,8 +110,6 @@ class SSEResponse(Response):
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()
-            if self.on_close is not None:
-                self.on_close()
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

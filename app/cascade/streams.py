@@ -1,0 +1,181 @@
+"""The streamed answers: a whole answer replayed as chunks, and the last stage relayed as it streams.
+
+Each has one way out, ``end``: it records the request (and, for the relay, closes the upstream stream
+and charges what was generated), once, whether the events finished, broke off, or never started. A
+``Streamed`` hands that to whoever sends it (``aclose``). After the first byte an error is one SSE error
+event (the OpenAI envelope) and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from app.cascade.accounting import account_stream, record_failure
+from app.cascade.plan import Stage
+from app.cascade.relay import StreamRelay
+from app.cascade.trace import Attempt, Trace
+from app.errors import UpstreamError
+from app.upstream.sse import DONE, encode
+
+Json = dict[str, Any]
+
+
+class Endings(Protocol):
+    """What a stream reports to the engine: its first byte, and its end."""
+
+    def first_byte(self, trace: Trace) -> None: ...
+
+    def finish(self, trace: Trace, ok: bool) -> None: ...
+
+
+class Streamed:
+    """A streamed answer, and who owns it. ``events`` yields the SSE bytes to send. Whoever gets this from
+    ``Engine.run`` calls ``aclose()`` when done with it, however that went (sent in full, client gone,
+    or never started because building the response failed): that closes the upstream stream and
+    records the request, exactly once. When the events ran, their own clean-up did it already."""
+
+    __slots__ = ("_end", "events", "trace")
+
+    def __init__(
+        self, trace: Trace, events: AsyncGenerator[bytes, None], end: Callable[[bool], Awaitable[None]]
+    ) -> None:
+        self.trace = trace
+        self.events = events
+        self._end = end
+
+    async def aclose(self) -> None:
+        await self.events.aclose()
+        await self._end(False)
+
+
+def error_event(message: str, type_: str, code: str) -> bytes:
+    return encode(orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}))
+
+
+class Replayed:
+    """An answer that is whole already (a scored stage, a fallback), sent as a stream."""
+
+    __slots__ = ("_chunks", "_ended", "_engine", "_trace")
+
+    def __init__(self, engine: Endings, trace: Trace, chunks: list[Json]) -> None:
+        self._engine = engine
+        self._trace = trace
+        self._chunks = chunks
+        self._ended = False
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        ok = False
+        try:
+            first = True
+            for c in self._chunks:
+                yield encode(orjson.dumps(c))
+                if first:
+                    self._engine.first_byte(self._trace)
+                    first = False
+            yield DONE
+            ok = True
+        finally:
+            await self.end(ok)
+
+    async def end(self, ok: bool) -> None:
+        if not self._ended:
+            self._ended = True
+            self._engine.finish(self._trace, ok)
+
+
+@dataclass(slots=True, eq=False)
+class Relayed:
+    """The streamed last stage: relays the open upstream stream to the client, then accounts for it.
+    ``end`` is its one way out: it closes the upstream stream, charges what was generated and records
+    the request, once, whether ``events`` finished, broke off, or never started."""
+
+    engine: Endings
+    stage: Stage
+    body: Json
+    trace: Trace
+    att: Attempt
+    t0: float
+    deadline: float
+    stack: AsyncExitStack  # holds the open upstream stream
+    chunks: AsyncIterator[Json]
+    first: Json  # the first chunk, already read
+    relay: StreamRelay
+    accounted: bool = False
+    ended: bool = False
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        engine, trace, att, relay = self.engine, self.trace, self.att, self.relay
+        ok = False
+        sent_any = False
+        try:
+            try:
+                chunk: Json | None = self.first
+                while chunk is not None:
+                    out = relay.process(chunk)
+                    if out is not None:
+                        yield out
+                        if not sent_any:
+                            sent_any = True
+                            engine.first_byte(trace)
+                    try:
+                        async with asyncio.timeout_at(self.deadline):
+                            chunk = await anext(self.chunks)
+                    except StopAsyncIteration:
+                        chunk = None
+            except UpstreamError as err:
+                record_failure(att, err, self.t0, self.body, final=True)
+                self._account()
+                yield error_event(
+                    f"The upstream stream failed: {att.detail}", "upstream_error", "upstream_stream_failed"
+                )
+                yield DONE
+                return
+            except TimeoutError:
+                att.outcome, att.reason, att.error_kind = "error", "timeout", "timeout"
+                att.detail = "cascade deadline passed while streaming"
+                att.latency_ms = (time.perf_counter() - self.t0) * 1000
+                self._account()
+                yield error_event(
+                    "The cascade deadline passed while streaming.", "timeout_error", "deadline_exceeded"
+                )
+                yield DONE
+                return
+            att.latency_ms = (time.perf_counter() - self.t0) * 1000
+            usage = self._account()
+            att.outcome, att.reason, att.detail = "accepted", "accepted", "last stage"
+            trace.accepted = att
+            for b in relay.finish(trace.extension(), usage):
+                yield b
+                if not sent_any:
+                    sent_any = True
+                    engine.first_byte(trace)
+            yield DONE
+            ok = True
+        finally:
+            await self.end(ok)
+
+    def _account(self) -> Json:
+        self.accounted = True
+        return account_stream(self.att, self.stage, self.body, self.relay)
+
+    async def end(self, ok: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            await self.stack.aclose()
+        finally:
+            if not self.accounted:
+                # The client went away mid-stream, or the events never started: charge what was generated.
+                att = self.att
+                att.outcome, att.reason, att.detail = "error", "cancelled", "client disconnected"
+                att.latency_ms = (time.perf_counter() - self.t0) * 1000
+                self._account()
+            self.engine.finish(self.trace, ok)

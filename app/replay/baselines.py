@@ -1,0 +1,130 @@
+"""What a replayed cascade is measured against: simple rules and bounds on the same test rows.
+
+Every figure is relative to the best single model on the same rows (``quality_vs_best`` = accuracy /
+its accuracy, ``savings_vs_best`` = 1 - cost / its cost), as the replay report's own figures are.
+
+* ``agreement``: the one-line rule on the cascade's chain: ask its first two models, serve the first
+  answer when the second gives the same answer (``app.answers.normalize_answer``), else ask the last
+  model. A chain of two models has no middle: the rule then uses the dataset model that makes it
+  cheapest at the target on the train rows (``agreement_middle``). ``None`` for one-model cascades.
+* ``random``: the chain with each stage accepting at random, at the cascade's own reach (share of
+  requests reaching each stage): what the cascade's escalation rate is worth without its scores.
+  An expectation, not a draw.
+* ``oracle_chain``: the chain with a perfect scorer: per row the first stage whose answer is correct.
+* ``oracle_all``: per row the cheapest correct model of the whole dataset (a perfect router).
+* ``best_single``: the reference itself (1.0, 0.0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from app.answers import normalize_answer
+from app.learning.rows import Row
+from app.replay.dataset import best_single, model_summary, oracle
+
+
+def _rel(acc: float, cost: float, best_acc: float, best_cost: float) -> dict[str, float]:
+    return {
+        "quality_vs_best": acc / best_acc if best_acc > 0 else 0.0,
+        "savings_vs_best": 1.0 - cost / best_cost if best_cost > 0 else 0.0,
+        "accuracy": acc,
+        "cost_usd": cost,
+    }
+
+
+def agreement_rule(rows: Sequence[Row], a: str, b: str, c: str) -> tuple[float, float]:
+    """(accuracy, mean cost) of: serve ``a`` when ``b`` agrees with it, else ask ``c``."""
+    if not rows:
+        return 0.0, 0.0
+    acc = cost = 0.0
+    for r in rows:
+        x, y = r.answers[a], r.answers[b]
+        na = normalize_answer(x.answer, r.prompt)
+        same = bool(na) and na == normalize_answer(y.answer, r.prompt)
+        cost += x.cost_usd + y.cost_usd
+        if same:
+            acc += float(x.correct)
+        else:
+            cost += r.answers[c].cost_usd
+            acc += float(r.answers[c].correct)
+    return acc / len(rows), cost / len(rows)
+
+
+def agreement_middle(
+    train: Sequence[Row], models: Sequence[str], first: str, last: str, target_quality: float
+) -> str | None:
+    """For a two-model chain: the middle model whose agreement rule is cheapest on ``train`` at
+    ``target_quality`` x the best single model's accuracy there (else the most accurate rule)."""
+    others = [m for m in models if m not in (first, last)]
+    if not others or not train:
+        return None
+    summ = model_summary(train, models)
+    goal = target_quality * summ[best_single(summ)].accuracy
+    scored = [(m, *agreement_rule(train, first, m, last)) for m in others]
+    ok = [s for s in scored if s[1] >= goal]
+    if ok:
+        return min(ok, key=lambda s: (s[2], -s[1]))[0]
+    return max(scored, key=lambda s: (s[1], -s[2]))[0]
+
+
+def oracle_chain(rows: Sequence[Row], chain: Sequence[str]) -> tuple[float, float]:
+    """(accuracy, mean cost) of the chain with a perfect scorer."""
+    if not rows:
+        return 0.0, 0.0
+    acc = cost = 0.0
+    for r in rows:
+        for k, m in enumerate(chain):
+            cost += r.answers[m].cost_usd
+            if r.answers[m].correct or k == len(chain) - 1:
+                acc += float(r.answers[m].correct)
+                break
+    return acc / len(rows), cost / len(rows)
+
+
+def random_at_reach(rows: Sequence[Row], chain: Sequence[str], reach: Sequence[float]) -> tuple[float, float]:
+    """Expected (accuracy, mean cost) of the chain accepting at random with the given reach."""
+    if not rows or not chain:
+        return 0.0, 0.0
+    summ = model_summary(rows, chain)
+    reach = [*list(reach)[: len(chain)], *([0.0] * (len(chain) - len(reach)))]
+    acc = cost = 0.0
+    for k, m in enumerate(chain):
+        here = reach[k] if k else 1.0
+        served = here - (reach[k + 1] if k + 1 < len(chain) else 0.0)
+        acc += max(0.0, served) * summ[m].accuracy
+        cost += here * summ[m].mean_cost_usd
+    return acc, cost
+
+
+def baselines(
+    test: Sequence[Row],
+    models: Sequence[str],
+    chain: Sequence[str],
+    reach: Sequence[float],
+    *,
+    train: Sequence[Row] = (),
+    target_quality: float = 0.95,
+) -> dict[str, Any]:
+    """The ``"baselines"`` object of a replay report (see the module doc)."""
+    summ = model_summary(test, models)
+    bs = best_single(summ)
+    ba, bc = summ[bs].accuracy, summ[bs].mean_cost_usd
+    out: dict[str, Any] = {"best_single": {**_rel(ba, bc, ba, bc), "model": bs}}
+    if len(chain) >= 3:
+        a, b, c = chain[0], chain[1], chain[-1]
+    elif len(chain) == 2:
+        mid = agreement_middle(train or test, models, chain[0], chain[-1], target_quality)
+        a, b, c = (chain[0], mid, chain[-1]) if mid is not None else ("", "", "")
+    else:
+        a = b = c = ""
+    if a:
+        out["agreement"] = {**_rel(*agreement_rule(test, a, b, c), ba, bc), "chain": [a, b, c]}
+    else:
+        out["agreement"] = None
+    out["random"] = _rel(*random_at_reach(test, chain, reach), ba, bc)
+    out["oracle_chain"] = _rel(*oracle_chain(test, chain), ba, bc)
+    orc = oracle(test, models)
+    out["oracle_all"] = _rel(orc.accuracy, orc.mean_cost_usd, ba, bc)
+    return out

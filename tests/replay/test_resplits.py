@@ -1,0 +1,142 @@
+"""`cascade replay --resplits`, the baselines in every report, and datasets a replay cannot use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import main
+from app.learning.rows import ModelAnswer, Row
+from app.replay.baselines import agreement_rule, baselines, oracle_chain, random_at_reach
+from app.replay.dataset import load_dataset, resplit
+from tests.replay import synth
+
+pytestmark = pytest.mark.loopback
+
+
+def _json_line(out: str) -> dict[str, Any]:
+    obj: dict[str, Any] = json.loads(out.rstrip("\n").rsplit("\n", 1)[-1])
+    return obj
+
+
+def _row(i: int, answers: dict[str, tuple[str, bool, float]]) -> Row:
+    return Row(
+        f"r{i}",
+        "Pick one.\nA) x\nB) y",
+        "test",
+        {m: ModelAnswer(a, ok, cost) for m, (a, ok, cost) in answers.items()},
+    )
+
+
+ROWS = [
+    # cheap and mid agree and are right; cheap and mid agree and are wrong; they disagree (big decides)
+    _row(0, {"cheap": ("A", True, 1.0), "mid": ("A", True, 2.0), "big": ("A", True, 10.0)}),
+    _row(1, {"cheap": ("B", False, 1.0), "mid": ("B", False, 2.0), "big": ("A", True, 10.0)}),
+    _row(2, {"cheap": ("A", False, 1.0), "mid": ("B", True, 2.0), "big": ("B", True, 10.0)}),
+    _row(3, {"cheap": ("B", True, 1.0), "mid": ("A", False, 2.0), "big": ("B", True, 10.0)}),
+]
+
+
+def test_baselines_by_hand() -> None:
+    acc, cost = agreement_rule(ROWS, "cheap", "mid", "big")
+    assert acc == pytest.approx(3 / 4)  # row 1: the agreeing pair is wrong
+    assert cost == pytest.approx((3 + 3 + 13 + 13) / 4)
+    acc, cost = oracle_chain(ROWS, ["cheap", "mid", "big"])
+    assert acc == 1.0 and cost == pytest.approx((1 + 13 + 3 + 1) / 4)
+    # random at reach (1, 0.5, 0.25): serve cheap 50 %, mid 25 %, big 25 %
+    acc, cost = random_at_reach(ROWS, ["cheap", "mid", "big"], [1.0, 0.5, 0.25])
+    assert acc == pytest.approx(0.5 * 0.5 + 0.25 * 0.5 + 0.25 * 1.0)
+    assert cost == pytest.approx(1.0 + 0.5 * 2.0 + 0.25 * 10.0)
+    b = baselines(ROWS, ["cheap", "mid", "big"], ["cheap", "mid", "big"], [1.0, 0.5, 0.25])
+    assert b["best_single"]["model"] == "big" and b["best_single"]["quality_vs_best"] == 1.0
+    assert b["agreement"]["quality_vs_best"] == pytest.approx(0.75)
+    assert b["agreement"]["savings_vs_best"] == pytest.approx(1 - 8.0 / 10.0)
+    assert b["oracle_all"]["quality_vs_best"] == 1.0
+    # a two-model chain: the rule takes the middle model that is cheapest at the target on train
+    two = baselines(
+        ROWS, ["cheap", "mid", "big"], ["cheap", "big"], [1.0, 0.5], train=ROWS, target_quality=0.7
+    )
+    assert two["agreement"]["chain"] == ["cheap", "mid", "big"]
+    assert baselines(ROWS, ["cheap", "big"], ["big"], [1.0])["agreement"] is None
+
+
+def test_resplit_keeps_sizes_and_strata() -> None:
+    rows = [_row(i, {"m": ("A", i % 3 == 0, 1.0)}) for i in range(60)]
+    strata = [r.answers["m"].correct for r in rows]
+    new = resplit(rows, 20, seed=5, strata=strata)
+    test = [r for r in new if r.split == "test"]
+    assert len(test) == 20 and len(new) == 60
+    assert sum(r.answers["m"].correct for r in test) == 7  # 20 of 60 rows, a third of them right: 6.67
+    assert [r.split for r in resplit(rows, 20, seed=5, strata=strata)] == [r.split for r in new]
+    assert [r.split for r in resplit(rows, 20, seed=6, strata=strata)] != [r.split for r in new]
+
+
+def test_resplits_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = synth.write(tmp_path / "syn.jsonl", n=150, seed=11)
+    args = ["replay", str(path), "--json", "--quiet", "--concurrency", "4", "--target-quality", "0.9"]
+    assert main(args) == 0
+    single = _json_line(capsys.readouterr().out)
+    assert main([*args, "--resplits", "3", "--seed", "40"]) == 0
+    out = capsys.readouterr().out
+    rep = _json_line(out)
+    # the first split is the dataset's own: today's keys hold what a plain replay reports
+    for key in ("stages", "thresholds", "accuracy", "quality_vs_best", "savings_vs_best", "n_test"):
+        assert rep[key] == single[key], key
+    splits = rep["resplits"]
+    assert [s["seed"] for s in splits] == [None, 41, 42]
+    assert splits[0]["quality_vs_best"] == rep["quality_vs_best"]
+    q = [s["quality_vs_best"] for s in splits]
+    assert rep["quality_vs_best_min"] == min(q)
+    assert rep["quality_vs_best_mean"] == pytest.approx(sum(q) / 3)
+    assert rep["savings_vs_best_mean"] == pytest.approx(sum(s["savings_vs_best"] for s in splits) / 3)
+    met = [s["quality_vs_best"] >= 0.9 - 0.01 for s in splits]
+    assert [s["target_met"] for s in splits] == met
+    assert rep["target_met_share"] == pytest.approx(sum(met) / 3)
+    for s in splits:
+        assert set(s["baselines"]) == {"best_single", "agreement", "random", "oracle_chain", "oracle_all"}
+        b = s["baselines"]
+        assert b["oracle_all"]["quality_vs_best"] >= b["oracle_chain"]["quality_vs_best"] - 1e-9
+    for name in ("agreement", "random", "oracle_chain", "oracle_all", "best_single"):
+        b = rep["baselines"][name]
+        if b is not None:
+            assert {"quality_vs_best", "savings_vs_best"} <= set(b)
+    assert "re-splits (3)" in out and "agreement rule" in out and "oracle within the chain" in out
+    # the splits really differ: the re-splits' test rows are not the dataset's
+    assert len({s["quality_vs_best"] for s in splits} | {s["savings_vs_best"] for s in splits}) > 2
+
+
+def _graded(tmp_path: Path) -> Path:
+    rows = synth.rows(n=60, seed=2)
+    for r in rows:
+        for rec in r["models"].values():
+            rec["score"] = 9.0 if rec.pop("correct") else 3.0
+    path = tmp_path / "graded.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_datasets_without_correctness_exit_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = synth.rows(n=30, seed=1)
+    del rows[4]["models"]["bolt-mid"]["correct"]
+    bad = tmp_path / "unlabelled.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["replay", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "line 5" in err and "syn-4" in err and "models.bolt-mid" in err and "'correct'" in err
+
+    graded = _graded(tmp_path)
+    assert main(["replay", str(graded), "--quiet"]) == 2
+    assert "--pass-score" in capsys.readouterr().err
+    ds = load_dataset(graded, pass_score=8)
+    assert all(a.correct == (a.score == 9.0) for r in ds.rows for a in r.answers.values())
+
+
+def test_too_few_rows_per_split_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = synth.write(tmp_path / "tiny.jsonl", n=24, seed=4)
+    assert main(["replay", str(path), "--quiet"]) == 2
+    assert "too few rows" in capsys.readouterr().err
