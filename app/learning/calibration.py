@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.learning.labels import user_label
+from app.learning.search import Search, policy_grid, replicate_weights
 from app.learning.store import LabelledData
 from app.learning.thresholds import (
     CascadeEval,
@@ -286,6 +287,7 @@ class Calibration:
     thresholds: tuple[float, ...]  # in [0, 1], within the bounds: what goes into the config
     chosen: CascadeEval  # the rows evaluated at ``thresholds``
     current: CascadeEval | None  # ... and at the thresholds in force
+    optimism: float = 0.0  # the selection's measured optimism, paid by the choice (``honest=True``)
 
 
 def fit(
@@ -296,8 +298,16 @@ def fit(
     bounds: tuple[float, float] = (0.0, 1.0),
     current: Sequence[float] | None = None,
     n_candidates: int = 40,
+    honest: bool = False,
+    replicates: int = 64,
 ) -> Calibration:
     """Cheapest thresholds whose weighted quality (less ``margin_z`` standard errors) meets the target.
+
+    ``honest=True`` (``cascade calibrate``, ``fit-scorer --from-store``): the choice is made over
+    bootstrap replicates of the rows as well (:mod:`app.learning.search`), and must reach the target
+    plus the optimism that choosing the cheapest of many threshold combinations measurably has, with
+    ``margin_z`` bootstrap standard errors to spare. The online tuner, which fits often and moves at
+    most ``max_step`` at a time, uses the plain search.
 
     Deterministic: the same rows give the same thresholds. A chosen threshold (an observed score) is
     moved halfway down to the next lower observed score, which keeps the accept set and leaves room
@@ -313,12 +323,21 @@ def fit(
         candidates=cands,
         margin_z=margin_z,
     )
+    optimism = 0.0
+    if honest and rows.n:
+        W = replicate_weights(rows.n, replicates, 0, rows.weights)
+        honest_search = Search(np.ones(W.shape[1]), target_quality, margin_z)
+        honest_search.add(("cascade",), policy_grid(rows.scores[:, :-1], rows.correct, rows.cost, cands, W))
+        pick = honest_search.result()
+        optimism = pick.optimism
+        best = evaluate_cascade(rows.scores, rows.correct, rows.cost, pick.thresholds, rows.weights)
+        search = ThresholdSearch(best, pick.feasible, target_quality, search.table)
     unit = to_unit(search.best.thresholds, rows, bounds)
     chosen = evaluate_cascade(rows.scores, rows.correct, rows.cost, unit, rows.weights)
     now = None
     if current is not None and len(current) == len(unit):
         now = evaluate_cascade(rows.scores, rows.correct, rows.cost, list(current), rows.weights)
-    return Calibration(search, unit, chosen, now)
+    return Calibration(search, unit, chosen, now, optimism)
 
 
 def to_unit(raw: Sequence[float], rows: Rows, bounds: tuple[float, float]) -> tuple[float, ...]:

@@ -141,7 +141,14 @@ async def _collect(
             current = [s.threshold for s in cc.stages[:-1] if s.threshold is not None]
             cal = None
             if rows.n >= min_rows and rows.n > 0:
-                cal = fit(rows, target, margin_z=lcfg.margin_z, bounds=lcfg.threshold_bounds, current=current)
+                cal = fit(
+                    rows,
+                    target,
+                    margin_z=lcfg.margin_z,
+                    bounds=lcfg.threshold_bounds,
+                    current=current,
+                    honest=True,
+                )
             out.append(Result(name, [s.upstream for s in cc.stages], rows, cal))
     except StoreError as exc:
         raise CalibrateError(str(exc), EXIT_LABELS) from exc
@@ -164,9 +171,11 @@ def _report(r: Result, target: float, margin_z: float, min_rows: int) -> None:
         return
     print(
         f"  target quality {target:.3f} (share of answers as good as the last stage's; "
-        f"margin {margin_z:g} SE)"
+        f"margin {margin_z:g} SE, plus the search's measured optimism {cal.optimism:.4f})"
     )
-    table = cal.search.table
+    table = list(cal.search.table)
+    if cal.search.best not in table:  # the honest choice may sit off the frontier of the rows alone
+        table = sorted([*table, cal.search.best], key=lambda e: (e.cost, -e.quality))
     if len(table) > MAX_TABLE_ROWS:
         step = (len(table) - 1) / (MAX_TABLE_ROWS - 1)
         keep = {round(i * step) for i in range(MAX_TABLE_ROWS)}

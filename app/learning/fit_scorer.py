@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         files.append(str(p.resolve()))
         oof.update({(tid, s.stage): float(v) for tid, v in zip(s.ids, cf.oof, strict=True)})
     rows = assemble(rescored(data, upstreams, models, oof), len(upstreams))
-    cal = fit(rows, target, margin_z=margin_z, bounds=lcfg.threshold_bounds) if rows.n else None
+    cal = fit(rows, target, margin_z=margin_z, bounds=lcfg.threshold_bounds, honest=True) if rows.n else None
     summary = _summary(name, upstreams, got, cal, rows.n, target, margin_z, files)
     (out / "cascade.json").write_text(json.dumps(summary, indent=1, sort_keys=True), encoding="utf-8")
     (out / "cascade.yaml").write_text(_snippet(name, upstreams, cal, files), encoding="utf-8")
