@@ -74,15 +74,21 @@ class _Enqueue(logging.handlers.QueueHandler):
 
     dropped = 0
 
+    def __init__(self, q: queue.SimpleQueue[logging.LogRecord]) -> None:
+        super().__init__(q)
+        self._q = q
+
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record.msg = record.getMessage()
         record.args = None
         return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+        # A SimpleQueue (C, no Python-level locking, unlike queue.Queue: the hot path pays for every
+        # record), so its bound is checked here.
+        if self._q.qsize() < QUEUE_SIZE:
+            self._q.put_nowait(record)
+        else:
             _Enqueue.dropped += 1
 
 
@@ -96,7 +102,7 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     stop_logging()
     writer = _writer = logging.StreamHandler(sys.stderr)
     writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    q: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_SIZE)
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _listener = logging.handlers.QueueListener(q, writer)
     _listener.start()
     atexit.unregister(stop_logging)  # once, however often logging is set up
