@@ -130,7 +130,7 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
             return
         await SSEResponse(result.events, headers)(scope, receive, send)
     finally:
-        if isinstance(result, Streamed):
+        if isinstance(result, Streamed) and not result.ended:
             # This handler owns the stream: whatever happened since the engine opened it (even the
             # response failing to build), it is closed and the request recorded here, once.
             await result.aclose()

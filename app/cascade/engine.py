@@ -211,7 +211,7 @@ class Engine:
         chunks = completion_to_chunks(completion, with_usage=include_usage(body), keep_logprobs=keep_lp)
         chunks[-1]["cascade"] = completion["cascade"]
         replay = Replayed(self, trace, chunks)
-        return Streamed(trace, replay.events(), replay.end)
+        return Streamed(trace, replay)
 
     # --- the streamed last stage -------------------------------------------------------------------------
 
@@ -241,7 +241,7 @@ class Engine:
         if self.keep_text:
             relay.keep_text()
         run = Relayed(self, stage, body, trace, att, t0, deadline, stack, chunks, first, relay)
-        return Streamed(trace, run.events(), run.end)
+        return Streamed(trace, run)
 
     # --- endings -------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,24 +35,37 @@ class Endings(Protocol):
     def finish(self, trace: Trace, ok: bool) -> None: ...
 
 
+class Run(Protocol):
+    """A streamed answer's events and their one way out (``Replayed``, ``Relayed``)."""
+
+    ended: bool
+
+    def events(self) -> AsyncGenerator[bytes, None]: ...
+
+    async def end(self, ok: bool) -> None: ...
+
+
 class Streamed:
     """A streamed answer, and who owns it. ``events`` yields the SSE bytes to send. Whoever gets this from
-    ``Engine.run`` calls ``aclose()`` when done with it, however that went (sent in full, client gone,
-    or never started because building the response failed): that closes the upstream stream and
-    records the request, exactly once. When the events ran, their own clean-up did it already."""
+    ``Engine.run`` calls ``aclose()`` when done with it (unless ``ended``), however that went (sent in
+    full, client gone, or never started because building the response failed): that closes the upstream
+    stream and records the request, exactly once. When the events ran, their own clean-up did it."""
 
-    __slots__ = ("_end", "events", "trace")
+    __slots__ = ("_run", "events", "trace")
 
-    def __init__(
-        self, trace: Trace, events: AsyncGenerator[bytes, None], end: Callable[[bool], Awaitable[None]]
-    ) -> None:
+    def __init__(self, trace: Trace, run: Run) -> None:
         self.trace = trace
-        self.events = events
-        self._end = end
+        self.events = run.events()
+        self._run = run
+
+    @property
+    def ended(self) -> bool:
+        return self._run.ended
 
     async def aclose(self) -> None:
-        await self.events.aclose()
-        await self._end(False)
+        if not self._run.ended:
+            await self.events.aclose()
+            await self._run.end(False)
 
 
 def error_event(message: str, type_: str, code: str) -> bytes:
@@ -62,13 +75,13 @@ def error_event(message: str, type_: str, code: str) -> bytes:
 class Replayed:
     """An answer that is whole already (a scored stage, a fallback), sent as a stream."""
 
-    __slots__ = ("_chunks", "_ended", "_engine", "_trace")
+    __slots__ = ("_chunks", "_engine", "_trace", "ended")
 
     def __init__(self, engine: Endings, trace: Trace, chunks: list[Json]) -> None:
         self._engine = engine
         self._trace = trace
         self._chunks = chunks
-        self._ended = False
+        self.ended = False
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         ok = False
@@ -82,11 +95,14 @@ class Replayed:
             yield DONE
             ok = True
         finally:
-            await self.end(ok)
+            self._end(ok)
 
     async def end(self, ok: bool) -> None:
-        if not self._ended:
-            self._ended = True
+        self._end(ok)
+
+    def _end(self, ok: bool) -> None:
+        if not self.ended:
+            self.ended = True
             self._engine.finish(self._trace, ok)
 
 
