@@ -13,6 +13,9 @@ its accuracy, ``savings_vs_best`` = 1 - cost / its cost), as the replay report's
 * ``oracle_chain``: the chain with a perfect scorer: per row the first stage whose answer is correct.
 * ``oracle_all``: per row the cheapest correct model of the whole dataset (a perfect router).
 * ``best_single``: the reference itself (1.0, 0.0).
+* ``learned_at_agreement_quality``: the cascade's own chain and scorers with thresholds swept *on the
+  test rows* to the cheapest setting at least as accurate as the agreement rule there: the scorers'
+  worth at equal quality (a description, not a fit: the cascade's own figures are the honest ones).
 """
 
 from __future__ import annotations
@@ -128,3 +131,34 @@ def baselines(
     orc = oracle(test, models)
     out["oracle_all"] = _rel(orc.accuracy, orc.mean_cost_usd, ba, bc)
     return out
+
+
+def learned_at_quality(
+    test: Sequence[Row],
+    models: Sequence[str],
+    chain: Sequence[str],
+    scores: Sequence[Sequence[float]],
+    quality_vs_best: float,
+) -> dict[str, float] | None:
+    """The chain with ``scores`` (per test row, one per scored stage) at the cheapest thresholds whose
+    accuracy relative to the best single model on ``test`` is at least ``quality_vs_best``."""
+    import numpy as np
+
+    from app.learning.search import policy_grid
+    from app.learning.thresholds import candidate_thresholds
+
+    if len(chain) < 2 or not test:
+        return None
+    summ = model_summary(test, models)
+    bs = best_single(summ)
+    ba, bc = summ[bs].accuracy, summ[bs].mean_cost_usd
+    s = np.asarray(scores, dtype=np.float64).reshape(len(test), len(chain) - 1)
+    c = np.asarray([[1.0 if r.answers[m].correct else 0.0 for m in chain] for r in test])
+    k = np.asarray([[r.answers[m].cost_usd for m in chain] for r in test])
+    cands = [candidate_thresholds(s[:, j], 60) for j in range(len(chain) - 1)]
+    grid = policy_grid(s, c, k, cands, np.ones((len(test), 1)))
+    ok = grid.quality[:, 0] >= quality_vs_best * ba - 1e-12
+    if not ok.any():
+        return None
+    g = int(np.argmin(np.where(ok, grid.cost[:, 0], np.inf)))
+    return _rel(float(grid.quality[g, 0]), float(grid.cost[g, 0]), ba, bc)

@@ -128,6 +128,7 @@ _BASELINES = (
     ("random", "random at the same reach"),
     ("oracle_chain", "oracle within the chain"),
     ("oracle_all", "oracle over every model"),
+    ("learned_at_agreement_quality", "learned, swept to the rule's quality"),
 )
 
 

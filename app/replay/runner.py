@@ -32,7 +32,7 @@ import uvicorn
 from app.config import Config
 from app.learning.rows import Row
 from app.learning.train import FittedCascade
-from app.replay.baselines import baselines
+from app.replay.baselines import baselines, learned_at_quality
 from app.replay.configure import (
     ReplayError,
     ReplayPlan,
@@ -302,6 +302,17 @@ async def _run_split(
         train=split.train,
         target_quality=0.95 if opts.target_quality is None else opts.target_quality,
     )
+    agreement = report["baselines"].get("agreement")
+    if fitted is not None and agreement is not None:
+        chain = fitted.models
+        scores = [
+            [fitted.score(j, r.prompt, r.answers[chain[j]].answer, [r.answers[p].answer for p in chain[:j]])
+             for j in range(len(chain) - 1)]
+            for r in split.test
+        ]  # fmt: skip
+        report["baselines"]["learned_at_agreement_quality"] = learned_at_quality(
+            split.test, ds.models, chain, scores, agreement["quality_vs_best"]
+        )
     return ReplayResult(
         report,
         plan,
@@ -352,7 +363,7 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
     shares = [bool(e["target_met"]) for e in entries if e["target_met"] is not None]
     first["target_met_share"] = (sum(shares) / len(shares)) if shares else None
     means: dict[str, Any] = {}
-    for name in entries[0]["baselines"]:
+    for name in dict.fromkeys(k for e in entries for k in e["baselines"]):
         vals = [e["baselines"][name] for e in entries if e["baselines"].get(name) is not None]
         means[name] = (
             {

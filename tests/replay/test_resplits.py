@@ -96,7 +96,7 @@ def test_resplits_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert [s["target_met"] for s in splits] == met
     assert rep["target_met_share"] == pytest.approx(sum(met) / 3)
     for s in splits:
-        assert set(s["baselines"]) == {"best_single", "agreement", "random", "oracle_chain", "oracle_all"}
+        assert {"best_single", "agreement", "random", "oracle_chain", "oracle_all"} <= set(s["baselines"])
         b = s["baselines"]
         assert b["oracle_all"]["quality_vs_best"] >= b["oracle_chain"]["quality_vs_best"] - 1e-9
     for name in ("agreement", "random", "oracle_chain", "oracle_all", "best_single"):
