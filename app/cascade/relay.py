@@ -35,6 +35,7 @@ class StreamRelay:
         "model",
         "text_chars",
         "texts",
+        "tools",
         "usage",
     )
 
@@ -52,14 +53,28 @@ class StreamRelay:
         self.text_chars = 0
         self.model = fallback_model
         self.finish_reasons: dict[int, str] = {}
-        # Content per choice index, kept only when someone needs the text (early-abort checks).
+        # Content per choice index, kept only when someone needs the text (early-abort checks, the
+        # trace store); with it the tool calls streamed per choice: index -> [name, argument parts].
         self.texts: dict[int, list[str]] | None = None
+        self.tools: dict[int, dict[int, list[Any]]] | None = None
 
     def keep_text(self) -> None:
         self.texts = {}
+        self.tools = {}
 
     def text(self, index: int = 0) -> str:
         return "".join(self.texts.get(index, ())) if self.texts is not None else ""
+
+    def message(self, index: int = 0) -> Json:
+        """The streamed answer as a chat message: its content and, assembled, its tool calls."""
+        calls = [
+            {"type": "function", "function": {"name": name, "arguments": "".join(parts)}}
+            for _, (name, parts) in sorted((self.tools or {}).get(index, {}).items())
+        ]
+        msg: Json = {"role": "assistant", "content": self.text(index) or None}
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
 
     def process(self, chunk: Json) -> bytes | None:
         """Rewrite one upstream chunk; return the SSE bytes to send now, or None if it is held."""
@@ -101,6 +116,8 @@ class StreamRelay:
                     fn = tc.get("function") if isinstance(tc, dict) else None
                     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                         self.text_chars += len(fn["arguments"])
+                    if self.tools is not None and isinstance(fn, dict):
+                        self._add_tool(ch.get("index", 0), tc, fn)
             fr = ch.get("finish_reason")
             if fr is not None:
                 self.finish_reasons[ch.get("index", 0)] = fr
@@ -109,6 +126,15 @@ class StreamRelay:
             self._held.append(chunk)
             return None
         return encode(orjson.dumps(chunk))
+
+    def _add_tool(self, choice: int, tc: Json, fn: Json) -> None:
+        assert self.tools is not None
+        idx = tc.get("index", 0)
+        slot = self.tools.setdefault(choice, {}).setdefault(idx if isinstance(idx, int) else 0, ["", []])
+        if isinstance(fn.get("name"), str) and fn["name"]:
+            slot[0] = fn["name"]
+        if isinstance(fn.get("arguments"), str):
+            slot[1].append(fn["arguments"])
 
     def finish(self, extension: Json, usage: Json) -> list[bytes]:
         """The held chunks, with ``usage`` (exact or estimated) and the ``cascade`` extension attached."""

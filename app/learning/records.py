@@ -101,7 +101,7 @@ def answer_of(reply: Any) -> tuple[str, str | None] | None:
     if isinstance(reply, StreamRelay):
         if reply.texts is None:
             return None
-        return reply.text(0), reply.finish_reasons.get(0)
+        return message_text(reply.message(0)), reply.finish_reasons.get(0)
     if not isinstance(reply, Mapping):
         return None
     choices = reply.get("choices")

@@ -283,3 +283,21 @@ async def test_closing_the_store_is_bounded_even_with_a_write_stuck(
         release.set()
     writing.cancel()
     await asyncio.gather(writing, return_exceptions=True)
+
+
+async def test_a_streamed_tool_call_is_recorded_like_a_non_streamed_one(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The last stage streams straight through; its tool call is assembled from the deltas and stored
+    as the same text (calls as compact JSON) a non-streamed answer gets, so labels compare like with like."""
+    url = sqlite_url(tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    async with proxy(with_learning(two_stage("refuse", "tools"), url, store_text=True), fake) as (c, app):
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json=chat(tools=tools, stream=stream))
+            assert r.status_code == 200
+        await settle(app)
+    texts = [r[0] for r in query(url, "SELECT answer_text FROM attempts WHERE stage = 1 ORDER BY rowid")]
+    assert len(texts) == 2 and texts[0] and texts[0] == texts[1]
+    calls = json.loads(texts[1])
+    assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) is not None
