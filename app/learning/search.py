@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from app.learning.thresholds import json_float as _json_float
+
 FloatArray = npt.NDArray[np.float64]
 
 CHUNK_ROWS = 2048  # rows per block when building (policies x rows) matrices: bounds memory
@@ -167,12 +169,6 @@ class Pick:
             "optimism": self.optimism,
             "aim": self.aim,
         }
-
-
-def _json_float(t: float) -> float | str:
-    if math.isinf(t):
-        return "inf" if t > 0 else "-inf"
-    return float(t)
 
 
 @dataclass

@@ -52,7 +52,7 @@ class CascadeEval:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "thresholds": [_json_float(t) for t in self.thresholds],
+            "thresholds": [json_float(t) for t in self.thresholds],
             "quality": self.quality,
             "cost": self.cost,
             "reach": list(self.reach),
@@ -61,7 +61,7 @@ class CascadeEval:
         }
 
 
-def _json_float(t: float) -> float | str:
+def json_float(t: float) -> float | str:
     if math.isinf(t):
         return "inf" if t > 0 else "-inf"
     return t
@@ -259,7 +259,7 @@ class CascadeChoice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": list(self.models),
-            "thresholds": [_json_float(t) for t in self.thresholds],
+            "thresholds": [json_float(t) for t in self.thresholds],
             "quality": self.quality,
             "cost": self.cost,
             "reach": list(self.reach),
