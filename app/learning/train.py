@@ -1,34 +1,36 @@
 """Fit learned stage scorers and a whole cascade (models, order, thresholds) from labelled rows.
 
-This is what `cascade replay` (on a dataset's train rows) and `cascade calibrate` (on labelled traces)
-need; it is pure (numpy, no HTTP) and deterministic.
+This is what `cascade replay` and `cascade fit-scorer` (a dataset's train rows) and
+`cascade fit-scorer --from-store` (labelled traces, per stage) need; pure (numpy, no HTTP), deterministic.
 
 API::
 
+    crossfit_stage_scorer(examples, labels, weights=None, ...) -> CrossFit   # .model, .oof
     fit_stage_scorer(examples, labels, weights=None, spec=DEFAULT_SPEC, l2=DEFAULT_L2) -> LogisticModel
         # examples: StageExample(prompt, answer, previous=(), logprobs=None, finish_reason=None)
 
     fitted = fit_cascade(rows, models=None, target_quality=0.95, relative=True, max_stages=3,
-                         margin_z=1.0, chain=None, weights=None)
-        # rows: app.replay.dataset.Row (train rows); models: candidates (default: all in every row)
-        # relative=True: target = target_quality * accuracy of the best single model on these rows
+                         margin_z=0.0, chain=None, weights=None, replicates=64, folds=5, router=True)
+        # rows: app.learning.rows.Row (train rows); models: candidates (default: all in every row)
+        # relative=True: quality is measured against the best single model (per bootstrap replicate)
     fitted.models        # e.g. ["mixtral", "yi", "gpt-4"] (<= max_stages, cheapest first)
     fitted.thresholds    # K-1 floats in [0, 1]; 1.0 = never accept (stage only feeds agreement)
     fitted.scorers       # K-1 LogisticModel; stage k's scorer sees (prompt, answer_k, answers_0..k-1)
-    fitted.score(k, prompt, answer, previous) -> float
-    fitted.save(directory) -> {"stage0": path, ...}   # scorer JSON files + cascade.json summary
+    fitted.router, fitted.router_threshold, fitted.router_info   # route-then-cascade, when it paid
+    fitted.score(k, prompt, answer, previous) -> float; fitted.routed(prompt) -> bool
+    fitted.save(directory) -> {"stage0": path, ..., "router": path}   # + cascade.json summary
 
 At request time stage ``k`` (not last) is accepted when ``scorers[k]`` scores its answer
 ``>= thresholds[k]``; the scorer already contains agreement with earlier stages (features
 ``agree_prev``, ``prev_choice_*``, ...), so a config only needs ``{type: learned, model: <stage k file>}``
 on stage ``k``.
 
-Method (see bench/replay_research/REPORT.md): per chain prefix a class-balanced L2 logistic regression on
-the engineered features (no hashed text features by default: they overfit at a few hundred rows); its
-in-sample scores on the rows choose the thresholds (exhaustive over score quantiles), so the fitted
-scorer and its thresholds are consistent; ``margin_z`` keeps the quality target with a one-sided margin
-of ``margin_z`` standard errors. Chains are tried in increasing mean-cost order (FrugalGPT-style), the
-cheapest feasible one wins.
+Method: per chain prefix an L2 logistic regression on the engineered features, cross-fitted and
+calibrated (:mod:`app.learning.crossfit`); every chain of up to ``max_stages`` models in mean-cost order
+(FrugalGPT's space) and every combination of candidate thresholds on the out-of-fold scores is searched
+over bootstrap replicates, and the cheapest policy reaching the target plus the search's measured
+optimism (plus ``margin_z`` bootstrap standard errors) wins (:mod:`app.learning.search`). Then the
+router is fitted and kept only when it pays (:mod:`app.learning.routing`).
 """
 
 from __future__ import annotations
