@@ -5,7 +5,7 @@ is :func:`app.learning.fitting.fit_logistic`.
 
 API::
 
-    model = fit_logistic(X, y, l2=1.0, class_weight="balanced", sample_weight=None,
+    model = fit_logistic(X, y, l2=1.0, class_weight=None, sample_weight=None,
                               feature_spec=FeatureSpec(), meta={...})
     model.predict_proba(x) -> float                 # x: one feature vector (list[float])
     model.predict_proba_many(X) -> list[float]
