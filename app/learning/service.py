@@ -1,5 +1,7 @@
 """The learning side of a running proxy: record every request, collect labels, keep thresholds tuned.
 
+Over 400 lines on purpose: the one owner of the writer, shadow, pruner and tuner tasks and their lifecycle.
+
 One ``Learning`` per process, owned by the app (it outlives config reloads; ``attach`` wires each new
 runtime). The request path only calls ``on_finish``: the shadow draw and a ``put_nowait`` of the
 finished trace (with the draw's outcome) on a bounded queue (full: the record is dropped and counted,

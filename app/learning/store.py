@@ -1,5 +1,7 @@
 """The trace store: decision records, labels and fitted thresholds, in SQLite or PostgreSQL.
 
+Over 400 lines on purpose: every SQL statement of the store, for both backends, in one place to read.
+
 ``Store(url)`` is an async facade over two blocking connections, each used from a worker thread of its
 own: one writes (records, labels, fits, pruning, the schema), one reads (feedback lookups, the tuner's
 queries), so the event loop never waits on the database and a slow read never holds up the writes. The

@@ -1,6 +1,8 @@
 """``cascade replay DATASET --online``: a recorded dataset as a live request stream, with thresholds
 learned online (``learning.auto_tune``) from labels that arrive as they would in production.
 
+Over 400 lines on purpose: one live run (servers, stream, labels, windows) reads best in one module.
+
 ``run_online(options)``, in one event loop:
 
 1. the cascade: without ``--config`` the offline fit on the dataset's train rows (``fit_cascade``: chain

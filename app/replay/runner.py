@@ -1,5 +1,7 @@
 """`cascade replay`: fit (or calibrate) on the train rows, then send every test row through the real proxy.
 
+Over 400 lines on purpose: one replay's whole run, split by split, from the fit to the report.
+
 ``run_replay(options)`` does, in one event loop:
 
 1. load the dataset; without a config fit the cascade on ``train`` (``fit_cascade``: which models, their
