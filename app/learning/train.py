@@ -6,7 +6,6 @@ This is what `cascade replay` and `cascade fit-scorer` (a dataset's train rows) 
 API::
 
     crossfit_stage_scorer(examples, labels, weights=None, ...) -> CrossFit   # .model, .oof
-    fit_stage_scorer(examples, labels, weights=None, spec=DEFAULT_SPEC, l2=DEFAULT_L2) -> LogisticModel
         # examples: StageExample(prompt, answer, previous=(), logprobs=None, finish_reason=None)
 
     fitted = fit_cascade(rows, models=None, target_quality=0.95, relative=True, max_stages=3,
@@ -100,18 +99,6 @@ def crossfit_stage_scorer(
     k = folds if len(y) >= 2 * folds else 1
     fold = fold_ids(len(y), k, seed, strata=y > 0.5)
     return crossfit(featurize(examples, spec), y, fold, l2=l2, weights=weights, feature_spec=spec, meta=meta)
-
-
-def fit_stage_scorer(
-    examples: Sequence[StageExample],
-    labels: Sequence[bool | float],
-    weights: Sequence[float] | None = None,
-    spec: FeatureSpec = DEFAULT_SPEC,
-    l2: float = DEFAULT_L2,
-    meta: Mapping[str, Any] | None = None,
-) -> LogisticModel:
-    """The calibrated model of :func:`crossfit_stage_scorer`."""
-    return crossfit_stage_scorer(examples, labels, weights, spec, l2, meta).model
 
 
 def _to_unit(t: float) -> float:

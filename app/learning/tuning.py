@@ -233,14 +233,10 @@ class Tuner:
         cfg = self.cfg
         old = latest.thresholds if latest is not None else meta.config_thresholds
         top = history.last_label_id
-        rows = await asyncio.to_thread(
-            functools.partial(
-                history.rows,
-                half_life=cfg.half_life_labels,
-                window=cfg.window,
-                pass_score=cfg.user_pass_score,
-            )
+        read = functools.partial(
+            history.rows, half_life=cfg.half_life_labels, window=cfg.window, pass_score=cfg.user_pass_score
         )
+        rows = await asyncio.to_thread(read)
         since = int(latest.evidence.get("since_seq", 0)) if latest is not None else 0
         change = await asyncio.to_thread(
             changed, history.entries(cfg.user_pass_score), history.population, meta.n_stages, old, cfg
@@ -248,14 +244,7 @@ class Tuner:
         if change is not None:
             since = change.since_seq
             history.forget_before(since)
-            rows = await asyncio.to_thread(
-                functools.partial(
-                    history.rows,
-                    half_life=cfg.half_life_labels,
-                    window=cfg.window,
-                    pass_score=cfg.user_pass_score,
-                )
-            )
+            rows = await asyncio.to_thread(read)
             log.warning(
                 "label quality changed: thresholds are fitted from the newest labels only",
                 extra={"cascade": meta.name, **change.evidence},

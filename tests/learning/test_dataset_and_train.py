@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.learning.train import StageExample, fit_cascade, fit_stage_scorer
+from app.learning.train import StageExample, crossfit_stage_scorer, fit_cascade
 from app.replay.dataset import (
     DEFAULT_PRICES,
     FALLBACK_PRICE,
@@ -126,7 +126,7 @@ def test_load_dataset_errors(tmp_path: Path) -> None:
 def test_fit_stage_scorer_learns_hedging() -> None:
     ex = [StageExample("Q?", "A"), StageExample("Q?", "I think B, not sure")] * 20
     labels = [True, False] * 20
-    m = fit_stage_scorer(ex, labels)
+    m = crossfit_stage_scorer(ex, labels).model
     s = m
     assert s.score("Q?", "B") > 0.5 > s.score("Q?", "I think A, maybe")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.config import ConfigError, LearnedScorer, StageConfig
-from app.learning.train import StageExample, fit_stage_scorer
+from app.learning.train import StageExample, crossfit_stage_scorer
 from app.scoring.base import Answer, ScoreContext
 from app.scoring.learned import Learned, answer_text
 from app.scoring.model import LogisticModel as Model
@@ -25,7 +25,7 @@ def _model_file(tmp_path: Path) -> Path:
         examples.append(StageExample(f"What is {i} + 1?", answer, ("x",) if i % 3 else ()))
         labels.append(ok)
     path = tmp_path / "stage0.json"
-    fit_stage_scorer(examples, labels).save(path)
+    crossfit_stage_scorer(examples, labels).model.save(path)
     return path
 
 
