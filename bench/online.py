@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--sets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--starts", nargs="+", default=["0", "1"], help="start thresholds ('fit': the fit's)")
     ap.add_argument("--drift", nargs="*", default=["winogrande:gsm8k"], help="A:B pairs")
-    ap.add_argument("--shadow-rate", type=float, default=0.2)
+    ap.add_argument("--shadow-rate", type=float, default=0.1)
     ap.add_argument("--feedback-rate", type=float, default=0.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", help="append one JSON line per run")

@@ -43,6 +43,7 @@ class History:
         self.last_seq = 0
         self.last_label_id = 0
         self._population: deque[tuple[int, int]] = deque()  # (seq, accepted stage) of answered requests
+        self._budget: deque[int] = deque()  # seqs whose shadow call the spend caps ruled out
         self._seen_seqs: set[int] = set()  # recent ones only (the PostgreSQL tail)
         self._requests: dict[str, _Request] = {}  # labelled requests by trace id
         self._label_ids: list[int] = []  # ids of the labels held, ascending
@@ -62,7 +63,9 @@ class History:
         after = max(0, self.last_seq - tail)
         late = False
         while True:
-            got = (await store.traces_after(self.cascade, self.plan, after, PAGE)).traces
+            new = await store.traces_after(self.cascade, self.plan, after, PAGE)
+            got = new.traces
+            capped = set(new.budget)
             for seq, _tid, _n, accepted, _base in got:
                 if seq in self._seen_seqs or seq <= self.last_seq - tail:
                     continue
@@ -70,6 +73,8 @@ class History:
                 if accepted is not None:
                     late = late or bool(self._population and seq < self._population[-1][0])
                     self._population.append((seq, int(accepted)))
+                    if seq in capped:
+                        self._budget.append(seq)
                 self.last_seq = max(self.last_seq, seq)
             if len(got) < PAGE:
                 break
@@ -77,6 +82,7 @@ class History:
         self._seen_seqs = {s for s in self._seen_seqs if s > self.last_seq - tail} if tail else set()
         if late:  # a late commit (PostgreSQL): keep arrival order
             self._population = deque(sorted(self._population))
+            self._budget = deque(sorted(self._budget))
 
     async def _read_labels(self, store: Store, tail: int) -> int:
         after = max(0, self.last_label_id - tail)
@@ -139,6 +145,8 @@ class History:
             del self._requests[tid]
         while self._population and self._population[0][0] < seq:
             self._population.popleft()
+        while self._budget and self._budget[0] < seq:
+            self._budget.popleft()
         if old:
             self._label_ids = sorted(i for r in self._requests.values() for i in r.label_ids)
 
@@ -175,6 +183,11 @@ class History:
             and any(lb[0] in ("shadow", "user") for lb in r.labels)
         ]
         return sorted(out)
+
+    @property
+    def budget_skipped(self) -> list[int]:
+        """Seqs of the requests held whose drawn shadow call the spend caps ruled out, ascending."""
+        return list(self._budget)
 
     @property
     def population(self) -> list[tuple[int, int]]:

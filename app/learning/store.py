@@ -31,7 +31,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,6 +131,8 @@ class NewTraces:
 
     # seq, id, n_stages, accepted_stage (None: failed), baseline_usd
     traces: list[tuple[int, str, int, int | None, float]]
+    # seqs of those whose shadow call was drawn and not made for the spend caps (sampling "budget")
+    budget: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -399,11 +401,14 @@ class _Backend:
 
     def traces_after(self, cascade: str, plan: str, after_seq: int, limit: int) -> NewTraces:
         rows = self._read(
-            f"SELECT t.{self.seq}, t.id, t.n_stages, t.accepted_stage, t.baseline_usd FROM traces t "
-            f"WHERE {_SCOPE} AND t.{self.seq} > ? ORDER BY t.{self.seq} LIMIT ?",
+            f"SELECT t.{self.seq}, t.id, t.n_stages, t.accepted_stage, t.baseline_usd, t.sampling "
+            f"FROM traces t WHERE {_SCOPE} AND t.{self.seq} > ? ORDER BY t.{self.seq} LIMIT ?",
             (cascade, plan, after_seq, limit),
         )
-        return NewTraces([(int(r[0]), str(r[1]), int(r[2]), r[3], float(r[4])) for r in rows])
+        return NewTraces(
+            [(int(r[0]), str(r[1]), int(r[2]), r[3], float(r[4])) for r in rows],
+            [int(r[0]) for r in rows if r[5] == "budget"],
+        )
 
     def labels_after(
         self, cascade: str, plan: str, after_id: int, limit: int

@@ -109,20 +109,30 @@ def stale_stages(
     population: Sequence[tuple[int, int]],
     n_scored: int,
     cfg: LearningConfig,
+    budget_skipped: Sequence[int] = (),
 ) -> list[int]:
     """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
-    requests, of which fewer than ``STALE_SHARE`` of the share ``shadow_rate`` asks for got a label
-    (none when shadow_rate is 0: labels then come from users, at their own pace). A stage pushed up by
-    this accepts little, and so is not stale next time. ``labelled``: (seq, accepted stage) of the
-    requests accepted before the last stage that got a label (shadow or user)."""
+    requests, of which fewer than ``STALE_SHARE`` of the labels to expect came: ``shadow_rate`` of
+    them, less the drawn shadow calls the spend caps ruled out (``budget_skipped``: seqs). The caps are
+    the operator's choice: the fit weighs the labels they leave by their realised rate, and escalating
+    to buy evidence past them would spend what they hold back. What makes a stage stale is label calls
+    that were let through and still brought nothing (the last stage failing, its circuit open, too
+    busy), or none at all (none when shadow_rate is 0: labels then come from users, at their own
+    pace). A stage pushed up by this accepts little, and so is not stale next time. ``labelled``:
+    (seq, accepted stage) of the requests accepted before the last stage that got a label (shadow or
+    user)."""
     if cfg.shadow_rate <= 0 or not population:
         return []
     limit = math.ceil(STALE_LABELS / cfg.shadow_rate)
     recent = population[-2 * limit :]
     start = recent[0][0]
+    capped = {s for s in budget_skipped if s >= start}
     accepted: dict[int, int] = {}
-    for _seq, k in recent:
+    skipped: dict[int, int] = {}
+    for seq, k in recent:
         accepted[k] = accepted.get(k, 0) + 1
+        if seq in capped:
+            skipped[k] = skipped.get(k, 0) + 1
     got: dict[int, int] = {}
     for seq, k in labelled:
         if seq >= start:
@@ -130,7 +140,9 @@ def stale_stages(
     return sorted(
         k
         for k, n in accepted.items()
-        if k < n_scored and n >= limit and got.get(k, 0) < round(STALE_SHARE * cfg.shadow_rate * n, 9)
+        if k < n_scored
+        and n >= limit
+        and got.get(k, 0) < round(STALE_SHARE * max(0.0, cfg.shadow_rate * n - skipped.get(k, 0)), 9)
     )
 
 
@@ -226,7 +238,9 @@ class Tuner:
         """A stage's evidence went stale and raising it would change something: fit now, even without
         new labels (starved of labels, the tuner would otherwise never fit again)."""
         old = latest.thresholds if latest is not None else meta.config_thresholds
-        stale = stale_stages(history.early_labelled(), history.population, len(old), self.cfg)
+        stale = stale_stages(
+            history.early_labelled(), history.population, len(old), self.cfg, history.budget_skipped
+        )
         return any(old[k] < self.cfg.threshold_bounds[1] for k in stale)
 
     async def _fit(self, meta: PlanMeta, latest: Fit | None, history: History) -> Fit | None:
@@ -250,7 +264,9 @@ class Tuner:
                 extra={"cascade": meta.name, **change.evidence},
             )
         if rows.n < cfg.min_labels:
-            stale = stale_stages(history.early_labelled(), history.population, len(old), cfg)
+            stale = stale_stages(
+                history.early_labelled(), history.population, len(old), cfg, history.budget_skipped
+            )
             if stale:  # no evidence at all for what early stages accept: escalate, fit later
                 raised = tuple(
                     _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t
@@ -296,10 +312,13 @@ class Tuner:
         )
         up = cfg.max_step_up if missing else cfg.max_step
         new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=up)
-        # No recent label for the answers a stage accepts (spend caps starving shadow calls while cheap
-        # early answers keep the answers' spend low): its evidence is stale, so it escalates until
-        # labels flow again. Savings wait for evidence; quality does not.
-        stale = stale_stages(history.early_labelled(), history.population, len(old), cfg)
+        # No recent label for the answers a stage accepts although label calls were let through (the
+        # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
+        # labels flow again. Savings wait for evidence; quality does not. (Calls the spend caps rule
+        # out are the operator's choice, not staleness: ``stale_stages``.)
+        stale = stale_stages(
+            history.early_labelled(), history.population, len(old), cfg, history.budget_skipped
+        )
         if stale:
             new = tuple(
                 _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t

@@ -303,7 +303,7 @@ def add_commands(sub: Any) -> None:
     o.add_argument(
         "--start-threshold", type=_unit, help="every scored stage starts here (default: the fit's)"
     )
-    o.add_argument("--shadow-rate", type=_unit, help="learning.shadow_rate (default 0.2)")
+    o.add_argument("--shadow-rate", type=_unit, help="learning.shadow_rate (default 0.1)")
     o.add_argument("--feedback-rate", type=_unit, help="share of answers a user rates (default 0)")
     o.add_argument("--drift", metavar="OTHER.jsonl", help="switch to this dataset's rows half-way")
     o.add_argument("--passes", type=_positive, help="stream the dataset this many times (default 1)")

@@ -61,7 +61,7 @@ from app.replay.configure import (
 from app.replay.dataset import Dataset, load_dataset
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
-from app.replay.online_stream import Item, Stream, build_stream, train_scores, tuner_target
+from app.replay.online_stream import Item, Stream, build_stream, fit_scores, tuner_target
 from app.replay.runner import serve_asgi
 from app.replay.upstream import ReplayUpstream
 
@@ -77,11 +77,11 @@ class OnlineOptions:
     cascade: str | None = None
     mapping: dict[str, str] = field(default_factory=dict)
     target_quality: float = 0.95
-    margin_z: float = 1.0  # of the offline fit
+    margin_z: float = 0.0  # of the offline fit (as `cascade replay --margin-z`)
     max_stages: int = 3
     seed: int = 0
     start_threshold: float | None = None
-    shadow_rate: float = 0.2
+    shadow_rate: float = 0.1
     feedback_rate: float = 0.0
     drift: str | None = None
     passes: int = 1
@@ -318,12 +318,16 @@ async def _run(
         async with serve_asgi(JudgedReplay(ReplayUpstream(list(rows.values())), judge)) as url:
             if fitted is not None:
                 plan = fitted_config(fitted, paths, url)
-                scores = train_scores(fitted, ds.train)
+                scores = fit_scores(fitted, ds.train)
+                at: list[float] | None = list(plan.thresholds)
             else:
                 assert user_cfg is not None
                 plan = mapped_config(user_cfg, ds.models, url, opts.cascade, opts.mapping)
                 scores = await stage_scores(plan, ds.train)
-            target = tuner_target(ds.train, ds.models, chain, scores, opts.target_quality, opts.margin_z)
+                at = None
+            target = tuner_target(
+                ds.train, ds.models, chain, scores, opts.target_quality, opts.margin_z, at=at
+            )
             offline_thresholds = list(plan.thresholds)
             if opts.start_threshold is not None:
                 plan = with_thresholds(plan, [opts.start_threshold] * (len(plan.stages) - 1))

@@ -117,18 +117,21 @@ def tuner_target(
     scores: Any,
     target: float,
     margin_z: float = 1.0,
+    at: Sequence[float] | None = None,
 ) -> float:
     """``learning.target_quality`` for a replay target relative to the best single model: on the train
-    rows, the labels' quality (share of answers as good as the last stage's) at the thresholds an
-    offline fit chooses there (the cheapest whose accuracy less ``margin_z`` standard errors reaches
+    rows, the labels' quality (share of answers as good as the last stage's) at the offline thresholds
+    ``at`` (a fit's: with its out-of-fold ``scores``, as its search saw them), or else at the thresholds
+    an offline fit chooses there (the cheapest whose accuracy less ``margin_z`` standard errors reaches
     ``target`` x the best single model's; module doc)."""
-    summary = model_summary(rows, models)
-    acc_best = summary[best_single(summary)].accuracy
-    correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
     cost = np.asarray([[r.answers[m].cost_usd for m in chain] for r in rows])
     agree = np.asarray([label_values(r, chain) for r in rows])
-    at = choose_thresholds(scores, correct, cost, target * acc_best, margin_z=margin_z).best.thresholds
-    quality = evaluate_cascade(scores, agree, cost, at).quality
+    if at is None:
+        summary = model_summary(rows, models)
+        acc_best = summary[best_single(summary)].accuracy
+        correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
+        at = choose_thresholds(scores, correct, cost, target * acc_best, margin_z=margin_z).best.thresholds
+    quality = evaluate_cascade(scores, agree, cost, list(at)).quality
     return round(min(0.999, max(0.5, quality)), 4)
 
 
@@ -142,3 +145,12 @@ def train_scores(fitted: Any, rows: Sequence[Row]) -> Any:
             out[i, k] = fitted.score(k, r.prompt, r.answers[m].answer, previous)
             previous.append(r.answers[m].answer)
     return out
+
+
+def fit_scores(fitted: Any, rows: Sequence[Row]) -> Any:
+    """The scores a fit chose its thresholds on: its out-of-fold scores of its own fitting rows (last
+    column 0), when ``rows`` are those rows; else the served scorers' (``train_scores``)."""
+    oof = getattr(fitted, "oof_scores", None) or []
+    if not oof or any(len(col) != len(rows) for col in oof):
+        return train_scores(fitted, rows)
+    return np.column_stack([*(np.asarray(col, dtype=np.float64) for col in oof), np.zeros(len(rows))])

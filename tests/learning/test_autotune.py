@@ -137,9 +137,12 @@ async def test_the_fit_is_deterministic(tmp_path: Path) -> None:
     assert a.search.feasible and a.chosen.quality - a.chosen.quality_se >= 0.9 - 0.02
 
 
-async def test_a_stage_starved_of_labels_escalates(fake: FakeUpstream, tmp_path: Path) -> None:
-    """Every answer accepted at stage 0 and not one shadow call affordable (shadow_max_share): with no
-    recent evidence of what stage 0 accepts, the tuner raises its threshold, without new labels."""
+async def test_a_stage_the_spend_caps_starve_of_labels_keeps_its_threshold(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Every answer accepted at stage 0 and not one shadow call affordable (shadow_max_share): the caps
+    are the operator's choice, not stale evidence. The tuner does not escalate to buy labels past them
+    (an escalation costs what a shadow call does): with no labels there is no fit, the threshold stays."""
     from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
 
     url = sqlite_url(tmp_path)
@@ -153,8 +156,7 @@ async def test_a_stage_starved_of_labels_escalates(fake: FakeUpstream, tmp_path:
             body = chat(content=f"q{i} score=0.9")
             assert (await c.post("/v1/chat/completions", json=body)).json()["cascade"]["stage"] == 0
         await learning_of(app).settle()
-        assert plan.thresholds[0] == pytest.approx(0.99)
+        assert plan.thresholds[0] == pytest.approx(0.1)
     assert query(url, "SELECT count(*) FROM labels") == [(0,)]
     assert query(url, "SELECT DISTINCT sampling FROM traces") == [("budget",)]
-    (evidence,) = query(url, "SELECT evidence FROM fits")[0]
-    assert '"stale_stages": [0]' in evidence
+    assert query(url, "SELECT count(*) FROM fits") == [(0,)]

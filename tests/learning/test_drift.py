@@ -137,8 +137,9 @@ def test_an_abrupt_change_is_detected_and_the_fit_starts_over() -> None:
 
 
 def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
-    """Spend caps can starve shadow calls while cheap early answers keep the answers' spend low; a
-    stage whose answers go unlabelled for STALE_LABELS / shadow_rate requests escalates (tuning.py)."""
+    """A stage whose answers go unlabelled for STALE_LABELS / shadow_rate requests, although its shadow
+    calls were let through (the last stage failing, its circuit open, busy), escalates (tuning.py);
+    shadow calls the spend caps ruled out are not expected to bring labels."""
     from app.config import LearningConfig
     from app.learning.tuning import stale_stages
 
@@ -156,3 +157,9 @@ def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
     escalating = [(i, 0) for i in range(100)] + [(i, 1 if i % 4 else 0) for i in range(100, 300)]
     assert stale_stages(early, escalating, 1, cfg) == []
     assert stale_stages(early, population, 1, LearningConfig(shadow_rate=0.0)) == []
+    # 40 shadow draws expected over the newest 200. The caps ruled out all of them: nothing to expect.
+    capped = list(range(100, 300, 5))
+    assert stale_stages(early, population, 1, cfg, capped) == []
+    # They ruled out 30: 10 to expect, one label is enough, none is stale.
+    assert stale_stages([*early, *now[:1]], population, 1, cfg, capped[:30]) == []
+    assert stale_stages(early, population, 1, cfg, capped[:30]) == [0]
