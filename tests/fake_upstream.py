@@ -86,6 +86,7 @@ class Behaviour:
     ptokens: int | None = None  # `ptokens-<n>`: the usage reports n prompt tokens, however absurd
     badchunk: str | None = None  # `badchunk-<kind>`: a stream's chunk CUT_AFTER is malformed (BAD_CHUNKS)
     gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
+    agent: bool = False  # `agent`: a tool call; text quoting the tool's result once one is the last message
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -114,6 +115,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "leak": {"leak": ""},
     "quote": {"quote": ""},
     "gated": {"gated": True},
+    "agent": {"tools": "ok", "agent": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -283,6 +285,20 @@ def _usage(request: dict[str, Any], completion: int, b: Behaviour) -> dict[str, 
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
+def _turn(request: dict[str, Any], b: Behaviour) -> Behaviour:
+    """`agent`: after a tool result (or when no tools were offered) the agent answers in text, quoting
+    the result."""
+    if not b.agent:
+        return b
+    if not request.get("tools"):
+        return dataclasses.replace(b, tools=None)
+    messages = request.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if isinstance(last, dict) and last.get("role") == "tool":
+        return dataclasses.replace(b, tools=None, content=f"The tool said: {last.get('content')}")
+    return b
+
+
 def build_completion(
     request: dict[str, Any],
     behaviour: Behaviour | None = None,
@@ -291,7 +307,7 @@ def build_completion(
     created: int | None = None,
 ) -> dict[str, Any]:
     """The non-stream `chat.completion` object the fake returns for `request`."""
-    b = behaviour or parse_directives(str(request.get("model", "ok")))
+    b = _turn(request, behaviour or parse_directives(str(request.get("model", "ok"))))
     choices, completion = [], 0
     for i, content in enumerate(choice_contents(request, b)):
         calls = [tool_call(request, b.tools, f"call_fake_{i}")] if b.tools else None
@@ -322,7 +338,7 @@ def iter_chunks(
     created: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The `chat.completion.chunk` objects of a full stream (without the `[DONE]` sentinel)."""
-    b = behaviour or parse_directives(str(request.get("model", "ok")))
+    b = _turn(request, behaviour or parse_directives(str(request.get("model", "ok"))))
     opts = request.get("stream_options")
     usage = isinstance(opts, dict) and opts.get("include_usage") is True and not b.no_usage
     lp = wants_logprobs(request, b)

@@ -16,6 +16,7 @@ FORBIDDEN: dict[str, set[str]] = {
     # the shared bottom imports nothing of app but each other
     "answers": {"*"},
     "protocol": {"*", "!errors"},
+    "responses": {"*", "!errors", "!protocol"},
     "errors": {"*"},
     # the request path never reaches up into learning, replay, the HTTP layer or the CLI
     "upstream": {"cascade", "scoring", "learning", "replay", "api", "cli", "main", "runtime", "state"},

@@ -1,6 +1,7 @@
 """``POST /v1/feedback``: a user's quality label for a past answer (CONTRACT section 1).
 
-``{"id": "<chat completion id>", "score": 0.0..1.0}`` -> 200 ``{"object": "feedback", "id", "score"}``.
+``{"id": "<chat completion id>", "score": 0.0..1.0}`` (or a ``/v1/responses`` id, ``resp_...``: the same
+answer under its Responses name) -> 200 ``{"object": "feedback", "id", "score"}``.
 400 names the bad field; 404 when no answer with that id is known, and also when this proxy has no
 ``learning`` section (no trace store: code ``feedback_disabled``; a 404, not a 5xx, so SDKs do not retry
 a request that can never succeed); 503 when the store cannot be reached.
@@ -50,8 +51,10 @@ async def feedback(request: Request) -> Response:
             "Feedback is not enabled on this proxy: its config has no 'learning' section (trace store).",
             code="feedback_disabled",
         )
+    # A Responses id names the same answer as the chat completion id it was made from (app.responses.reply).
+    trace_id = "chatcmpl-" + cid.removeprefix("resp_") if cid.startswith("resp_") else cid
     try:
-        known = await learning.feedback(cid, score)
+        known = await learning.feedback(trace_id, score)
     except StoreError as exc:
         raise ServiceUnavailable(
             "The trace store is unavailable; try again later.", code="store_unavailable"

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from app.api.auth import check_key
 from app.api.chat import ChatEndpoint
 from app.api.http_io import json_response
+from app.api.responses import ResponsesEndpoint
 from app.errors import NotFound
 from app.protocol import model_object
 from app.state import AppState
@@ -37,6 +38,30 @@ _CHAT_BODY: dict[str, Any] = {
 }
 
 
+_RESPONSES_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": {"type": "string", "description": "A cascade name or an upstream name."},
+                        "input": {
+                            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+                        },
+                        "instructions": {"type": "string"},
+                        "stream": {"type": "boolean"},
+                    },
+                    "additionalProperties": True,
+                }
+            }
+        },
+    }
+}
+
+
 def _state(request: Request) -> AppState:
     state: AppState = request.app.state.cascade
     return state
@@ -46,6 +71,12 @@ def _state(request: Request) -> AppState:
 async def chat_completions() -> Response:
     # Normally answered by CascadeApp.__call__ before routing; documents the route, serves as fallback.
     return ChatEndpoint()
+
+
+@router.post("/v1/responses", openapi_extra=_RESPONSES_BODY, response_model=None)
+async def create_response() -> Response:
+    # The OpenAI Responses API, translated onto the chat engine (app.api.responses).
+    return ResponsesEndpoint()
 
 
 @router.get("/v1/models")

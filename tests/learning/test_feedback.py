@@ -33,6 +33,19 @@ async def test_feedback_stores_a_user_label(fake: FakeUpstream, tmp_path: Path) 
     assert reg.get_sample_value("cascade_labels_total", {"cascade": "default", "source": "user"}) == 2.0
 
 
+async def test_feedback_takes_a_responses_id(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    async with proxy(with_learning(base_config(), url), fake) as (c, app):
+        rid = (await c.post("/v1/responses", json={"model": "default", "input": "hi"})).json()["id"]
+        assert rid.startswith("resp_")
+        r = await c.post("/v1/feedback", json={"id": rid, "score": 0.5})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"object": "feedback", "id": rid, "score": 0.5}
+        await settle(app)
+    [(trace_id,)] = query(url, "SELECT trace_id FROM labels")
+    assert trace_id == "chatcmpl-" + rid.removeprefix("resp_")
+
+
 async def test_feedback_unknown_id_is_404(fake: FakeUpstream, tmp_path: Path) -> None:
     async with proxy(with_learning(base_config(), sqlite_url(tmp_path)), fake) as (c, _):
         r = await c.post("/v1/feedback", json={"id": "chatcmpl-nope", "score": 0.5})
