@@ -83,6 +83,29 @@ async def test_escalates_on_low_score(fake: FakeUpstream, model: str, detail: st
     )
 
 
+async def test_a_cut_at_the_clients_own_max_tokens_is_not_escalated(fake: FakeUpstream) -> None:
+    """``finish_reason: length`` from the client's own limit is what it asked for; from a limit the proxy
+    added (the upstream's ``defaults``) it is a truncated answer, escalated as before."""
+    async with proxy(two_stage("truncated"), fake) as (c, _):
+        own = (await c.post("/v1/chat/completions", json=chat(max_tokens=5))).json()
+        own_mct = (await c.post("/v1/chat/completions", json=chat(max_completion_tokens=5))).json()
+        resp = (
+            await c.post("/v1/responses", json={"model": "default", "input": "x", "max_output_tokens": 16})
+        ).json()
+    for body in (own, own_mct):
+        check_completion(body)
+        assert _attempts(body) == [(0, "small", "accepted")]
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["cascade"]["attempts"][0]["reasons"]["heuristic"] == "cut at the client's max_tokens"
+    assert resp["status"] == "incomplete" and resp["cascade"]["stage"] == 0
+    cfg = two_stage("truncated")
+    cfg["upstreams"]["small"]["defaults"] = {"max_tokens": 5}
+    async with proxy(cfg, fake) as (c, _):
+        body = (await c.post("/v1/chat/completions", json=chat())).json()
+    assert _attempts(body) == [(0, "small", "rejected"), (1, "large", "accepted")]
+    assert fake.requests[-2]["body"]["max_tokens"] == 5  # the proxy's limit, not the client's
+
+
 async def test_escalates_on_upstream_500_after_retry(fake: FakeUpstream) -> None:
     async with proxy(two_stage("error-500"), fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat())

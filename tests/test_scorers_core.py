@@ -54,6 +54,28 @@ def _call(args: str, name: str = "add") -> dict[str, Any]:
         ({}, _answer("As an AI language model, I cannot browse."), 0.0, "refusal"),
         ({}, _answer("Hmm, I'm not sure, maybe 4?"), 0.3, "hedging"),
         ({}, _answer("abc", finish="length"), 0.0, "truncated: finish_reason is length"),
+        # The client's own limit cut it: what it asked for, not a defect (unfinished JSON included).
+        ({"max_tokens": 3}, _answer("abc", finish="length"), 1.0, "cut at the client's max_tokens"),
+        (
+            {"max_completion_tokens": 3},
+            _answer("abc", finish="length"),
+            1.0,
+            "cut at the client's max_tokens",
+        ),
+        (
+            {"max_tokens": 3, "response_format": {"type": "json_object"}},
+            _answer('{"a": ', finish="length"),
+            1.0,
+            "cut at the client's max_tokens",
+        ),
+        (
+            {"max_tokens": 3, "tools": [TOOL]},
+            _answer(None, tool_calls=[_call('{"a": 1,')], finish="length"),
+            1.0,
+            "cut at the client's max_tokens",
+        ),
+        ({"max_tokens": 3}, _answer("", finish="length"), 0.0, "empty answer"),
+        ({"max_tokens": 3}, _answer("I'm sorry, but I can't do it", finish="length"), 0.0, "refusal"),
         ({}, _answer("abc", finish="content_filter"), 0.0, "content filtered"),
         ({}, _answer(None, refusal="no"), 0.0, "refusal"),
         ({"response_format": {"type": "json_object"}}, _answer('{"a": 1}'), 1.0, "ok"),

@@ -2,6 +2,12 @@
 token limit, filtered, bad JSON when JSON was asked for, tool calls whose arguments do not parse or do
 not fit the tool's JSON schema, no tool call when one was required.
 
+An answer cut at the client's own ``max_tokens`` / ``max_completion_tokens`` (``finish_reason: length``
+with such a limit in the request) is what the client asked for, not a defect: it is not vetoed, and
+neither is JSON (or tool-call arguments) that the cut left unfinished; every later stage would be cut
+at the same limit. A limit the proxy added (an upstream's ``defaults``) is not the client's: there a
+cut answer is truncated as before.
+
 Scores: 1.0 ok; 0.3 hedging; 0.0 for the rest. It also implements ``StreamCheck``: a refusal in the
 first characters of a streamed answer, or a JSON answer that can no longer become valid JSON, aborts the
 stage early.
@@ -86,6 +92,7 @@ class _SchemaCache:
 
 
 _SCHEMAS = _SchemaCache()
+_CUT = "cut at the client's max_tokens"
 
 
 def _normalise(text: str) -> str:
@@ -104,6 +111,14 @@ def _json_mode(request: Json) -> Json | None:
         schema = js.get("schema") if isinstance(js, dict) else None
         return schema if isinstance(schema, dict) else {}
     return None
+
+
+def client_limited(request: Json) -> bool:
+    """Whether the client set its own output-token limit (a ``length`` finish is then its choice)."""
+    return any(
+        isinstance(request.get(k), int) and not isinstance(request.get(k), bool)
+        for k in ("max_tokens", "max_completion_tokens")
+    )
 
 
 def _strip_fence(text: str) -> str:
@@ -161,14 +176,18 @@ class Heuristic:
         return self.check(ctx.request, ctx.answer)
 
     def check(self, request: Json, answer: Answer) -> Score:
+        ok = Score(1.0, "ok")
         for ch in answer.completion.get("choices") or ():
             s = self._check_choice(request, ch.get("message") or {}, ch.get("finish_reason"))
             if s.value < 1.0:
                 return s
-        return Score(1.0, "ok")
+            if s.reason != "ok":
+                ok = s
+        return ok
 
     def _check_choice(self, request: Json, msg: Json, finish: object) -> Score:
-        if finish == "length":
+        cut = finish == "length"
+        if cut and not client_limited(request):
             return Score(0.0, "truncated: finish_reason is length")
         if finish == "content_filter":
             return Score(0.0, "content filtered")
@@ -178,6 +197,8 @@ class Heuristic:
         content = msg.get("content")
         text = content if isinstance(content, str) else ""
         if calls:
+            if cut:
+                return Score(1.0, _CUT)
             problem = _check_tool_calls(request, calls)
             return Score(0.0, problem) if problem else Score(1.0, "ok")
         tc = request.get("tool_choice")
@@ -191,7 +212,7 @@ class Heuristic:
         for p in self._refusals:
             if p in head:
                 return Score(0.0, "refusal")
-        schema = _json_mode(request)
+        schema = None if cut else _json_mode(request)
         if schema is not None:
             try:
                 value = orjson.loads(_strip_fence(text))
@@ -204,7 +225,7 @@ class Heuristic:
         for p in self._hedges:
             if p in head:
                 return Score(0.3, "hedging")
-        return Score(1.0, "ok")
+        return Score(1.0, _CUT if cut else "ok")
 
     # --- StreamCheck ------------------------------------------------------------------------------------
 
