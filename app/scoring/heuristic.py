@@ -1,6 +1,8 @@
 """Cheap, free checks that catch the answers no user wants: empty, refusing or hedging, cut off by the
 token limit, filtered, bad JSON when JSON was asked for, tool calls whose arguments do not parse or do
-not fit the tool's JSON schema, no tool call when one was required.
+not fit the tool's JSON schema, no tool call when one was required; and (``app.scoring.intent``) no JSON
+when only the prompt asked for it, a text answer that writes out a tool call or says it cannot look
+things up while a matching tool was offered.
 
 An answer cut at the client's own ``max_tokens`` / ``max_completion_tokens`` (``finish_reason: length``
 with such a limit in the request) is what the client asked for, not a defect: it is not vetoed, and
@@ -8,9 +10,9 @@ neither is JSON (or tool-call arguments) that the cut left unfinished; every lat
 at the same limit. A limit the proxy added (an upstream's ``defaults``) is not the client's: there a
 cut answer is truncated as before.
 
-Scores: 1.0 ok; 0.3 hedging; 0.0 for the rest. It also implements ``StreamCheck``: a refusal in the
-first characters of a streamed answer, or a JSON answer that can no longer become valid JSON, aborts the
-stage early.
+Scores: 1.0 ok; 0.3 hedging or answered without the offered tool; 0.0 for the rest. It also implements
+``StreamCheck``: a refusal in the first characters of a streamed answer, or a JSON answer that can no
+longer become valid JSON, aborts the stage early.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jsonschema.exceptions import SchemaError
 
 from app.config import HeuristicScorer as HeuristicConfig
 from app.scoring.base import Answer, Score, ScoreContext
+from app.scoring.intent import has_json, missed_tool, prompt_asks_json
 
 Json = dict[str, Any]
 
@@ -222,6 +225,12 @@ class Heuristic:
                 validator = _SCHEMAS.get(schema)
                 if validator is not None and next(iter(validator.iter_errors(value)), None) is not None:
                     return Score(0.0, "JSON does not fit the requested schema")
+        elif not cut and prompt_asks_json(request) and not has_json(text):
+            return Score(0.0, "no JSON while the prompt asked for JSON")
+        if request.get("tools"):
+            missed = missed_tool(request, text)
+            if missed is not None:
+                return Score(0.0 if missed == "a tool call written as text" else 0.3, missed)
         for p in self._hedges:
             if p in head:
                 return Score(0.3, "hedging")
