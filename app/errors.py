@@ -51,6 +51,8 @@ class ProxyError(CascadeBaseError):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    # Headers every reply of this class carries (the retry contract: README "Errors").
+    fixed_headers: dict[str, str] = {}
 
     def __init__(
         self,
@@ -65,7 +67,7 @@ class ProxyError(CascadeBaseError):
         self.param = param
         if code is not None:
             self.code = code
-        self.headers = headers or {}
+        self.headers = {**self.fixed_headers, **headers} if headers else dict(self.fixed_headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -122,10 +124,16 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+# The proxy already retried each upstream and walked every stage (or spent the cascade's whole
+# deadline): a client retry would run the whole cascade again, so the OpenAI SDKs are told not to.
+_NO_RETRY = {"x-should-retry": "false"}
+
+
 class AllStagesFailed(ProxyError):
     status = 502
     type = "upstream_error"
     code = "all_stages_failed"
+    fixed_headers = _NO_RETRY
 
 
 class ServiceUnavailable(ProxyError):
@@ -138,6 +146,7 @@ class DeadlineExceeded(ProxyError):
     status = 504
     type = "timeout_error"
     code = "deadline_exceeded"
+    fixed_headers = _NO_RETRY
 
 
 class InternalError(ProxyError):

@@ -26,8 +26,13 @@ def summary(trace: Trace) -> str:
 
 
 def _retry_after(errors: list[Attempt], pick: Callable[[list[float]], float]) -> dict[str, str]:
+    """``retry-after`` in whole seconds (at least 1) and, when an upstream or a breaker said how long,
+    ``retry-after-ms`` with that exact wait (the OpenAI SDKs prefer it); 1 s when nobody said."""
     waits = [a.retry_after for a in errors if a.retry_after is not None]
-    return {"retry-after": str(max(1, math.ceil(pick(waits)))) if waits else "1"}
+    if not waits:
+        return {"retry-after": "1"}
+    wait = max(0.0, pick(waits))
+    return {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000))}
 
 
 def all_failed(trace: Trace) -> ProxyError:
