@@ -20,7 +20,10 @@ class Metrics:
         self.registry = registry
         r = registry
         self.requests = Counter(
-            "cascade_requests", "Requests by final outcome.", ["cascade", "outcome"], registry=r
+            "cascade_requests",
+            "Requests by final outcome (invalid: refused before the cascade ran).",
+            ["cascade", "outcome"],
+            registry=r,
         )
         self.attempts = Counter(
             "cascade_attempts",
@@ -204,6 +207,10 @@ class Metrics:
         self._child(self.request_duration, cascade, "true" if stream else "false").observe(seconds)
         if baseline_usd:
             self._child(self.baseline_cost, cascade).inc(baseline_usd)
+
+    def refused(self, cascade: str) -> None:
+        """A request refused before the cascade ran (400, 401, 404, 413): ``outcome="invalid"``."""
+        self._child(self.requests, cascade, "invalid").inc()
 
     def first_token(self, cascade: str, seconds: float) -> None:
         self._child(self.ttft, cascade).observe(seconds)

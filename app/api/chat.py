@@ -28,6 +28,7 @@ from app.protocol import new_id, validate_chat_request
 from app.state import AppState
 
 log = logging.getLogger("cascade.app")
+request_log = logging.getLogger("cascade.request")
 
 PATH = "/v1/chat/completions"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -96,17 +97,44 @@ def _cascade_headers(trace: Trace, request_id: str) -> dict[str, str]:
     return h
 
 
+def refused(state: AppState, exc: ProxyError, request_id: str, path: str, body: object) -> None:
+    """A request refused before the cascade ran (bad body, unknown model, too large, bad key): counted
+    as ``cascade_requests_total{outcome="invalid"}`` and logged in one line, without the body or the
+    error's message (which may quote what the client sent). The ``cascade`` label is the requested
+    cascade or upstream when the config has it, else empty: a client's model string never becomes a
+    label."""
+    model = body.get("model") if isinstance(body, dict) else None
+    cfg = state.runtime.config
+    name = model if isinstance(model, str) and (model in cfg.cascades or model in cfg.upstreams) else ""
+    state.metrics.refused(name)
+    request_log.info(
+        "refused",
+        extra={
+            "request_id": request_id,
+            "path": path,
+            "cascade": name or None,
+            "outcome": "invalid",
+            "status": exc.status,
+            "code": exc.code,
+            "param": exc.param,
+        },
+    )
+
+
 async def chat(scope: Scope, receive: Receive, send: Send) -> None:
     state: AppState = scope["app"].state.cascade
     rt = state.runtime  # read once: a reload mid-request does not change this request's config
     head = _Head(scope["headers"])
     rid = head.request_id if head.request_id and _REQUEST_ID.match(head.request_id) else new_id("req-")
+    parsed: object = None
     try:
         check_presented(head.authorization, head.x_api_key, rt.keys)
         raw = await _read_body(receive, head.content_length, rt.config.server.max_body_bytes)
-        body = validate_chat_request(parse_json(raw), max_messages=rt.config.server.max_messages)
+        parsed = parse_json(raw)
+        body = validate_chat_request(parsed, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
     except ProxyError as exc:
+        refused(state, exc, rid, PATH, parsed)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
         return
     except ClientGone:

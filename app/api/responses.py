@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import check_presented
-from app.api.chat import _REQUEST_ID, _cascade_headers, _Head, _read_body, _send_json
+from app.api.chat import _REQUEST_ID, _cascade_headers, _Head, _read_body, _send_json, refused
 from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
 from app.cascade.engine import Completed
 from app.cascade.streams import Streamed
@@ -35,6 +36,7 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
     rt = state.runtime
     head = _Head(scope["headers"])
     rid = head.request_id if head.request_id and _REQUEST_ID.match(head.request_id) else new_id("req-")
+    request: Any = None  # the parsed body (a dict once to_chat accepted it)
     try:
         check_presented(head.authorization, head.x_api_key, rt.keys)
         raw = await _read_body(receive, head.content_length, rt.config.server.max_body_bytes)
@@ -42,6 +44,7 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
         body = to_chat(request, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
     except ProxyError as exc:
+        refused(state, exc, rid, PATH, request)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
         return
     except ClientGone:
