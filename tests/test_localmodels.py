@@ -135,3 +135,28 @@ async def test_metrics_show_both_stages_answering(cascade: tuple[str, CollectorR
     assert 'cascade_attempts_total{cascade="default",outcome="accepted",stage="0",upstream="tiny"}' in text
     assert 'cascade_attempts_total{cascade="default",outcome="accepted",stage="1",upstream="small"}' in text
     assert 'cascade_cost_usd_total{cascade="default",purpose="answer",upstream="tiny"}' in text
+
+
+async def test_prompt_token_estimate_matches_the_servers_own_count(model_servers: None) -> None:
+    """The estimate used for streams without usage, against the 0.5B's own count for the same request
+    (its template's framing, default system prompt, and with a tool the tool instructions and schema)."""
+    from app.protocol import estimate_prompt_tokens
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for extra in ({}, {"tools": [tool]}):
+        body = {"model": "x", "messages": [{"role": "user", "content": HARD}], "max_tokens": 1, **extra}
+        async with httpx.AsyncClient(timeout=300) as client:
+            r = await client.post(SMALL + "/v1/chat/completions", json=body)
+        true = r.json()["usage"]["prompt_tokens"]
+        assert 0.8 * true <= estimate_prompt_tokens(body) <= 1.2 * true, (extra.keys(), true)

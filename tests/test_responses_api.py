@@ -142,7 +142,7 @@ async def test_items_instructions_tools_and_format_are_translated_for_the_upstre
         {"role": "user", "content": "Weather in Paris?"},
         {
             "role": "assistant",
-            "content": None,
+            "content": "",
             "tool_calls": [
                 {
                     "id": "call_1",

@@ -218,7 +218,8 @@ def _function_call(item: Json, where: str, out: list[Json]) -> None:
     if last is not None and last["role"] == "assistant":
         last.setdefault("tool_calls", []).append(call)
     else:
-        out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        # content "" rather than null: llama-cpp-python's server rejects a null assistant content.
+        out.append({"role": "assistant", "content": "", "tool_calls": [call]})
 
 
 def _function_output(item: Json, where: str) -> Json:
