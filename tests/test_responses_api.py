@@ -137,8 +137,7 @@ async def test_items_instructions_tools_and_format_are_translated_for_the_upstre
     check_response(resp)
     sent = orjson.loads(resp["output_text"])
     assert sent["messages"] == [
-        {"role": "system", "content": "You are a weather bot."},
-        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "You are a weather bot.\n\nBe brief."},  # one system message
         {"role": "user", "content": "Weather in Paris?"},
         {
             "role": "assistant",

@@ -80,6 +80,7 @@ def to_chat(body: object, *, max_messages: int) -> Json:
     if instructions:
         messages.append({"role": "system", "content": instructions})
     messages.extend(_messages(body.get("input")))
+    messages = _one_leading_system(messages)
     if not messages:
         raise _bad("input", "is required (a string or an array of input items)")
     if len(messages) > max_messages:
@@ -145,6 +146,18 @@ def _messages(value: object) -> list[Json]:
                 code="unsupported_value",
             )
     return out
+
+
+def _one_leading_system(messages: list[Json]) -> list[Json]:
+    """``instructions`` and leading system/developer inputs as one system message: many chat templates
+    (Mistral's, Gemma's, ...) accept a single system message, first."""
+    k = 0
+    while k < len(messages) and messages[k]["role"] == "system" and isinstance(messages[k]["content"], str):
+        k += 1
+    if k < 2:
+        return messages
+    joined = "\n\n".join(m["content"] for m in messages[:k] if m["content"])
+    return [{"role": "system", "content": joined}, *messages[k:]]
 
 
 def _message(item: Json, where: str) -> Json | None:
