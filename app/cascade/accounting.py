@@ -80,7 +80,10 @@ def account_stream(att: Attempt, stage: Stage, body: Json, relay: StreamRelay) -
     att.answer_cost_usd = price_usd(
         stage.upstream.cfg.price, att.prompt_tokens, att.completion_tokens, reported
     )
-    return usage_of(att)
+    if att.usage_estimated or usage is None:
+        return usage_of(att)
+    # The upstream's own usage, details (cached, reasoning tokens) and reported cost included.
+    return {**usage, **usage_of(att)}
 
 
 def record_failure(att: Attempt, err: UpstreamError, t0: float, body: Json, final: bool) -> None:

@@ -222,10 +222,9 @@ class Engine:
         stack = AsyncExitStack()
         try:
             chunks = await stack.enter_async_context(up.stream(up.prepare(body, stream=True)))
-            try:
-                first = await anext(chunks)
-            except StopAsyncIteration:
-                raise UpstreamProtocolError(up.name, "stream ended before any chunk") from None
+            first = await chunks.batch()
+            if not first:
+                raise UpstreamProtocolError(up.name, "stream ended before any chunk")
         except BaseException:
             await stack.aclose()
             raise

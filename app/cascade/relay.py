@@ -1,13 +1,22 @@
 """Pure helpers that rewrite an upstream chunk stream for the client.
 
-Chunks arrive with their shape checked (``app.upstream.shapes``). Content chunks are forwarded the moment
-they arrive (only the id, and logprobs/usage the client did not ask for, are changed). From the first
-chunk carrying a ``finish_reason`` on, chunks are held until the upstream ends, so the ``cascade``
-extension (which needs the final usage and cost) can ride on the last chunk: the usage chunk when the
-client asked for usage, else the last finish chunk. With one choice (``n`` = 1) holding costs nothing
-visible: after a finish_reason only the usage chunk and ``[DONE]`` follow. With ``n`` > 1 the choices
-interleave and finish one by one, so everything after the first choice to finish (the other choices'
-remaining content included) is held and reaches the client in one burst when the upstream ends.
+Chunks arrive with their shape checked (``app.upstream.shapes``), each with the bytes it came in. Content
+chunks are forwarded the moment they arrive, as the upstream sent them: only the ``id`` becomes the
+proxy's own (a byte-level replace of the one ``"id":"..."`` pair; a bare ``"`` only occurs in JSON's
+structure, never inside a string), and a ``"usage":null`` the client did not ask for is cut. A chunk
+that needs more (a missing ``model`` or ``object``, a ``created`` that differs from the first chunk's,
+logprobs the client did not ask for, a usage object on a content chunk, an id spelled with spaces or
+escapes) is rewritten from its parsed form instead, with the same result. Every event one read from
+the upstream completed goes out in one write (``process_batch``), so a client slower than the
+upstream gets what is waiting at once, and nothing waits for anything that has not come yet.
+
+From the first chunk carrying a ``finish_reason`` on, chunks are held until the upstream ends, so the
+``cascade`` extension (which needs the final usage and cost) can ride on the last chunk: the usage
+chunk when the client asked for usage, else the last finish chunk. With one choice (``n`` = 1) holding
+costs nothing visible: after a finish_reason only the usage chunk and ``[DONE]`` follow. With ``n`` > 1
+the choices interleave and finish one by one, so everything after the first choice to finish (the
+other choices' remaining content included) is held and reaches the client in one burst when the
+upstream ends.
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ class StreamRelay:
         "_held",
         "_holding",
         "_id",
+        "_id_pair",
         "_keep_logprobs",
-        "_model",
+        "_up_id",
+        "_up_id_pair",
         "_with_usage",
         "finish_reasons",
+        "fingerprint",
         "model",
         "text_chars",
         "texts",
@@ -43,13 +55,16 @@ class StreamRelay:
         self, completion_id: str, *, keep_logprobs: bool, with_usage: bool, fallback_model: str
     ) -> None:
         self._id = completion_id
+        self._id_pair = b'"id":' + orjson.dumps(completion_id)
+        self._up_id: object = None  # the upstream's id, and its pair as bytes
+        self._up_id_pair = b""
         self._keep_logprobs = keep_logprobs
         self._with_usage = with_usage
-        self._model = fallback_model
         self._created: int | None = None
         self._held: list[Json] = []
         self._holding = False
         self.usage: Json | None = None
+        self.fingerprint: str | None = None
         self.text_chars = 0
         self.model = fallback_model
         self.finish_reasons: dict[int, str] = {}
@@ -76,56 +91,107 @@ class StreamRelay:
             msg["tool_calls"] = calls
         return msg
 
-    def process(self, chunk: Json) -> bytes | None:
-        """Rewrite one upstream chunk; return the SSE bytes to send now, or None if it is held."""
-        chunk["id"] = self._id
-        chunk["object"] = "chat.completion.chunk"
+    def process_batch(self, batch: list[tuple[bytes, Json]]) -> bytes:
+        """The SSE bytes to send now for the events of one upstream read (possibly none)."""
+        if len(batch) == 1:
+            return self.process(*batch[0]) or b""
+        return b"".join([out for raw, chunk in batch if (out := self.process(raw, chunk)) is not None])
+
+    def process(self, raw: bytes, chunk: Json) -> bytes | None:
+        """One upstream chunk (``raw``: its JSON as sent); the SSE bytes to send now, or None if held."""
+        created = chunk.get("created")
         if self._created is None:
-            created = chunk.get("created")
-            self._created = created if isinstance(created, int) else now()
-        chunk["created"] = self._created
+            self._created = created if type(created) is int else now()
         model = chunk.get("model")
         if model:
             self.model = model
-        else:
-            chunk["model"] = self.model
+        fp = chunk.get("system_fingerprint")
+        if fp and type(fp) is str:
+            self.fingerprint = fp
         usage = chunk.get("usage")
-        if isinstance(usage, dict):
+        if type(usage) is dict:
             self.usage = usage
-        if not self._with_usage:
-            chunk.pop("usage", None)
         choices = chunk.get("choices")
         if not choices:
             # Usage-only chunk (or an empty keep-alive): belongs at the very end.
             if usage is not None:
-                self._held.append(chunk)
+                self._held.append(self._shape(chunk))
             return None
+        up_id = chunk.get("id")
+        # As sent, save the id: nothing else the proxy rewrites needs rewriting here.
+        as_sent = (
+            created == self._created
+            and type(model) is str
+            and chunk.get("object") == "chat.completion.chunk"
+            and (usage is None or self._with_usage)
+        )
         for ch in choices:
-            if not isinstance(ch, dict):
-                continue
             if not self._keep_logprobs and ch.get("logprobs") is not None:
-                ch["logprobs"] = None
+                as_sent = False
             delta = ch.get("delta")
-            if isinstance(delta, dict):
+            if delta:
                 content = delta.get("content")
-                if isinstance(content, str) and content:
+                if content and type(content) is str:
                     self.text_chars += len(content)
                     if self.texts is not None:
                         self.texts.setdefault(ch.get("index", 0), []).append(content)
-                for tc in delta.get("tool_calls") or ():
-                    fn = tc.get("function") if isinstance(tc, dict) else None
-                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                        self.text_chars += len(fn["arguments"])
-                    if self.tools is not None and isinstance(fn, dict):
-                        self._add_tool(ch.get("index", 0), tc, fn)
+                calls = delta.get("tool_calls")
+                if calls:
+                    for tc in calls:
+                        fn = tc.get("function")
+                        if tc.get("id") == up_id:
+                            as_sent = False  # the id pair would not be unique
+                        if fn is None:
+                            continue
+                        if isinstance(fn.get("arguments"), str):
+                            self.text_chars += len(fn["arguments"])
+                        if self.tools is not None:
+                            self._add_tool(ch.get("index", 0), tc, fn)
             fr = ch.get("finish_reason")
             if fr is not None:
                 self.finish_reasons[ch.get("index", 0)] = fr
                 self._holding = True
         if self._holding:
-            self._held.append(chunk)
+            self._held.append(self._shape(chunk))
             return None
-        return encode(orjson.dumps(chunk))
+        if as_sent and type(up_id) is str:
+            out = self._as_sent(raw, up_id, "usage" in chunk)
+            if out is not None:
+                return out
+        return encode(orjson.dumps(self._shape(chunk)))
+
+    def _as_sent(self, raw: bytes, up_id: str, null_usage: bool) -> bytes | None:
+        """``raw`` with the proxy's id (and without ``"usage":null`` unless the client asked for usage);
+        None when the bytes do not allow it (the id spelled otherwise, or twice)."""
+        if up_id != self._up_id:
+            self._up_id = up_id
+            self._up_id_pair = b'"id":' + orjson.dumps(up_id)
+        if raw.count(self._up_id_pair) != 1:
+            return None
+        out = raw.replace(self._up_id_pair, self._id_pair)
+        if null_usage and not self._with_usage:
+            for pair in (b',"usage":null', b'"usage":null,'):
+                if out.count(pair) == 1:
+                    out = out.replace(pair, b"")
+                    break
+            else:
+                return None
+        return b"data: " + out + b"\n\n"
+
+    def _shape(self, chunk: Json) -> Json:
+        """The chunk as the client gets it, rewritten in place."""
+        chunk["id"] = self._id
+        chunk["object"] = "chat.completion.chunk"
+        chunk["created"] = self._created
+        if not chunk.get("model"):
+            chunk["model"] = self.model
+        if not self._with_usage:
+            chunk.pop("usage", None)
+        if not self._keep_logprobs:
+            for ch in chunk.get("choices") or ():
+                if ch.get("logprobs") is not None:
+                    ch["logprobs"] = None
+        return chunk
 
     def _add_tool(self, choice: int, tc: Json, fn: Json) -> None:
         assert self.tools is not None
@@ -139,12 +205,14 @@ class StreamRelay:
     def finish(self, extension: Json, usage: Json) -> list[bytes]:
         """The held chunks, with ``usage`` (exact or estimated) and the ``cascade`` extension attached."""
         held = [c for c in self._held if c.get("choices")]
-        base = {
+        base: Json = {
             "id": self._id,
             "object": "chat.completion.chunk",
             "created": self._created or now(),
             "model": self.model,
         }
+        if self.fingerprint is not None:
+            base["system_fingerprint"] = self.fingerprint
         if self._with_usage:
             held.append({**base, "choices": [], "usage": usage})
         if not held:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from app.cascade.plan import Stage
 from app.cascade.relay import StreamRelay
 from app.cascade.trace import Attempt, Trace
 from app.errors import UpstreamError
+from app.upstream.client import UpstreamEvents
 from app.upstream.sse import DONE, encode
 
 Json = dict[str, Any]
@@ -110,7 +111,12 @@ class Replayed:
 class Relayed:
     """The streamed last stage: relays the open upstream stream to the client, then accounts for it.
     ``end`` is its one way out: it closes the upstream stream, charges what was generated and records
-    the request, once, whether ``events`` finished, broke off, or never started."""
+    the request, once, whether ``events`` finished, broke off, or never started.
+
+    Each upstream read becomes one write to the client (``StreamRelay.process_batch``). The cascade
+    deadline is one timer for the whole stream, not one per chunk: it cancels a wait on the upstream
+    (as ``asyncio.timeout`` would), and a deadline that passed while the client was being written to
+    ends the stream at the next read."""
 
     engine: Endings
     stage: Stage
@@ -120,31 +126,31 @@ class Relayed:
     t0: float
     deadline: float
     stack: AsyncExitStack  # holds the open upstream stream
-    chunks: AsyncIterator[Json]
-    first: Json  # the first chunk, already read
+    chunks: UpstreamEvents
+    first: list[tuple[bytes, Json]]  # the first read's events, already parsed
     relay: StreamRelay
     accounted: bool = False
     ended: bool = False
+    _expired: bool = False
+    _waiting: asyncio.Task[Any] | None = None  # the task waiting on the upstream, while it does
+    _cancelled: bool = False  # the deadline cancelled that wait
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         engine, trace, att, relay = self.engine, self.trace, self.att, self.relay
         ok = False
         sent_any = False
+        timer = asyncio.get_running_loop().call_at(self.deadline, self._expire)
         try:
             try:
-                chunk: Json | None = self.first
-                while chunk is not None:
-                    out = relay.process(chunk)
-                    if out is not None:
+                batch = self.first
+                while batch:
+                    out = relay.process_batch(batch)
+                    if out:
                         yield out
                         if not sent_any:
                             sent_any = True
                             engine.first_byte(trace)
-                    try:
-                        async with asyncio.timeout_at(self.deadline):
-                            chunk = await anext(self.chunks)
-                    except StopAsyncIteration:
-                        chunk = None
+                    batch = await self._next()
             except UpstreamError as err:
                 record_failure(att, err, self.t0, self.body, final=True)
                 self._account()
@@ -163,19 +169,44 @@ class Relayed:
                 )
                 yield DONE
                 return
+            finally:
+                timer.cancel()
             att.latency_ms = (time.perf_counter() - self.t0) * 1000
             usage = self._account()
             att.outcome, att.reason, att.detail = "accepted", "accepted", "last stage"
             trace.accepted = att
-            for b in relay.finish(trace.extension(), usage):
-                yield b
-                if not sent_any:
-                    sent_any = True
-                    engine.first_byte(trace)
-            yield DONE
+            tail = relay.finish(trace.extension(), usage)
+            tail.append(DONE)
+            yield b"".join(tail)
+            if not sent_any:
+                engine.first_byte(trace)
             ok = True
         finally:
             await self.end(ok)
+
+    def _expire(self) -> None:
+        self._expired = True
+        task = self._waiting
+        if task is not None and not self._cancelled:
+            self._cancelled = True
+            task.cancel()
+
+    async def _next(self) -> list[tuple[bytes, Json]]:
+        """The upstream's next events, within the deadline (TimeoutError)."""
+        if self._expired:
+            raise TimeoutError
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._waiting = task
+        try:
+            return await self.chunks.batch()
+        except asyncio.CancelledError:
+            if self._cancelled and task.uncancel() <= cancelling:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._waiting = None
 
     def _account(self) -> Json:
         self.accounted = True

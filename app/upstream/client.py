@@ -200,8 +200,9 @@ class Upstream:
         return ticket
 
     @asynccontextmanager
-    async def stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
-        """Open a streamed request (``body`` already prepared) and yield an iterator of parsed chunks.
+    async def stream(self, body: Json) -> AsyncIterator[UpstreamEvents]:
+        """Open a streamed request (``body`` already prepared) and yield its events (``UpstreamEvents``:
+        the parsed chunks one by one, or a read's worth at a time with their bytes).
 
         Connection, status and retries are settled before this yields, so an error raised here happened
         before any byte of the answer. Errors while iterating are ``UpstreamError`` too. Leaving the
@@ -209,10 +210,11 @@ class Upstream:
         """
         async with self._admit() as ticket:
             try:
-                async with self._stream(body) as chunks:
-                    yield _Watched(chunks, ticket)
+                async with self._stream(body) as events:
+                    events.ticket = ticket
+                    yield events
             except UpstreamError as err:
-                if err.upstream == self.name:  # opening failed (iteration errors are _Watched's)
+                if err.upstream == self.name:  # opening failed (iteration errors are reported already)
                     ticket.failure(err)
                 raise
 
@@ -256,7 +258,7 @@ class Upstream:
             return CompletionReply(reply, latency)
 
     @asynccontextmanager
-    async def _stream(self, body: Json) -> AsyncIterator[AsyncIterator[Json]]:
+    async def _stream(self, body: Json) -> AsyncIterator[UpstreamEvents]:
         payload = orjson.dumps(body)
         started = time.perf_counter()
         attempt = 0
@@ -294,7 +296,7 @@ class Upstream:
         return self._parse_body(r.headers, r.body)
 
     @asynccontextmanager
-    async def _open_stream(self, payload: bytes) -> AsyncIterator[AsyncIterator[Json]]:
+    async def _open_stream(self, payload: bytes) -> AsyncIterator[UpstreamEvents]:
         """Errors before the first byte of the answer come out wrapped in ``_BeforeFirstByte``."""
         try:
             opened = self._http.stream(self._url, self._headers, payload, self._timeouts)
@@ -310,7 +312,7 @@ class Upstream:
                 await self._check_stream(resp)
             except UpstreamError as err:
                 raise _BeforeFirstByte(err) from err
-            yield self._chunks(resp)
+            yield UpstreamEvents(self, resp.chunks)
         finally:
             await opened.__aexit__(None, None, None)
 
@@ -333,33 +335,6 @@ class Upstream:
         if "text/event-stream" not in ctype:
             raise UpstreamProtocolError(self.name, f"expected text/event-stream, got '{ctype[:60]}'")
 
-    async def _chunks(self, resp: Stream) -> AsyncIterator[Json]:
-        decoder = SSEDecoder()
-        try:
-            async for raw in resp.chunks:
-                for ev in decoder.feed(raw):
-                    if ev.data == "[DONE]":
-                        return
-                    yield self._parse_chunk(ev.data, ev.event)
-            for ev in decoder.flush():
-                if ev.data == "[DONE]":
-                    return
-                yield self._parse_chunk(ev.data, ev.event)
-        except TransportTimeout as exc:
-            err: UpstreamError = UpstreamTimeout(self.name, f"stream stalled for {self.cfg.timeout_s:g}s")
-            self._failed(err)
-            raise err from exc
-        except TransportError as exc:
-            err = UpstreamProtocolError(self.name, f"stream broke off ({exc})")
-            self._failed(err)
-            raise err from exc
-        except UpstreamError as failure:
-            self._failed(failure)
-            raise
-        cut = UpstreamProtocolError(self.name, "stream ended without [DONE]")
-        self._failed(cut)
-        raise cut
-
     def _json_object(self, raw: str | bytes, what: str) -> Json:
         try:
             obj = orjson.loads(raw)
@@ -369,7 +344,7 @@ class Upstream:
             raise UpstreamProtocolError(self.name, f"{what} is not a JSON object")
         return obj
 
-    def _parse_chunk(self, data: str, event: str) -> Json:
+    def _parse_chunk(self, data: bytes, event: str) -> Json:
         chunk = self._json_object(data, "an SSE event")
         if ("error" in chunk and "choices" not in chunk) or event == "error":
             raise UpstreamProtocolError(self.name, f"error event in stream: {self._message_of(chunk)}")
@@ -432,28 +407,83 @@ class Upstream:
             self._on_error(self.name, err.kind)
 
 
-class _Watched:
-    """A stream's chunk iterator that reports its end to the circuit breaker: [DONE] is a success, an
-    UpstreamError a failure; a consumer that stops early leaves no verdict."""
+class UpstreamEvents:
+    """An open stream's chunks, parsed and shape-checked, as the upstream sends them. ``batch()`` gives
+    every event one read from the socket completed, each with its ``data`` bytes (a relay forwards a
+    batch in one write); ``async for`` gives the chunks one by one. The end is reported to the circuit
+    breaker: [DONE] is a success, an ``UpstreamError`` a failure; a consumer that stops early leaves
+    no verdict. A stream that ends without [DONE] fails after its last complete event."""
 
-    __slots__ = ("_chunks", "_ticket")
+    __slots__ = ("_cut", "_decoder", "_done", "_error", "_pending", "_raw", "_up", "ticket")
 
-    def __init__(self, chunks: AsyncIterator[Json], ticket: Ticket) -> None:
-        self._chunks = chunks
-        self._ticket = ticket
+    def __init__(self, up: Upstream, raw: AsyncIterator[bytes]) -> None:
+        self._up = up
+        self._raw = raw
+        self._decoder = SSEDecoder()
+        self._pending: list[tuple[bytes, Json]] = []
+        self._done = False
+        self._cut = False
+        self._error: UpstreamError | None = None
+        self.ticket: Ticket | None = None
 
-    def __aiter__(self) -> _Watched:
+    async def batch(self) -> list[tuple[bytes, Json]]:
+        """The next events, at least one; [] once the stream ended with [DONE]."""
+        if self._pending:
+            out, self._pending = self._pending, []
+            return out
+        try:
+            return await self._read()
+        except UpstreamError as err:
+            self._up._failed(err)
+            if self.ticket is not None:
+                self.ticket.failure(err)
+            raise
+
+    async def _read(self) -> list[tuple[bytes, Json]]:
+        up = self._up
+        if self._error is not None:
+            raise self._error
+        while not self._done:
+            if self._cut:
+                raise UpstreamProtocolError(up.name, "stream ended without [DONE]")
+            try:
+                raw = await anext(self._raw)
+            except StopAsyncIteration:
+                events = self._decoder.flush()
+                self._cut = True
+            except TransportTimeout as exc:
+                raise UpstreamTimeout(up.name, f"stream stalled for {up.cfg.timeout_s:g}s") from exc
+            except TransportError as exc:
+                raise UpstreamProtocolError(up.name, f"stream broke off ({exc})") from exc
+            else:
+                events = self._decoder.feed(raw)
+            out: list[tuple[bytes, Json]] = []
+            for ev in events:
+                if ev.data == b"[DONE]":
+                    self._done = True
+                    if self.ticket is not None:
+                        self.ticket.success()
+                    break
+                try:
+                    out.append((ev.data, up._parse_chunk(ev.data, ev.event)))
+                except UpstreamError as err:
+                    if not out:
+                        raise
+                    self._error = err  # the good events before it go first
+                    return out
+            if out:
+                return out
+        return []
+
+    def __aiter__(self) -> UpstreamEvents:
         return self
 
     async def __anext__(self) -> Json:
-        try:
-            return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._ticket.success()
-            raise
-        except UpstreamError as err:
-            self._ticket.failure(err)
-            raise
+        if not self._pending:
+            self._pending = await self.batch()
+            if not self._pending:
+                raise StopAsyncIteration
+        return self._pending.pop(0)[1]
 
 
 class _BeforeFirstByte(CascadeBaseError):

@@ -1,7 +1,12 @@
 """Server-sent events: an incremental decoder that survives lines split across reads, and the encoder.
 
 Only ``data:`` fields matter for OpenAI streams; ``event:`` names are kept so an ``event: error`` can be
-told apart. Comments (``: keep-alive``) and ``id:``/``retry:`` fields are ignored.
+told apart. Comments (``: keep-alive``) and ``id:``/``retry:`` fields are ignored. Event data stays bytes
+(orjson parses bytes, and a relay forwards them).
+
+Every upstream the proxy knows sends ``data: {...}\\n\\n`` with bare ``\\n`` line endings, so ``feed``
+cuts such input at blank lines and takes a one-line ``data:`` event whole; anything else (``\\r``, a
+multi-line or named event, a comment) goes through the line-by-line parser, with the same result.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class Event:
-    data: str
+    data: bytes
     event: str = "message"
 
 
@@ -20,12 +25,32 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._buf = b""
-        self._data: list[str] = []
+        self._data: list[bytes] = []
         self._event = "message"
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Feed raw bytes; return the events completed by them (possibly none)."""
         buf = self._buf + chunk if self._buf else chunk
+        if self._data or self._event != "message" or b"\r" in buf:
+            return self._lines(buf)
+        # Between events, "\n" line endings only: an event ends at the next blank line ("\n\n").
+        out: list[Event] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            if buf.startswith(b"data: ", start) and buf.find(b"\n", start, end) < 0:
+                out.append(Event(buf[start + 6 : end]))
+            else:
+                for line in buf[start:end].split(b"\n"):
+                    self._line(line, out)
+                self._line(b"", out)
+            start = end + 2
+        self._buf = buf[start:]
+        return out
+
+    def _lines(self, buf: bytes) -> list[Event]:
         out: list[Event] = []
         start = 0
         n = len(buf)
@@ -50,7 +75,7 @@ class SSEDecoder:
     def flush(self) -> list[Event]:
         """End of stream: a final event without its blank line still counts (lenient, like browsers do
         not, but like most SDKs do)."""
-        out: list[Event] = []
+        out = self._lines(self._buf) if self._buf else []
         if self._buf:
             self._line(self._buf, out)
             self._buf = b""
@@ -60,7 +85,7 @@ class SSEDecoder:
     def _line(self, line: bytes, out: list[Event]) -> None:
         if not line:
             if self._data:
-                out.append(Event("\n".join(self._data), self._event))
+                out.append(Event(b"\n".join(self._data), self._event))
             self._data = []
             self._event = "message"
             return
@@ -70,7 +95,7 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if field == b"data":
-            self._data.append(value.decode("utf-8", "replace"))
+            self._data.append(value)
         elif field == b"event":
             self._event = value.decode("utf-8", "replace")
 
