@@ -319,8 +319,56 @@ def shape_completion(resp: Json, *, completion_id: str, fallback_model: str, kee
     return resp
 
 
+# Replayed answers go out in pieces of about this many characters (a few tokens), cut after a word.
+PIECE_CHARS = 16
+_WORDS = re.compile(r"\s*\S+|\s+")
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at least ``size`` characters (the last may be shorter), each ending at the
+    end of a word; "".join(result) == text."""
+    if len(text) <= size:
+        return [text] if text else []
+    out: list[str] = []
+    cur: list[str] = []
+    n = 0
+    for w in _WORDS.findall(text):
+        cur.append(w)
+        n += len(w)
+        if n >= size:
+            out.append("".join(cur))
+            cur, n = [], 0
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def _slices(text: str, size: int = PIECE_CHARS) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _content_deltas(content: str, logprobs: Any) -> list[tuple[Json, Any]]:
+    """(delta, logprobs) per content chunk. With logprobs kept, the pieces follow their tokens (a few a
+    chunk) so each chunk carries its own; when the tokens do not spell the content, one chunk has all."""
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if tokens is None:
+        return [({"content": piece}, None) for piece in text_pieces(content)]
+    if not all(isinstance(t, dict) and isinstance(t.get("token"), str) for t in tokens) or (
+        "".join(t["token"] for t in tokens) != content
+    ):
+        return [({"content": content}, logprobs)]
+    out: list[tuple[Json, Any]] = []
+    for i in range(0, len(tokens), 4):
+        group = tokens[i : i + 4]
+        out.append(({"content": "".join(t["token"] for t in group)}, {"content": group, "refusal": None}))
+    return out
+
+
 def completion_to_chunks(resp: Json, *, with_usage: bool, keep_logprobs: bool) -> list[Json]:
-    """Replay a buffered ``chat.completion`` as the ``chat.completion.chunk`` events OpenAI would send."""
+    """Replay a buffered ``chat.completion`` as the ``chat.completion.chunk`` events OpenAI would send:
+    per choice (one choice a chunk, in index order) the role, the content (or refusal) a few words a
+    chunk, each tool call's header then its arguments in pieces, and the choice's finish_reason; then,
+    when the client asked for usage, the usage chunk (the answer's own usage, details included)."""
     base = {
         "id": resp["id"],
         "object": "chat.completion.chunk",
@@ -329,30 +377,49 @@ def completion_to_chunks(resp: Json, *, with_usage: bool, keep_logprobs: bool) -
     }
     if resp.get("system_fingerprint"):
         base["system_fingerprint"] = resp["system_fingerprint"]
-    first: list[Json] = []
-    finish: list[Json] = []
+    if with_usage:
+        base["usage"] = None
+    chunks: list[Json] = []
+
+    def add(idx: int, delta: Json, finish: str | None = None, logprobs: Any = None) -> None:
+        choice = {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        chunks.append({**base, "choices": [choice]})
+
     for ch in resp.get("choices") or ():
         idx = ch.get("index", 0)
         msg = ch.get("message") or {}
-        delta: Json = {"role": "assistant", "content": msg.get("content")}
-        if msg.get("refusal"):
-            delta["refusal"] = msg["refusal"]
-        if msg.get("tool_calls"):
-            delta["tool_calls"] = [
-                {"index": k, **{key: tc[key] for key in ("id", "type", "function") if key in tc}}
-                for k, tc in enumerate(msg["tool_calls"])
-            ]
-        c: Json = {"index": idx, "delta": delta, "finish_reason": None}
+        content, refusal, calls = msg.get("content"), msg.get("refusal"), msg.get("tool_calls")
         lp = ch.get("logprobs") if keep_logprobs else None
-        c["logprobs"] = lp
-        first.append(c)
-        finish.append(
-            {"index": idx, "delta": {}, "finish_reason": ch.get("finish_reason") or "stop", "logprobs": None}
-        )
-    chunks = [{**base, "choices": first}, {**base, "choices": finish}]
+        deltas: list[tuple[Json, Any]] = []
+        if isinstance(content, str) and content:
+            deltas = _content_deltas(content, lp)
+        elif lp is not None:
+            deltas = [({}, lp)]
+        if isinstance(refusal, str) and refusal:
+            deltas += [({"refusal": piece}, None) for piece in text_pieces(refusal)]
+        # The role first, as OpenAI sends it (with the first tool call's header when there is one).
+        first: Json = {"role": "assistant", "content": None if calls and not content else "", "refusal": None}
+        heads: list[Json] = []
+        for k, tc in enumerate(calls or ()):
+            fn = tc.get("function") or {}
+            head = {key: tc[key] for key in ("id", "type") if key in tc}
+            heads.append({"index": k, **head, "function": {**fn, "arguments": ""}})
+        if heads and not deltas:
+            first["tool_calls"] = [heads.pop(0)]
+        add(idx, first)
+        for delta, plp in deltas:
+            add(idx, delta, logprobs=plp)
+        for k, tc in enumerate(calls or ()):
+            if heads and heads[0]["index"] == k:
+                add(idx, {"tool_calls": [heads.pop(0)]})
+            args = (tc.get("function") or {}).get("arguments")
+            for piece in _slices(args) if isinstance(args, str) and args else ():
+                add(idx, {"tool_calls": [{"index": k, "function": {"arguments": piece}}]})
+        add(idx, {}, ch.get("finish_reason") or "stop")
+    if not chunks:
+        add(0, {"role": "assistant", "content": ""})
+        add(0, {}, "stop")
     if with_usage:
-        for c in chunks:
-            c["usage"] = None
         chunks.append({**base, "choices": [], "usage": resp.get("usage")})
     return chunks
 

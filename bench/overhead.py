@@ -14,9 +14,17 @@ per cell. Optional sections:
                         cgroup CPU controller is writable (root), with each worker capped at
                         --workers-cap CPUs (default 0.8) and the rest left to the load
     --memory N          RSS of the proxy after N/2 and N requests (flat = no leak)
+    --chunks            per-chunk cost of a pass-through stream: for answers of --tokens (default 16,256)
+                        words at c = 1 and the highest concurrency, req/s and its ratio to direct, added
+                        time to first byte, and the proxy's CPU per request and per forwarded chunk
+                        (its CPU divided by the upstream events of the answer: role, words, finish,
+                        usage). With --base REV the same proxy at git revision REV (checked out under
+                        .cache/ab/, as bench/ab.py does) runs in the same run: before/after side by side
+    --base REV          also measure REV in the main table (row "pass-through@REV") and in --chunks
 
     .venv/bin/python bench/overhead.py                    # c = 1, 16, 64; 2000 requests per cell
     .venv/bin/python bench/overhead.py --quick            # a small smoke run
+    .venv/bin/python bench/overhead.py --chunks --skip-main --base main   # per-chunk, before/after
 """
 
 from __future__ import annotations
@@ -111,7 +119,17 @@ def process(
             p.wait()
 
 
-def proxy_config(upstream_url: str, port: int, workers: int = 1) -> dict[str, Any]:
+CHUNK_TOKENS = (16, 256)
+
+
+def words_model(tokens: int) -> str:
+    """The fake upstream's model whose answer is ``tokens`` words, each its own chunk."""
+    return f"words-{tokens}"
+
+
+def proxy_config(
+    upstream_url: str, port: int, workers: int = 1, tokens: tuple[int, ...] = CHUNK_TOKENS
+) -> dict[str, Any]:
     up = {
         "base_url": upstream_url,
         "model": UPSTREAM_MODEL,
@@ -120,7 +138,12 @@ def proxy_config(upstream_url: str, port: int, workers: int = 1) -> dict[str, An
     }
     return {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "workers": workers},
-        "upstreams": {"fast": up, "fast2": {**up, "price": {"input": 2.5, "output": 10}}},
+        "upstreams": {
+            "fast": up,
+            "fast2": {**up, "price": {"input": 2.5, "output": 10}},
+            # pass-through upstreams for --chunks: answers of a known number of chunks
+            **{f"words{t}": {**up, "model": words_model(t)} for t in tokens},
+        },
         "cascades": {
             "two": {
                 "stages": [
@@ -174,6 +197,68 @@ def measure(url: str, model: str, stream: bool, c: int, n: int, pids: list[int])
     before, t0 = cpu_seconds(pids), time.time()
     res = asyncio.run(run_load(url, body_for(model, stream), concurrency=c, total=n))
     return res, 100 * (cpu_seconds(pids) - before) / max(1e-9, time.time() - t0)
+
+
+def measure_cpu(url: str, body: dict[str, Any], c: int, n: int, pids: list[int]) -> tuple[LoadResult, float]:
+    """The load's result and the proxy's CPU seconds per request (the pool's warm-up requests count)."""
+    before = cpu_seconds(pids)
+    res = asyncio.run(run_load(url, body, concurrency=c, total=n))
+    done = len(res.latencies) + res.errors + c
+    return res, (cpu_seconds(pids) - before) / max(1, done)
+
+
+@dataclass
+class ChunkRow:
+    tokens: int
+    c: int
+    label: str
+    direct: LoadResult
+    res: LoadResult
+    cpu_s: float  # proxy CPU seconds per request
+
+    @property
+    def events(self) -> int:
+        return self.tokens + 3  # role, one chunk a word, finish, usage (the proxy always asks for it)
+
+
+def print_chunk_table(rows: list[ChunkRow]) -> None:
+    print(
+        "\nper-chunk cost, pass-through streams (model = an upstream name): 1 worker on CPU 0, upstream + "
+        "load generator on CPU 1. 'us/chunk' = proxy CPU per request / upstream events per answer "
+        "(words + role, finish and usage chunks); 'ratio' = proxy req/s / direct req/s, same run."
+    )
+    hdr = ["tokens", "c", "proxy", "direct rps", "proxy rps", "ratio", "added TTFB p50 ms", "CPU us/req"]
+    table = [[*hdr, "us/chunk", "errors"]]
+    for r in rows:
+        table.append(
+            [
+                str(r.tokens),
+                str(r.c),
+                r.label,
+                f"{r.direct.rps:.0f}",
+                f"{r.res.rps:.0f}",
+                f"{r.res.rps / r.direct.rps if r.direct.rps else 0:.3f}",
+                ms(r.res.pct(50, ttft=True) - r.direct.pct(50, ttft=True)),
+                f"{r.cpu_s * 1e6:.0f}",
+                f"{r.cpu_s * 1e6 / r.events:.1f}",
+                str(r.res.errors + r.direct.errors),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    lo, hi = min(r.tokens for r in rows), max(r.tokens for r in rows)
+    if lo != hi:
+        print(f"marginal CPU per chunk, (CPU/req at {hi} - at {lo} words) / {hi - lo}:")
+        for r in rows:
+            if r.tokens != hi:
+                continue
+            low = next((x for x in rows if (x.tokens, x.c, x.label) == (lo, r.c, r.label)), None)
+            if low is not None:
+                us = (r.cpu_s - low.cpu_s) * 1e6 / (hi - lo)
+                print(f"  {r.label:>24}  c={r.c:<3}  {us:.1f} us/chunk")
 
 
 def print_table(rows: list[Row], title: str) -> None:
@@ -403,6 +488,45 @@ class _WorkerRounds:
         return ratios, ceilings
 
 
+Target = tuple[str, int, list[int]]  # label suffix, port, pids of one proxy
+
+
+def main_table(direct_url: str, targets: list[Target], levels: list[int], n: int) -> None:
+    rows: list[Row] = []
+    for stream in (False, True):
+        for c in levels:
+            count = max(50, n // 4) if c == 1 else n
+            direct = asyncio.run(
+                run_load(direct_url, body_for(UPSTREAM_MODEL, stream), concurrency=c, total=count)
+            )
+            for suffix, port, pids in targets:
+                for label, model in (("pass-through", "fast"), ("cascade@0", "two")):
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    res, cpu = measure(url, model, stream, c, count, pids)
+                    rows.append(Row(stream, c, label + suffix, direct, res, cpu))
+    print_table(
+        rows,
+        f"cascade: 1 worker on CPU 0; upstream + load generator on CPU 1; {n} requests per cell "
+        "(c=1: a quarter). Latencies in ms; 'added' = proxy minus direct, same percentile, same run.",
+    )
+
+
+def chunk_table(direct_url: str, targets: list[Target], tokens: tuple[int, ...], top: int, n: int) -> None:
+    rows: list[ChunkRow] = []
+    for t in tokens:
+        for c in sorted({1, top}):
+            # Long answers take longer: the same number of chunks per cell, at least 50 requests.
+            count = max(50, (n // 4 if c == 1 else n) * 19 // (t + 3))
+            direct = asyncio.run(
+                run_load(direct_url, body_for(words_model(t), True), concurrency=c, total=count)
+            )
+            for suffix, port, pids in targets:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                res, cpu_s = measure_cpu(url, body_for(f"words{t}", True), c, count, pids)
+                rows.append(ChunkRow(t, c, "pass-through" + suffix, direct, res, cpu_s))
+    print_chunk_table(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000, help="requests per cell (c=1 uses a quarter)")
@@ -417,9 +541,18 @@ def main() -> None:
     )
     ap.add_argument("--memory", type=int, default=0, metavar="N")
     ap.add_argument("--skip-main", action="store_true", help="only the optional sections")
+    ap.add_argument("--chunks", action="store_true", help="per-chunk CPU of pass-through streams")
+    ap.add_argument("--tokens", default=",".join(map(str, CHUNK_TOKENS)), help="answer lengths for --chunks")
+    ap.add_argument("--base", metavar="REV", help="measure git revision REV too, in the same run")
     args = ap.parse_args()
     n = 200 if args.quick else args.requests
     levels = [int(x) for x in args.concurrency.split(",")]
+    tokens = tuple(int(x) for x in args.tokens.split(","))
+    base_tree = None
+    if args.base:
+        from bench.ab import worktree
+
+        base_tree = worktree(args.base)
     py = sys.executable
     up_port = free_port()
     up_url = f"http://127.0.0.1:{up_port}"
@@ -428,51 +561,35 @@ def main() -> None:
         tmp = Path(tmpdir)
 
         def serve(
-            port: int, workers: int = 1, pinned: bool = True, upstream: str = up_url
+            port: int, workers: int = 1, pinned: bool = True, upstream: str = up_url, tree: Path = ROOT
         ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
             cfg_path = tmp / f"config-{port}.yaml"
-            cfg_path.write_text(yaml.safe_dump(proxy_config(upstream + "/v1", port, workers)))
+            cfg_path.write_text(yaml.safe_dump(proxy_config(upstream + "/v1", port, workers, tokens)))
             return process(
                 [py, "-m", "app.cli", "serve", "--config", str(cfg_path)],
                 f"http://127.0.0.1:{port}/readyz",
                 cpu=0 if pinned and workers == 1 else None,
+                cwd=tree,
             )
 
         with process(
             [py, "-m", "tests.fake_upstream", "--port", str(up_port)], up_url + "/v1/models", cpu=1
         ) as fake:
             direct_url = up_url + "/v1/chat/completions"
-            if not args.skip_main:
+            if not args.skip_main or args.chunks:
                 px_port = free_port()
-                with serve(px_port) as proxy:
-                    pids = [proxy.pid]
-                    rows: list[Row] = []
-                    for stream in (False, True):
-                        for c in levels:
-                            count = max(50, n // 4) if c == 1 else n
-                            direct = asyncio.run(
-                                run_load(
-                                    direct_url, body_for(UPSTREAM_MODEL, stream), concurrency=c, total=count
-                                )
-                            )
-                            for label, model in (("pass-through", "fast"), ("cascade@0", "two")):
-                                res, cpu = measure(
-                                    f"http://127.0.0.1:{px_port}/v1/chat/completions",
-                                    model,
-                                    stream,
-                                    c,
-                                    count,
-                                    pids,
-                                )
-                                rows.append(Row(stream, c, label, direct, res, cpu))
-                    rss = rss_mb(proxy.pid)
-                print_table(
-                    rows,
-                    f"cascade: 1 worker on CPU 0; upstream + load generator on CPU 1; {n} requests per cell "
-                    "(c=1: a quarter). Latencies in ms; 'added' = proxy minus direct, same percentile, "
-                    "same run.",
-                )
-                print(f"proxy RSS at the end: {rss:.0f} MB")
+                with contextlib.ExitStack() as proxies:
+                    proxy = proxies.enter_context(serve(px_port))
+                    targets = [("", px_port, [proxy.pid])]
+                    if base_tree is not None:
+                        b_port = free_port()
+                        b_proxy = proxies.enter_context(serve(b_port, tree=base_tree))
+                        targets.append((f"@{args.base}", b_port, [b_proxy.pid]))
+                    if not args.skip_main:
+                        main_table(direct_url, targets, levels, n)
+                        print(f"proxy RSS at the end: {rss_mb(proxy.pid):.0f} MB")
+                    if args.chunks:
+                        chunk_table(direct_url, targets, tokens, max(levels), n)
 
             if args.with_litellm:
                 lport = free_port()

@@ -87,6 +87,7 @@ class Behaviour:
     badchunk: str | None = None  # `badchunk-<kind>`: a stream's chunk CUT_AFTER is malformed (BAD_CHUNKS)
     gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
     agent: bool = False  # `agent`: a tool call; text quoting the tool's result once one is the last message
+    details: bool = False  # `details`: usage with token details and a cost, and a system_fingerprint
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -116,6 +117,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "quote": {"quote": ""},
     "gated": {"gated": True},
     "agent": {"tools": "ok", "agent": True},
+    "details": {"details": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -279,10 +281,19 @@ def _completion_tokens(content: str | None, calls: list[dict[str, Any]] | None) 
     return max(1, len(text or "") // 4)
 
 
-def _usage(request: dict[str, Any], completion: int, b: Behaviour) -> dict[str, int]:
+FINGERPRINT = "fp_fake_0"
+COST_USD = 0.000123  # `details`: the usage.cost the fake reports
+
+
+def _usage(request: dict[str, Any], completion: int, b: Behaviour) -> dict[str, Any]:
     prompt = prompt_tokens(request) if b.ptokens is None else b.ptokens
     total = min(prompt + completion, 2**64 - 1)  # JSON has no limit; orjson (and many servers) do
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    if b.details:
+        usage["prompt_tokens_details"] = {"cached_tokens": prompt // 2, "audio_tokens": 0}
+        usage["completion_tokens_details"] = {"reasoning_tokens": 1, "audio_tokens": 0}
+        usage["cost"] = COST_USD
+    return usage
 
 
 def _turn(request: dict[str, Any], b: Behaviour) -> Behaviour:
@@ -320,7 +331,7 @@ def build_completion(
         completion += _completion_tokens(content, calls)
     if b.badchunk is not None:
         choices[0] = BAD_CHOICES[b.badchunk]
-    return {
+    out = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created or int(time.time()),
@@ -328,6 +339,9 @@ def build_completion(
         "choices": choices,
         "usage": _usage(request, completion, b),
     }
+    if b.details:
+        out["system_fingerprint"] = FINGERPRINT
+    return out
 
 
 def iter_chunks(
@@ -348,6 +362,8 @@ def iter_chunks(
         "created": created or int(time.time()),
         "model": b.reply_model or str(request.get("model", "ok")),
     }
+    if b.details:
+        head["system_fingerprint"] = FINGERPRINT
     if usage:
         head["usage"] = None
 

@@ -133,6 +133,7 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
         parsed = parse_json(raw)
         body = validate_chat_request(parsed, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
+        plan.check_n(body)
     except ProxyError as exc:
         refused(state, exc, rid, PATH, parsed)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})

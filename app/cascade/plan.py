@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config import Config
-from app.errors import ModelNotFound
+from app.errors import InvalidRequest, ModelNotFound
 from app.scoring.base import Configured, StreamCheck
 from app.scoring.registry import ScorerDeps, build_stage_scorers
 from app.scoring.router import Router
@@ -50,6 +50,23 @@ class Plan:
     @property
     def final(self) -> Stage:
         return self.stages[-1]
+
+    def check_n(self, body: Mapping[str, Any]) -> None:
+        """``n`` > 1 needs every stage's upstream to honour ``n`` (``supports_n``): one that ignores it
+        would answer with one choice where the client asked for several, so the request is refused
+        (400, param ``n``) rather than answered short."""
+        n = body.get("n")
+        if n is None or n == 1:
+            return
+        for st in self.stages:
+            if not st.upstream.cfg.supports_n:
+                where = "" if self.passthrough else f" (stage {st.index} of cascade '{self.name}')"
+                raise InvalidRequest(
+                    f"'n': {n} choices were asked, but upstream '{st.upstream.name}'{where} does not "
+                    "support n (supports_n: false in the proxy's config). Send n: 1 (or leave it out) "
+                    "and make parallel requests instead.",
+                    param="n",
+                )
 
 
 class Plans:
