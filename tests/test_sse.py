@@ -27,8 +27,8 @@ def _decode(parts: list[bytes]) -> list[tuple[str, str]]:
     d = SSEDecoder()
     out = []
     for p in parts:
-        out += [(e.data.decode(), e.event) for e in d.feed(p)]
-    out += [(e.data.decode(), e.event) for e in d.flush()]
+        out += [(data.decode(), name) for data, name in d.feed(p)]
+    out += [(data.decode(), name) for data, name in d.flush()]
     return out
 
 

@@ -31,6 +31,15 @@ from app.upstream.sse import encode
 Json = dict[str, Any]
 
 
+def _cut_null_usage(raw: bytes) -> bytes | None:
+    """``raw`` without its one ``"usage":null`` pair, or None when it is not spelled so (or twice)."""
+    for pair in (b',"usage":null', b'"usage":null,'):
+        i = raw.find(pair)
+        if i >= 0:
+            return raw[:i] + raw[i + 13 :] if raw.find(pair, i + 13) < 0 else None
+    return None
+
+
 class StreamRelay:
     __slots__ = (
         "_created",
@@ -42,8 +51,8 @@ class StreamRelay:
         "_up_id",
         "_up_id_pair",
         "_with_usage",
-        "finish_reasons",
         "fingerprint",
+        "finish_reasons",
         "model",
         "text_chars",
         "texts",
@@ -99,34 +108,36 @@ class StreamRelay:
 
     def process(self, raw: bytes, chunk: Json) -> bytes | None:
         """One upstream chunk (``raw``: its JSON as sent); the SSE bytes to send now, or None if held."""
-        created = chunk.get("created")
+        get = chunk.get
+        created = get("created")
         if self._created is None:
             self._created = created if type(created) is int else now()
-        model = chunk.get("model")
+        model = get("model")
         if model:
             self.model = model
-        fp = chunk.get("system_fingerprint")
-        if fp and type(fp) is str:
-            self.fingerprint = fp
-        usage = chunk.get("usage")
-        if type(usage) is dict:
+        if "system_fingerprint" in chunk:
+            fp = chunk["system_fingerprint"]
+            if fp and type(fp) is str:
+                self.fingerprint = fp
+        usage = get("usage")
+        if usage is not None and type(usage) is dict:
             self.usage = usage
-        choices = chunk.get("choices")
+        choices = get("choices")
         if not choices:
             # Usage-only chunk (or an empty keep-alive): belongs at the very end.
             if usage is not None:
                 self._held.append(self._shape(chunk))
             return None
-        up_id = chunk.get("id")
+        up_id = get("id")
         # As sent, save the id: nothing else the proxy rewrites needs rewriting here.
         as_sent = (
             created == self._created
             and type(model) is str
-            and chunk.get("object") == "chat.completion.chunk"
+            and get("object") == "chat.completion.chunk"
             and (usage is None or self._with_usage)
         )
         for ch in choices:
-            if not self._keep_logprobs and ch.get("logprobs") is not None:
+            if ch.get("logprobs") is not None and not self._keep_logprobs:
                 as_sent = False
             delta = ch.get("delta")
             if delta:
@@ -137,16 +148,7 @@ class StreamRelay:
                         self.texts.setdefault(ch.get("index", 0), []).append(content)
                 calls = delta.get("tool_calls")
                 if calls:
-                    for tc in calls:
-                        fn = tc.get("function")
-                        if tc.get("id") == up_id:
-                            as_sent = False  # the id pair would not be unique
-                        if fn is None:
-                            continue
-                        if isinstance(fn.get("arguments"), str):
-                            self.text_chars += len(fn["arguments"])
-                        if self.tools is not None:
-                            self._add_tool(ch.get("index", 0), tc, fn)
+                    as_sent = self._tool_calls(ch.get("index", 0), calls, up_id) and as_sent
             fr = ch.get("finish_reason")
             if fr is not None:
                 self.finish_reasons[ch.get("index", 0)] = fr
@@ -155,28 +157,32 @@ class StreamRelay:
             self._held.append(self._shape(chunk))
             return None
         if as_sent and type(up_id) is str:
-            out = self._as_sent(raw, up_id, "usage" in chunk)
-            if out is not None:
-                return out
+            if up_id != self._up_id:
+                self._up_id = up_id
+                self._up_id_pair = b'"id":' + orjson.dumps(up_id)
+            pair = self._up_id_pair
+            if raw.count(pair) == 1:
+                out = raw.replace(pair, self._id_pair)
+                if usage is None and not self._with_usage and "usage" in chunk:
+                    out = _cut_null_usage(out)
+                if out is not None:
+                    return b"data: " + out + b"\n\n"
         return encode(orjson.dumps(self._shape(chunk)))
 
-    def _as_sent(self, raw: bytes, up_id: str, null_usage: bool) -> bytes | None:
-        """``raw`` with the proxy's id (and without ``"usage":null`` unless the client asked for usage);
-        None when the bytes do not allow it (the id spelled otherwise, or twice)."""
-        if up_id != self._up_id:
-            self._up_id = up_id
-            self._up_id_pair = b'"id":' + orjson.dumps(up_id)
-        if raw.count(self._up_id_pair) != 1:
-            return None
-        out = raw.replace(self._up_id_pair, self._id_pair)
-        if null_usage and not self._with_usage:
-            for pair in (b',"usage":null', b'"usage":null,'):
-                if out.count(pair) == 1:
-                    out = out.replace(pair, b"")
-                    break
-            else:
-                return None
-        return b"data: " + out + b"\n\n"
+    def _tool_calls(self, choice: int, calls: list[Json], up_id: object) -> bool:
+        """Count (and keep, when kept) streamed tool calls; False when one's id is the chunk's own."""
+        unique = True
+        for tc in calls:
+            if tc.get("id") == up_id:
+                unique = False  # the id pair would not be unique in the bytes
+            fn = tc.get("function")
+            if fn is None:
+                continue
+            if isinstance(fn.get("arguments"), str):
+                self.text_chars += len(fn["arguments"])
+            if self.tools is not None:
+                self._add_tool(choice, tc, fn)
+        return unique
 
     def _shape(self, chunk: Json) -> Json:
         """The chunk as the client gets it, rewritten in place."""

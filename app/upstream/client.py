@@ -458,14 +458,14 @@ class UpstreamEvents:
             else:
                 events = self._decoder.feed(raw)
             out: list[tuple[bytes, Json]] = []
-            for ev in events:
-                if ev.data == b"[DONE]":
+            for data, name in events:
+                if data == b"[DONE]":
                     self._done = True
                     if self.ticket is not None:
                         self.ticket.success()
                     break
                 try:
-                    out.append((ev.data, up._parse_chunk(ev.data, ev.event)))
+                    out.append((data, up._parse_chunk(data, name)))
                 except UpstreamError as err:
                     if not out:
                         raise

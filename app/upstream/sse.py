@@ -11,13 +11,9 @@ multi-line or named event, a comment) goes through the line-by-line parser, with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(slots=True)
-class Event:
-    data: bytes
-    event: str = "message"
+# One event: its data, and its ``event:`` name ("message" when it has none). A plain tuple: the
+# decoder makes one per chunk.
+Event = tuple[bytes, str]
 
 
 class SSEDecoder:
@@ -41,7 +37,7 @@ class SSEDecoder:
             if end < 0:
                 break
             if buf.startswith(b"data: ", start) and buf.find(b"\n", start, end) < 0:
-                out.append(Event(buf[start + 6 : end]))
+                out.append((buf[start + 6 : end], "message"))
             else:
                 for line in buf[start:end].split(b"\n"):
                     self._line(line, out)
@@ -85,7 +81,7 @@ class SSEDecoder:
     def _line(self, line: bytes, out: list[Event]) -> None:
         if not line:
             if self._data:
-                out.append(Event(b"\n".join(self._data), self._event))
+                out.append((b"\n".join(self._data), self._event))
             self._data = []
             self._event = "message"
             return
