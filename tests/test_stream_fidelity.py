@@ -296,6 +296,14 @@ def test_relay_rewrites_the_id_in_the_bytes_or_rebuilds(raw: bytes, as_sent: boo
     assert (b"\\u00e9" in (out or b"")) is as_sent  # the upstream's own bytes, escape and all
 
 
+def test_a_multi_line_event_is_sent_as_one_data_line() -> None:
+    raw = orjson.dumps(CHUNK, option=orjson.OPT_INDENT_2)  # an upstream that splits its JSON over lines
+    decoder = SSEDecoder()
+    [(data, _)] = decoder.feed(b"".join(b"data: " + line + b"\n" for line in raw.split(b"\n")) + b"\n")
+    out = _relay().process(data, orjson.loads(data))
+    assert out is not None and out.count(b"\n") == 2 and _sent(out)["id"] == "chatcmpl-ours"
+
+
 def test_relay_rebuilds_what_the_bytes_cannot_say() -> None:
     relay = _relay(with_usage=True)
     relay.process(orjson.dumps(CHUNK), dict(CHUNK))

@@ -161,7 +161,8 @@ class StreamRelay:
                 self._up_id = up_id
                 self._up_id_pair = b'"id":' + orjson.dumps(up_id)
             pair = self._up_id_pair
-            if raw.count(pair) == 1:
+            # (A multi-line data field arrives joined with "\n": not one SSE data line as it is.)
+            if raw.count(pair) == 1 and b"\n" not in raw:
                 out = raw.replace(pair, self._id_pair)
                 if usage is None and not self._with_usage and "usage" in chunk:
                     out = _cut_null_usage(out)
