@@ -9,12 +9,15 @@ worktree remove .cache/ab/SHA`` drops one). Needs nginx, and wrk for ``cpu``
     .venv/bin/python bench/ab.py --base HEAD --mode instructions # the same, counted by callgrind
     .venv/bin/python bench/ab.py --base A --new B                # two revisions, neither checked out
     .venv/bin/python bench/ab.py --log-level info                # with the per-request log line on
+    .venv/bin/python bench/ab.py --base main --mode instructions --stream --model words16
+                                                                 # a 16-chunk pass-through stream
 
 ``cpu`` (default): both workers pinned to CPU 0; wrk (with nginx on CPU 1) loads one at a time,
 alternating, and the median CPU microseconds per request and requests/s are printed. On a shared
 virtual machine that drifts by 10-15 % between runs of the same code, so small changes need ``instructions``.
 
-``instructions``: each version runs under valgrind's callgrind and the user-space instructions it
+``instructions``: each version runs under valgrind's callgrind (with ``--stream``, behind the Python fake
+upstream, which streams, one chunk a word for ``words16``/``words256``) and the user-space instructions it
 executes per request (``--requests`` one at a time, ``--reps`` times, median) are counted. The count
 does not depend on what else the machine is doing: repeats agree within a few percent, so a change of
 a few percent is visible. Slow (a proxy under callgrind serves ~90 requests/s) but needs no quiet box.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -78,11 +82,22 @@ def config_for(up: str, port: int, log_level: str) -> dict[str, Any]:
     return cfg
 
 
+def _fake_upstream(port: int) -> contextlib.AbstractContextManager[Any]:
+    """The Python fake upstream (it streams; nginx's canned reply does not). Its CPU is not counted."""
+    return process(
+        [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
+        f"http://127.0.0.1:{port}/v1/models",
+        cpu=1,
+    )
+
+
 def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int, log_level: str) -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         up_port = free_port()
-        with native.nginx_upstream(tmp, up_port, "ok", cpu=1):
+        stream = body.get("stream") is True
+        upstream = _fake_upstream(up_port) if stream else native.nginx_upstream(tmp, up_port, "ok", cpu=1)
+        with upstream:
             up = f"http://127.0.0.1:{up_port}/v1"
             procs, ports = {}, {}
             for name, tree in trees.items():
@@ -138,9 +153,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--model", default="two", help="two (cascade accepted at stage 0) or fast (pass-through)")
+    ap.add_argument(
+        "--model",
+        default="two",
+        help="two (cascade accepted at stage 0), fast (pass-through), words16 / words256 (pass-through of "
+        "16- / 256-word answers; with --stream, one chunk a word)",
+    )
     ap.add_argument("--mode", choices=("cpu", "instructions"), default="cpu")
-    ap.add_argument("--stream", action="store_true", help="instructions mode: streamed requests")
+    ap.add_argument(
+        "--stream",
+        action="store_true",
+        help="instructions mode: streamed requests (against the Python fake upstream, which streams)",
+    )
     ap.add_argument("--requests", type=int, default=1000, help="instructions mode: requests per repeat")
     ap.add_argument("--reps", type=int, default=3, help="instructions mode: repeats")
     args = ap.parse_args()

@@ -14,17 +14,18 @@ per cell. Optional sections:
                         cgroup CPU controller is writable (root), with each worker capped at
                         --workers-cap CPUs (default 0.8) and the rest left to the load
     --memory N          RSS of the proxy after N/2 and N requests (flat = no leak)
-    --chunks            per-chunk cost of a pass-through stream: for answers of --tokens (default 16,256)
-                        words at c = 1 and the highest concurrency, req/s and its ratio to direct, added
-                        time to first byte, and the proxy's CPU per request and per forwarded chunk
-                        (its CPU divided by the upstream events of the answer: role, words, finish,
-                        usage). With --base REV the same proxy at git revision REV (checked out under
-                        .cache/ab/, as bench/ab.py does) runs in the same run: before/after side by side
-    --base REV          also measure REV in the main table (row "pass-through@REV") and in --chunks
+    --skip-chunks       leave out the per-chunk section (on by default): the cost of a pass-through
+                        stream for answers of --tokens (default 16,256) words, at c = 1 and the highest
+                        concurrency: req/s and its ratio to direct, added time to first byte, and the
+                        proxy's CPU per request and per forwarded chunk (its CPU divided by the upstream
+                        events of the answer: role, words, finish, usage). With --base REV the same
+                        proxy at git revision REV (checked out under .cache/ab/, as bench/ab.py does)
+                        runs in the same run: before/after side by side
+    --base REV          also measure REV in the main table (rows "...@REV") and the per-chunk section
 
     .venv/bin/python bench/overhead.py                    # c = 1, 16, 64; 2000 requests per cell
     .venv/bin/python bench/overhead.py --quick            # a small smoke run
-    .venv/bin/python bench/overhead.py --chunks --skip-main --base main   # per-chunk, before/after
+    .venv/bin/python bench/overhead.py --skip-main --base main   # per-chunk only, before/after
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def proxy_config(
         "upstreams": {
             "fast": up,
             "fast2": {**up, "price": {"input": 2.5, "output": 10}},
-            # pass-through upstreams for --chunks: answers of a known number of chunks
+            # pass-through upstreams for the per-chunk section: answers of a known number of chunks
             **{f"words{t}": {**up, "model": words_model(t)} for t in tokens},
         },
         "cascades": {
@@ -541,8 +542,10 @@ def main() -> None:
     )
     ap.add_argument("--memory", type=int, default=0, metavar="N")
     ap.add_argument("--skip-main", action="store_true", help="only the optional sections")
-    ap.add_argument("--chunks", action="store_true", help="per-chunk CPU of pass-through streams")
-    ap.add_argument("--tokens", default=",".join(map(str, CHUNK_TOKENS)), help="answer lengths for --chunks")
+    ap.add_argument("--skip-chunks", action="store_true", help="no per-chunk section")
+    ap.add_argument(
+        "--tokens", default=",".join(map(str, CHUNK_TOKENS)), help="answer lengths of the per-chunk section"
+    )
     ap.add_argument("--base", metavar="REV", help="measure git revision REV too, in the same run")
     args = ap.parse_args()
     n = 200 if args.quick else args.requests
@@ -576,7 +579,7 @@ def main() -> None:
             [py, "-m", "tests.fake_upstream", "--port", str(up_port)], up_url + "/v1/models", cpu=1
         ) as fake:
             direct_url = up_url + "/v1/chat/completions"
-            if not args.skip_main or args.chunks:
+            if not args.skip_main or not args.skip_chunks:
                 px_port = free_port()
                 with contextlib.ExitStack() as proxies:
                     proxy = proxies.enter_context(serve(px_port))
@@ -588,7 +591,7 @@ def main() -> None:
                     if not args.skip_main:
                         main_table(direct_url, targets, levels, n)
                         print(f"proxy RSS at the end: {rss_mb(proxy.pid):.0f} MB")
-                    if args.chunks:
+                    if not args.skip_chunks:
                         chunk_table(direct_url, targets, tokens, max(levels), n)
 
             if args.with_litellm:
