@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 import orjson
 import pytest
 
@@ -16,7 +17,7 @@ from app.errors import UpstreamProtocolError
 from app.protocol import completion_to_chunks
 from app.upstream.client import Upstream, UpstreamEvents
 from app.upstream.sse import SSEDecoder
-from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream
+from tests.conftest import base_config, chat, loopback_stack, proxy, sse_events, two_stage, upstream
 from tests.fake_upstream import COST_USD, FINGERPRINT, FakeUpstream
 from tests.schema import check_chunk, check_error
 
@@ -99,6 +100,39 @@ async def test_reported_cost_is_what_the_stream_is_charged(fake: FakeUpstream) -
     chunks = _chunks(r.text)
     assert all("usage" not in ch for ch in chunks)  # not asked for
     assert chunks[-1]["cascade"]["cost_usd"] == pytest.approx(COST_USD)
+
+
+@pytest.mark.loopback
+async def test_the_official_sdk_sees_details_fingerprint_and_every_choice() -> None:
+    cfg = two_stage("varied", "details+words-40")
+    async with loopback_stack(cfg) as (url, _, _):
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="large",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+        assert {c.system_fingerprint for c in chunks} == {FINGERPRINT}
+        usage = chunks[-1].usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens // 2
+        assert usage.completion_tokens_details is not None
+        assert usage.completion_tokens_details.reasoning_tokens == 1
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == " ".join(f"w{i}" for i in range(40))
+
+        stream = await client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], stream=True, n=2
+        )
+        texts: dict[int, str] = {0: "", 1: ""}
+        async for c in stream:
+            assert len(c.choices) <= 1
+            for ch in c.choices:
+                texts[ch.index] += ch.delta.content or ""
+        assert texts == {0: "The answer is 42. v0", 1: "The answer is 42. v1"}
+        await client.close()
 
 
 # --- pass-through: as sent, but ours ----------------------------------------------------------------
