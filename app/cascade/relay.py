@@ -165,8 +165,10 @@ class StreamRelay:
             if raw.count(pair) == 1 and b"\n" not in raw:
                 out = raw.replace(pair, self._id_pair)
                 if usage is None and not self._with_usage and "usage" in chunk:
-                    out = _cut_null_usage(out)
-                if out is not None:
+                    cut = _cut_null_usage(out)
+                    if cut is not None:
+                        return b"data: " + cut + b"\n\n"
+                else:
                     return b"data: " + out + b"\n\n"
         return encode(orjson.dumps(self._shape(chunk)))
 
