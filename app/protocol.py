@@ -1,5 +1,8 @@
 """OpenAI wire format: request checks, completion/chunk shaping. Imports nothing from ``app`` but errors.
 
+Over 400 lines on purpose: the wire format is one vocabulary (request checks, token estimates, reply
+shaping and its replay as chunks) that the api, the engine and the scorers read the same way.
+
 Bodies stay plain dicts (parsed with orjson): the proxy reads a handful of fields and passes everything
 else through untouched, so a pydantic round-trip per request or per chunk would be pure cost.
 """
