@@ -85,6 +85,8 @@ def _requested(body: Json, min_header: str | None, max_header: str | None, n: in
             if raw is None:
                 continue
             name = f"{FIELD}.{key}"
+            if isinstance(raw, str):  # JSON has integers: only a header is text
+                raise InvalidRequest(f"'{name}' must be an integer stage number (0 to {n - 1})", param=name)
             value = _stage_value(raw, name, n)
             if current is not None and current != value:
                 raise InvalidRequest(
