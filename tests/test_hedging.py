@@ -176,12 +176,11 @@ async def test_the_deadline_cancels_both_calls_of_a_hedged_stage(fake: FakeUpstr
 
 async def test_over_real_sockets_the_cancelled_call_is_closed_upstream() -> None:
     cfg = hedged("slow-20000+answer-small")
-    async with loopback_stack(cfg) as (url, fake, _):
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            r = await c.post("/chat/completions", json=chat())
-            assert r.status_code == 200 and r.json()["cascade"]["stage"] == 1
-            # The fake sees the cancelled stage's client leave while it was still waiting to answer.
-            await wait_for(lambda: fake.cancelled_streams == 1, "the cancelled call closed upstream")
+    async with loopback_stack(cfg) as (url, fake, _), httpx.AsyncClient(base_url=url, timeout=30) as c:
+        r = await c.post("/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["stage"] == 1
+        # The fake sees the cancelled stage's client leave while it was still waiting to answer.
+        await wait_for(lambda: fake.cancelled_streams == 1, "the cancelled call closed upstream")
 
 
 def test_hedge_config_is_checked() -> None:
