@@ -150,6 +150,7 @@ class Engine:
             if hedge is not None and hedge.stage is stage:
                 call, hedge = hedge, None
                 att, t0 = call.att, call.t0
+                att.hedge = "won"  # the cascade went on to the stage it had started early
             else:
                 att = self._attempt(stage, trace, thresholds, final)
                 t0 = time.perf_counter()
@@ -276,7 +277,7 @@ class Engine:
             return call, None
         final = nxt.index == r.last
         hatt = self._attempt(nxt, r.trace, r.thresholds, final)
-        hatt.sent, hatt.hedge = True, "won"
+        hatt.sent = True
         r.trace.hedged = True
         hasm = None if final and r.stream else Assembler()
         hedge = start(nxt, hatt, self._ask(nxt, r.body, final, r.stream, hasm), hasm)
