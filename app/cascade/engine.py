@@ -7,8 +7,9 @@ through: ``run`` returns as soon as its first chunk arrived, and the rest is rel
 Every request ends in exactly one ``on_finish(trace, ok, seconds)`` call (metrics, log, trace store).
 
 The stage loop lives here; its helpers each have a module: ``calls`` (asking a stage's upstream),
-``accounting`` (what an attempt cost and how it ended), ``streams`` (the streamed answers and their
-ownership), ``failures`` (one client error when no stage answered).
+``hedge`` (a stage raced by the next one), ``control`` (a request's window of stages), ``accounting``
+(what an attempt cost and how it ended), ``streams`` (the streamed answers and their ownership),
+``failures`` (one client error when no stage answered).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from app.cascade.assemble import Assembler
 from app.cascade.calls import EarlyAbort, Opened, ask_logprobs, collect_streamed, open_stream
 from app.cascade.control import Window
 from app.cascade.failures import all_failed, summary
-from app.cascade.hedge import Call, abandon, discard, outcome, race, start, wait
+from app.cascade.hedge import Call, Race, abandon, discard, outcome, race, start, wait
 from app.cascade.plan import Plan, Stage
 from app.cascade.relay import StreamRelay
 from app.cascade.streams import Relayed, Replayed, Streamed
@@ -159,7 +160,7 @@ class Engine:
             if call is None and not final:
                 delay = stage.hedge_delay()
                 if delay is not None:
-                    r = _Race(plan, body, trace, thresholds, last, stream, deadline, calls)
+                    r = Race(plan, body, trace, thresholds, last, stream, deadline, calls)
                     call, hedge = await self._hedged(r, stage, att, delay)
                     if call is None:
                         continue  # the hedge answered first: this stage was cancelled
@@ -260,7 +261,7 @@ class Engine:
         return (await up.complete(req)).body
 
     async def _hedged(
-        self, r: _Race, stage: Stage, att: Attempt, delay: float
+        self, r: Race, stage: Stage, att: Attempt, delay: float
     ) -> tuple[Call | None, Call | None]:
         """Run ``stage`` as a task; when it has not answered after ``delay``, start the next stage
         beside it. Returns (this stage's call, the hedge): this stage's is None when the hedge
@@ -377,20 +378,6 @@ class Engine:
 
 
 # --- helpers --------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Race:
-    """What starting a hedge needs from the stage loop."""
-
-    plan: Plan
-    body: Json
-    trace: Trace
-    thresholds: list[float | None]
-    last: int
-    stream: bool
-    deadline: float
-    calls: list[Call]
 
 
 class _NoTime(CascadeBaseError):

@@ -21,8 +21,8 @@ from typing import Any
 from app.cascade.accounting import charge_cancelled, record_failure
 from app.cascade.assemble import Assembler
 from app.cascade.calls import EarlyAbort, Opened
-from app.cascade.plan import Stage
-from app.cascade.trace import Attempt
+from app.cascade.plan import Plan, Stage
+from app.cascade.trace import Attempt, Trace
 from app.errors import UpstreamError
 
 Json = dict[str, Any]
@@ -45,6 +45,20 @@ class Call:
         """Finished with an answer (not an error, not cancelled)."""
         t = self.task
         return t.done() and not t.cancelled() and t.exception() is None
+
+
+@dataclass(slots=True)
+class Race:
+    """What starting a hedge needs from the engine's stage loop."""
+
+    plan: Plan
+    body: Json
+    trace: Trace
+    thresholds: list[float | None]
+    last: int
+    stream: bool
+    deadline: float
+    calls: list[Call]
 
 
 def start(stage: Stage, att: Attempt, work: Any, asm: Assembler | None) -> Call:
