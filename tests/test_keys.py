@@ -163,3 +163,11 @@ async def test_a_failing_store_keeps_the_spend_for_the_next_sync() -> None:
     b.add("k", 1.0)
     await b.sync(broken)
     assert calls == [{"k": 1.0}, {"k": 2.0}] and b.spent("k") == 2.0
+
+
+async def test_named_keys_may_not_call_admin_routes(fake: FakeUpstream) -> None:
+    async with proxy(keyed(), fake) as (c, _):
+        named = await c.post("/admin/reload", headers=bearer(TEAM_A))
+        plain = await c.post("/admin/reload", headers=bearer(PLAIN))
+    assert named.status_code == 403 and named.json()["error"]["code"] == "admin_forbidden"
+    assert plain.status_code == 422  # let in; this in-process app has no config file to re-read

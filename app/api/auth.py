@@ -40,5 +40,5 @@ def check_presented(authorization: str | None, x_api_key: str | None, keys: Sequ
     return found
 
 
-def check_key(request: Request, keys: Sequence[bytes]) -> None:
-    check_presented(request.headers.get("authorization"), request.headers.get("x-api-key"), keys)
+def check_key(request: Request, keys: Sequence[bytes]) -> int:
+    return check_presented(request.headers.get("authorization"), request.headers.get("x-api-key"), keys)
