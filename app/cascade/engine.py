@@ -168,9 +168,17 @@ class Engine:
             if call is not None:
                 res = await outcome(call)
                 t0 = call.t0
-            else:
+            else:  # the common case, spelled out (no task, no extra coroutine): the hot path
                 try:
-                    res = await self._ask(stage, body, final, stream, None)
+                    if final and stream:
+                        res = await open_stream(stage, body)
+                    elif stage.early_abort and not final:
+                        res = await collect_streamed(stage, body)
+                    else:
+                        up = stage.upstream
+                        res = (
+                            await up.complete(ask_logprobs(stage, body, up.prepare(body, stream=False)))
+                        ).body
                 except (UpstreamError, EarlyAbort) as exc:
                     res = exc
             if isinstance(res, UpstreamError):

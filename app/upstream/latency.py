@@ -20,7 +20,7 @@ BUCKETS = 24  # completion-token buckets: 0, 1, 2-3, 4-7, ... up to 2**22
 
 
 class LatencyStats:
-    __slots__ = ("_avg", "_count", "_n", "_p95", "_ring", "_since")
+    __slots__ = ("_answers", "_avg", "_count", "_n", "_p95", "_ring", "_since")
 
     def __init__(self) -> None:
         self._ring: list[float] = []
@@ -29,6 +29,7 @@ class LatencyStats:
         self._p95: float | None = None
         self._avg = [0.0] * BUCKETS
         self._count = [0] * BUCKETS
+        self._answers = 0  # whole answers observed (by length)
 
     def observe(self, seconds: float, completion_tokens: int | None = None) -> None:
         """One call took ``seconds``; ``completion_tokens`` when it gave a whole answer that long."""
@@ -48,6 +49,7 @@ class LatencyStats:
             c = self._count[b]
             self._avg[b] = seconds if c == 0 else self._avg[b] + ALPHA * (seconds - self._avg[b])
             self._count[b] = c + 1
+            self._answers += 1
 
     def p95(self) -> float | None:
         """The 95th percentile of recent call durations (None until there are ``MIN_SAMPLES``)."""
@@ -56,8 +58,12 @@ class LatencyStats:
     def estimate(self, completion_tokens: int) -> float | None:
         """Seconds a whole answer of about ``completion_tokens`` takes: the moving average of its
         bucket, else of the nearest bucket with observations; None when there are none."""
+        if not self._answers:
+            return None
         b = min(BUCKETS - 1, max(0, completion_tokens).bit_length())
-        for d in range(BUCKETS):
+        if self._count[b]:
+            return self._avg[b]
+        for d in range(1, BUCKETS):
             for i in (b - d, b + d):
                 if 0 <= i < BUCKETS and self._count[i]:
                     return self._avg[i]
