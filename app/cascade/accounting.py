@@ -45,6 +45,7 @@ def charge_cancelled(att: Attempt, stage: Stage, body: Json, partial: Json | Non
     ``partial`` (what had arrived; its usage when complete), or else its estimated prompt."""
     if partial is not None and partial.get("choices"):
         account(att, stage, body, partial)
+        att.answer = None  # not an answer of the cascade: the trace store must not label from it
         return
     att.usage_estimated = True
     att.prompt_tokens = estimate_prompt_tokens(body)
