@@ -82,6 +82,13 @@ class Engine:
                 finally:
                     if calls:
                         await abandon(calls, body)
+        except _NoTime as late:
+            # The deadline ends the cascade before a stage as surely as if it had passed mid-stage.
+            served = self._fallback(plan, trace, body, stream)
+            if served is not None:
+                return served
+            self.finish(trace, False)
+            raise DeadlineExceeded(f"{late} {summary(trace)}") from None
         except TimeoutError as exc:
             self._deadline_passed(trace, plan)
             charge_in_flight(trace, plan, body)
@@ -122,26 +129,6 @@ class Engine:
             trace.routed = start > 0
         else:
             start = 0
-        try:
-            return await self._loop(plan, body, trace, stream, deadline, start, last, calls)
-        except _NoTime as late:
-            # The deadline ends the cascade here as surely as if it had passed mid-stage: same fallback.
-            served = self._fallback(plan, trace, body, stream)
-            if served is not None:
-                return served
-            raise DeadlineExceeded(f"{late} {summary(trace)}") from None
-
-    async def _loop(
-        self,
-        plan: Plan,
-        body: Json,
-        trace: Trace,
-        stream: bool,
-        deadline: float,
-        start: int,
-        last: int,
-        calls: list[Call],
-    ) -> Completed | Streamed:
         previous: list[Answer] = []
         thresholds = list(plan.thresholds)
         hedge: Call | None = None  # the next stage, started early beside a slow one

@@ -3,9 +3,9 @@ before it hedges, and the estimate of what a stage would take for an answer of a
 ``baseline_latency_ms`` of a request: its last stage alone).
 
 Two small structures, O(1) per call: a ring of the last ``WINDOW`` call durations, from which the 95th
-percentile is recomputed every ``REFRESH`` observations (a call cut off early, e.g. a cancelled hedge,
-adds its elapsed time there too: a lower bound, better than leaving the slow calls out); and per
-power-of-two bucket of completion tokens, a moving average of whole answers' durations.
+percentile is recomputed when asked, at most every ``REFRESH`` observations (a call cut off early, e.g.
+a cancelled hedge, adds its elapsed time there too: a lower bound, better than leaving the slow calls
+out); and per power-of-two bucket of completion tokens, a moving average of whole answers' durations.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ class LatencyStats:
             self._ring[self._n % WINDOW] = seconds
         self._n += 1
         self._since += 1
-        if self._since >= REFRESH or (self._p95 is None and len(self._ring) >= MIN_SAMPLES):
-            self._since = 0
-            self._p95 = _quantile(self._ring, 0.95) if len(self._ring) >= MIN_SAMPLES else None
         if completion_tokens is not None:
             b = min(BUCKETS - 1, max(0, completion_tokens).bit_length())
             c = self._count[b]
@@ -52,7 +49,11 @@ class LatencyStats:
             self._answers += 1
 
     def p95(self) -> float | None:
-        """The 95th percentile of recent call durations (None until there are ``MIN_SAMPLES``)."""
+        """The 95th percentile of recent call durations (None until there are ``MIN_SAMPLES``).
+        Recomputed here, lazily, at most every ``REFRESH`` observations: only ``p95`` stages ask."""
+        if self._since >= REFRESH or (self._p95 is None and self._since):
+            self._since = 0
+            self._p95 = _quantile(self._ring, 0.95) if len(self._ring) >= MIN_SAMPLES else None
         return self._p95
 
     def estimate(self, completion_tokens: int) -> float | None:
