@@ -144,7 +144,7 @@ class Engine:
                 t0 = time.perf_counter()
                 if not self._admit(plan, stage, att, final, deadline):
                     continue
-            if call is None and not final:
+            if call is None and not final and stage.hedge_after is not None:
                 delay = stage.hedge_delay()
                 if delay is not None:
                     r = Race(plan, body, trace, thresholds, last, stream, deadline, calls)
