@@ -171,3 +171,15 @@ async def test_named_keys_may_not_call_admin_routes(fake: FakeUpstream) -> None:
         plain = await c.post("/admin/reload", headers=bearer(PLAIN))
     assert named.status_code == 403 and named.json()["error"]["code"] == "admin_forbidden"
     assert plain.status_code == 422  # let in; this in-process app has no config file to re-read
+
+
+async def test_the_responses_endpoint_honours_budgets_and_stage_control(fake: FakeUpstream) -> None:
+    async with proxy(keyed(budget_usd_per_day=1e-9), fake) as (c, _):
+        body = {"model": "default", "input": "What is 6*7?"}
+        steered = await c.post(
+            "/v1/responses", json=body, headers={**bearer(TEAM_A), "x-cascade-max-stage": "0"}
+        )
+        over = await c.post("/v1/responses", json=body, headers=bearer(TEAM_A))
+    assert steered.status_code == 200, steered.text
+    assert steered.headers["x-cascade-stage"] == "0"
+    assert over.status_code == 429 and over.json()["error"]["code"] == "budget_exceeded"
