@@ -55,9 +55,34 @@ class ServerConfig(_Model):
     drain_delay_s: float = Field(0.0, ge=0, le=300)
 
 
+class KeyConfig(_Model):
+    """A named proxy key: its spend is counted under its name (``cascade_key_cost_usd_total{key}``),
+    and it may be held to a daily budget, a highest stage and a set of models."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._\-]+$")
+    key: str
+    # USD per UTC day, counted from what its requests cost (answers and scoring). Null: no budget.
+    budget_usd_per_day: float | None = Field(None, ge=0)
+    # Over budget: null answers 429 budget_exceeded until the day ends; a stage number serves the key's
+    # requests from that stage at most (the cheaper stages keep answering).
+    over_budget_max_stage: int | None = Field(None, ge=0)
+    # The highest stage this key's requests reach (that stage is then their last, served unscored).
+    max_stage: int | None = Field(None, ge=0)
+    # The models (cascades or upstreams) this key may use; empty: all.
+    cascades: tuple[str, ...] = ()
+    # Whether this key may steer its requests with x-cascade-min-stage / x-cascade-max-stage / `cascade`.
+    stage_control: bool = True
+
+
 class AuthConfig(_Model):
     api_keys: tuple[str, ...] = ()
+    keys: tuple[KeyConfig, ...] = ()
     protect_metrics: bool = False
+    # Whether requests with an `api_keys` key, or with no key when auth is off, may steer stages.
+    stage_control: bool = True
+    # Budgets are per UTC day: how often (seconds) replicas sharing a PostgreSQL learning store add their
+    # spend to it and read the others'.
+    budget_sync_s: float = Field(2.0, gt=0, le=300)
 
     @field_validator("api_keys", mode="after")
     @classmethod
@@ -246,6 +271,16 @@ class StageConfig(_Model):
     # Stream this stage upstream and let scorers that can (heuristic) reject it while it is still being
     # generated: a refusal in the first tokens is cancelled at once instead of paid for in full.
     early_abort: bool = False
+    # Hedged escalation: when this stage has not answered after this many seconds, the next stage starts
+    # in parallel. A number, or "p95": the 95th percentile of this stage's upstream's recent latency.
+    hedge_after_s: float | Literal["p95"] | None = None
+
+    @field_validator("hedge_after_s", mode="before")
+    @classmethod
+    def _hedge(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, int | float) and v < 0):
+            raise ValueError('must be a number of seconds >= 0 or "p95"')
+        return v
 
 
 class RouterConfig(_Model):
@@ -448,6 +483,8 @@ def _cross_check(cfg: Config) -> list[str]:
         last = len(cascade.stages) - 1
         for i, stage in enumerate(cascade.stages):
             p = f"cascades.{cname}.stages[{i}]"
+            if i == last and stage.hedge_after_s is not None:
+                problems.append(f"{p}.hedge_after_s: the last stage has no next stage to hedge with")
             if stage.upstream not in names:
                 problems.append(f"{p}.upstream: unknown upstream '{stage.upstream}'")
             if i < last and stage.threshold is None:
@@ -474,6 +511,29 @@ def _cross_check(cfg: Config) -> list[str]:
                     problems.append(f"{sp}: the first stage has no earlier answer to agree with")
     if cfg.learning is not None:
         problems += _check_labels(cfg, cfg.learning, names)
+    problems += _check_keys(cfg, names)
+    return problems
+
+
+def _check_keys(cfg: Config, names: set[str]) -> list[str]:
+    problems = []
+    seen_names: set[str] = set()
+    seen_keys: set[str] = set(cfg.auth.api_keys)
+    for i, k in enumerate(cfg.auth.keys):
+        p = f"auth.keys[{i}]"
+        if k.name in seen_names:
+            problems.append(f"{p}.name: another key has the same name")
+        seen_names.add(k.name)
+        if not k.key:
+            problems.append(f"{p}.key: empty (is its environment variable set?)")
+        elif k.key in seen_keys:
+            problems.append(f"{p}.key: the same key is configured twice")
+        seen_keys.add(k.key)
+        for j, model in enumerate(k.cascades):
+            if model not in cfg.cascades and model not in names:
+                problems.append(f"{p}.cascades[{j}]: unknown cascade or upstream '{model}'")
+        if k.over_budget_max_stage is not None and k.budget_usd_per_day is None:
+            problems.append(f"{p}.over_budget_max_stage: needs budget_usd_per_day")
     return problems
 
 

@@ -25,6 +25,8 @@ Every exception the package raises on purpose derives from ``CascadeBaseError``:
     ├── ReplayLookupError           the replay upstream has no row for a request (app.replay.upstream)
     ├── ClientGone                  the client disconnected before the answer was ready (app.api.http_io)
     ├── EarlyAbort                  a stream check rejected a scored stage mid-stream (app.cascade.calls)
+    ├── _NoTime                     a stage cannot fit in what is left of the cascade deadline; never
+    │                               leaves app.cascade.engine (it becomes DeadlineExceeded or the fallback)
     └── _BeforeFirstByte            an upstream error before any byte, so a retry is safe; never leaves
                                     app.upstream.client
 

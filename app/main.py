@@ -4,6 +4,7 @@ the shared upstream HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -27,6 +28,7 @@ from app.api.routes import router
 from app.config import Config
 from app.errors import InternalError, ProxyError, error_body
 from app.learning.service import Learning
+from app.learning.spend import shared_spend
 from app.metrics import Metrics
 from app.runtime import build_runtime
 from app.state import AppState
@@ -68,6 +70,14 @@ _NO_OTEL: dict[str, Any] = (
 )
 
 
+def _start_budget_sync(state: AppState, config: Config) -> asyncio.Task[None] | None:
+    """With budgets and a learning store, share each key's spend through the store (``app.budgets``)."""
+    if state.learning is None or not any(k.budget_usd_per_day is not None for k in config.auth.keys):
+        return None
+    shared = shared_spend(state.learning.store)
+    return asyncio.create_task(state.budgets.sync_forever(shared, config.auth.budget_sync_s))
+
+
 def _coro_name(task: asyncio.Task[Any]) -> str:
     coro = task.get_coro()
     return getattr(coro, "__qualname__", type(coro).__name__)
@@ -105,10 +115,18 @@ def create_app(
         await http.start()
         if learning is not None:
             await learning.start()
+        sync = _start_budget_sync(state, config)
         try:
             yield
         finally:
             state.draining = True
+            if sync is not None:
+                sync.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sync
+                with contextlib.suppress(TimeoutError):  # the last spend, for the other replicas
+                    async with asyncio.timeout(5):
+                        await state.budgets.sync(shared_spend(learning.store))  # type: ignore[union-attr]
             if learning is not None:
                 await learning.stop()  # before the HTTP client: shadow calls in flight use it
             await http.close()

@@ -124,6 +124,37 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        # Latency and keys (issue 17).
+        self.hedges = Counter(
+            "cascade_hedges",
+            "Stages started as a hedge (before the stage in front answered), by that stage and result: "
+            "won (the cascade went on to it), lost (the earlier answer was accepted; it was cancelled).",
+            ["cascade", "stage", "result"],
+            registry=r,
+        )
+        # A running sum that goes down when a request took longer than its baseline: a gauge (counters
+        # cannot decrease). increase()/delta() over a window is the latency saved in it.
+        self.latency_saved_seconds = Gauge(
+            "cascade_latency_saved_seconds_total",
+            "Seconds saved against the last stage alone (its recent latency for answers of the same "
+            "length), summed over successful requests; negative when the cascade was slower.",
+            ["cascade"],
+            registry=r,
+            multiprocess_mode="sum",
+        )
+        self.key_cost_usd = Counter(
+            "cascade_key_cost_usd",
+            "USD spent by requests of each configured key (auth.keys), by the key's name.",
+            ["key"],
+            registry=r,
+        )
+        self.budget_rejected = Counter(
+            "cascade_budget_exceeded",
+            "Requests of a key over its daily budget, by what happened: rejected (429) or capped "
+            "(served from over_budget_max_stage at most).",
+            ["key", "action"],
+            registry=r,
+        )
         # Learning (beyond CONTRACT section 4; same label rules).
         self.trace_dropped = Counter(
             "cascade_trace_dropped",
@@ -211,6 +242,20 @@ class Metrics:
     def refused(self, cascade: str) -> None:
         """A request refused before the cascade ran (400, 401, 404, 413): ``outcome="invalid"``."""
         self._child(self.requests, cascade, "invalid").inc()
+
+    def hedge(self, cascade: str, stage: int, result: str) -> None:
+        self._child(self.hedges, cascade, str(stage), result).inc()
+
+    def latency_saved(self, cascade: str, seconds: float) -> None:
+        self._child(self.latency_saved_seconds, cascade).inc(seconds)
+
+    def key_cost(self, key: str, usd: float) -> None:
+        c = self._child(self.key_cost_usd, key)
+        if usd > 0:
+            c.inc(usd)
+
+    def over_budget(self, key: str, action: str) -> None:
+        self._child(self.budget_rejected, key, action).inc()
 
     def first_token(self, cascade: str, seconds: float) -> None:
         self._child(self.ttft, cascade).observe(seconds)

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from app.budgets import NamedKey, named_keys
+from app.cascade.control import OPEN, Policy
 from app.cascade.engine import Engine
 from app.cascade.plan import Plans, build_plans
 from app.cascade.trace import Trace
@@ -29,9 +31,11 @@ class Runtime:
     upstreams: dict[str, Upstream]
     plans: Plans
     engine: Engine
-    keys: tuple[bytes, ...]
+    keys: tuple[bytes, ...]  # every proxy key (api_keys and auth.keys); empty: no auth
     # Called at the end of every request, after its metrics (the trace store enqueues it here).
     finish_hooks: list[Callable[[Trace, bool, float], None]] = field(default_factory=list)
+    named: tuple[NamedKey | None, ...] = ()  # per key in ``keys``: its auth.keys entry (None: api_keys)
+    plain: Policy = OPEN  # what requests with an api_keys key, or none, may do
 
 
 def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
@@ -66,10 +70,15 @@ def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
                 "escalations": trace.escalations,
                 "attempts": len(trace.attempts),
                 "cost_usd": round(trace.cost_usd, 10),
+                "key": trace.key,
+                "hedged": trace.hedged,
                 "latency_ms": round(seconds * 1000, 1),
             },
         )
 
     engine = Engine(on_finish, on_first_byte=metrics.first_token)
-    keys = tuple(k.encode() for k in config.auth.api_keys)
-    return Runtime(config, upstreams, plans, engine, keys, hooks)
+    entries = named_keys(config.auth)
+    keys = tuple(secret for secret, _ in entries)
+    named = tuple(n for _, n in entries)
+    plain = Policy(None, config.auth.stage_control)
+    return Runtime(config, upstreams, plans, engine, keys, hooks, named, plain)

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from app.budgets import Budgets
 from app.config import Config, ConfigError
 from app.metrics import Metrics
 from app.runtime import Runtime, build_runtime
 from app.upstream.transport import Transport
 
 if TYPE_CHECKING:
+    from app.cascade.trace import Trace
     from app.learning.service import Learning
 
 log = logging.getLogger("cascade.reload")
@@ -49,6 +51,7 @@ class AppState:
     supervisor_pid: int | None = None  # --workers N: the supervisor that fans SIGHUP out to every worker
     reloads: int = 0
     learning: Learning | None = None  # trace store, labels, tuning (config ``learning``); outlives reloads
+    budgets: Budgets = field(default_factory=Budgets)  # today's spend per named key; outlives reloads
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,13 +116,20 @@ class AppState:
         return True
 
     def _wire(self, rt: Runtime) -> None:
-        """Point the runtime's upstream guards at the metrics (also for adopted breakers)."""
+        """Point the runtime's upstream guards at the metrics (also for adopted breakers), and count
+        each named key's spend for its budget."""
+        if rt.config.auth.keys:
+            rt.finish_hooks.append(self._count_spend)
         for up in rt.upstreams.values():
             up.on_rejected = self.metrics.upstream_refused
             up.breaker.on_change = self.metrics.circuit_state
             self.metrics.circuit_state(up.name, up.breaker.state, changed=False)
         if self.learning is not None:
             self.learning.attach(rt)
+
+    def _count_spend(self, trace: Trace, ok: bool, seconds: float) -> None:
+        if trace.key is not None:
+            self.budgets.add(trace.key, trace.cost_usd)
 
 
 def _load_and_build(loader: Loader, http: Transport, metrics: Metrics) -> tuple[Config, Runtime]:

@@ -11,10 +11,16 @@ worktree remove .cache/ab/SHA`` drops one). Needs nginx, and wrk for ``cpu``
     .venv/bin/python bench/ab.py --log-level info                # with the per-request log line on
     .venv/bin/python bench/ab.py --base main --mode instructions --stream --model words16
                                                                  # a 16-chunk pass-through stream
+    .venv/bin/python bench/ab.py --base main --knobs             # issue 17's knobs and budgets, see below
 
 ``cpu`` (default): both workers pinned to CPU 0; wrk (with nginx on CPU 1) loads one at a time,
 alternating, and the median CPU microseconds per request and requests/s are printed. On a shared
 virtual machine that drifts by 10-15 % between runs of the same code, so small changes need ``instructions``.
+
+``--knobs``: every request carries a proxy key and a ``cascade: {"max_stage": 1}`` field. The new
+version knows the key as a named key with a daily budget and a highest stage (``auth.keys``: key
+lookup, budget check, stage window, spend attribution); the base knows it as a plain ``api_keys``
+key (and passes the field through). The difference is what those knobs cost per request.
 
 ``instructions``: each version runs under valgrind's callgrind (with ``--stream``, behind the Python fake
 upstream, which streams, one chunk a word for ``words16``/``words256``) and the user-space instructions it
@@ -76,9 +82,20 @@ def _callgrind_total(out_dir: Path, name: str, pid: int, seen: set[Path]) -> int
     raise RuntimeError(f"no callgrind dump from {name}")
 
 
-def config_for(up: str, port: int, log_level: str) -> dict[str, Any]:
+KNOB_KEY = "bench-knobs-key-0123456789"
+KNOB_HEADERS = {"authorization": f"Bearer {KNOB_KEY}"}
+
+
+def config_for(up: str, port: int, log_level: str, knobs: str | None = None) -> dict[str, Any]:
+    """``knobs``: None (the default config), "base" (a plain api key) or "new" (a named key)."""
     cfg = proxy_config(up, port)
     cfg["server"]["log_level"] = log_level
+    if knobs == "base":
+        cfg["auth"] = {"api_keys": [KNOB_KEY]}
+    elif knobs == "new":
+        cfg["auth"] = {
+            "keys": [{"name": "bench", "key": KNOB_KEY, "budget_usd_per_day": 1e9, "max_stage": 1}]
+        }
     return cfg
 
 
@@ -91,7 +108,10 @@ def _fake_upstream(port: int) -> contextlib.AbstractContextManager[Any]:
     )
 
 
-def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int, log_level: str) -> None:
+def instructions(
+    trees: dict[str, Path], body: dict[str, Any], n: int, reps: int, log_level: str, knobs: bool
+) -> None:
+    headers = KNOB_HEADERS if knobs else None
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         up_port = free_port()
@@ -103,7 +123,9 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
             for name, tree in trees.items():
                 ports[name] = free_port()
                 cfg = tmp / f"{name}.yaml"
-                cfg.write_text(yaml.safe_dump(config_for(up, ports[name], log_level)))
+                cfg.write_text(
+                    yaml.safe_dump(config_for(up, ports[name], log_level, name if knobs else None))
+                )
                 cmd = [
                     "valgrind", "--tool=callgrind", "--quiet", f"--callgrind-out-file={tmp}/cg-{name}.%p.out",
                     sys.executable, "-m", "app.cli", "serve", "--config", str(cfg),
@@ -122,7 +144,7 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
                 seen: set[Path] = set()
                 for name in trees:  # warm: imports, pools, caches
                     url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
-                    asyncio.run(run_load(url, body, concurrency=8, total=200, timeout_s=120))
+                    asyncio.run(run_load(url, body, concurrency=8, total=200, timeout_s=120, headers=headers))
                 print(f"{'rep':>3}  {'version':>7}  {'instructions/request':>20}  errors")
                 for r in range(1, reps + 1):
                     for name in trees:
@@ -130,7 +152,9 @@ def instructions(trees: dict[str, Path], body: dict[str, Any], n: int, reps: int
                         subprocess.run(
                             ["callgrind_control", "-z", str(pids[name])], check=True, capture_output=True
                         )
-                        res = asyncio.run(run_load(url, body, concurrency=1, total=n, timeout_s=120))
+                        res = asyncio.run(
+                            run_load(url, body, concurrency=1, total=n, timeout_s=120, headers=headers)
+                        )
                         total = _callgrind_total(tmp, name, pids[name], seen)
                         per_req[name].append(total / n)
                         print(f"{r:>3}  {name:>7}  {total / n:>20,.0f}  {res.errors}")
@@ -167,6 +191,7 @@ def main() -> None:
     )
     ap.add_argument("--requests", type=int, default=1000, help="instructions mode: requests per repeat")
     ap.add_argument("--reps", type=int, default=3, help="instructions mode: repeats")
+    ap.add_argument("--knobs", action="store_true", help="a named key with a budget + a stage window (new)")
     args = ap.parse_args()
     if not native.available():
         sys.exit(f"bench/ab.py needs wrk and nginx: {native.INSTALL_HINT}")
@@ -186,8 +211,12 @@ def main() -> None:
             sys.exit(f"{name}: `import app` in {tree} loads {where}")
     pin(os.getpid(), 1)
     body = body_for(args.model, args.stream)
+    headers = None
+    if args.knobs:
+        body["cascade"] = {"max_stage": 1}
+        headers = KNOB_HEADERS
     if args.mode == "instructions":
-        instructions(trees, body, args.requests, args.reps, args.log_level)
+        instructions(trees, body, args.requests, args.reps, args.log_level, args.knobs)
         return
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -199,7 +228,8 @@ def main() -> None:
             for name, tree in trees.items():
                 ports[name] = free_port()
                 cfg = tmp / f"{name}.yaml"
-                cfg.write_text(yaml.safe_dump(config_for(up, ports[name], args.log_level)))
+                knobs = name if args.knobs else None
+                cfg.write_text(yaml.safe_dump(config_for(up, ports[name], args.log_level, knobs)))
                 procs[name] = process(
                     [sys.executable, "-m", "app.cli", "serve", "--config", str(cfg)],
                     f"http://127.0.0.1:{ports[name]}/readyz",
@@ -212,7 +242,15 @@ def main() -> None:
                 rps: dict[str, list[float]] = {"base": [], "new": []}
                 for name in trees:  # warm both
                     url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
-                    native.wrk(url, body, connections=args.concurrency, seconds=3, workdir=tmp, cpu=1)
+                    native.wrk(
+                        url,
+                        body,
+                        connections=args.concurrency,
+                        seconds=3,
+                        workdir=tmp,
+                        cpu=1,
+                        headers=headers,
+                    )
                 print(f"{'round':>5}  {'version':>7}  {'req/s':>6}  {'CPU us/req':>10}  errors")
                 for r in range(1, args.rounds + 1):
                     order = ("base", "new") if r % 2 else ("new", "base")
@@ -220,7 +258,13 @@ def main() -> None:
                         url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
                         before = cpu_seconds([pids[name]])
                         res = native.wrk(
-                            url, body, connections=args.concurrency, seconds=args.seconds, workdir=tmp, cpu=1
+                            url,
+                            body,
+                            connections=args.concurrency,
+                            seconds=args.seconds,
+                            workdir=tmp,
+                            cpu=1,
+                            headers=headers,
                         )
                         us = (cpu_seconds([pids[name]]) - before) / max(1, res.requests) * 1e6
                         cpu_us[name].append(us)

@@ -41,11 +41,18 @@ class LoadResult:
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, payload: bytes, stream: bool, res: LoadResult
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: bytes,
+    stream: bool,
+    res: LoadResult,
+    headers: dict[str, str] | None = None,
 ) -> None:
     t0 = time.perf_counter()
     try:
-        async with session.post(url, data=payload, headers={"content-type": "application/json"}) as r:
+        async with session.post(
+            url, data=payload, headers=headers or {"content-type": "application/json"}
+        ) as r:
             res.statuses[r.status] = res.statuses.get(r.status, 0) + 1
             if stream:
                 first = True
@@ -65,9 +72,16 @@ async def _one(
 
 
 async def run_load(
-    url: str, body: dict[str, Any], *, concurrency: int, total: int, timeout_s: float = 30.0
+    url: str,
+    body: dict[str, Any],
+    *,
+    concurrency: int,
+    total: int,
+    timeout_s: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     payload = orjson.dumps(body)
+    hdrs = {"content-type": "application/json", **(headers or {})}
     stream = body.get("stream") is True
     res = LoadResult()
     remaining = total
@@ -79,11 +93,11 @@ async def run_load(
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await _one(session, url, payload, stream, res)
+                await _one(session, url, payload, stream, res, hdrs)
 
         # warm the pool: one request per connection, not counted
         warm = LoadResult()
-        await asyncio.gather(*(_one(session, url, payload, stream, warm) for _ in range(concurrency)))
+        await asyncio.gather(*(_one(session, url, payload, stream, warm, hdrs) for _ in range(concurrency)))
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         res.wall_s = time.perf_counter() - t0

@@ -152,6 +152,7 @@ def wrk(
     workdir: Path,
     threads: int = 1,
     cpu: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> WrkResult:
     """POST ``body`` to ``url`` for ``seconds`` over ``connections`` keep-alive connections; non-2xx
     answers and socket errors are counted as errors, never hidden."""
@@ -161,6 +162,7 @@ def wrk(
         'wrk.method = "POST"\n'
         f"wrk.body = {_lua_string(payload)}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
+        + "".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}\n" for k, v in (headers or {}).items())
     )
     cmd = [
         "wrk",

@@ -88,6 +88,8 @@ class Behaviour:
     gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
     agent: bool = False  # `agent`: a tool call; text quoting the tool's result once one is the last message
     details: bool = False  # `details`: usage with token details and a cost, and a system_fingerprint
+    tail_ms: int = 0  # `tail-<ms>-<pct>`: pct percent of requests (seeded RNG) wait ms more
+    tail_pct: float = 0.0
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -131,6 +133,7 @@ _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "chaos-": lambda v: {"chaos": min(100.0, max(0.0, float(v)))},
     "ptokens-": lambda v: {"ptokens": int(v)},
     "badchunk-": lambda v: {"badchunk": v} if v in BAD_CHUNKS else {},
+    "tail-": lambda v: {"tail_ms": int(v.partition("-")[0]), "tail_pct": float(v.partition("-")[2])},
 }
 # `badchunk-<kind>`: valid JSON of the wrong shape. A stream's chunk CUT_AFTER carries BAD_CHUNKS[kind]
 # as its choice; a whole reply has BAD_CHOICES[kind] as its first choice.
@@ -535,6 +538,9 @@ class FakeUpstream:
             fault = self._rng.choice(list(CHAOS_FAULTS))
             self.chaos_faults[fault] = self.chaos_faults.get(fault, 0) + 1
             b = dataclasses.replace(b, **CHAOS_FAULTS[fault])
+        if b.tail_ms and self._rng.random() * 100 < b.tail_pct:
+            # A latency tail (a busy provider): this request is slow_ms + tail_ms.
+            b = dataclasses.replace(b, slow_ms=b.slow_ms + b.tail_ms)
         stream = request.get("stream") is True
         # Streams wait after their headers (time to first token); everything else before its reply.
         delay = 0.0 if stream and _is_normal(b, count) else b.slow_ms / 1000

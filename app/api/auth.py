@@ -18,10 +18,11 @@ def _presented(authorization: str | None, x_api_key: str | None) -> str | None:
     return x_api_key.strip() if x_api_key and x_api_key.strip() else None
 
 
-def check_presented(authorization: str | None, x_api_key: str | None, keys: Sequence[bytes]) -> None:
-    """Raise AuthenticationFailed unless the headers carry one of ``keys`` (none configured: open)."""
+def check_presented(authorization: str | None, x_api_key: str | None, keys: Sequence[bytes]) -> int:
+    """Raise AuthenticationFailed unless the headers carry one of ``keys`` (none configured: open);
+    return which one (its index; -1 when none are configured)."""
     if not keys:
-        return
+        return -1
     presented = _presented(authorization, x_api_key)
     if presented is None:
         raise AuthenticationFailed(
@@ -30,12 +31,14 @@ def check_presented(authorization: str | None, x_api_key: str | None, keys: Sequ
         )
     candidate = presented.encode()
     # Compare against every key, without stopping at the first match, so timing reveals nothing.
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(candidate, k)
-    if not ok:
+    found = -1
+    for i, k in enumerate(keys):
+        if hmac.compare_digest(candidate, k):
+            found = i
+    if found < 0:
         raise AuthenticationFailed("Incorrect API key provided.")
+    return found
 
 
-def check_key(request: Request, keys: Sequence[bytes]) -> None:
-    check_presented(request.headers.get("authorization"), request.headers.get("x-api-key"), keys)
+def check_key(request: Request, keys: Sequence[bytes]) -> int:
+    return check_presented(request.headers.get("authorization"), request.headers.get("x-api-key"), keys)

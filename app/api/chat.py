@@ -18,6 +18,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.admission import admit
 from app.api.auth import check_presented
 from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
 from app.cascade.engine import Completed
@@ -38,10 +39,11 @@ _JSON = (b"content-type", b"application/json")
 class _Head:
     """The request headers the proxy reads, in one pass over the raw list."""
 
-    __slots__ = ("authorization", "content_length", "request_id", "x_api_key")
+    __slots__ = ("authorization", "content_length", "max_stage", "min_stage", "request_id", "x_api_key")
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self.authorization = self.x_api_key = self.request_id = self.content_length = None
+        self.min_stage = self.max_stage = None
         for k, v in raw:
             if k == b"authorization":
                 self.authorization = v.decode("latin-1")
@@ -51,11 +53,17 @@ class _Head:
                 self.request_id = v.decode("latin-1")
             elif k == b"content-length":
                 self.content_length = v.decode("latin-1")
+            elif k == b"x-cascade-min-stage":
+                self.min_stage = v.decode("latin-1")
+            elif k == b"x-cascade-max-stage":
+                self.max_stage = v.decode("latin-1")
 
     authorization: str | None
     x_api_key: str | None
     request_id: str | None
     content_length: str | None
+    min_stage: str | None
+    max_stage: str | None
 
 
 async def _read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
@@ -127,13 +135,15 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
     head = _Head(scope["headers"])
     rid = head.request_id if head.request_id and _REQUEST_ID.match(head.request_id) else new_id("req-")
     parsed: object = None
+    metrics = state.metrics
     try:
-        check_presented(head.authorization, head.x_api_key, rt.keys)
+        key = check_presented(head.authorization, head.x_api_key, rt.keys)
         raw = await _read_body(receive, head.content_length, rt.config.server.max_body_bytes)
         parsed = parse_json(raw)
         body = validate_chat_request(parsed, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
         plan.check_n(body)
+        window, key_name = admit(rt, state.budgets, metrics, key, plan, body, head.min_stage, head.max_stage)
     except ProxyError as exc:
         refused(state, exc, rid, PATH, parsed)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
@@ -141,12 +151,13 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
     except ClientGone:
         return
     stream = body.get("stream") is True
-    metrics = state.metrics
     metrics.in_flight.inc()
     result: Completed | Streamed | None = None
     try:
         try:
-            result = await run_or_cancel(receive, rt.engine.run(plan, body, request_id=rid, stream=stream))
+            result = await run_or_cancel(
+                receive, rt.engine.run(plan, body, request_id=rid, stream=stream, window=window, key=key_name)
+            )
         except ClientGone:
             return
         except ProxyError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.admission import admit
 from app.api.auth import check_presented
 from app.api.chat import _REQUEST_ID, _cascade_headers, _Head, _read_body, _send_json, refused
 from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
@@ -38,11 +39,14 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
     rid = head.request_id if head.request_id and _REQUEST_ID.match(head.request_id) else new_id("req-")
     request: Any = None  # the parsed body (a dict once to_chat accepted it)
     try:
-        check_presented(head.authorization, head.x_api_key, rt.keys)
+        key = check_presented(head.authorization, head.x_api_key, rt.keys)
         raw = await _read_body(receive, head.content_length, rt.config.server.max_body_bytes)
         request = parse_json(raw)
         body = to_chat(request, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
+        window, key_name = admit(
+            rt, state.budgets, state.metrics, key, plan, body, head.min_stage, head.max_stage
+        )
     except ProxyError as exc:
         refused(state, exc, rid, PATH, request)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
@@ -55,7 +59,9 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
     result: Completed | Streamed | None = None
     try:
         try:
-            result = await run_or_cancel(receive, rt.engine.run(plan, body, request_id=rid, stream=stream))
+            result = await run_or_cancel(
+                receive, rt.engine.run(plan, body, request_id=rid, stream=stream, window=window, key=key_name)
+            )
         except ClientGone:
             return
         except ProxyError as exc:

@@ -26,18 +26,30 @@ def usage_of(att: Attempt) -> Json:
 
 
 def charge_in_flight(trace: Trace, plan: Plan, body: Json) -> None:
-    """The request ended (client gone, deadline) while a non-stream call was in flight: the upstream has
-    read the prompt and bills it, so charge the estimated prompt tokens (flagged as estimated), as a
-    stream cut short is charged for what it generated. An attempt that already failed on its own (an
-    error reply) or was accounted is left alone."""
-    a = trace.attempts[-1] if trace.attempts else None
-    if a is None or not a.sent or a.outcome != "error" or a.prompt_tokens or a.completion_tokens:
+    """The request ended (client gone, deadline) while calls were in flight (one, or two when a stage
+    was hedged): the upstream has read the prompt and bills it, so charge the estimated prompt tokens
+    (flagged as estimated), as a stream cut short is charged for what it generated. An attempt that
+    already failed on its own (an error reply) or was accounted is left alone."""
+    for a in trace.attempts:
+        if not a.sent or a.outcome != "error" or a.prompt_tokens or a.completion_tokens:
+            continue
+        if a.reason not in ("", "timeout") or a.error_kind not in (None, "timeout"):
+            continue
+        a.usage_estimated = True
+        a.prompt_tokens = estimate_prompt_tokens(body)
+        a.answer_cost_usd = price_usd(plan.stages[a.stage].upstream.cfg.price, a.prompt_tokens, 0, None)
+
+
+def charge_cancelled(att: Attempt, stage: Stage, body: Json, partial: Json | None) -> None:
+    """A call the cascade cancelled (a hedge race made it unneeded): charged what it generated,
+    ``partial`` (what had arrived; its usage when complete), or else its estimated prompt."""
+    if partial is not None and partial.get("choices"):
+        account(att, stage, body, partial)
+        att.answer = None  # not an answer of the cascade: the trace store must not label from it
         return
-    if a.reason not in ("", "timeout") or a.error_kind not in (None, "timeout"):
-        return
-    a.usage_estimated = True
-    a.prompt_tokens = estimate_prompt_tokens(body)
-    a.answer_cost_usd = price_usd(plan.stages[a.stage].upstream.cfg.price, a.prompt_tokens, 0, None)
+    att.usage_estimated = True
+    att.prompt_tokens = estimate_prompt_tokens(body)
+    att.answer_cost_usd = price_usd(stage.upstream.cfg.price, att.prompt_tokens, 0, None)
 
 
 def account(att: Attempt, stage: Stage, body: Json, completion: Json) -> None:

@@ -1,13 +1,17 @@
-"""Calling a stage's upstream for a whole answer: the logprobs its scorers need, and a scored stage
-streamed upstream so its scorers can reject it early (``early_abort``)."""
+"""Calling a stage's upstream: a whole answer (with the logprobs its scorers need), a scored stage
+streamed upstream so its scorers can reject it early (``early_abort``) or so a cancel knows what it
+generated (hedging), and the streamed last stage opened up to its first chunk."""
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 from app.cascade.assemble import Assembler
 from app.cascade.plan import Stage
-from app.errors import CascadeBaseError
+from app.errors import CascadeBaseError, UpstreamProtocolError
+from app.upstream.client import UpstreamEvents
 
 Json = dict[str, Any]
 
@@ -31,12 +35,13 @@ class EarlyAbort(CascadeBaseError):
         self.partial = partial
 
 
-async def collect_streamed(stage: Stage, body: Json) -> Json:
+async def collect_streamed(stage: Stage, body: Json, asm: Assembler | None = None) -> Json:
     """Stream a scored stage upstream, checking the growing answer; return the whole completion, or
-    raise EarlyAbort (leaving the stream closes the connection, which stops the upstream)."""
+    raise EarlyAbort (leaving the stream closes the connection, which stops the upstream). ``asm``
+    holds what came so far, for whoever cancels the call."""
     up = stage.upstream
     req = ask_logprobs(stage, body, up.prepare(body, stream=True))
-    asm = Assembler()
+    asm = asm if asm is not None else Assembler()
     seen = 0
     async with up.stream(req) as chunks:
         async for chunk in chunks:
@@ -52,3 +57,38 @@ async def collect_streamed(stage: Stage, body: Json) -> Json:
                     partial.pop("usage", None)  # whatever was reported so far is not the final count
                     raise EarlyAbort(why, partial)
     return asm.completion()
+
+
+@dataclass(slots=True, eq=False)
+class Opened:
+    """A streamed stage opened upstream: the stream (held by ``stack``: closing it closes the
+    connection) and its first chunk, already read."""
+
+    stack: AsyncExitStack
+    chunks: UpstreamEvents
+    first: list[tuple[bytes, Json]]
+
+    def partial(self) -> Json:
+        """What it sent so far, as a completion without usage (what a cancel charges)."""
+        asm = Assembler()
+        for _, chunk in self.first:
+            asm.add(chunk)
+        out = asm.completion()
+        out.pop("usage", None)
+        return out
+
+
+async def open_stream(stage: Stage, body: Json) -> Opened:
+    """Open the stage's stream and read its first chunk. Raises UpstreamError; closes what it opened
+    on any failure (and on cancel)."""
+    up = stage.upstream
+    stack = AsyncExitStack()
+    try:
+        chunks = await stack.enter_async_context(up.stream(up.prepare(body, stream=True)))
+        first = await chunks.batch()
+        if not first:
+            raise UpstreamProtocolError(up.name, "stream ended before any chunk")
+    except BaseException:
+        await stack.aclose()
+        raise
+    return Opened(stack, chunks, first)

@@ -28,6 +28,17 @@ class Stage:
     stream_checks: Sequence[StreamCheck] = ()
     needs_logprobs: bool = False
     early_abort: bool = False
+    # Hedged escalation: seconds after which the next stage starts in parallel, "p95" (learned from
+    # the upstream's recent latency), or None (no hedging).
+    hedge_after: float | str | None = None
+
+    def hedge_delay(self) -> float | None:
+        """Seconds to wait before hedging this stage now; None: do not hedge (not configured, or a
+        ``p95`` stage whose upstream has too few observations yet)."""
+        h = self.hedge_after
+        if h is None or isinstance(h, float):
+            return h
+        return self.upstream.latency.p95()
 
 
 @dataclass(slots=True)
@@ -108,8 +119,13 @@ def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps
             )
             needs_lp = any(getattr(c.scorer, "needs_logprobs", False) for c in scorers)
             early = bool(checks)
+            hedge = (
+                float(scfg.hedge_after_s)
+                if isinstance(scfg.hedge_after_s, int | float)
+                else scfg.hedge_after_s
+            )
             stages.append(
-                Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp, early)
+                Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp, early, hedge)
             )
         router = Router.load(ccfg.router, f"cascades.{cname}") if ccfg.router is not None else None
         plan = Plan(cname, stages, ccfg.deadline_s, fallback=ccfg.fallback, router=router)

@@ -6,6 +6,7 @@ only place request-level metrics are written, so the response body and the count
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from app.config import Price
 from app.metrics import Metrics
 from app.scoring.base import Spend
 from app.upstream.client import price_usd
+from app.upstream.latency import LatencyStats
 
 Json = dict[str, Any]
 
@@ -21,7 +23,7 @@ Json = dict[str, Any]
 class Attempt:
     stage: int
     upstream: str
-    outcome: str = "error"  # accepted | rejected | error
+    outcome: str = "error"  # accepted | rejected | error | cancelled (a hedge race made it unneeded)
     reason: str = ""
     score: float | None = None
     scores: dict[str, float] = field(default_factory=dict)
@@ -39,6 +41,9 @@ class Attempt:
     status: int | None = None  # upstream HTTP status of a failed attempt
     sent: bool = False  # the request was handed to the upstream client (it may be generating)
     retry_after: float | None = None
+    # Started as a hedge (before the stage in front of it answered): "won" when the cascade went on to
+    # it, "lost" when the earlier stage's answer was accepted and it was cancelled.
+    hedge: str | None = None
     # The stage's reply (completion dict, or the StreamRelay of a streamed last stage), for the trace
     # store; only read after the request finished.
     answer: Any = None
@@ -63,6 +68,8 @@ class Attempt:
         }
         if self.usage_estimated:
             out["usage_estimated"] = True
+        if self.hedge is not None:
+            out["hedge"] = self.hedge
         return out
 
 
@@ -81,6 +88,13 @@ class Trace:
     request: Json | None = None  # the client's request body (for the trace store and shadow labels)
     fallback: str | None = None  # "best_rejected" when the last stage failed and an earlier answer served
     routed: bool = False  # the cascade's router sent the request straight to its last stage
+    hedged: bool = False  # a stage was hedged: the next one started before it answered
+    key: str | None = None  # the name of the configured key (auth.keys) the request came with
+    # The cascade's last stage: its index, and its upstream's recent latency (the latency baseline).
+    final_stage: int = 0
+    final_latency: LatencyStats | None = None
+    relay_latency: LatencyStats | None = None  # the streamed last stage's upstream (observed at the end)
+    baseline_latency_s: float | None = None  # set by extension(): what the last stage alone would take
 
     @property
     def escalations(self) -> int:
@@ -98,10 +112,23 @@ class Trace:
             return 0.0
         return price_usd(self.final_price, a.prompt_tokens, a.completion_tokens)
 
+    def baseline_latency(self) -> float | None:
+        """Seconds the last stage alone would have taken for this answer: its own call when it is the
+        one that answered, else its recent latency for answers of this length (None: no data yet)."""
+        a = self.accepted
+        if a is None:
+            return None
+        if a.stage == self.final_stage and a.latency_ms:
+            return a.latency_ms / 1000
+        if self.final_latency is None:
+            return None
+        return self.final_latency.estimate(a.completion_tokens)
+
     def extension(self) -> Json:
         a = self.accepted
         cost = self.cost_usd
         baseline = self.baseline_usd
+        self.baseline_latency_s = base_s = self.baseline_latency()
         ext = {
             "cascade": self.cascade,
             "stage": a.stage if a else None,
@@ -112,7 +139,11 @@ class Trace:
             "baseline_cost_usd": baseline,
             "savings_usd": baseline - cost,
             "attempts": [x.as_json() for x in self.attempts],
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 1) if self.started else None,
+            "baseline_latency_ms": None if base_s is None else round(base_s * 1000, 1),
         }
+        if self.hedged:
+            ext["hedged"] = True
         if self.fallback:
             ext["fallback"] = self.fallback
         if self.routed:
@@ -131,8 +162,14 @@ class Trace:
                 metrics.scored(c, a.stage, name.split("#", 1)[0], value)
             if a.escalation_reason and i + 1 < len(self.attempts):
                 metrics.escalation(c, a.upstream, self.attempts[i + 1].upstream, a.escalation_reason)
+            if a.hedge is not None:
+                metrics.hedge(c, a.stage, a.hedge)
         if self.fallback and self.accepted is not None:
             metrics.fallback(c, self.accepted.upstream)
         if self.routed and self.attempts:
             metrics.routed(c, self.attempts[0].upstream)
         metrics.finished(c, ok, self.stream, seconds, self.baseline_usd if ok else 0.0)
+        if ok and self.baseline_latency_s is not None:
+            metrics.latency_saved(c, self.baseline_latency_s - seconds)
+        if self.key is not None:
+            metrics.key_cost(self.key, self.cost_usd)

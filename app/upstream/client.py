@@ -35,6 +35,7 @@ from app.errors import (
 )
 from app.protocol import token_count
 from app.upstream.breaker import Breaker, Ticket
+from app.upstream.latency import LatencyStats
 from app.upstream.limits import Limiter
 from app.upstream.shapes import chunk_problem, completion_problem
 from app.upstream.sse import SSEDecoder
@@ -86,6 +87,7 @@ class Upstream:
         "_url",
         "breaker",
         "cfg",
+        "latency",
         "limiter",
         "name",
         "on_rejected",
@@ -116,6 +118,8 @@ class Upstream:
         self.breaker = Breaker(name, cfg.circuit)
         self.limiter = Limiter(name, cfg.max_concurrency, cfg.queue_timeout_s)
         self.on_rejected: RejectHook | None = None
+        # Recent call durations (hedge delays, latency baselines), recorded by the cascade engine.
+        self.latency = LatencyStats()
 
     # --- public ------------------------------------------------------------------------------------
 
@@ -141,6 +145,8 @@ class Upstream:
         the concurrency an upstream sees."""
         if old.cfg.base_url != self.cfg.base_url:
             return
+        if old.cfg.model == self.cfg.model:
+            self.latency = old.latency
         if old.cfg.circuit == self.cfg.circuit:
             self.breaker = old.breaker
         if (old.cfg.max_concurrency, old.cfg.queue_timeout_s) == (
