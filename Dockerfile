@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # cascade: OpenAI-compatible cascading proxy.
 #
 #   docker build -t cascade .
@@ -56,9 +55,10 @@ VOLUME ["/app/data"]
 USER 10001:10001
 EXPOSE 8000
 
-# python:slim has no curl: probe /healthz with the standard library.
+# python:slim has no curl: probe /healthz with the standard library, on the port actually served:
+# `serve --port N` (read from PID 1's command line, also behind `docker run --init`), else CASCADE_PORT.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os, sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CASCADE_PORT', '8000'), timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+  CMD ["python", "-c", "import os, sys, urllib.request; a = open('/proc/1/cmdline', 'rb').read().decode(errors='replace').split(chr(0)); p = next((x[7:] for x in a if x.startswith('--port=')), None) or next((a[i + 1] for i, x in enumerate(a[:-1]) if x == '--port'), None) or os.environ.get('CASCADE_PORT', '8000'); r = urllib.request.urlopen('http://127.0.0.1:%s/healthz' % p, timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 
 # Exec form: `cascade` is PID 1 and receives SIGTERM itself (graceful drain, then exit 0).
 # Set the drain window with server.shutdown_grace_s; give `docker stop -t` a few seconds more.

@@ -442,7 +442,7 @@ def fetch_model(m: Model) -> None:
     say(f"weights: {m.alias}: sha256 OK ({time.monotonic() - t0:.0f} s)")
 
 
-def cmd_setup(args: argparse.Namespace) -> int:
+def cmd_setup(args: argparse.Namespace, *, then_start: bool = False) -> int:
     t0 = time.monotonic()
     models = selected_models(args)
     for p in MODELS_DIR.glob("*.partial"):
@@ -455,7 +455,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if not args.no_weights:
         for m in models:
             fetch_model(m)
-    say(f"setup done in {time.monotonic() - t0:.0f} s. Next: scripts/models start")
+    # `up` (and scripts/run through it) starts the servers itself: no "Next:" hint there.
+    say(f"setup done in {time.monotonic() - t0:.0f} s" + ("" if then_start else ". Next: scripts/models start"))
     return 0
 
 
@@ -749,7 +750,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    rc = cmd_setup(args)
+    rc = cmd_setup(args, then_start=True)
     return rc or cmd_start(args)
 
 

@@ -621,11 +621,12 @@ def panels() -> list[dict[str, Any]]:
     p.append(
         timeseries(
             "Upstream error ratio",
-            "Failed calls / all calls, per upstream.",
+            "Failed attempts / all attempts, per upstream (what the CascadeUpstreamErrorRatio alerts watch). "
+            "cascade_upstream_duration_seconds counts answered calls only, so it is no denominator.",
             targets(
                 (
-                    f"sum by (upstream) (rate(cascade_upstream_errors_total{{{U}}}[{RI}])) / "
-                    f"sum by (upstream) (rate(cascade_upstream_duration_seconds_count{{{U}}}[{RI}]))",
+                    f'sum by (upstream) (rate(cascade_attempts_total{{{U},outcome="error"}}[{RI}])) / '
+                    f"sum by (upstream) (rate(cascade_attempts_total{{{U}}}[{RI}]))",
                     "{{upstream}}",
                 )
             ),

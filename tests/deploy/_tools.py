@@ -26,6 +26,7 @@ REQUIRED = {
     "kubernetes-validate": TOOLS / "bin" / "kubernetes-validate",
     "tsc": NODE_DIR / "node_modules" / ".bin" / "tsc",
     "python": TOOLS_PY,
+    "prometheus": TOOLS / "bin" / "prometheus",
 }
 
 _install_output: str | None = None

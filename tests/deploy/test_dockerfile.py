@@ -149,3 +149,49 @@ def test_check_image_plan() -> None:
     proc = run(["python3", str(ROOT / "scripts" / "check-image"), "--plan"], timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pip" in proc.stdout and "skip RUN" in proc.stdout
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize("form", ["--port N", "--port=N", "CASCADE_PORT"])
+def test_healthcheck_probes_the_port_served(stages, tmp_path: Path, form: str) -> None:
+    """`docker run IMAGE serve --port N` (PID 1's argv, also behind --init) wins over CASCADE_PORT."""
+    import http.server
+    import socket
+    import threading
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nothing listens on: probing it fails
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    port = srv.server_address[1]
+    argv = {
+        "--port N": ["docker-init", "--", "cascade", "serve", "--port", str(port)],
+        "--port=N": ["cascade", "serve", f"--port={port}"],
+        "CASCADE_PORT": ["cascade", "serve"],
+    }[form]
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (hc,) = _ops(stages[-1], "HEALTHCHECK")
+    probe = ci.parse_exec(hc[hc.index("CMD") + 3 :].strip())
+    assert "/proc/1/cmdline" in probe[-1]
+    probe = [sys.executable, *probe[1:-1], probe[-1].replace("/proc/1/cmdline", str(cmdline))]
+    env_port = str(port) if form == "CASCADE_PORT" else str(closed)
+    try:
+        ok = run(probe, env={"CASCADE_PORT": env_port}, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        if form != "CASCADE_PORT":  # the served port decides, not CASCADE_PORT
+            cmdline.write_bytes(cmdline.read_bytes().replace(str(port).encode(), str(closed).encode()))
+            bad = run(probe, env={"CASCADE_PORT": str(port)}, timeout=30)
+            assert bad.returncode != 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
