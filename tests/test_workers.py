@@ -29,7 +29,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(url: str, timeout: float = 40) -> None:
+def _wait(url: str, timeout: float = 90) -> None:
+    # Generous: two workers importing the app on a loaded 2-CPU machine have taken over 40 s to be ready.
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
