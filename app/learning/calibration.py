@@ -20,15 +20,10 @@ labelled it. Its weight is the inverse of its realised chance of being labelled:
   or the trace's baseline (user).
 
 Without the counts of requests per accepted stage (``LabelledData.accepted`` is None) the stored
-nominal weights are used (1, 1/shadow_rate). A stage a request never reached (a middle stage, when an
-earlier one accepted) is filled in from ``DONORS`` requests that did reach it, those whose previous
-stage scored closest to this request's (hot-deck imputation): each donor lends its score, label and
-cost from that stage on, as a copy of the request weighing 1/``DONORS`` of it (``Rows.origin`` says
-which request a row stands for). Requests accepted early are the easier ones, and the donors nearest in
-the previous stage's score are the most like them; a stage's plain mean label (what was used before)
-comes from the harder requests that earlier stages passed on, which made every fit that would send
-more requests to that stage escalate more than it needs. With no donor at all the stage's mean label
-and cost stand in, and the stage always accepts. Scores of failed attempts are NaN (never accepted).
+nominal weights are used (1, 1/shadow_rate). Stages a request never reached (a middle stage, when an
+earlier one accepted) are filled in with that stage's weighted mean label and mean cost, and always
+accept: a deliberately pessimistic guess for quality, so a fit errs towards escalating. Scores of
+failed attempts are NaN (never accepted).
 """
 
 from __future__ import annotations
@@ -53,7 +48,6 @@ from app.learning.thresholds import (
 )
 
 _ALWAYS = 1e300  # score of a stage the request never reached: above every finite threshold
-DONORS = 20  # requests that stand in for a stage a request never reached (module docstring)
 
 AttemptT = tuple[str, float | None, float]  # outcome, score, cost
 LabelT = tuple[str, int | None, float, float, float]  # source, stage, value, nominal weight, cost
@@ -71,15 +65,9 @@ class Rows:
     last_label_id: int = 0
     rates: dict[int, float] = field(default_factory=dict)  # realised labelling rate per accepted stage
     accepted: dict[int, float] = field(default_factory=dict)  # (decayed) requests per accepted stage
-    # Per row, the labelled request it stands for (imputed copies of one request share it); None: one
-    # row per request.
-    origin: np.ndarray | None = None
 
     @property
     def n(self) -> int:
-        """Labelled requests (not rows: a request filled in from donors has several)."""
-        if self.origin is not None and self.origin.size:
-            return int(self.origin.max()) + 1
         return int(self.scores.shape[0])
 
 
@@ -281,63 +269,11 @@ def to_rows(entries: Sequence[Entry], K: int, weights: Sequence[float], last_id:
     return rows
 
 
-def _borrow(rows: Rows) -> None:
-    """Hot-deck imputation (module docstring): every row that reached stage k-1 but not stage k (a
-    middle stage) becomes up to ``DONORS`` rows, one per donor (a row that reached k with a label
-    there), nearest first in stage k-1's score, each with the donor's scores, labels and costs from
-    stage k on and 1/(donors used) of the row's weight. Deterministic: ties go to the earlier donor."""
-    S, C, X, W = rows.scores, rows.correct, rows.cost, rows.weights
-    n, K = S.shape
-    if DONORS <= 0:
-        return
-    origin = np.arange(n)
-    for k in range(1, K - 1):
-        reached = S[:, k] < _ALWAYS
-        missing = np.flatnonzero(~reached & (S[:, k - 1] < _ALWAYS))
-        donors = np.flatnonzero(reached & np.isfinite(S[:, k]) & ~np.isnan(C[:, k]))
-        if not missing.size or not donors.size:
-            continue
-        m = min(DONORS, donors.size)
-        prev = S[donors, k - 1]
-        prev = np.where(np.isfinite(prev), prev, -1.0)
-        order = np.argsort(prev, kind="stable")
-        sorted_prev = prev[order]
-        want = np.where(np.isfinite(S[missing, k - 1]), S[missing, k - 1], -1.0)
-        # The m nearest lie among the m sorted donors on either side of each row's place.
-        at = np.searchsorted(sorted_prev, want)
-        window = at[:, None] + np.arange(-m, m)[None, :]
-        valid = (window >= 0) & (window < donors.size)
-        dist = np.where(
-            valid, np.abs(sorted_prev[np.clip(window, 0, donors.size - 1)] - want[:, None]), np.inf
-        )
-        nearest = np.argsort(dist, axis=1, kind="stable")[:, :m]
-        picked = order[np.clip(np.take_along_axis(window, nearest, axis=1), 0, donors.size - 1)]
-        lend = donors[picked]  # (len(missing), m): donor row indexes
-        rep = np.repeat(missing, m)
-        newS, newC, newX = S[rep].copy(), C[rep].copy(), X[rep].copy()
-        flat = lend.reshape(-1)
-        newS[:, k : K - 1] = S[flat, k : K - 1]
-        newC[:, k : K - 1] = C[flat, k : K - 1]
-        newX[:, k : K - 1] = X[flat, k : K - 1]
-        keep = np.ones(S.shape[0], dtype=bool)
-        keep[missing] = False
-        S = np.vstack([S[keep], newS])
-        C = np.vstack([C[keep], newC])
-        X = np.vstack([X[keep], newX])
-        W = np.concatenate([W[keep], W[rep] / m])
-        origin = np.concatenate([origin[keep], origin[rep]])
-    rows.scores, rows.correct, rows.cost, rows.weights = S, C, X, W
-    rows.origin = origin if origin.size != n or not np.array_equal(origin, np.arange(n)) else None
-
-
 def _impute(rows: Rows) -> None:
-    for k in range(rows.scores.shape[1] - 1):  # candidates: the scores seen, each once
-        s = rows.scores[:, k]
-        rows.observed.append(s[(s < _ALWAYS) & np.isfinite(s)])
-    _borrow(rows)
     for k in range(rows.scores.shape[1] - 1):
         s, c, x, w = rows.scores[:, k], rows.correct[:, k], rows.cost[:, k], rows.weights
         seen = s < _ALWAYS
+        rows.observed.append(s[seen & np.isfinite(s)])
         known = seen & ~np.isnan(c)
         mean_c = float(np.average(c[known], weights=w[known])) if known.any() and w[known].sum() > 0 else 0.0
         c[np.isnan(c)] = mean_c
@@ -389,10 +325,7 @@ def fit(
     )
     optimism = 0.0
     if honest and rows.n:
-        if rows.origin is None:
-            W = replicate_weights(rows.n, replicates, 0, rows.weights)
-        else:  # resample requests: the copies of one request filled in from donors go together
-            W = replicate_weights(rows.n, replicates, 0)[rows.origin] * rows.weights[:, None]
+        W = replicate_weights(rows.n, replicates, 0, rows.weights)
         honest_search = Search(np.ones(W.shape[1]), target_quality, margin_z)
         honest_search.add(("cascade",), policy_grid(rows.scores[:, :-1], rows.correct, rows.cost, cands, W))
         pick = honest_search.result()
