@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import statistics
 import sys
@@ -35,7 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from app.config import parse_config  # noqa: E402
 from app.main import create_app  # noqa: E402
-from tests.fake_upstream import FakeUpstream, create_fake_upstream, serve_in_background  # noqa: E402
+from tests.fake_upstream import (  # noqa: E402
+    FakeUpstream,
+    create_fake_upstream,
+    prompt_draw,
+    serve_in_background,
+)
 
 SCORE = {"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}  # score= in the prompt
 CHEAP = {"input": 0.15, "output": 0.6}
@@ -151,17 +157,39 @@ async def slow_first(fake: FakeUpstream, fake_url: str, n: int, conc: int) -> bo
     return ok and calls == 0
 
 
+TAIL_SHARE = 0.06  # the mix's latency tail: exactly this share of the prompts
+
+
+def tail_bodies(n: int, share: float, rng: random.Random, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` prompts, exactly ``round(n * share)`` of them in the fake's latency tail and 70 % of each group
+    accepted at stage 0 (``score=0.9``): the mix as stated, not one draw of it (a draw of 24 tail prompts
+    can hold 22 that stage 0 would have answered, which adds a third to what hedging costs). The fake
+    draws the tail per prompt (``prompt_draw``, its ``seed``), so the prompts are chosen for their draw,
+    and both runs (with and without hedging) meet the same tail."""
+    k = round(n * share)
+    slots = [(True, a < round(0.7 * k)) for a in range(k)]
+    slots += [(False, a < round(0.7 * (n - k))) for a in range(n - k)]
+    rng.shuffle(slots)
+    out = []
+    for i, (tail, accepted) in enumerate(slots):
+        score = "0.9" if accepted else "0.2"
+        for j in itertools.count():
+            body = chat(f"question {i}.{j} score={score}")
+            if (prompt_draw(seed, body) < share) == tail:
+                out.append(body)
+                break
+    return out
+
+
 async def mix(fake: FakeUpstream, fake_url: str, n: int, conc: int, hedge: float) -> bool:
     print(
         f"\n2. mix: stage 0 0.3 s (+4 s for 6 % of calls), accepted for 70 % of prompts; stage 1 1.2 s, "
         f"~16x the price ({n} requests, c={conc})"
     )
     first, last = "slow-300+tail-4000-6+answer-small_answer", "slow-1200+answer-large_answer"
-    rng = random.Random(17)
-    bodies = [chat(f"question {i} score={'0.9' if rng.random() < 0.7 else '0.2'}") for i in range(n)]
+    bodies = tail_bodies(n, TAIL_SHARE, random.Random(17))
     rows = {}
     for name, h in (("no hedging", None), (f"hedge_after_s {hedge:g}", hedge)):
-        fake._rng = random.Random(1)  # the same latency tail for both runs
         async with proxy_for(config(fake_url, first, last, h)) as url:
             rows[name] = row(name, await load(url, bodies, conc))
     base, hed = rows["no hedging"], rows[f"hedge_after_s {hedge:g}"]

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import math
 import random
@@ -465,8 +467,16 @@ class _ClientWatch:
             self._task.cancel()
 
 
+def prompt_draw(seed: int, request: Any) -> float:
+    """A number in [0, 1) fixed by the seed and the request's messages (the `tail-` draw)."""
+    messages = request.get("messages") if isinstance(request, dict) else None
+    raw = json.dumps([seed, messages], sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big") / 2**64
+
+
 class FakeUpstream:
     def __init__(self, seed: int = 0) -> None:
+        self._seed = seed
         self._rng = random.Random(seed)
         self.chaos_faults: dict[str, int] = {}  # fault -> how many `chaos-` requests got it
         self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"}, the last 1000
@@ -538,8 +548,9 @@ class FakeUpstream:
             fault = self._rng.choice(list(CHAOS_FAULTS))
             self.chaos_faults[fault] = self.chaos_faults.get(fault, 0) + 1
             b = dataclasses.replace(b, **CHAOS_FAULTS[fault])
-        if b.tail_ms and self._rng.random() * 100 < b.tail_pct:
-            # A latency tail (a busy provider): this request is slow_ms + tail_ms.
+        if b.tail_ms and prompt_draw(self._seed, request) * 100 < b.tail_pct:
+            # A latency tail (a busy provider): this request is slow_ms + tail_ms. Drawn per prompt (seeded),
+            # not in arrival order: two runs of one request sequence put the same prompts in the tail.
             b = dataclasses.replace(b, slow_ms=b.slow_ms + b.tail_ms)
         stream = request.get("stream") is True
         # Streams wait after their headers (time to first token); everything else before its reply.
