@@ -62,7 +62,7 @@ async def collect_streamed(stage: Stage, body: Json, asm: Assembler | None = Non
 @dataclass(slots=True, eq=False)
 class Opened:
     """A streamed stage opened upstream: the stream (held by ``stack``: closing it closes the
-    connection) and its first chunk, already read."""
+    connection) and its first events (what the first read from the socket completed), already read."""
 
     stack: AsyncExitStack
     chunks: UpstreamEvents
