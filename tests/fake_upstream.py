@@ -90,7 +90,7 @@ class Behaviour:
     gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
     agent: bool = False  # `agent`: a tool call; text quoting the tool's result once one is the last message
     details: bool = False  # `details`: usage with token details and a cost, and a system_fingerprint
-    tail_ms: int = 0  # `tail-<ms>-<pct>`: pct percent of requests (seeded RNG) wait ms more
+    tail_ms: int = 0  # `tail-<ms>-<pct>`: prompts whose seeded draw (prompt_draw) is under pct % wait ms more
     tail_pct: float = 0.0
 
 
