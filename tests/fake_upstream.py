@@ -479,6 +479,7 @@ class FakeUpstream:
         self._seed = seed
         self._rng = random.Random(seed)
         self.chaos_faults: dict[str, int] = {}  # fault -> how many `chaos-` requests got it
+        self.tailed: list[Any] = []  # the messages of the requests a `tail-` directive slowed down
         self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"}, the last 1000
         self.counts: dict[str, int] = {}
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
@@ -491,6 +492,7 @@ class FakeUpstream:
         self.counts.clear()
         self.active_streams = self.finished_streams = self.cancelled_streams = 0
         self.cancelled_waits = 0
+        self.tailed.clear()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -552,6 +554,7 @@ class FakeUpstream:
             # A latency tail (a busy provider): this request is slow_ms + tail_ms. Drawn per prompt (seeded),
             # not in arrival order: two runs of one request sequence put the same prompts in the tail.
             b = dataclasses.replace(b, slow_ms=b.slow_ms + b.tail_ms)
+            self.tailed.append(request.get("messages"))
         stream = request.get("stream") is True
         # Streams wait after their headers (time to first token); everything else before its reply.
         delay = 0.0 if stream and _is_normal(b, count) else b.slow_ms / 1000

@@ -490,3 +490,20 @@ async def test_gated_replies_wait_for_the_gate() -> None:
         fake.gate.set()
         r = await reply
     assert r.json()["choices"][0]["message"]["content"] == "open"
+
+
+async def test_the_latency_tail_is_drawn_per_prompt_not_in_arrival_order() -> None:
+    """`tail-<ms>-<pct>` slows the prompts whose seeded draw is under pct %: the same prompts in any order
+    (a benchmark comparing two configurations meets the same slow calls in both runs)."""
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(40)]
+    tailed = []
+    for order in (prompts, prompts[::-1]):
+        fake = create_fake_upstream(seed=3)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fake), base_url="http://f") as c:
+            for messages in order:
+                r = await c.post("/v1/chat/completions", json={"model": "tail-1-30", "messages": messages})
+                assert r.status_code == 200
+        tailed.append(sorted(json.dumps(m) for m in fake.tailed))
+    want = sorted(json.dumps(m) for m in prompts if fake_upstream.prompt_draw(3, {"messages": m}) < 0.30)
+    assert tailed[0] == tailed[1] == want
+    assert 0 < len(want) < len(prompts)
