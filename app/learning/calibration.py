@@ -43,6 +43,7 @@ from app.learning.thresholds import (
     FloatArray,
     ThresholdSearch,
     candidate_thresholds,
+    candidates_per_stage,
     choose_thresholds,
     evaluate_cascade,
 )
@@ -313,7 +314,10 @@ def fit(
     moved halfway down to the next lower observed score, which keeps the accept set and leaves room
     for float noise; "always accept" becomes the lower bound and "never accept" the upper one.
     """
-    cands = [candidate_thresholds(obs, n_candidates) for obs in rows.observed]
+    # The offline, honest search takes every observed score of a lone scored stage (within the grid
+    # budget); the online tuner, which moves by at most max_step per fit, keeps n_candidates quantiles.
+    per = candidates_per_stage(len(rows.observed), n_candidates) if honest else n_candidates
+    cands = [candidate_thresholds(obs, per) for obs in rows.observed]
     search = choose_thresholds(
         rows.scores,
         rows.correct,

@@ -126,6 +126,20 @@ def evaluate_cascade(
     return CascadeEval(tuple(float(t) for t in thresholds), qual, tot, tuple(reach), tuple(acc), se)
 
 
+GRID_BUDGET = 1600  # threshold combinations searched per chain: 40 x 40 for two scored stages
+
+
+def candidates_per_stage(n_scored: int, least: int = 40, budget: int = GRID_BUDGET) -> int:
+    """Threshold candidates per scored stage: ``least``, or more while the grid of every combination
+    stays within ``budget``. A two-stage cascade's one threshold is then searched over up to ``budget``
+    observed scores instead of 40 quantiles: a 40-quantile step moves 2.5 % of the requests, about a
+    point of quality where the cheap model is right 60 % of the time, and the cheapest step over the
+    target overshot it by half that on average (GSM8K)."""
+    if n_scored <= 0:
+        return least
+    return max(least, int(budget ** (1.0 / n_scored) + 1e-9))
+
+
 def candidate_thresholds(values: Any, n_candidates: int = 40, weights: Any = None) -> list[float]:
     """Distinct values when few, else quantiles; always with +inf (never accept)."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)

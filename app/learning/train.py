@@ -52,6 +52,7 @@ from app.learning.search import PolicyGrid, Search, policy_grid, reference_quali
 from app.learning.thresholds import (
     best_single_model,
     candidate_thresholds,
+    candidates_per_stage,
     single_model_stats,
 )
 from app.scoring.feature_spec import FeatureSpec
@@ -322,7 +323,8 @@ def fit_cascade(
         s = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
         c = np.stack([correct[m] for m in ch], axis=1)
         k = np.stack([cost[m] for m in ch], axis=1)
-        return policy_grid(s, c, k, [candidate_thresholds(col, n_candidates) for col in cols], w)
+        per = candidates_per_stage(len(cols), n_candidates)
+        return policy_grid(s, c, k, [candidate_thresholds(col, per) for col in cols], w)
 
     if len(chains) > SHORTLIST:  # a quick pass on the rows alone, then the bootstrap on the contenders
         pre = Search(reference[:1], target_quality, 0.0)

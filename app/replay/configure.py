@@ -38,7 +38,7 @@ from app.config import (
 )
 from app.errors import CascadeBaseError
 from app.learning.rows import Row
-from app.learning.thresholds import candidate_thresholds, choose_thresholds
+from app.learning.thresholds import candidate_thresholds, candidates_per_stage, choose_thresholds
 from app.learning.train import FittedCascade
 from app.replay.upstream import ROW_ID_FIELD, Served, build_completion
 
@@ -341,7 +341,8 @@ def calibrate_thresholds(
     target = target_quality * best_acc
     if K == 1:
         return plan
-    cands = [_config_candidates(scores[:, j], n_candidates) for j in range(K - 1)]
+    per = candidates_per_stage(K - 1, n_candidates)
+    cands = [_config_candidates(scores[:, j], per) for j in range(K - 1)]
     ts = choose_thresholds(scores, correct, cost, target, candidates=cands, margin_z=margin_z)
     thresholds = [_midpoint(t, scores[:, j]) for j, t in enumerate(ts.best.thresholds)]
     out = with_thresholds(plan, thresholds)

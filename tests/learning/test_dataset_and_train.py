@@ -167,3 +167,38 @@ def test_fit_cascade_and_simulate(tmp_path: Path) -> None:
     # a fixed chain is honoured
     fixed = fit_cascade(ds.train, target_quality=0.5, relative=False, chain=["weak", "strong"], margin_z=0.0)
     assert fixed.models == ["weak", "strong"]
+
+
+def test_grid_budget_gives_a_lone_scored_stage_every_observed_score() -> None:
+    from app.learning.thresholds import GRID_BUDGET, candidates_per_stage
+
+    assert candidates_per_stage(1) == GRID_BUDGET
+    assert candidates_per_stage(2) == 40 and candidates_per_stage(3) == 40
+    assert candidates_per_stage(1, budget=10) == 40  # never fewer than asked for
+
+
+def test_two_stage_fit_takes_the_cheapest_of_every_observed_threshold(tmp_path: Path) -> None:
+    """A two-stage cascade's threshold is searched over every out-of-fold score, not 40 quantiles: the
+    pick is the cheapest cut over all of them that reaches the aim (brute force agrees)."""
+    import numpy as np
+
+    from tests.replay import synth
+
+    ds = load_dataset(synth.write(tmp_path / "syn.jsonl", n=600, seed=3))
+    chain = ["acme/tiny-1", "Zeta/Large-X"]
+    fitted = fit_cascade(ds.train, target_quality=0.95, chain=chain, margin_z=0.0, router=False)
+    s = np.asarray(fitted.oof_scores[0])
+    assert np.unique(s).size > 60  # more distinct scores than the old 40 quantiles
+    c = np.asarray([[r.answers[m].correct for m in chain] for r in ds.train], dtype=float)
+    k = np.asarray([[r.answers[m].cost_usd for m in chain] for r in ds.train])
+    ref, aim = fitted.train["best_single_quality"], fitted.train["aim"]
+    best: tuple[float, int] | None = None
+    for t in [-math.inf, *np.unique(s).tolist(), math.inf]:
+        take = s >= t
+        q = float(np.where(take, c[:, 0], c[:, 1]).mean()) / ref
+        cost = float((k[:, 0] + np.where(take, 0.0, k[:, 1])).mean())
+        if q >= aim - 1e-12 and (best is None or cost < best[0]):
+            best = (cost, int(take.sum()))
+    assert best is not None and fitted.feasible
+    assert int((s >= fitted.thresholds[0]).sum()) == best[1]
+    assert fitted.train["cost_usd"] == pytest.approx(best[0], rel=1e-9)
