@@ -163,3 +163,51 @@ def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
     # They ruled out 30: 10 to expect, one label is enough, none is stale.
     assert stale_stages([*early, *now[:1]], population, 1, cfg, capped[:30]) == []
     assert stale_stages(early, population, 1, cfg, capped[:30]) == [0]
+
+
+def _sampled(
+    rng: random.Random, start: int, n: int, good: float, shadowed: set[int] | None = None, rate: float = 0.1
+) -> tuple[list[Entry], list[tuple[int, int]]]:
+    """Requests at a threshold of 0.5 on a 10 % shadow rate: accepted ones (score >= 0.5) get a shadow
+    label when drawn (``shadowed`` picks which, else every 1/rate-th), right with chance ``good``;
+    escalated ones get their free label (the early answer right a third of the time)."""
+    entries, population = [], []
+    for i in range(start, start + n):
+        s = rng.random()
+        early = s >= 0.5
+        population.append((i, 0 if early else 1))
+        drawn = (i in shadowed) if shadowed is not None else i % round(1 / rate) == 0
+        if early and not drawn:
+            continue
+        atts: dict[int, Any] = {0: ("accepted" if early else "rejected", s, 1e-6)}
+        if not early:
+            atts[1] = ("accepted", None, 1e-4)
+        value = float(rng.random() < (good if early else 0.33))
+        label = ("shadow" if early else "free", 0, value, 1 / rate if early else 1.0, 1e-4 if early else 0.0)
+        e = make_entry(i, 2, 0 if early else 1, 1e-4, atts, [label], 2)
+        assert e is not None
+        entries.append(e)
+    return entries, population
+
+
+def test_ten_lucky_shadow_labels_are_not_a_change() -> None:
+    """The newest 200 labelled requests of a steady stream at a 10 % shadow rate hold ~10 shadow
+    labels; all of them right (0.68 ** 10: a few per cent of the checks) is no evidence of a change.
+    Judged on each sample's own residuals it was (z > 5), and the tuner threw its history away."""
+    from app.config import LearningConfig
+    from app.learning.tuning import changed
+
+    cfg = LearningConfig(drift_labels=200, half_life_labels=2000)
+    rng = random.Random(4)
+    old, pop_old = _sampled(rng, 0, 3000, good=0.68)
+    accepted_next = [i for i in range(3000, 3400) if rng.random() >= 0.5]
+    rng2 = random.Random(4)
+    new, pop_new = _sampled(rng2, 3000, 400, good=1.0, shadowed=set(accepted_next[::16]))
+    labelled_new = [e for e in new if e.kind == "shadow"]
+    assert 5 <= len(labelled_new) <= 20 and all(e.correct[0] == 1.0 for e in labelled_new)
+    entries = old + new
+    assert changed(entries[: len(old) + len(new)], pop_old + pop_new, 2, [0.5], cfg) is None
+    # A real fall in what the accepted answers are worth is still caught at the same shadow rate.
+    worse, pop_worse = _sampled(random.Random(9), 3000, 800, good=0.1, rate=0.1)
+    got = changed(old + worse, pop_old + pop_worse, 2, [0.5], cfg)
+    assert got is not None and got.evidence["z"] < -3
