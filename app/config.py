@@ -322,6 +322,10 @@ class LearningConfig(_Model):
     # whose early stage answers nearly everything cheaply still gets the labels it starts from.
     shadow_warmup: int = Field(20, ge=0)
     shadow_max_in_flight: int = Field(8, ge=1)  # per process; more are skipped ("busy"), never queued
+    # A shadow call of a cascade of three stages or more also asks the stages between the one that
+    # answered and the last, and scores and labels their answers: the fit then knows what a middle stage
+    # would have done for an answer the first stage accepted, instead of filling in a guess.
+    shadow_middle: bool = True
     # The label definition: "as good as the last stage's answer", decided by `compare`:
     # auto: exact match of closed forms (choice, number, JSON, tool calls), else the judge, else no label;
     # exact: normalised exact match always; judge: the judge always.

@@ -213,6 +213,11 @@ def build_rows(
     return out
 
 
+def attempt_row(att: Attempt, got: tuple[str, str | None] | None, text: bool, prompt: str = "") -> AttemptRow:
+    """The stored row of an attempt (``got``: its answer's text and finish reason, when it has one)."""
+    return _attempt_row(att, got, normalized(got[0], prompt) if got is not None else None, text)
+
+
 def _attempt_row(
     att: Attempt, got: tuple[str, str | None] | None, norm: str | None, text: bool
 ) -> AttemptRow:

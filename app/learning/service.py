@@ -18,13 +18,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.cascade.trace import Trace
 from app.config import LearningConfig
 from app.learning.labels import compare_mode
 from app.learning.records import (
+    AttemptRow,
     Built,
     LabelRow,
     TraceRow,
@@ -61,6 +62,7 @@ class _Pending:
 class _Labels:
     cascade: str
     rows: list[LabelRow]
+    attempts: list[tuple[str, AttemptRow]] = field(default_factory=list)  # middle stages a shadow asked
 
 
 @dataclass(slots=True)
@@ -176,8 +178,12 @@ class Learning:
         self._queue.put_nowait(_Pending(trace, ok, seconds, meta, self.clock(), sampling))
         self._pending[trace.completion_id] = trace.cascade
 
-    def emit_labels(self, cascade: str, labels: list[LabelRow]) -> None:
-        self._put(_Labels(cascade, labels))
+    def emit_labels(
+        self, cascade: str, labels: list[LabelRow], attempts: list[tuple[str, AttemptRow]] | None = None
+    ) -> None:
+        """Labels (and the attempt rows of middle stages a shadow call asked: written in the same
+        transaction, so the tuner reads them with the request's first labels)."""
+        self._put(_Labels(cascade, labels, list(attempts or ())))
 
     def settle_sampling(self, cascade: str, trace_id: str, outcome: str) -> None:
         """What finally happened about a request's labels (a label call's outcome), for its trace."""
@@ -405,9 +411,11 @@ def _build_and_write(
     updates: list[tuple[str, str]] = []
     counts: Counter[tuple[str, str]] = Counter()
     built: list[tuple[Trace, Built]] = []
+    extra: list[tuple[str, AttemptRow]] = []
     for item in batch:
         if isinstance(item, _Labels):
             labels.extend(item.rows)
+            extra.extend(item.attempts)
             counts.update((item.cascade, lb.source) for lb in item.rows)
             continue
         if isinstance(item, _Sampling):
@@ -431,7 +439,7 @@ def _build_and_write(
         labels.extend(b.labels)
         counts.update((m.name, lb.source) for lb in b.labels)
         built.append((item.trace, b))
-    store.backend.write(traces, labels)
+    store.backend.write(traces, labels, extra)
     if updates:
         store.backend.set_sampling(updates)
     return counts, built

@@ -29,18 +29,23 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from app.cascade.accounting import account
+from app.cascade.calls import ask_logprobs
 from app.cascade.plan import Plan
-from app.cascade.trace import Trace
+from app.cascade.trace import Attempt, Trace
 from app.config import LearningConfig
 from app.errors import UpstreamError
 from app.learning.labels import EXACT, JUDGE, judge_prompt, judge_reply, verdict
-from app.learning.records import LabelRow, answer_of, prompt_of
+from app.learning.records import AttemptRow, LabelRow, answer_of, attempt_row, prompt_of
 from app.metrics import Metrics
+from app.scoring.base import Answer, ScoreContext, score_stage
 from app.upstream.client import Upstream, price_usd
 
 log = logging.getLogger("cascade.learning")
 
 Settle = Callable[[str, str, str], None]  # cascade, trace id, final sampling outcome
+# cascade, labels, and the attempt rows of middle stages a shadow call asked (trace id, row)
+Emit = Callable[[str, list[LabelRow], list[tuple[str, AttemptRow]]], None]
 
 
 class HourlyBudget:
@@ -108,7 +113,7 @@ class Shadow:
         self,
         cfg: LearningConfig,
         metrics: Metrics,
-        emit: Callable[[str, list[LabelRow]], None],
+        emit: Emit,
         settle: Settle,
         *,
         rng: Callable[[], float] = random.random,
@@ -118,6 +123,8 @@ class Shadow:
         self.rate = cfg.shadow_rate
         self.judge = cfg.judge
         self.max_in_flight = cfg.shadow_max_in_flight
+        self.middle = cfg.shadow_middle
+        self.store_text = cfg.store_text
         self.spend = _Spend(cfg, workers, time.monotonic)
         self._metrics = metrics
         self._emit = emit
@@ -151,7 +158,7 @@ class Shadow:
         if why:
             self._metrics.shadow_skip(trace.cascade, why)
             return why
-        self._start(self._run(trace, up, self.judge_of(upstreams), compare, estimate))
+        self._start(self._run(trace, plan, self.judge_of(upstreams), compare, estimate))
         return "drawn"
 
     def judge_free(
@@ -191,10 +198,12 @@ class Shadow:
     # --- background ----------------------------------------------------------------------------------
 
     async def _run(
-        self, trace: Trace, up: Upstream, judge: Upstream | None, compare: str, estimate: float
+        self, trace: Trace, plan: Plan, judge: Upstream | None, compare: str, estimate: float
     ) -> None:
-        spent = 0.0
+        spent = 0.0  # the last stage's and the judge's calls: the label's cost (the reference's price)
+        middle_spent = 0.0  # the middle stages' answers: on their attempt rows
         outcome = "no_label"
+        up = plan.final.upstream
         try:
             body = trace.request or {}
             reply, spent = await _ask(up, up.prepare(body, stream=False), trace.cascade, self._metrics)
@@ -204,35 +213,104 @@ class Shadow:
                 return
             prompt = prompt_of(body)
             labels: list[LabelRow] = []
+            texts: dict[int, str] = {}
             for att in trace.attempts:
                 got = answer_of(att.answer)
                 if got is None:
                     if att.outcome == "error":
                         labels.append(self._label(trace, att.stage, 0.0, "error"))
                     continue
-                v = verdict(compare, got[0], ref[0], prompt, have_judge=judge is not None)
+                texts[att.stage] = got[0]
+            rows: list[tuple[str, AttemptRow]] = []
+            if self.middle:
+                middle_spent = await self._middle(trace, plan, body, prompt, texts, rows)
+            for stage in sorted(texts):
+                v = verdict(compare, texts[stage], ref[0], prompt, have_judge=judge is not None)
                 if v.how == EXACT:
                     assert v.value is not None
-                    labels.append(self._label(trace, att.stage, v.value, v.reason or EXACT))
+                    labels.append(self._label(trace, stage, v.value, v.reason or EXACT))
                 elif v.how == JUDGE and judge is not None:
-                    value, cost = await _judge(judge, prompt, got[0], ref[0], trace.cascade, self._metrics)
+                    value, cost = await _judge(
+                        judge, prompt, texts[stage], ref[0], trace.cascade, self._metrics
+                    )
                     spent += cost
                     if value is not None:
-                        labels.append(self._label(trace, att.stage, value, JUDGE))
+                        labels.append(self._label(trace, stage, value, JUDGE))
             if labels:
+                labels.sort(key=lambda lb: lb.stage if lb.stage is not None else -1)
                 labels[0].cost_usd = spent
-                self._emit(trace.cascade, labels)
+                self._emit(trace.cascade, labels, rows)
                 outcome = "labelled"
         except UpstreamError as err:
             outcome = "upstream_error"
             log.info("shadow call failed", extra={"cascade": trace.cascade, "reason": err.reason})
         finally:
-            self.spend.settle("shadow", estimate, spent)
+            self.spend.settle("shadow", estimate, spent + middle_spent)
             if outcome != "labelled":
                 self._metrics.labels_skipped(trace.cascade, outcome)
                 if outcome == "upstream_error":
                     self._metrics.shadow_skip(trace.cascade, outcome)
             self._settle(trace.cascade, trace.completion_id, outcome)
+
+    async def _middle(
+        self,
+        trace: Trace,
+        plan: Plan,
+        body: dict[str, Any],
+        prompt: str,
+        texts: dict[int, str],
+        rows: list[tuple[str, AttemptRow]],
+    ) -> float:
+        """Ask, score and record the stages between the accepted one and the last (``texts`` gets their
+        answers, ``rows`` their attempt rows); returns what their calls cost. Stops at the first stage
+        that cannot be asked (circuit open, failed call): the fit fills in what is missing."""
+        a = trace.accepted
+        if a is None:
+            return 0.0
+        previous: list[Answer] = []
+        for att in trace.attempts:
+            if isinstance(att.answer, dict) and att.stage in texts and att.answer.get("choices"):
+                ch0 = att.answer["choices"][0]
+                previous.append(
+                    Answer(
+                        ch0.get("message") or {},
+                        ch0.get("finish_reason"),
+                        att.answer,
+                        att.upstream,
+                        att.stage,
+                    )
+                )
+        spent = 0.0
+        for stage in plan.stages[a.stage + 1 : len(plan.stages) - 1]:
+            up = stage.upstream
+            if up.blocked() is not None:
+                break
+            att = Attempt(stage=stage.index, upstream=up.name, outcome="shadow", reason="shadow")
+            t0 = time.perf_counter()
+            try:
+                req = ask_logprobs(stage, body, up.prepare(body, stream=False))
+                completion, cost = await _ask(up, req, trace.cascade, self._metrics)
+            except UpstreamError:
+                break
+            spent += cost
+            att.latency_ms = (time.perf_counter() - t0) * 1000
+            account(att, stage, body, completion)
+            choices = completion.get("choices") or [{}]
+            ch0 = choices[0] if isinstance(choices[0], dict) else {}
+            answer = Answer(
+                ch0.get("message") or {}, ch0.get("finish_reason"), completion, up.name, stage.index
+            )
+            ctx = ScoreContext(plan.name, stage.index, body, answer, tuple(previous), att.scoring)
+            verdict_ = await score_stage(stage.scorers, ctx, 0.0)
+            att.score, att.scores, att.reasons = verdict_.value, verdict_.scores, verdict_.reasons
+            spent += sum(sp.cost_usd for sp in att.scoring)
+            got = answer_of(completion)
+            rows.append((trace.completion_id, attempt_row(att, got, self.store_text, prompt)))
+            if got is None:
+                break
+            texts[stage.index] = got[0]
+            previous.append(answer)
+        return spent
 
     async def _judge_free(
         self,
@@ -253,7 +331,7 @@ class Shadow:
                 if value is not None:
                     labels.append(self._label(trace, stage, value, JUDGE, source="free", cost=cost))
             if labels:
-                self._emit(trace.cascade, labels)
+                self._emit(trace.cascade, labels, [])
                 outcome = "labelled"
         except UpstreamError as err:
             outcome = "upstream_error"

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app.errors import CascadeBaseError
-from app.learning.records import LabelRow, TraceRow
+from app.learning.records import AttemptRow, LabelRow, TraceRow
 
 T = TypeVar("T")
 log = logging.getLogger("cascade.learning")
@@ -268,7 +268,14 @@ class _Backend:
 
     # --- writes --------------------------------------------------------------------------------------
 
-    def write(self, traces: Sequence[TraceRow], labels: Sequence[LabelRow]) -> None:
+    def write(
+        self,
+        traces: Sequence[TraceRow],
+        labels: Sequence[LabelRow],
+        attempts: Sequence[tuple[str, AttemptRow]] = (),
+    ) -> None:
+        """Traces with their attempts, labels, and ``attempts`` of earlier traces (trace id, row): the
+        middle stages a shadow call asked."""
         trace_rows = [
             (
                 t.id, t.request_id, t.cascade, t.plan, t.fit_version, t.created, int(t.ok), int(t.stream),
@@ -278,6 +285,7 @@ class _Backend:
             for t in traces
         ]  # fmt: skip
         attempt_rows = [(t.id, *astuple(a)) for t in traces for a in t.attempts]
+        attempt_rows += [(tid, *astuple(a)) for tid, a in attempts]
         label_rows = [astuple(lb) for lb in labels]
 
         def work(cur: Any) -> None:
@@ -566,8 +574,13 @@ class Store:
     async def open(self) -> int:
         return await self.run(self._b.migrate)
 
-    async def write(self, traces: Sequence[TraceRow], labels: Sequence[LabelRow]) -> None:
-        await self.run(self._b.write, traces, labels)
+    async def write(
+        self,
+        traces: Sequence[TraceRow],
+        labels: Sequence[LabelRow],
+        attempts: Sequence[tuple[str, AttemptRow]] = (),
+    ) -> None:
+        await self.run(self._b.write, traces, labels, attempts)
 
     async def prune(self, before: float, limit: int = PRUNE_BATCH) -> int:
         return await self.run(self._b.prune, before, limit)

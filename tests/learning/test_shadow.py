@@ -206,3 +206,72 @@ async def test_shadow_spend_is_capped_as_a_share_of_the_answers_spend(
     ]
     skipped = {"cascade": "default", "reason": "budget"}
     assert reg.get_sample_value("cascade_shadow_skipped_total", skipped) == 3
+
+
+async def test_a_shadow_call_also_asks_the_middle_stages_and_records_their_scores(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Three stages, the first accepts: the shadow call asks the last stage for the reference and the
+    middle one for what it would have answered; the middle answer is scored by its stage's scorers,
+    stored as a ``shadow`` attempt with its score and labelled, so the fit sees a real score there
+    instead of a filled-in guess. Its cost is shadow spend, not the request's."""
+    from app.config import parse_config
+    from app.learning.calibration import _ALWAYS, assemble
+    from app.learning.records import plan_fingerprint
+
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    cfg = _cfg(url)
+    cfg["upstreams"]["mid"] = {
+        **cfg["upstreams"]["large"],
+        "model": "answer-London",
+        "price": {"input": 1.0, "output": 2.0},
+    }
+    cfg["cascades"]["default"]["stages"] = [
+        dict(cfg["cascades"]["default"]["stages"][0]),
+        {"upstream": "mid", "threshold": 0.7, "scorers": [{"type": "heuristic"}]},
+        {"upstream": "large"},
+    ]
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.json()["cascade"]["stage"] == 0
+        assert [a["stage"] for a in r.json()["cascade"]["attempts"]] == [0]  # the client's request: one call
+        await settle(app)
+        fp = plan_fingerprint(parse_config(cfg, env={}), parse_config(cfg, env={}).cascades["default"])
+        data = await learning_of(app).store.labelled("default", fp)
+    rows = query(
+        url, "SELECT stage, upstream, outcome, score IS NOT NULL, cost_usd > 0 FROM attempts ORDER BY stage"
+    )
+    assert rows == [(0, "small", "accepted", 1, 1), (1, "mid", "shadow", 1, 1)]
+    assert [(s, src, v) for _, s, src, v, *_ in _labels(url)] == [(0, "shadow", 1.0), (1, "shadow", 0.0)]
+    assert (
+        reg.get_sample_value(
+            "cascade_cost_usd_total", {"cascade": "default", "upstream": "mid", "purpose": "shadow"}
+        )
+        > 0
+    )
+    fitted = assemble(data, 3)
+    assert fitted.n == 1
+    assert fitted.scores[0, 1] < _ALWAYS and fitted.correct[0, 1] == 0.0  # real, not filled in
+    mid_cost = query(url, "SELECT cost_usd FROM attempts WHERE stage = 1")[0][0]
+    assert fitted.cost[0, 1] == pytest.approx(mid_cost)
+    # The last stage's cost on the row is the reference call's alone, not the middle call's too.
+    label_cost = query(url, "SELECT sum(cost_usd) FROM labels")[0][0]
+    assert fitted.cost[0, 2] == pytest.approx(label_cost)
+
+
+async def test_shadow_middle_off_asks_the_last_stage_only(fake: FakeUpstream, tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url, shadow_middle=False)
+    cfg["upstreams"]["mid"] = {**cfg["upstreams"]["large"], "model": "answer-London"}
+    cfg["cascades"]["default"]["stages"] = [
+        dict(cfg["cascades"]["default"]["stages"][0]),
+        {"upstream": "mid", "threshold": 0.7, "scorers": [{"type": "heuristic"}]},
+        {"upstream": "large"},
+    ]
+    async with proxy(cfg, fake) as (c, app):
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.json()["cascade"]["stage"] == 0
+        await settle(app)
+    assert query(url, "SELECT stage, outcome FROM attempts") == [(0, "accepted")]
+    assert fake.counts.get("answer-London") is None

@@ -110,10 +110,12 @@ async def test_a_slow_store_never_slows_requests_and_a_full_queue_drops(
     real_write = store_mod._Backend.write
     release, writing = threading.Event(), threading.Event()
 
-    def stuck_write(self: store_mod._Backend, traces: list[TraceRow], labels: list) -> None:  # type: ignore[type-arg]
+    def stuck_write(
+        self: store_mod._Backend, traces: list[TraceRow], labels: list, attempts: Any = ()
+    ) -> None:  # type: ignore[type-arg]
         writing.set()
         release.wait(30)
-        real_write(self, traces, labels)
+        real_write(self, traces, labels, attempts)
 
     monkeypatch.setattr(store_mod._Backend, "write", stuck_write)
     url = sqlite_url(tmp_path)
@@ -266,7 +268,7 @@ async def test_closing_the_store_is_bounded_even_with_a_write_stuck(
     release = threading.Event()
     stuck = threading.Event()
 
-    def hang(self: store_mod._Backend, traces: Any, labels: Any) -> None:
+    def hang(self: store_mod._Backend, traces: Any, labels: Any, attempts: Any = ()) -> None:
         stuck.set()
         release.wait(30)
 
