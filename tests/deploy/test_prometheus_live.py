@@ -273,6 +273,19 @@ async def _stack() -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, 
 
 async def test_real_prometheus_scrapes_alerts_and_dashboards() -> None:
     async with _stack() as (client, prom, started):
+        # The counters must be in Prometheus before the normal traffic: a rate covers the increases
+        # after a series' first sample, so normal traffic sent before the first scrape would be missing
+        # from the day's ratio that the escalation spike is judged against (on a quiet machine the 300
+        # requests below take less than the first scrape interval).
+        await _send(client, _body("default"))
+        await _send(client, _body("default", json_mode=True))
+
+        async def seen_first() -> bool:
+            esc = await _query(prom, 'sum(cascade_escalations_total{cascade="default"})')
+            req = await _query(prom, 'sum(cascade_requests_total{cascade="default"})')
+            return bool(esc and req) and float(req[0]["value"][1]) >= 2
+
+        await _until("Prometheus has scraped the first requests", seen_first)
         # Phase 1, normal traffic: 300 requests, one in fifteen escalated, one in five streamed.
         for _batch in range(20):
             bodies = [_body("default", json_mode=(i == 0), stream=(i % 5 == 1)) for i in range(15)]
@@ -280,7 +293,7 @@ async def test_real_prometheus_scrapes_alerts_and_dashboards() -> None:
 
         async def seen_all() -> bool:
             res = await _query(prom, 'sum(cascade_requests_total{cascade="default"})')
-            return bool(res) and float(res[0]["value"][1]) >= 300
+            return bool(res) and float(res[0]["value"][1]) >= 302
 
         await _until("Prometheus has scraped the first 300 requests", seen_all)
         await _rules_evaluated_after(prom, time.time(), times=3)
