@@ -301,7 +301,10 @@ class Shadow:
                 ch0.get("message") or {}, ch0.get("finish_reason"), completion, up.name, stage.index
             )
             ctx = ScoreContext(plan.name, stage.index, body, answer, tuple(previous), att.scoring)
-            verdict_ = await score_stage(stage.scorers, ctx, 0.0)
+            # Scored as the request path would have (a veto applies below the threshold in force).
+            threshold = plan.thresholds[stage.index]
+            att.threshold = threshold
+            verdict_ = await score_stage(stage.scorers, ctx, threshold if threshold is not None else 0.0)
             att.score, att.scores, att.reasons = verdict_.value, verdict_.scores, verdict_.reasons
             spent += sum(sp.cost_usd for sp in att.scoring)
             got = answer_of(completion)
