@@ -22,7 +22,7 @@ import numpy as np
 from app.learning.crossfit import crossfit
 from app.learning.rows import Row
 from app.learning.search import Pick, Search, policy_grid
-from app.learning.thresholds import candidate_thresholds
+from app.learning.thresholds import candidate_thresholds, served_stages
 from app.scoring.feature_spec import FeatureSpec
 from app.scoring.model import LogisticModel
 from app.scoring.prompt_features import request_prompt_features
@@ -82,12 +82,10 @@ def fit_router(
     s = np.asarray(scores, dtype=np.float64)
     c = np.asarray(correct, dtype=np.float64)
     k = np.asarray(cost, dtype=np.float64)
-    n, K = c.shape
+    K = c.shape[1]
     if K < 2:
         return RouterFit(False, "a one-model cascade has nothing to skip")
-    served = np.full(n, K - 1)
-    for j in range(K - 2, -1, -1):
-        served[s[:, j] >= stage_pick.thresholds[j]] = j
+    served = served_stages(s, stage_pick.thresholds[: K - 1])
     y = (served == K - 1).astype(np.float64)
     share = float(y.mean())
     if share < MIN_SHARE or share > 1.0 - MIN_SHARE:

@@ -269,17 +269,8 @@ class Shadow:
             return 0.0
         previous: list[Answer] = []
         for att in trace.attempts:
-            if isinstance(att.answer, dict) and att.stage in texts and att.answer.get("choices"):
-                ch0 = att.answer["choices"][0]
-                previous.append(
-                    Answer(
-                        ch0.get("message") or {},
-                        ch0.get("finish_reason"),
-                        att.answer,
-                        att.upstream,
-                        att.stage,
-                    )
-                )
+            if isinstance(att.answer, dict) and att.stage in texts:
+                previous.append(Answer.of(att.answer, att.upstream, att.stage))
         spent = 0.0
         for stage in plan.stages[a.stage + 1 : len(plan.stages) - 1]:
             up = stage.upstream
@@ -295,11 +286,7 @@ class Shadow:
             spent += cost
             att.latency_ms = (time.perf_counter() - t0) * 1000
             account(att, stage, body, completion)
-            choices = completion.get("choices") or [{}]
-            ch0 = choices[0] if isinstance(choices[0], dict) else {}
-            answer = Answer(
-                ch0.get("message") or {}, ch0.get("finish_reason"), completion, up.name, stage.index
-            )
+            answer = Answer.of(completion, up.name, stage.index)
             ctx = ScoreContext(plan.name, stage.index, body, answer, tuple(previous), att.scoring)
             # Scored as the request path would have (a veto applies below the threshold in force).
             threshold = plan.thresholds[stage.index]

@@ -126,6 +126,17 @@ def evaluate_cascade(
     return CascadeEval(tuple(float(t) for t in thresholds), qual, tot, tuple(reach), tuple(acc), se)
 
 
+def served_stages(scores: Any, thresholds: Sequence[float]) -> npt.NDArray[np.int64]:
+    """Per row, the stage whose answer ``thresholds`` serve: the earliest scored stage whose score
+    reaches its threshold, else the last (``scores`` ``(n, K-1)`` or wider; NaN never reaches)."""
+    s = np.asarray(scores, dtype=np.float64)
+    K = len(thresholds) + 1
+    served = np.full(s.shape[0], K - 1, dtype=np.int64)
+    for j in range(K - 2, -1, -1):
+        served[s[:, j] >= thresholds[j]] = j
+    return served
+
+
 GRID_BUDGET = 1600  # threshold combinations searched per chain: 40 x 40 for two scored stages
 
 

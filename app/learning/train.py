@@ -53,6 +53,7 @@ from app.learning.thresholds import (
     best_single_model,
     candidate_thresholds,
     candidates_per_stage,
+    served_stages,
     single_model_stats,
 )
 from app.scoring.feature_spec import FeatureSpec
@@ -232,9 +233,7 @@ def _evaluate(
     n, K = c.shape
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
-    served = np.full(n, K - 1)
-    for j in range(K - 2, -1, -1):
-        served[s[:, j] >= thresholds[j]] = j
+    served = served_stages(s, thresholds[: K - 1])
     routed = np.zeros(n, dtype=bool) if route is None else np.asarray(route) >= rho
     served[routed] = K - 1
     paid = np.where(routed, k[:, K - 1], np.cumsum(k, axis=1)[np.arange(n), served])

@@ -35,7 +35,7 @@ from app.config import LearningConfig
 from app.learning.calibration import Entry, Rows, fit, guard, weigh
 from app.learning.history import History
 from app.learning.store import Fit, Store, StoreError
-from app.learning.thresholds import evaluate_cascade
+from app.learning.thresholds import evaluate_cascade, served_stages
 
 log = logging.getLogger("cascade.learning")
 
@@ -110,10 +110,8 @@ def changed(
 def _served(rows: Rows, thresholds: Sequence[float]) -> tuple[Any, Any, Any]:
     """Per row: the label of the answer ``thresholds`` serve, the stage serving it, the row's weight
     (normalised to sum 1). The earliest stage whose score reaches its threshold serves."""
-    n, K = rows.correct.shape
-    stage = np.full(n, K - 1)
-    for j in range(K - 2, -1, -1):
-        stage[rows.scores[:, j] >= thresholds[j]] = j
+    n = rows.correct.shape[0]
+    stage = served_stages(rows.scores, thresholds)
     total = float(rows.weights.sum())
     w = rows.weights / total if total > 0 else np.zeros(n)
     return rows.correct[np.arange(n), stage], stage, w

@@ -290,8 +290,7 @@ async def stage_scores(plan: ReplayPlan, rows: Sequence[Row], concurrency: int =
                     completion = build_completion(
                         Served(row, model, row.answers[model], row.prompt), body, "chatcmpl-calibrate"
                     )
-                    ch0 = completion["choices"][0]
-                    ans = Answer(ch0["message"], "stop", completion, stage.upstream.name, stage.index)
+                    ans = Answer.of(completion, stage.upstream.name, stage.index)
                     ctx = ScoreContext(plan.cascade, stage.index, body, ans, tuple(previous))
                     v = await score_stage(stage.scorers, ctx, 0.0)
                     vetoes = [v.scores[c.name] for c in stage.scorers if c.cfg.veto and c.name in v.scores]

@@ -49,6 +49,14 @@ class Answer:
     upstream: str
     stage: int
 
+    @classmethod
+    def of(cls, completion: Json, upstream: str, stage: int) -> Answer:
+        """The answer of a non-streamed completion (choice 0; an empty message when it has none). The
+        engine builds its answers inline, on the hot path."""
+        choices = completion.get("choices") or ()
+        ch0 = choices[0] if choices and isinstance(choices[0], dict) else {}
+        return cls(ch0.get("message") or {}, ch0.get("finish_reason"), completion, upstream, stage)
+
     @property
     def text(self) -> str:
         c = self.message.get("content")
