@@ -29,6 +29,19 @@ def test_the_bundled_config_is_valid() -> None:
     assert cfg.cascades, "the default config must define a cascade"
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "config.openai.yaml",
+        *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "deploy/examples").glob("*.yaml"))),
+    ],
+)
+def test_every_shipped_example_config_is_valid(path: str) -> None:
+    # The configs the README points users at must load as they are (unset ${VAR}s take their defaults).
+    cfg = load_config(ROOT / path, env={"OPENAI_API_KEY": "sk-test"})
+    assert cfg.cascades and all(len(c.stages) >= 2 for c in cfg.cascades.values())
+
+
 def test_dotted_paths_one_line_per_problem() -> None:
     raw = base_config()
     raw["upstreams"]["small"]["bogus"] = 1
