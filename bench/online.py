@@ -57,6 +57,7 @@ def _row(name: str, start: str, seed: int, rep: dict[str, Any]) -> dict[str, Any
     out = {"set": name, "start": start, "seed": seed, **{k: rep.get(k) for k in keys}}
     out["offline_final_quality"] = rep["offline"]["final_quality_vs_best"]
     out["offline_final_savings"] = rep["offline"]["final_savings_vs_best"]
+    out["offline_min_rolling"] = rep["offline"].get("min_rolling_quality_vs_best_after_target")
     out["requests"] = rep["requests"]
     return out
 
@@ -134,6 +135,7 @@ def main() -> int:
         print(
             f"  min rolling q after       {_fmt([r['min_rolling_quality_vs_best_after_target'] for r in rs])}"
         )
+        print(f"  ... offline, same windows {_fmt([r['offline_min_rolling'] for r in rs])}")
         print(f"  final quality / savings   {_fmt([r['final_quality_vs_best'] for r in rs])} / "
               f"{_fmt([r['final_savings_vs_best'] for r in rs])}")  # fmt: skip
         print(f"  offline q / s (same rows) {_fmt([r['offline_final_quality'] for r in rs])} / "

@@ -16,6 +16,9 @@ back over the drift point), and the convergence figures use those:
   figure from then on (until the drift, if any);
 * ``final_quality_vs_best``, ``final_savings_vs_best``: rolling, at the end; ``offline`` gives the
   same figures of the offline thresholds on the same rows, and ``savings_vs_offline`` the ratio;
+* ``offline.min_rolling_quality_vs_best_after_target``: the offline thresholds' lowest rolling quality
+  over the same windows: fixed thresholds dip too (a 500-request window carries ~1.5 points of
+  binomial noise), which is what the online floor is to be read against;
 * with a drift, the same after it: ``labels_to_target_after_drift`` (labels since the switch) and
   ``min_rolling_quality_vs_best_after_drift_target``.
 """
@@ -99,6 +102,15 @@ def _convergence(ws: Sequence[dict[str, Any]], target: float, since_labels: int 
     }
 
 
+def _same_span(ref: Sequence[dict[str, Any]], span: Sequence[dict[str, Any]]) -> float | None:
+    """The lowest rolling quality of the reference's windows over the online run's ``span`` (the same
+    requests): how far fixed thresholds, fitted with every label known, dip on the same rows by the
+    window's own sampling noise alone. The floor of the online figures is to be read against it."""
+    ends = {w["requests"] for w in span}
+    qs = [w["rolling_quality_vs_best"] for w in ref if w["requests"] in ends]
+    return min(qs) if qs else None
+
+
 def summarise(
     online: Sequence[Served], offline: Sequence[Served], *, target: float, drift_at: int | None = None
 ) -> dict[str, Any]:
@@ -110,6 +122,7 @@ def summarise(
     fq, fs = _figures(tail)
     oq, os_ = _figures(off_tail)
     wq, wsv = _figures(offline)
+    ows = windows(offline, drift_at)
     report: dict[str, Any] = {
         "windows": ws,
         "target_quality": target,
@@ -125,7 +138,8 @@ def summarise(
             "final_savings_vs_best": os_,
             "quality_vs_best": wq,
             "savings_vs_best": wsv,
-            "windows": windows(offline, drift_at),
+            "windows": ows,
+            "min_rolling_quality_vs_best_after_target": _same_span(ows, c["after"]),
         },
         "savings_vs_offline": round(fs / os_, 4) if os_ > 0 else None,
         "errors": sum(1 for s in online if s.error),

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from app.cli import main
+from app.replay.online_report import Served, summarise
 from app.replay.online_stream import drift_mapping
 from tests.replay import synth
 
@@ -64,6 +65,9 @@ def test_thresholds_are_learned_online_from_a_strict_start(
     assert {"free", "shadow", "user"} <= set(rep["labels_by_source"])
     assert 0 < rep["shadow_cost_share"] <= 0.5 and rep["label_cost_usd"] > 0
     assert rep["offline"]["final_quality_vs_best"] > 0 and rep["learning"]["tune_every"] >= 1
+    rolling = [w["rolling_quality_vs_best"] for w in rep["offline"]["windows"]]
+    low = rep["offline"]["min_rolling_quality_vs_best_after_target"]
+    assert low in rolling and low <= rolling[-1]
     assert "labels to target" in text
 
 
@@ -93,6 +97,22 @@ def test_drift_to_another_dataset(data: dict[str, Path], capsys: pytest.CaptureF
     assert list(rep["drift_map"]) == stages and len(set(rep["drift_map"].values())) >= 2
     assert rep["drift_map"][stages[0]] == "nano" and rep["drift_map"][stages[-1]] == "ultra"
     assert "labels_to_target_after_drift" in rep and rep["windows"][-1]["source"] == "b"
+
+
+def _served(right: list[bool]) -> list[Served]:
+    return [Served(i, "a", str(i), ok, 1.0, True, 2.0) for i, ok in enumerate(right)]
+
+
+def test_the_offline_reference_dips_are_read_over_the_online_runs_own_span() -> None:
+    # Online: 300 bad requests, then all right: within 1 point of the 0.6 target from the 600th request.
+    online = _served([False] * 300 + [True] * 1200)
+    # Offline: a deep dip early (before the online run got there) and a shallow one later.
+    offline = _served([False] * 100 + [True] * 800 + [False] * 25 + [True] * 575)
+    rep = summarise(online, offline, target=0.6)
+    reached = next(w for w in rep["windows"] if w["rolling_quality_vs_best"] >= 0.59)
+    assert reached["requests"] == 600
+    assert rep["offline"]["min_rolling_quality_vs_best_after_target"] == 0.95  # 25 wrong in 500
+    assert min(w["rolling_quality_vs_best"] for w in rep["offline"]["windows"]) < 0.8  # the early dip
 
 
 def test_drift_mapping_by_place_in_the_cost_order() -> None:
