@@ -92,6 +92,7 @@ class OnlineOptions:
     work_dir: str | None = None
     replicas: int = 1  # proxies sharing the store; request i goes to replica i mod n
     store: str | None = None  # learning.store of the online run (default: a new SQLite file)
+    pass_score: float | None = None  # graded datasets (and --drift's): a score at least this is correct
     # Python API only (bench/online.py): a cascade fitted before (the same fit_cascade result, reused
     # across runs on one dataset), and learning settings over the defaults / the config's.
     fitted: Any = None
@@ -397,10 +398,10 @@ async def _run(
 
 def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineResult:
     """Load, fit, stream; raises ReplayError on bad input."""
-    ds = _load(opts.dataset)
+    ds = _load(opts.dataset, opts.pass_score)
     if not ds.train:
         raise ReplayError(f"{opts.dataset}: no train rows to fit on (rows need split 'train' or an id)")
-    other = _load(opts.drift) if opts.drift else None
+    other = _load(opts.drift, opts.pass_score) if opts.drift else None
     if other is not None and len(other.models) < 2:
         raise ReplayError(f"--drift: {opts.drift} records fewer than two models in every row")
     with tempfile.TemporaryDirectory(prefix="cascade-online-") as tmp:
@@ -409,8 +410,8 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
         return asyncio.run(_run(opts, ds, other, work, progress))
 
 
-def _load(path: str) -> Dataset:
+def _load(path: str, pass_score: float | None) -> Dataset:
     try:
-        return load_dataset(path)
+        return load_dataset(path, pass_score=pass_score)
     except (OSError, ValueError) as exc:
         raise ReplayError(f"{path}: {exc}") from exc
