@@ -29,7 +29,8 @@ Rules:
   any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
   models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` to override or extend.
 * The model set is discovered from the rows: models present in every kept row (others are listed in
-  ``Dataset.partial_models`` and ignored).
+  ``Dataset.partial_models`` and ignored); a model's record ``null`` means it is missing from that
+  row. No model in every row, or a record that is not an object, is a ``ValueError`` naming the line.
 """
 
 from __future__ import annotations
@@ -166,6 +167,20 @@ def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str
     return score >= pass_score
 
 
+def _no_common_model(rows: Sequence[Row], linenos: Sequence[int], models: Sequence[str]) -> str:
+    """Why no model is in every row, naming rows: a replay only uses the models every row records."""
+    where = [(ln, r) for ln, r in zip(linenos, rows, strict=True) if not r.answers]
+    if where:
+        ln, r = where[0]
+        return f"line {ln} (id {r.id!r}): 'models' records no model (a replay needs every row to record one)"
+    gaps = []
+    for m in models[:3]:
+        ln, r = next((ln, r) for ln, r in zip(linenos, rows, strict=True) if m not in r.answers)
+        gaps.append(f"models.{m} is missing from line {ln} (id {r.id!r})")
+    more = f" (and {len(models) - 3} more models)" if len(models) > 3 else ""
+    return f"no model is recorded in every row: {'; '.join(gaps)}{more}"
+
+
 def parse_rows(
     lines: Iterable[str],
     prices: Mapping[str, tuple[float, float]] | None = None,
@@ -175,6 +190,7 @@ def parse_rows(
     pass_score: float | None = None,
 ) -> Dataset:
     rows: list[Row] = []
+    linenos: list[int] = []  # each row's line, for messages
     dropped = 0
     hashed = False
     estimated = False
@@ -202,8 +218,13 @@ def parse_rows(
             hashed = True
         answers: dict[str, ModelAnswer] = {}
         for m, rec in obj["models"].items():
-            if not isinstance(rec, dict):
+            if rec is None:  # not run on this row: the model is missing from it
                 continue
+            if not isinstance(rec, dict):
+                raise ValueError(
+                    f"line {lineno} (id {rid!r}): models.{m} is {type(rec).__name__}, not an object "
+                    "with 'answer' and 'correct'"
+                )
             text = _answer_text(rec.get("answer"))
             score = rec.get("score", rec.get("turn1_score"))
             score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
@@ -221,12 +242,15 @@ def parse_rows(
         rows.append(
             Row(rid, prompt, str(split), answers, obj.get("reference"), str(obj.get("dataset", name)))
         )
+        linenos.append(lineno)
     if not rows:
         raise ValueError("dataset has no usable rows")
     all_models: set[str] = set()
     for r in rows:
         all_models.update(r.answers)
     common = [m for m in all_models if all(m in r.answers for r in rows)]
+    if not common:
+        raise ValueError(_no_common_model(rows, linenos, sorted(all_models)))
     partial = sorted(all_models - set(common))
     mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
     common.sort(key=lambda m: (mean_cost[m], m))

@@ -39,3 +39,40 @@ def test_online_honours_pass_score(tmp_path: Path, capsys: pytest.CaptureFixture
     code, rep, err = _replay(capsys, str(path), "--online", "--pass-score", "8")
     assert code == 0, err
     assert rep["requests"] == 120 and rep["errors"] == 0
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_no_model_in_every_row_exits_2_naming_the_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], online: bool
+) -> None:
+    """Each model missing from some row (online this was a traceback from the fit), a row recording
+    no model, a record that is not an object: exit 2, one line naming the line, id and model."""
+    rows = synth.rows(n=60, seed=2)
+    names = list(synth.MODELS)
+    for i, r in enumerate(rows):
+        if i % 5 == 0:
+            del r["models"][names[(i // 5) % len(names)]]
+    flag = ["--online"] if online else []
+    code, _, err = _replay(capsys, str(_write(tmp_path / "gaps.jsonl", rows)), *flag)
+    assert code == 2 and "Traceback" not in err
+    assert "no model is recorded in every row" in err and "models.acme/tiny-1 is missing from line 1" in err
+
+    rows = synth.rows(n=60, seed=2)
+    rows[7]["models"] = {}
+    code, _, err = _replay(capsys, str(_write(tmp_path / "empty.jsonl", rows)), *flag)
+    assert code == 2 and "line 8 (id 'syn-7')" in err and "records no model" in err
+
+    rows = synth.rows(n=60, seed=2)
+    rows[3]["models"]["bolt-mid"] = "42"
+    code, _, err = _replay(capsys, str(_write(tmp_path / "str.jsonl", rows)), *flag)
+    assert code == 2 and "line 4 (id 'syn-3'): models.bolt-mid is str" in err
+
+
+def test_a_null_record_is_a_model_missing_from_that_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = synth.rows(n=90, seed=2)
+    rows[5]["models"]["bolt-mid"] = None
+    code, rep, err = _replay(capsys, str(_write(tmp_path / "null.jsonl", rows)))
+    assert code == 0, err
+    assert "bolt-mid" not in rep["single_models"] and len(rep["single_models"]) == len(synth.MODELS) - 1
