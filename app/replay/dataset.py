@@ -19,6 +19,8 @@ API::
 Rules:
 
 * ``split`` missing -> deterministic: ``sha256(id)`` mapped to [0, 1); below ``test_fraction`` is test.
+* ``id`` repeated -> the later rows become ``id#2``, ``id#3``, ... (each row is replayed as its own;
+  a hashed split still uses the recorded id, so repeated rows stay on one side).
 * ``contaminated: true`` rows are dropped (``drop_contaminated``).
 * ``correct`` may be a bool or a 0/1 number. Without it a graded row (``score``, or MT-Bench's
   ``turn1_score``) is correct when ``score >= pass_score``; a row with neither, or a graded one without
@@ -167,6 +169,20 @@ def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str
     return score >= pass_score
 
 
+def _unique_id(rid: str, seen: dict[str, int]) -> str:
+    """``rid``, or ``rid#2``, ``rid#3``, ... when an earlier row has it: a replay tells rows apart by id
+    (the replay upstream among rows sharing a prompt, the online stream), so each row gets its own."""
+    if rid not in seen:
+        seen[rid] = 1
+        return rid
+    k = seen[rid] + 1
+    while f"{rid}#{k}" in seen:
+        k += 1
+    seen[rid] = k
+    seen[f"{rid}#{k}"] = 1
+    return f"{rid}#{k}"
+
+
 def _no_common_model(rows: Sequence[Row], linenos: Sequence[int], models: Sequence[str]) -> str:
     """Why no model is in every row, naming rows: a replay only uses the models every row records."""
     where = [(ln, r) for ln, r in zip(linenos, rows, strict=True) if not r.answers]
@@ -191,6 +207,7 @@ def parse_rows(
 ) -> Dataset:
     rows: list[Row] = []
     linenos: list[int] = []  # each row's line, for messages
+    seen_ids: dict[str, int] = {}
     dropped = 0
     hashed = False
     estimated = False
@@ -207,7 +224,8 @@ def parse_rows(
         if drop_contaminated and bool(obj.get("contaminated")):
             dropped += 1
             continue
-        rid = str(obj.get("id", f"row{lineno}"))
+        rid = str(obj["id"]) if obj.get("id") is not None else f"row{lineno}"
+        key = _unique_id(rid, seen_ids)
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
             turns = obj.get("turns")
@@ -240,7 +258,7 @@ def parse_rows(
                     text, corr, estimate_cost_usd(m, prompt, text, prices), True, score_f
                 )
         rows.append(
-            Row(rid, prompt, str(split), answers, obj.get("reference"), str(obj.get("dataset", name)))
+            Row(key, prompt, str(split), answers, obj.get("reference"), str(obj.get("dataset", name)))
         )
         linenos.append(lineno)
     if not rows:

@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 from app.cli import main
+from app.replay.dataset import load_dataset
+from app.replay.runner import ReplayOptions, run_replay
+from app.replay.simulate import simulate
 from tests.replay import synth
 
 pytestmark = pytest.mark.loopback
@@ -76,3 +79,27 @@ def test_a_null_record_is_a_model_missing_from_that_row(
     code, rep, err = _replay(capsys, str(_write(tmp_path / "null.jsonl", rows)))
     assert code == 0, err
     assert "bolt-mid" not in rep["single_models"] and len(rep["single_models"]) == len(synth.MODELS) - 1
+
+
+def test_repeated_ids_are_replayed_row_by_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows repeating an id, even with the same prompt and other answers, are each replayed as
+    themselves: offline the proxy decides as the simulation does (the replay upstream used to answer
+    404 for the ambiguous row, and the proxy escalated past it), online no request fails."""
+    rows = []
+    for r in synth.rows(n=120, seed=5):
+        again = json.loads(json.dumps(r))
+        again["models"]["acme/tiny-1"]["answer"] += " Surely."
+        rows += [r, again]
+    path = _write(tmp_path / "twice.jsonl", rows)
+    ds = load_dataset(path)
+    assert len({r.id for r in ds.rows}) == len(rows) and ds.rows[1].id == "syn-0#2"
+    assert ds.rows[0].split == ds.rows[1].split  # a copy never lands on the other side
+    result = run_replay(ReplayOptions(str(path)))
+    assert not result.errors and result.fitted is not None
+    sim = simulate(result.fitted, ds.test)
+    assert [o.stage for o in result.outcomes] == sim.accepted_stage
+
+    same = [{**r, "id": "same", "prompt": f"{r['prompt']} ({i})"} for i, r in enumerate(synth.rows(n=120))]
+    code, rep, err = _replay(capsys, str(_write(tmp_path / "same.jsonl", same)), "--online")
+    assert code == 0, err
+    assert rep["errors"] == 0 and rep["requests"] == 120
