@@ -62,7 +62,7 @@ from app.replay.dataset import Dataset, load_dataset
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
 from app.replay.online_stream import Item, Stream, build_stream, fit_scores, tuner_target
-from app.replay.runner import serve_asgi
+from app.replay.runner import failed_attempt, serve_asgi
 from app.replay.upstream import ReplayUpstream
 
 Progress = Callable[[int, int], None]
@@ -231,6 +231,7 @@ def _served(i: int, item: Item, r: httpx.Response, models: dict[str, str], strea
     s.stage = int(ext.get("stage", 0))
     s.cost = float(ext.get("cost_usd") or 0.0)
     s.correct = model is not None and item.row.answers[model].correct
+    s.error = failed_attempt(ext.get("attempts") or [])
     return s
 
 

@@ -103,3 +103,28 @@ def test_repeated_ids_are_replayed_row_by_row(tmp_path: Path, capsys: pytest.Cap
     code, rep, err = _replay(capsys, str(_write(tmp_path / "same.jsonl", same)), "--online")
     assert code == 0, err
     assert rep["errors"] == 0 and rep["requests"] == 120
+
+
+def test_an_upstream_failure_the_proxy_escalated_past_is_a_failed_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the replay upstream cannot serve a stage (here: stage 0 on one row), the proxy escalates
+    and the row is answered, but not as recorded: the replay counts it as failed (exit 1), not as
+    an escalation."""
+    from app.replay import upstream
+
+    path = synth.write(tmp_path / "syn.jsonl", n=150, seed=7)
+    ds = load_dataset(path)
+    victim = ds.test[3]
+    real = upstream.ReplayIndex.lookup
+
+    def lookup(self: Any, model: str, prompts: Any, row_id: str | None = None) -> Any:
+        if row_id == victim.id and model == ds.models[0]:
+            raise upstream.ReplayLookupError("gone", "answer_not_found", "model")
+        return real(self, model, prompts, row_id)
+
+    monkeypatch.setattr(upstream.ReplayIndex, "lookup", lookup)
+    result = run_replay(ReplayOptions(str(path)))
+    assert result.fitted is not None and result.fitted.models[0] == ds.models[0]
+    assert [o.row.id for o in result.errors] == [victim.id]
+    assert "stage 0" in str(result.errors[0].error)
