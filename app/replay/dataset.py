@@ -25,8 +25,9 @@ Rules:
 * ``correct`` may be a bool or a 0/1 number. Without it a graded row (``score``, or MT-Bench's
   ``turn1_score``) is correct when ``score >= pass_score``; a row with neither, or a graded one without
   ``pass_score``, is a :class:`LabelError` naming the line, the row and the model.
-* ``cost_usd`` missing -> estimated from a price table (USD per 1M tokens, input/output) with tokens
-  ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
+* ``cost_usd`` a number (or a numeric string) from 0 to :data:`MAX_COST_USD`, else a ``ValueError``
+  naming the line; missing or null -> estimated from a price table (USD per 1M tokens, input/output)
+  with tokens ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
   :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
   any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
   models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` to override or extend.
@@ -169,6 +170,31 @@ def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str
     return score >= pass_score
 
 
+MAX_COST_USD = 1e6  # per call: above it a figure is not USD (and sums of such overflow to inf/NaN)
+
+
+def _recorded_cost(v: Any, lineno: int, rid: str, model: str) -> float | None:
+    """A recorded ``cost_usd`` (a number, or a number written as a string); None when there is none
+    (the cost is estimated). A negative, non-finite or non-numeric cost is a ``ValueError``: estimating
+    it instead would put other figures in the report than the dataset's."""
+    if v is None:
+        return None
+    x: float | None = None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        x = float(v)
+    elif isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            x = None
+    if x is None or not math.isfinite(x) or not 0.0 <= x <= MAX_COST_USD:
+        raise ValueError(
+            f"line {lineno} (id {rid!r}): models.{model}.cost_usd is {str(v)[:40]!r}: the cost of the call "
+            f"in USD, a number from 0 to {MAX_COST_USD:g} (leave it out to estimate it from the text)"
+        )
+    return x
+
+
 def _unique_id(rid: str, seen: dict[str, int]) -> str:
     """``rid``, or ``rid#2``, ``rid#3``, ... when an earlier row has it: a replay tells rows apart by id
     (the replay upstream among rows sharing a prompt, the online stream), so each row gets its own."""
@@ -249,9 +275,9 @@ def parse_rows(
             corr = _as_bool(rec.get("correct"))
             if corr is None:
                 corr = _graded(score_f, pass_score, lineno, rid, m)
-            cost = rec.get("cost_usd")
-            if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(float(cost)):
-                answers[m] = ModelAnswer(text, corr, float(cost), False, score_f)
+            cost = _recorded_cost(rec.get("cost_usd"), lineno, rid, m)
+            if cost is not None:
+                answers[m] = ModelAnswer(text, corr, cost, False, score_f)
             else:
                 estimated = True
                 answers[m] = ModelAnswer(

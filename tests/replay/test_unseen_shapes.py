@@ -128,3 +128,32 @@ def test_an_upstream_failure_the_proxy_escalated_past_is_a_failed_request(
     assert result.fitted is not None and result.fitted.models[0] == ds.models[0]
     assert [o.row.id for o in result.errors] == [victim.id]
     assert "stage 0" in str(result.errors[0].error)
+
+
+@pytest.mark.parametrize("cost", [-1e-3, "free", True, 1e308])
+def test_a_cost_that_is_not_usd_exits_2_naming_the_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cost: Any
+) -> None:
+    """A negative, non-numeric or absurd recorded cost used to be replaced by an estimate (or summed
+    to inf, and NaN in the JSON): exit 2 naming the line, the row and the field."""
+    rows = synth.rows(n=60, seed=2)
+    rows[4]["models"]["bolt-mid"]["cost_usd"] = cost
+    code, _, err = _replay(capsys, str(_write(tmp_path / "cost.jsonl", rows)))
+    assert code == 2 and "line 5 (id 'syn-4'): models.bolt-mid.cost_usd is" in err
+
+
+def test_a_cost_written_as_a_string_is_the_recorded_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = synth.rows(n=90, seed=2)
+    for r in rows:
+        rec = r["models"]["bolt-mid"]
+        rec["cost_usd"] = str(rec["cost_usd"])
+    path = _write(tmp_path / "str.jsonl", rows)
+    ds = load_dataset(path)
+    assert not any(r.answers["bolt-mid"].cost_estimated for r in ds.rows)
+    code, rep, err = _replay(capsys, str(path))
+    assert code == 0, err
+    recorded = {r["id"]: float(r["models"]["bolt-mid"]["cost_usd"]) for r in rows}
+    expected = sum(recorded[r.id] for r in ds.test) / len(ds.test)
+    assert rep["single_models"]["bolt-mid"]["cost_usd"] == pytest.approx(expected)
