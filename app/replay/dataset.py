@@ -13,6 +13,7 @@ API::
     ds.train, ds.test               # lists of Row
     model_summary(rows, models) -> {model: ModelSummary(accuracy, mean_cost_usd, total_cost_usd, n)}
     best_single(summary) -> model   # most accurate, cheaper on ties
+    quality_vs_best(accuracy, best_accuracy) -> float   # 1.0 when no model is ever right
     oracle(rows, models) -> OracleSummary(accuracy, mean_cost_usd, total_cost_usd)  # cheapest correct model
     estimate_cost_usd(model, prompt, answer, prices=None) -> float
 
@@ -362,6 +363,12 @@ def model_summary(rows: Sequence[Row], models: Sequence[str]) -> dict[str, Model
 def best_single(summary: Mapping[str, ModelSummary]) -> str:
     """Most accurate model; among equally accurate ones the cheapest."""
     return min(summary, key=lambda m: (-round(summary[m].accuracy, 9), summary[m].mean_cost_usd))
+
+
+def quality_vs_best(accuracy: float, best_accuracy: float) -> float:
+    """Accuracy relative to the best single model's. When the best is never right, no model is, and
+    neither is anything choosing among them: as good as the best (1.0), not 0 (a missed target)."""
+    return accuracy / best_accuracy if best_accuracy > 0 else 1.0
 
 
 @dataclass(frozen=True)

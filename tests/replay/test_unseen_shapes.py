@@ -157,3 +157,17 @@ def test_a_cost_written_as_a_string_is_the_recorded_cost(
     recorded = {r["id"]: float(r["models"]["bolt-mid"]["cost_usd"]) for r in rows}
     expected = sum(recorded[r.id] for r in ds.test) / len(ds.test)
     assert rep["single_models"]["bolt-mid"]["cost_usd"] == pytest.approx(expected)
+
+
+def test_no_model_ever_right_is_as_good_as_the_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every recorded answer wrong: the cascade is as good as the best single model (quality 1.0, the
+    target met), where the report said 0.0 and every split missed its target."""
+    models: dict[str, tuple[float, float | None]] = {"a": (0.0, 1e-6), "b": (0.0, 1e-5), "c": (0.0, 1e-4)}
+    path = synth.write(tmp_path / "wrong.jsonl", n=150, seed=3, models=models)
+    code, rep, err = _replay(capsys, str(path), "--resplits", "2")
+    assert code == 0, err
+    assert rep["accuracy"] == 0.0 and rep["quality_vs_best"] == 1.0
+    assert rep["target_met_share"] == 1.0
+    assert all(b["quality_vs_best"] == 1.0 for b in rep["baselines"].values() if b is not None)
