@@ -366,8 +366,8 @@ def best_single(summary: Mapping[str, ModelSummary]) -> str:
 
 
 def quality_vs_best(accuracy: float, best_accuracy: float) -> float:
-    """Accuracy relative to the best single model's. When the best is never right, no model is, and
-    neither is anything choosing among them: as good as the best (1.0), not 0 (a missed target)."""
+    """Accuracy relative to the best single model's. When the best is never right (offline no model is,
+    nor anything choosing among them) the answer is as good as the best: 1.0, not 0 (a missed target)."""
     return accuracy / best_accuracy if best_accuracy > 0 else 1.0
 
 
