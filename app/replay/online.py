@@ -62,7 +62,7 @@ from app.replay.dataset import Dataset, load_dataset
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
 from app.replay.online_stream import Item, Stream, build_stream, fit_scores, tuner_target
-from app.replay.runner import failed_attempt, serve_asgi
+from app.replay.runner import MIN_TRAIN_ROWS, failed_attempt, serve_asgi
 from app.replay.upstream import ReplayUpstream
 
 Progress = Callable[[int, int], None]
@@ -402,6 +402,11 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
     ds = _load(opts.dataset, opts.pass_score)
     if not ds.train:
         raise ReplayError(f"{opts.dataset}: no train rows to fit on (rows need split 'train' or an id)")
+    if len(ds.train) < MIN_TRAIN_ROWS:  # the fit and the tuner's target are made on them, as offline
+        raise ReplayError(
+            f"{opts.dataset}: too few rows to fit on: {len(ds.train)} train rows "
+            f"(at least {MIN_TRAIN_ROWS} are needed)"
+        )
     other = _load(opts.drift, opts.pass_score) if opts.drift else None
     if other is not None and len(other.models) < 2:
         raise ReplayError(f"--drift: {opts.drift} records fewer than two models in every row")

@@ -177,3 +177,13 @@ def test_no_model_ever_right_is_as_good_as_the_best(
     served = [Served(i, "wrong", f"r{i}", False, 1e-6, False, 1e-4) for i in range(200)]
     online = summarise(served, served, target=0.95)
     assert online["final_quality_vs_best"] == 1.0 and online["labels_to_target"] == 0
+
+
+def test_online_with_too_few_train_rows_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A handful of train rows: offline refuses to fit on them; online used to fit anyway and then
+    say the one-stage cascade it got had "nothing to tune"."""
+    rows = synth.rows(n=150, seed=4)
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 6 else "test"
+    code, _, err = _replay(capsys, str(_write(tmp_path / "few.jsonl", rows)), "--online")
+    assert code == 2 and "too few rows to fit on: 6 train rows" in err
