@@ -276,6 +276,7 @@ async def _run(
 
     t0 = time.perf_counter()
     fitted = None
+    single: str | None = None  # the one model the offline fit chose, when it chose one
     user_cfg: Config | None = None
     if opts.fitted is not None:
         fitted = opts.fitted
@@ -289,6 +290,19 @@ async def _run(
             max_stages=opts.max_stages,
             margin_z=opts.margin_z,
         )
+        if len(fitted.models) < 2 <= min(len(ds.models), opts.max_stages):
+            # One model alone meets the target: nothing for a tuner to learn on a one-stage cascade.
+            # The run tunes the cheapest cascade of two or more models instead (its offline thresholds
+            # are the reference), and the report names the single model the offline fit would serve.
+            single = fitted.models[0]
+            fitted = fit_cascade(
+                ds.train,
+                ds.models,
+                target_quality=opts.target_quality,
+                max_stages=opts.max_stages,
+                min_stages=2,
+                margin_z=opts.margin_z,
+            )
         saved = fitted.save(Path(work) / "scorers")
         paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
     else:
@@ -361,6 +375,7 @@ async def _run(
         drift_map=stream.drift_map or None,
         seed=opts.seed,
         stages=chain,
+        offline_single_model=single,
         start_thresholds=start,
         offline_thresholds=offline_thresholds,
         tuner_target_quality=target,

@@ -187,3 +187,20 @@ def test_online_with_too_few_train_rows_exits_2(tmp_path: Path, capsys: pytest.C
         r["split"] = "train" if i < 6 else "test"
     code, _, err = _replay(capsys, str(_write(tmp_path / "few.jsonl", rows)), "--online")
     assert code == 2 and "too few rows to fit on: 6 train rows" in err
+
+
+def test_online_tunes_a_cascade_when_one_model_alone_meets_the_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cheapest model is the most accurate: the offline fit serves it alone, which leaves nothing
+    to tune. The online run tunes the cheapest cascade of two models instead (exit 0, not 2) and says
+    which single model the offline fit chose."""
+    models: dict[str, tuple[float, float | None]] = {"cheap-best": (0.9, 2e-6), "dear-worse": (0.7, 1e-4)}
+    path = synth.write(tmp_path / "cheap_best.jsonl", n=200, seed=4, models=models)
+    code, rep, err = _replay(capsys, str(path))
+    assert code == 0, err
+    assert rep["stages"] == ["cheap-best"]
+    code, rep, err = _replay(capsys, str(path), "--online", "--start-threshold", "1")
+    assert code == 0, err
+    assert rep["offline_single_model"] == "cheap-best" and rep["stages"] == ["cheap-best", "dear-worse"]
+    assert rep["requests"] == 200 and rep["errors"] == 0 and rep["windows"]
