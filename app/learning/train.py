@@ -246,12 +246,13 @@ def _evaluate(
 
 
 def candidate_chains(
-    models: Sequence[str], mean_cost: Mapping[str, float], max_stages: int
+    models: Sequence[str], mean_cost: Mapping[str, float], max_stages: int, min_stages: int = 1
 ) -> list[tuple[str, ...]]:
-    """Every chain of up to ``max_stages`` models in increasing mean-cost order (FrugalGPT's space)."""
+    """Every chain of ``min_stages`` to ``max_stages`` models in increasing mean-cost order (FrugalGPT's
+    space)."""
     by_cost = sorted(models, key=lambda m: (mean_cost[m], m))
     out: list[tuple[str, ...]] = []
-    for k in range(1, max_stages + 1):
+    for k in range(min_stages, max_stages + 1):
         out.extend(itertools.combinations(by_cost, k))
     return out
 
@@ -263,6 +264,7 @@ def fit_cascade(
     target_quality: float = 0.95,
     relative: bool = True,
     max_stages: int = 3,
+    min_stages: int = 1,
     margin_z: float = DEFAULT_MARGIN_Z,
     l2: float = DEFAULT_L2,
     spec: FeatureSpec = DEFAULT_SPEC,
@@ -314,7 +316,7 @@ def fit_cascade(
     chains = (
         [tuple(chain)]
         if chain is not None
-        else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages)
+        else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages, min_stages)
     )
 
     def grid(ch: tuple[str, ...], w: Any, per: int = n_candidates) -> PolicyGrid:

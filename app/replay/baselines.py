@@ -25,12 +25,12 @@ from typing import Any
 
 from app.answers import normalize_answer
 from app.learning.rows import Row
-from app.replay.dataset import best_single, model_summary, oracle
+from app.replay.dataset import best_single, model_summary, oracle, quality_vs_best
 
 
 def _rel(acc: float, cost: float, best_acc: float, best_cost: float) -> dict[str, float]:
     return {
-        "quality_vs_best": acc / best_acc if best_acc > 0 else 0.0,
+        "quality_vs_best": quality_vs_best(acc, best_acc),
         "savings_vs_best": 1.0 - cost / best_cost if best_cost > 0 else 0.0,
         "accuracy": acc,
         "cost_usd": cost,

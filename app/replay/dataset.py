@@ -13,23 +13,28 @@ API::
     ds.train, ds.test               # lists of Row
     model_summary(rows, models) -> {model: ModelSummary(accuracy, mean_cost_usd, total_cost_usd, n)}
     best_single(summary) -> model   # most accurate, cheaper on ties
+    quality_vs_best(accuracy, best_accuracy) -> float   # 1.0 when no model is ever right
     oracle(rows, models) -> OracleSummary(accuracy, mean_cost_usd, total_cost_usd)  # cheapest correct model
     estimate_cost_usd(model, prompt, answer, prices=None) -> float
 
 Rules:
 
 * ``split`` missing -> deterministic: ``sha256(id)`` mapped to [0, 1); below ``test_fraction`` is test.
+* ``id`` repeated -> the later rows become ``id#2``, ``id#3``, ... (each row is replayed as its own;
+  a hashed split still uses the recorded id, so repeated rows stay on one side).
 * ``contaminated: true`` rows are dropped (``drop_contaminated``).
 * ``correct`` may be a bool or a 0/1 number. Without it a graded row (``score``, or MT-Bench's
   ``turn1_score``) is correct when ``score >= pass_score``; a row with neither, or a graded one without
   ``pass_score``, is a :class:`LabelError` naming the line, the row and the model.
-* ``cost_usd`` missing -> estimated from a price table (USD per 1M tokens, input/output) with tokens
-  ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
+* ``cost_usd`` a number (or a numeric string) from 0 to :data:`MAX_COST_USD`, else a ``ValueError``
+  naming the line; missing or null -> estimated from a price table (USD per 1M tokens, input/output)
+  with tokens ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
   :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
   any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
   models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` to override or extend.
 * The model set is discovered from the rows: models present in every kept row (others are listed in
-  ``Dataset.partial_models`` and ignored).
+  ``Dataset.partial_models`` and ignored); a model's record ``null`` means it is missing from that
+  row. No model in every row, or a record that is not an object, is a ``ValueError`` naming the line.
 """
 
 from __future__ import annotations
@@ -166,6 +171,59 @@ def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str
     return score >= pass_score
 
 
+MAX_COST_USD = 1e6  # per call: above it a figure is not USD (and sums of such overflow to inf/NaN)
+
+
+def _recorded_cost(v: Any, lineno: int, rid: str, model: str) -> float | None:
+    """A recorded ``cost_usd`` (a number, or a number written as a string); None when there is none
+    (the cost is estimated). A negative, non-finite or non-numeric cost is a ``ValueError``: estimating
+    it instead would put other figures in the report than the dataset's."""
+    if v is None:
+        return None
+    x: float | None = None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        x = float(v)
+    elif isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            x = None
+    if x is None or not math.isfinite(x) or not 0.0 <= x <= MAX_COST_USD:
+        raise ValueError(
+            f"line {lineno} (id {rid!r}): models.{model}.cost_usd is {str(v)[:40]!r}: the cost of the call "
+            f"in USD, a number from 0 to {MAX_COST_USD:g} (leave it out to estimate it from the text)"
+        )
+    return x
+
+
+def _unique_id(rid: str, seen: dict[str, int]) -> str:
+    """``rid``, or ``rid#2``, ``rid#3``, ... when an earlier row has it: a replay tells rows apart by id
+    (the replay upstream among rows sharing a prompt, the online stream), so each row gets its own."""
+    if rid not in seen:
+        seen[rid] = 1
+        return rid
+    k = seen[rid] + 1
+    while f"{rid}#{k}" in seen:
+        k += 1
+    seen[rid] = k
+    seen[f"{rid}#{k}"] = 1
+    return f"{rid}#{k}"
+
+
+def _no_common_model(rows: Sequence[Row], linenos: Sequence[int], models: Sequence[str]) -> str:
+    """Why no model is in every row, naming rows: a replay only uses the models every row records."""
+    where = [(ln, r) for ln, r in zip(linenos, rows, strict=True) if not r.answers]
+    if where:
+        ln, r = where[0]
+        return f"line {ln} (id {r.id!r}): 'models' records no model (a replay needs every row to record one)"
+    gaps = []
+    for m in models[:3]:
+        ln, r = next((ln, r) for ln, r in zip(linenos, rows, strict=True) if m not in r.answers)
+        gaps.append(f"models.{m} is missing from line {ln} (id {r.id!r})")
+    more = f" (and {len(models) - 3} more models)" if len(models) > 3 else ""
+    return f"no model is recorded in every row: {'; '.join(gaps)}{more}"
+
+
 def parse_rows(
     lines: Iterable[str],
     prices: Mapping[str, tuple[float, float]] | None = None,
@@ -175,6 +233,8 @@ def parse_rows(
     pass_score: float | None = None,
 ) -> Dataset:
     rows: list[Row] = []
+    linenos: list[int] = []  # each row's line, for messages
+    seen_ids: dict[str, int] = {}
     dropped = 0
     hashed = False
     estimated = False
@@ -191,7 +251,8 @@ def parse_rows(
         if drop_contaminated and bool(obj.get("contaminated")):
             dropped += 1
             continue
-        rid = str(obj.get("id", f"row{lineno}"))
+        rid = str(obj["id"]) if obj.get("id") is not None else f"row{lineno}"
+        key = _unique_id(rid, seen_ids)
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
             turns = obj.get("turns")
@@ -202,31 +263,39 @@ def parse_rows(
             hashed = True
         answers: dict[str, ModelAnswer] = {}
         for m, rec in obj["models"].items():
-            if not isinstance(rec, dict):
+            if rec is None:  # not run on this row: the model is missing from it
                 continue
+            if not isinstance(rec, dict):
+                raise ValueError(
+                    f"line {lineno} (id {rid!r}): models.{m} is {type(rec).__name__}, not an object "
+                    "with 'answer' and 'correct'"
+                )
             text = _answer_text(rec.get("answer"))
             score = rec.get("score", rec.get("turn1_score"))
             score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
             corr = _as_bool(rec.get("correct"))
             if corr is None:
                 corr = _graded(score_f, pass_score, lineno, rid, m)
-            cost = rec.get("cost_usd")
-            if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(float(cost)):
-                answers[m] = ModelAnswer(text, corr, float(cost), False, score_f)
+            cost = _recorded_cost(rec.get("cost_usd"), lineno, rid, m)
+            if cost is not None:
+                answers[m] = ModelAnswer(text, corr, cost, False, score_f)
             else:
                 estimated = True
                 answers[m] = ModelAnswer(
                     text, corr, estimate_cost_usd(m, prompt, text, prices), True, score_f
                 )
         rows.append(
-            Row(rid, prompt, str(split), answers, obj.get("reference"), str(obj.get("dataset", name)))
+            Row(key, prompt, str(split), answers, obj.get("reference"), str(obj.get("dataset", name)))
         )
+        linenos.append(lineno)
     if not rows:
         raise ValueError("dataset has no usable rows")
     all_models: set[str] = set()
     for r in rows:
         all_models.update(r.answers)
     common = [m for m in all_models if all(m in r.answers for r in rows)]
+    if not common:
+        raise ValueError(_no_common_model(rows, linenos, sorted(all_models)))
     partial = sorted(all_models - set(common))
     mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
     common.sort(key=lambda m: (mean_cost[m], m))
@@ -294,6 +363,12 @@ def model_summary(rows: Sequence[Row], models: Sequence[str]) -> dict[str, Model
 def best_single(summary: Mapping[str, ModelSummary]) -> str:
     """Most accurate model; among equally accurate ones the cheapest."""
     return min(summary, key=lambda m: (-round(summary[m].accuracy, 9), summary[m].mean_cost_usd))
+
+
+def quality_vs_best(accuracy: float, best_accuracy: float) -> float:
+    """Accuracy relative to the best single model's. When the best is never right (offline no model is,
+    nor anything choosing among them) the answer is as good as the best: 1.0, not 0 (a missed target)."""
+    return accuracy / best_accuracy if best_accuracy > 0 else 1.0
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from app.replay.dataset import Dataset, load_dataset
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
 from app.replay.online_stream import Item, Stream, build_stream, fit_scores, tuner_target
-from app.replay.runner import serve_asgi
+from app.replay.runner import MIN_TRAIN_ROWS, failed_attempt, serve_asgi
 from app.replay.upstream import ReplayUpstream
 
 Progress = Callable[[int, int], None]
@@ -92,6 +92,7 @@ class OnlineOptions:
     work_dir: str | None = None
     replicas: int = 1  # proxies sharing the store; request i goes to replica i mod n
     store: str | None = None  # learning.store of the online run (default: a new SQLite file)
+    pass_score: float | None = None  # graded datasets (and --drift's): a score at least this is correct
     # Python API only (bench/online.py): a cascade fitted before (the same fit_cascade result, reused
     # across runs on one dataset), and learning settings over the defaults / the config's.
     fitted: Any = None
@@ -230,6 +231,7 @@ def _served(i: int, item: Item, r: httpx.Response, models: dict[str, str], strea
     s.stage = int(ext.get("stage", 0))
     s.cost = float(ext.get("cost_usd") or 0.0)
     s.correct = model is not None and item.row.answers[model].correct
+    s.error = failed_attempt(ext.get("attempts") or [])
     return s
 
 
@@ -274,6 +276,7 @@ async def _run(
 
     t0 = time.perf_counter()
     fitted = None
+    single: str | None = None  # the one model the offline fit chose, when it chose one
     user_cfg: Config | None = None
     if opts.fitted is not None:
         fitted = opts.fitted
@@ -287,6 +290,19 @@ async def _run(
             max_stages=opts.max_stages,
             margin_z=opts.margin_z,
         )
+        if len(fitted.models) < 2 <= min(len(ds.models), opts.max_stages):
+            # One model alone meets the target: nothing for a tuner to learn on a one-stage cascade.
+            # The run tunes the cheapest cascade of two or more models instead (its offline thresholds
+            # are the reference), and the report names the single model the offline fit would serve.
+            single = fitted.models[0]
+            fitted = fit_cascade(
+                ds.train,
+                ds.models,
+                target_quality=opts.target_quality,
+                max_stages=opts.max_stages,
+                min_stages=2,
+                margin_z=opts.margin_z,
+            )
         saved = fitted.save(Path(work) / "scorers")
         paths = [saved[f"stage{k}"] for k in range(len(fitted.scorers))]
     else:
@@ -359,6 +375,7 @@ async def _run(
         drift_map=stream.drift_map or None,
         seed=opts.seed,
         stages=chain,
+        offline_single_model=single,
         start_thresholds=start,
         offline_thresholds=offline_thresholds,
         tuner_target_quality=target,
@@ -397,10 +414,15 @@ async def _run(
 
 def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineResult:
     """Load, fit, stream; raises ReplayError on bad input."""
-    ds = _load(opts.dataset)
+    ds = _load(opts.dataset, opts.pass_score)
     if not ds.train:
         raise ReplayError(f"{opts.dataset}: no train rows to fit on (rows need split 'train' or an id)")
-    other = _load(opts.drift) if opts.drift else None
+    if len(ds.train) < MIN_TRAIN_ROWS:  # the fit and the tuner's target are made on them, as offline
+        raise ReplayError(
+            f"{opts.dataset}: too few rows to fit on: {len(ds.train)} train rows "
+            f"(at least {MIN_TRAIN_ROWS} are needed)"
+        )
+    other = _load(opts.drift, opts.pass_score) if opts.drift else None
     if other is not None and len(other.models) < 2:
         raise ReplayError(f"--drift: {opts.drift} records fewer than two models in every row")
     with tempfile.TemporaryDirectory(prefix="cascade-online-") as tmp:
@@ -409,8 +431,8 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
         return asyncio.run(_run(opts, ds, other, work, progress))
 
 
-def _load(path: str) -> Dataset:
+def _load(path: str, pass_score: float | None) -> Dataset:
     try:
-        return load_dataset(path)
+        return load_dataset(path, pass_score=pass_score)
     except (OSError, ValueError) as exc:
         raise ReplayError(f"{path}: {exc}") from exc

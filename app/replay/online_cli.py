@@ -50,6 +50,7 @@ def _options(args: argparse.Namespace) -> Any:
         judge_model=args.judge_model,
         drift=args.drift,
         store=args.store,
+        pass_score=args.pass_score,
     )
     for dest in (
         "target_quality",

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.replay.dataset import quality_vs_best
+
 WINDOW = 100
 ROLLING = 500
 WITHIN = 0.01  # "within 1 point" of the target
@@ -60,7 +62,7 @@ def _figures(rows: Sequence[Served]) -> tuple[float, float]:
     best_cost = sum(s.best_cost for s in rows)
     acc = sum(s.correct for s in rows)
     cost = sum(s.cost + s.label_cost for s in rows)
-    quality = acc / best if best else 0.0
+    quality = quality_vs_best(acc, best)
     savings = 1.0 - cost / best_cost if best_cost else 0.0
     return round(quality, 4), round(savings, 4)
 

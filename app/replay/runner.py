@@ -138,7 +138,19 @@ def _outcome(row: Row, status: int, body: Any, upstream_models: dict[str, str]) 
         err = f"unknown upstream {ext.get('upstream')!r}"
         return RowOutcome(row, None, -1, reached, cost, False, err, routed)
     stage = int(ext.get("stage", 0))
-    return RowOutcome(row, model, stage, reached, cost, row.answers[model].correct, None, routed)
+    return RowOutcome(
+        row, model, stage, reached, cost, row.answers[model].correct, failed_attempt(attempts), routed
+    )
+
+
+def failed_attempt(attempts: Sequence[Any]) -> str | None:
+    """The first attempt the replay upstream failed, if any: the proxy escalated past it, so the row was
+    answered, but not as the recorded answers and the scorers would have it: the figures are wrong."""
+    for a in attempts:
+        if isinstance(a, dict) and a.get("outcome") == "error":
+            why = a.get("detail") or a.get("reason")
+            return f"stage {a.get('stage')} ({a.get('upstream')}) failed: {str(why)[:300]}"
+    return None
 
 
 async def send_rows(

@@ -1,0 +1,206 @@
+"""`cascade replay` (offline and ``--online``) on dataset shapes unlike the shared ones: graded answers,
+rows lacking a model, duplicate ids, odd costs. Each either replays (exit 0) or says what is wrong with
+which row (exit 2), through the real HTTP path (real uvicorn, loopback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import main
+from app.replay.dataset import load_dataset
+from app.replay.online_report import Served, summarise
+from app.replay.runner import ReplayOptions, run_replay
+from app.replay.simulate import simulate
+from tests.replay import synth
+
+pytestmark = pytest.mark.loopback
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
+    code = main(["replay", *args, "--json", "--quiet"])
+    out = capsys.readouterr()
+    last = out.out.rstrip("\n").rsplit("\n", 1)[-1]
+    return code, (json.loads(last) if code == 0 else {}), out.err
+
+
+def test_online_honours_pass_score(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A graded dataset (a score per answer, no 'correct') streams online with --pass-score, as it
+    replays offline: the flag is not dropped on the way to the online run."""
+    rows = synth.rows(n=120, seed=3)
+    for r in rows:
+        for rec in r["models"].values():
+            rec["score"] = 9.0 if rec.pop("correct") else 3.0
+    path = _write(tmp_path / "graded.jsonl", rows)
+    code, rep, err = _replay(capsys, str(path), "--online", "--pass-score", "8")
+    assert code == 0, err
+    assert rep["requests"] == 120 and rep["errors"] == 0
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_no_model_in_every_row_exits_2_naming_the_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], online: bool
+) -> None:
+    """Each model missing from some row (online this was a traceback from the fit), a row recording
+    no model, a record that is not an object: exit 2, one line naming the line, id and model."""
+    rows = synth.rows(n=60, seed=2)
+    names = list(synth.MODELS)
+    for i, r in enumerate(rows):
+        if i % 5 == 0:
+            del r["models"][names[(i // 5) % len(names)]]
+    flag = ["--online"] if online else []
+    code, _, err = _replay(capsys, str(_write(tmp_path / "gaps.jsonl", rows)), *flag)
+    assert code == 2 and "Traceback" not in err
+    assert "no model is recorded in every row" in err and "models.acme/tiny-1 is missing from line 1" in err
+
+    rows = synth.rows(n=60, seed=2)
+    rows[7]["models"] = {}
+    code, _, err = _replay(capsys, str(_write(tmp_path / "empty.jsonl", rows)), *flag)
+    assert code == 2 and "line 8 (id 'syn-7')" in err and "records no model" in err
+
+    rows = synth.rows(n=60, seed=2)
+    rows[3]["models"]["bolt-mid"] = "42"
+    code, _, err = _replay(capsys, str(_write(tmp_path / "str.jsonl", rows)), *flag)
+    assert code == 2 and "line 4 (id 'syn-3'): models.bolt-mid is str" in err
+
+
+def test_a_null_record_is_a_model_missing_from_that_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = synth.rows(n=90, seed=2)
+    rows[5]["models"]["bolt-mid"] = None
+    code, rep, err = _replay(capsys, str(_write(tmp_path / "null.jsonl", rows)))
+    assert code == 0, err
+    assert "bolt-mid" not in rep["single_models"] and len(rep["single_models"]) == len(synth.MODELS) - 1
+
+
+def test_repeated_ids_are_replayed_row_by_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows repeating an id, even with the same prompt and other answers, are each replayed as
+    themselves: offline the proxy decides as the simulation does (the replay upstream used to answer
+    404 for the ambiguous row, and the proxy escalated past it), online no request fails."""
+    rows = []
+    for r in synth.rows(n=120, seed=5):
+        again = json.loads(json.dumps(r))
+        again["models"]["acme/tiny-1"]["answer"] += " Surely."
+        rows += [r, again]
+    path = _write(tmp_path / "twice.jsonl", rows)
+    ds = load_dataset(path)
+    assert len({r.id for r in ds.rows}) == len(rows) and ds.rows[1].id == "syn-0#2"
+    assert ds.rows[0].split == ds.rows[1].split  # a copy never lands on the other side
+    result = run_replay(ReplayOptions(str(path)))
+    assert not result.errors and result.fitted is not None
+    sim = simulate(result.fitted, ds.test)
+    assert [o.stage for o in result.outcomes] == sim.accepted_stage
+
+    same = [{**r, "id": "same", "prompt": f"{r['prompt']} ({i})"} for i, r in enumerate(synth.rows(n=120))]
+    code, rep, err = _replay(capsys, str(_write(tmp_path / "same.jsonl", same)), "--online")
+    assert code == 0, err
+    assert rep["errors"] == 0 and rep["requests"] == 120
+
+
+def test_an_upstream_failure_the_proxy_escalated_past_is_a_failed_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the replay upstream cannot serve a stage (here: stage 0 on one row), the proxy escalates
+    and the row is answered, but not as recorded: the replay counts it as failed (exit 1), not as
+    an escalation."""
+    from app.replay import upstream
+
+    path = synth.write(tmp_path / "syn.jsonl", n=150, seed=7)
+    ds = load_dataset(path)
+    victim = ds.test[3]
+    real = upstream.ReplayIndex.lookup
+
+    def lookup(self: Any, model: str, prompts: Any, row_id: str | None = None) -> Any:
+        if row_id == victim.id and model == ds.models[0]:
+            raise upstream.ReplayLookupError("gone", "answer_not_found", "model")
+        return real(self, model, prompts, row_id)
+
+    monkeypatch.setattr(upstream.ReplayIndex, "lookup", lookup)
+    result = run_replay(ReplayOptions(str(path)))
+    assert result.fitted is not None and result.fitted.models[0] == ds.models[0]
+    assert [o.row.id for o in result.errors] == [victim.id]
+    assert "stage 0" in str(result.errors[0].error)
+
+
+@pytest.mark.parametrize("cost", [-1e-3, "free", True, 1e308])
+def test_a_cost_that_is_not_usd_exits_2_naming_the_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cost: Any
+) -> None:
+    """A negative, non-numeric or absurd recorded cost used to be replaced by an estimate (or summed
+    to inf, and NaN in the JSON): exit 2 naming the line, the row and the field."""
+    rows = synth.rows(n=60, seed=2)
+    rows[4]["models"]["bolt-mid"]["cost_usd"] = cost
+    code, _, err = _replay(capsys, str(_write(tmp_path / "cost.jsonl", rows)))
+    assert code == 2 and "line 5 (id 'syn-4'): models.bolt-mid.cost_usd is" in err
+
+
+def test_a_cost_written_as_a_string_is_the_recorded_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = synth.rows(n=90, seed=2)
+    for r in rows:
+        rec = r["models"]["bolt-mid"]
+        rec["cost_usd"] = str(rec["cost_usd"])
+    path = _write(tmp_path / "str.jsonl", rows)
+    ds = load_dataset(path)
+    assert not any(r.answers["bolt-mid"].cost_estimated for r in ds.rows)
+    code, rep, err = _replay(capsys, str(path))
+    assert code == 0, err
+    recorded = {r["id"]: float(r["models"]["bolt-mid"]["cost_usd"]) for r in rows}
+    expected = sum(recorded[r.id] for r in ds.test) / len(ds.test)
+    assert rep["single_models"]["bolt-mid"]["cost_usd"] == pytest.approx(expected)
+
+
+def test_no_model_ever_right_is_as_good_as_the_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every recorded answer wrong: the cascade is as good as the best single model (quality 1.0, the
+    target met), where the report said 0.0 and every split missed its target."""
+    models: dict[str, tuple[float, float | None]] = {"a": (0.0, 1e-6), "b": (0.0, 1e-5), "c": (0.0, 1e-4)}
+    path = synth.write(tmp_path / "wrong.jsonl", n=150, seed=3, models=models)
+    code, rep, err = _replay(capsys, str(path), "--resplits", "2")
+    assert code == 0, err
+    assert rep["accuracy"] == 0.0 and rep["quality_vs_best"] == 1.0
+    assert rep["target_met_share"] == 1.0
+    assert all(b["quality_vs_best"] == 1.0 for b in rep["baselines"].values() if b is not None)
+    # Online, the windows' figures follow the same rule (the fit may leave one stage: nothing to tune
+    # through HTTP, so the report is checked on served requests as the online runner records them).
+    served = [Served(i, "wrong", f"r{i}", False, 1e-6, False, 1e-4) for i in range(200)]
+    online = summarise(served, served, target=0.95)
+    assert online["final_quality_vs_best"] == 1.0 and online["labels_to_target"] == 0
+
+
+def test_online_with_too_few_train_rows_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A handful of train rows: offline refuses to fit on them; online used to fit anyway and then
+    say the one-stage cascade it got had "nothing to tune"."""
+    rows = synth.rows(n=150, seed=4)
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 6 else "test"
+    code, _, err = _replay(capsys, str(_write(tmp_path / "few.jsonl", rows)), "--online")
+    assert code == 2 and "too few rows to fit on: 6 train rows" in err
+
+
+def test_online_tunes_a_cascade_when_one_model_alone_meets_the_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cheapest model is the most accurate: the offline fit serves it alone, which leaves nothing
+    to tune. The online run tunes the cheapest cascade of two models instead (exit 0, not 2) and says
+    which single model the offline fit chose."""
+    models: dict[str, tuple[float, float | None]] = {"cheap-best": (0.9, 2e-6), "dear-worse": (0.7, 1e-4)}
+    path = synth.write(tmp_path / "cheap_best.jsonl", n=200, seed=4, models=models)
+    code, rep, err = _replay(capsys, str(path))
+    assert code == 0, err
+    assert rep["stages"] == ["cheap-best"]
+    code, rep, err = _replay(capsys, str(path), "--online", "--start-threshold", "1")
+    assert code == 0, err
+    assert rep["offline_single_model"] == "cheap-best" and rep["stages"] == ["cheap-best", "dear-worse"]
+    assert rep["requests"] == 200 and rep["errors"] == 0 and rep["windows"]
