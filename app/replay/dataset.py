@@ -23,9 +23,11 @@ Rules:
 * ``id`` repeated -> the later rows become ``id#2``, ``id#3``, ... (each row is replayed as its own;
   a hashed split still uses the recorded id, so repeated rows stay on one side).
 * ``contaminated: true`` rows are dropped (``drop_contaminated``).
-* ``correct`` may be a bool or a 0/1 number. Without it a graded row (``score``, or MT-Bench's
-  ``turn1_score``) is correct when ``score >= pass_score``; a row with neither, or a graded one without
-  ``pass_score``, is a :class:`LabelError` naming the line, the row and the model.
+* ``correct`` may be a bool, a number (>= 0.5 is right) or a word (true/false, yes/no, 1/0, correct/
+  incorrect, right/wrong, pass/fail); anything else is a :class:`LabelError`. Without it a graded row
+  (``score``, or MT-Bench's ``turn1_score``) is correct when ``score >= pass_score``; a row with
+  neither, or a graded one without ``pass_score``, is a :class:`LabelError` naming the line, the row
+  and the model.
 * ``cost_usd`` a number (or a numeric string) from 0 to :data:`MAX_COST_USD`, else a ``ValueError``
   naming the line; missing or null -> estimated from a price table (USD per 1M tokens, input/output)
   with tokens ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
@@ -139,8 +141,18 @@ def _as_bool(v: Any) -> bool | None:
     if isinstance(v, int | float):
         return float(v) >= 0.5
     if isinstance(v, str):
-        return v.strip().lower() in {"true", "1", "yes", "correct"}
-    return None
+        word = v.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+    raise _Unreadable(v)
+
+
+_TRUE = {"true", "1", "yes", "correct", "right", "pass"}
+_FALSE = {"false", "0", "no", "incorrect", "wrong", "fail"}
+
+
+class _Unreadable(Exception):
+    """A ``correct`` value that says neither right nor wrong ("N/A", a list...)."""
 
 
 def _answer_text(v: Any) -> str:
@@ -273,7 +285,13 @@ def parse_rows(
             text = _answer_text(rec.get("answer"))
             score = rec.get("score", rec.get("turn1_score"))
             score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
-            corr = _as_bool(rec.get("correct"))
+            try:
+                corr = _as_bool(rec.get("correct"))
+            except _Unreadable:
+                raise LabelError(
+                    f"line {lineno} (id {rid!r}): models.{m}.correct is {str(rec.get('correct'))[:40]!r}: "
+                    "true/false, 1/0 or yes/no (leave it out and give a 'score' for a graded dataset)"
+                ) from None
             if corr is None:
                 corr = _graded(score_f, pass_score, lineno, rid, m)
             cost = _recorded_cost(rec.get("cost_usd"), lineno, rid, m)

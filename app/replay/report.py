@@ -193,6 +193,9 @@ def format_table(result: ReplayResult) -> str:
     if result.feasible is False:
         lines.append("note: no chain met the quality target on train; this is the most accurate one")
     lines += [f"note: {x}" for x in result.plan.notes]
+    left_out = r.get("data", {}).get("models_left_out") or []
+    if left_out:
+        lines.append(f"note: left out (not recorded in every row): {', '.join(left_out)}")
     w = max(24, *(len(m) for m in r["single_models"]))
     head = (
         f"  {'':{w}}  {'accuracy':>8}  {'$/request':>10}  {'total $':>10}  {'x best acc':>10}  {'savings':>8}"

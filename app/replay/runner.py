@@ -304,6 +304,11 @@ async def _run_split(
     report = report_object(
         ds.name, len(split.train), split.test, ds.models, plan.stages, plan.thresholds, acc, cost, reach
     )
+    report["data"] = {
+        "models_left_out": list(ds.partial_models),
+        "cost_estimated": ds.cost_estimated,
+        "split_from_hash": ds.split_from_hash,
+    }
     report["router"] = {
         **(fitted.router_info if fitted is not None else {"chosen": plan.routed, "reason": "from --config"}),
         "skipped_share": skipped_shares(outcomes, len(plan.stages)),

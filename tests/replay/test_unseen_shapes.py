@@ -80,6 +80,30 @@ def test_a_null_record_is_a_model_missing_from_that_row(
     code, rep, err = _replay(capsys, str(_write(tmp_path / "null.jsonl", rows)))
     assert code == 0, err
     assert "bolt-mid" not in rep["single_models"] and len(rep["single_models"]) == len(synth.MODELS) - 1
+    # ... and the report says so (JSON and table).
+    assert rep["data"]["models_left_out"] == ["bolt-mid"] and rep["data"]["cost_estimated"] is True
+    code = main(["replay", str(tmp_path / "null.jsonl"), "--quiet"])
+    assert code == 0 and "left out (not recorded in every row): bolt-mid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["N/A", "maybe", [True], {"ok": 1}, ""])
+def test_a_correct_that_says_neither_right_nor_wrong_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: object
+) -> None:
+    rows = synth.rows(n=60, seed=2)
+    rows[4]["models"]["bolt-mid"]["correct"] = value
+    code, _, err = _replay(capsys, str(_write(tmp_path / "unsure.jsonl", rows)))
+    assert code == 2 and "line 5 (id 'syn-4'): models.bolt-mid.correct is" in err and "Traceback" not in err
+
+
+def test_correct_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = synth.rows(n=90, seed=2)
+    for r in rows:
+        for rec in r["models"].values():
+            rec["correct"] = {True: "Yes", False: "wrong"}[rec["correct"]]
+    same = _write(tmp_path / "bools.jsonl", synth.rows(n=90, seed=2))
+    words = _write(tmp_path / "words.jsonl", rows)
+    assert [r.answers for r in load_dataset(words).rows] == [r.answers for r in load_dataset(same).rows]
 
 
 def test_repeated_ids_are_replayed_row_by_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
