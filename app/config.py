@@ -341,6 +341,10 @@ class LearningConfig(_Model):
     threshold_bounds: tuple[float, float] = (0.05, 0.99)
     # Fit with quality - margin_z * standard error >= target: a margin against fitting to noise.
     margin_z: float = Field(1.0, ge=0, le=5)
+    # The cheapest of ~1,600 threshold combinations that meets the target on the labels was partly
+    # picked for its luck: true (default) makes each fit also reach the optimism of that choice, measured
+    # on bootstrap replicates of the labels (as offline fits do); false: the plain search.
+    optimism_correction: bool = True
     # Drift: a labelled request's weight halves every `half_life_labels` newer labelled requests
     # (0: no decay); fits use at most the newest `window_labels` of them (0: 4 half-lives, or all).
     half_life_labels: int = Field(2000, ge=0)

@@ -304,18 +304,18 @@ def fit(
 ) -> Calibration:
     """Cheapest thresholds whose weighted quality (less ``margin_z`` standard errors) meets the target.
 
-    ``honest=True`` (``cascade calibrate``, ``fit-scorer --from-store``): the choice is made over
-    bootstrap replicates of the rows as well (:mod:`app.learning.search`), and must reach the target
-    plus the optimism that choosing the cheapest of many threshold combinations measurably has, with
-    ``margin_z`` bootstrap standard errors to spare. The online tuner, which fits often and moves at
-    most ``max_step`` at a time, uses the plain search.
+    ``honest=True`` (``cascade calibrate``, ``fit-scorer --from-store``, the online tuner unless
+    ``learning.optimism_correction`` is false): the choice is made over bootstrap replicates of the rows
+    as well (:mod:`app.learning.search`), and must reach the target plus the optimism that choosing the
+    cheapest of many threshold combinations measurably has, with ``margin_z`` bootstrap standard errors
+    to spare.
 
     Deterministic: the same rows give the same thresholds. A chosen threshold (an observed score) is
     moved halfway down to the next lower observed score, which keeps the accept set and leaves room
     for float noise; "always accept" becomes the lower bound and "never accept" the upper one.
     """
-    # The offline, honest search takes every observed score of a lone scored stage (within the grid
-    # budget); the online tuner, which moves by at most max_step per fit, keeps n_candidates quantiles.
+    # The honest search takes every observed score of a lone scored stage (within the grid budget);
+    # the plain one keeps n_candidates quantiles.
     per = candidates_per_stage(len(rows.observed), n_candidates) if honest else n_candidates
     cands = [candidate_thresholds(obs, per) for obs in rows.observed]
     search = choose_thresholds(

@@ -7,9 +7,11 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
 3. when ``tune_every`` labels arrived since that fit and at least ``min_labels`` requests are labelled,
    fit again from the newest ``window_labels`` labelled requests, weighted by decay
    (``half_life_labels``) and realised labelling rates (``calibration.fit``: deterministic, so replicas
-   fitting the same labels agree), move each threshold towards the fit by at most ``max_step`` (or
-   up to ``max_step_up`` towards escalating when the thresholds in force are estimated to miss the
-   target: a quality problem is fixed at once, saving money waits for evidence), within
+   fitting the same labels agree; with ``optimism_correction`` the choice also pays the optimism of
+   picking the cheapest of many threshold combinations, as offline fits do), move each threshold
+   towards the fit by at most ``max_step`` (or up to ``max_step_up`` towards escalating when the
+   thresholds in force are estimated to miss the target: a quality problem is fixed at once, saving
+   money waits for evidence), within
    ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.
@@ -336,7 +338,15 @@ class Tuner:
             )
             return None
         cal = await asyncio.to_thread(
-            fit, rows, cfg.target_quality, margin_z=cfg.margin_z, bounds=cfg.threshold_bounds, current=old
+            functools.partial(
+                fit,
+                rows,
+                cfg.target_quality,
+                margin_z=cfg.margin_z,
+                bounds=cfg.threshold_bounds,
+                current=old,
+                honest=cfg.optimism_correction,
+            )
         )
         # The thresholds in force missing the target (less the margin) is corrected at once, up to
         # max_step_up; every other move, down or up, is at most max_step per fit.
@@ -374,6 +384,7 @@ class Tuner:
             "stale_stages": stale,
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
+            "optimism": round(cal.optimism, 6),
             "est_quality": round(at_new.quality, 6),
             "est_cost_usd": at_new.cost,
             "est_quality_before": None if cal.current is None else round(cal.current.quality, 6),

@@ -396,6 +396,7 @@ async def _run(
                 "max_step",
                 "max_step_up",
                 "margin_z",
+                "optimism_correction",
                 "half_life_labels",
                 "window_labels",
                 "shadow_max_share",

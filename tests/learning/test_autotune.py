@@ -3,6 +3,7 @@ restart, exported as cascade_threshold, logged, and kept across a restart."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,22 @@ async def test_a_stage_the_spend_caps_starve_of_labels_keeps_its_threshold(
     assert query(url, "SELECT count(*) FROM labels") == [(0,)]
     assert query(url, "SELECT DISTINCT sampling FROM traces") == [("budget",)]
     assert query(url, "SELECT count(*) FROM fits") == [(0,)]
+
+
+async def test_the_tuner_pays_the_optimism_of_its_choice(fake: FakeUpstream, tmp_path: Path) -> None:
+    """With ``optimism_correction`` (the default) the tuner's fit is the honest one of ``cascade
+    calibrate``: it measures, on bootstrap replicates of the labels, how much better the cheapest
+    threshold meeting the target looks than it is, and proposes one reaching the target plus that.
+    Without it, the plain search proposes a lower threshold on the same labels."""
+    evidence = {}
+    for correct in (True, False):
+        url = sqlite_url(tmp_path / str(correct))
+        cfg = _cfg(url, optimism_correction=correct, min_labels=20)
+        await _populate(url, cfg, 120)
+        async with proxy(cfg, fake) as (_, app):
+            await _until(app, 0.65)
+        ((raw,),) = query(url, "SELECT evidence FROM fits")
+        evidence[correct] = json.loads(raw)
+    assert evidence[True]["optimism"] > 0 and evidence[False]["optimism"] == 0
+    assert evidence[True]["proposed"][0] > evidence[False]["proposed"][0]
+    assert evidence[True]["rows"] == evidence[False]["rows"]
