@@ -17,7 +17,7 @@ back over the drift point), and the convergence figures use those:
 * ``final_quality_vs_best``, ``final_savings_vs_best``: rolling, at the end; ``offline`` gives the
   same figures of the offline thresholds on the same rows, and ``savings_vs_offline`` the ratio;
 * ``offline.min_rolling_quality_vs_best_after_target``: the offline thresholds' lowest rolling quality
-  over the same windows: fixed thresholds dip too (a 500-request window carries ~1.5 points of
+  over the same windows: fixed thresholds dip too (a 500-request window carries 1.5-2 points of
   binomial noise), which is what the online floor is to be read against;
 * with a drift, the same after it: ``labels_to_target_after_drift`` (labels since the switch) and
   ``min_rolling_quality_vs_best_after_drift_target``.
