@@ -133,26 +133,25 @@ class Dataset:
         return [r for r in self.rows if r.split == "test"]
 
 
-def _as_bool(v: Any) -> bool | None:
+_TRUE = {"true", "1", "yes", "correct", "right", "pass"}
+_FALSE = {"false", "0", "no", "incorrect", "wrong", "fail"}
+
+
+def _as_bool(v: Any, where: str) -> bool | None:
+    """A recorded ``correct`` (None when there is none); a value that says neither right nor wrong ("N/A",
+    a list...) is a :class:`LabelError` naming ``where``: counting it as wrong would skew every figure."""
     if v is None:
         return None
     if isinstance(v, bool):
         return v
     if isinstance(v, int | float):
         return float(v) >= 0.5
-    if isinstance(v, str):
-        word = v.strip().lower()
-        if word in _TRUE or word in _FALSE:
-            return word in _TRUE
-    raise _Unreadable(v)
-
-
-_TRUE = {"true", "1", "yes", "correct", "right", "pass"}
-_FALSE = {"false", "0", "no", "incorrect", "wrong", "fail"}
-
-
-class _Unreadable(Exception):
-    """A ``correct`` value that says neither right nor wrong ("N/A", a list...)."""
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    raise LabelError(
+        f"{where}.correct is {str(v)[:40]!r}: true/false, 1/0 or yes/no "
+        "(leave it out and give a 'score' for a graded dataset)"
+    )
 
 
 def _answer_text(v: Any) -> str:
@@ -285,13 +284,7 @@ def parse_rows(
             text = _answer_text(rec.get("answer"))
             score = rec.get("score", rec.get("turn1_score"))
             score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
-            try:
-                corr = _as_bool(rec.get("correct"))
-            except _Unreadable:
-                raise LabelError(
-                    f"line {lineno} (id {rid!r}): models.{m}.correct is {str(rec.get('correct'))[:40]!r}: "
-                    "true/false, 1/0 or yes/no (leave it out and give a 'score' for a graded dataset)"
-                ) from None
+            corr = _as_bool(rec.get("correct"), f"line {lineno} (id {rid!r}): models.{m}")
             if corr is None:
                 corr = _graded(score_f, pass_score, lineno, rid, m)
             cost = _recorded_cost(rec.get("cost_usd"), lineno, rid, m)
