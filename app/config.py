@@ -128,6 +128,10 @@ class UpstreamConfig(_Model):
     logprobs: bool = True
     # Whether the upstream honours ``n`` (llama.cpp ignores it): consistency then uses parallel calls.
     supports_n: bool = True
+    # False for upstreams that answer tool requests only unstreamed (llama-cpp-python's function-calling
+    # chat format: "Automatic streaming tool choice is not supported"): a streamed request with `tools`
+    # is then asked unstreamed and its answer streamed to the client in chunks, as an earlier stage's is.
+    stream_tools: bool = True
     # Request fields sent when the client did not set them, e.g. {max_tokens: 256} for a local server
     # that otherwise generates until its context is full. The client's own values always win.
     defaults: dict[str, Any] = Field(default_factory=dict)

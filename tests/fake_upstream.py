@@ -92,6 +92,9 @@ class Behaviour:
     details: bool = False  # `details`: usage with token details and a cost, and a system_fingerprint
     tail_ms: int = 0  # `tail-<ms>-<pct>`: prompts whose seeded draw (prompt_draw) is under pct % wait ms more
     tail_pct: float = 0.0
+    no_stream_tools: bool = (
+        False  # `nostreamtools`: a streamed request with tools gets a 500 (llama-cpp-python)
+    )
 
 
 _FLAGS: dict[str, dict[str, Any]] = {
@@ -122,6 +125,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "gated": {"gated": True},
     "agent": {"tools": "ok", "agent": True},
     "details": {"details": True},
+    "nostreamtools": {"no_stream_tools": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
     "answer-": lambda v: {"content": v.replace("_", " "), "echo": False},
@@ -572,7 +576,11 @@ class FakeUpstream:
     async def _reply(
         self, send: Send, request: dict[str, Any], b: Behaviour, count: int, stream: bool, watch: _ClientWatch
     ) -> None:
-        if b.error_status is not None or count <= b.flaky:
+        if b.no_stream_tools and stream and request.get("tools"):
+            # llama-cpp-python's server with a function-calling chat format, streamed with tool_choice auto
+            message = "Automatic streaming tool choice is not supported"
+            await _send(send, 500, orjson.dumps(error_body(500, message)))
+        elif b.error_status is not None or count <= b.flaky:
             status = b.error_status if b.error_status is not None else 500
             extra = [(b"retry-after", b"0")] if status == 429 else []
             code = "rate_limit_exceeded" if status == 429 else None

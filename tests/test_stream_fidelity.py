@@ -413,3 +413,37 @@ def test_lf_only_decoder_matches_line_by_line() -> None:
         d = SSEDecoder()
         got = [e for i in range(0, len(stream), step) for e in d.feed(stream[i : i + step])]
         assert got + d.flush() == whole
+
+
+@pytest.mark.parametrize("model", ["default", "large"])  # a cascade's streamed last stage; a pass-through
+async def test_an_upstream_that_cannot_stream_tool_calls_is_asked_unstreamed(
+    fake: FakeUpstream, model: str
+) -> None:
+    """``stream_tools: false`` (llama-cpp-python's function-calling format refuses streamed tool requests
+    with tool_choice auto): a streamed request with tools is asked unstreamed and its answer streamed to
+    the client in chunks; without tools the upstream still streams straight through. With the default,
+    the same request fails with the upstream's error."""
+    control = {"cascade": {"min_stage": 1}} if model == "default" else {}
+    for stream_tools in (False, True):
+        cfg = base_config()
+        cfg["upstreams"]["large"] = upstream("tools+nostreamtools", stream_tools=stream_tools)
+        async with proxy(cfg, fake) as (c, _):
+            r = await c.post("/v1/chat/completions", json=chat(model, stream=True, tools=TOOLS, **control))
+            asked = fake.requests[-1]["body"]
+            if stream_tools:  # the upstream refused before a byte was sent: a 502 naming its error
+                assert r.status_code == 502 and asked["stream"] is True
+                assert "streaming tool choice is not supported" in r.json()["error"]["message"]
+                continue
+            events = sse_events(r.text)
+            assert r.status_code == 200 and events[-1] == "[DONE]"
+            chunks = [e for e in events[:-1] if isinstance(e, dict)]
+            assert not any("error" in e for e in chunks) and asked.get("stream") is not True
+            for ch in chunks:
+                check_chunk(ch)
+            head = chunks[0]["choices"][0]["delta"]
+            assert head["tool_calls"][0]["function"]["name"] == "get_weather"
+            assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == "tool_calls"
+            assert chunks[-1]["cascade"]["upstream"] == "large"
+            # No tools: streamed straight through as ever.
+            r = await c.post("/v1/chat/completions", json=chat(model, stream=True, **control))
+            assert sse_events(r.text)[-1] == "[DONE]" and fake.requests[-1]["body"]["stream"] is True

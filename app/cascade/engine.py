@@ -157,9 +157,9 @@ class Engine:
                 t0 = call.t0
             else:  # the common case, spelled out (no task, no extra coroutine): the hot path
                 try:
-                    if final and stream:
+                    if final and stream and (stage.stream_tools or not body.get("tools")):
                         res = await open_stream(stage, body)
-                    elif stage.early_abort and not final:
+                    elif stage.early_abort and not final and (stage.stream_tools or not body.get("tools")):
                         res = await collect_streamed(stage, body)
                     else:
                         up = stage.upstream
@@ -247,7 +247,7 @@ class Engine:
         self, stage: Stage, body: Json, final: bool, stream: bool, asm: Assembler | None
     ) -> Json | Opened:
         """One call to the stage's upstream: the streamed last stage opened, or a whole answer."""
-        if final and stream:
+        if final and stream and (stage.stream_tools or not body.get("tools")):
             return await open_stream(stage, body)
         if asm is not None or (stage.early_abort and not final):
             return await collect_streamed(stage, body, asm)

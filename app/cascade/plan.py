@@ -31,6 +31,9 @@ class Stage:
     # Hedged escalation: seconds after which the next stage starts in parallel, "p95" (learned from
     # the upstream's recent latency), or None (no hedging).
     hedge_after: float | str | None = None
+    # The upstream streams answers to requests with tools (``stream_tools``); when not, such a request is
+    # asked unstreamed even as the streamed last stage, and its answer replayed as chunks.
+    stream_tools: bool = True
 
     def hedge_delay(self) -> float | None:
         """Seconds to wait before hedging this stage now; None: do not hedge (not configured, or a
@@ -107,7 +110,8 @@ def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps
     for name, up in upstreams.items():
         ucfg = cfg.upstreams[name]
         deadline = max(120.0, ucfg.timeout_s * (ucfg.max_retries + 1) + 10)
-        plan = Plan(name, [Stage(0, up, None)], deadline, passthrough=True)
+        stage = Stage(0, up, None, stream_tools=ucfg.stream_tools)
+        plan = Plan(name, [stage], deadline, passthrough=True)
         plan.thresholds = [None]
         plans[name] = plan
     for cname, ccfg in cfg.cascades.items():
@@ -124,9 +128,13 @@ def build_plans(cfg: Config, upstreams: Mapping[str, Upstream], deps: ScorerDeps
                 if isinstance(scfg.hedge_after_s, int | float)
                 else scfg.hedge_after_s
             )
+            up = upstreams[scfg.upstream]
             stages.append(
-                Stage(i, upstreams[scfg.upstream], scfg.threshold, scorers, checks, needs_lp, early, hedge)
-            )
+                Stage(
+                    i, up, scfg.threshold, scorers, checks, needs_lp, early, hedge,
+                    stream_tools=cfg.upstreams[scfg.upstream].stream_tools,
+                )
+            )  # fmt: skip
         router = Router.load(ccfg.router, f"cascades.{cname}") if ccfg.router is not None else None
         plan = Plan(cname, stages, ccfg.deadline_s, fallback=ccfg.fallback, router=router)
         plan.thresholds = [s.threshold for s in stages]
