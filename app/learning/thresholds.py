@@ -174,6 +174,9 @@ def _pareto(evals: list[CascadeEval]) -> list[CascadeEval]:
     return out
 
 
+_BLOCK_CELLS = 1 << 20  # candidates x rows evaluated at once by choose_thresholds (memory bound)
+
+
 def choose_thresholds(
     scores: Any,
     correct: Any,
@@ -219,6 +222,12 @@ def choose_thresholds(
     w2c = w2[:, None] * c
     w2cc = w2[:, None] * c * c
     w2_sum = float(w2.sum())
+    # What the last scored stage's candidates sum, served there (take) or by the last stage (rest).
+    cols = np.stack(
+        [wc[:, last], wc[:, K - 1], w2cc[:, last], w2cc[:, K - 1], w2c[:, last], w2c[:, K - 1],
+         wk[:, K - 1], w],
+        axis=1,
+    )  # fmt: skip
     for prefix in itertools.product(*cand[:last]):
         alive = np.ones(n, dtype=bool)
         q0 = 0.0
@@ -239,15 +248,22 @@ def choose_thresholds(
         # stage `last` with every candidate threshold at once, then stage K-1 takes the rest
         r_last = float(w[alive].sum())
         c_last = float(wk[alive, last].sum()) + c0
-        take_m = alive[None, :] & (s[None, :, last] >= t_last[:, None])  # (m, n)
-        rest_m = alive[None, :] & ~take_m
-        q_m = q0 + take_m @ wc[:, last] + rest_m @ wc[:, K - 1]
-        s2_m = s2_0 + take_m @ w2cc[:, last] + rest_m @ w2cc[:, K - 1]
-        t_m = t_0 + take_m @ w2c[:, last] + rest_m @ w2c[:, K - 1]
+        # (candidates, rows) in blocks: a boolean block is multiplied as float64, and 1,600 candidates
+        # over 8,000 rows at once held ~100 MB of temporaries (an online fit runs in the proxy's process).
+        take_sums = np.empty((t_last.shape[0], cols.shape[1]))
+        rest_sums = np.empty_like(take_sums)
+        step = max(1, _BLOCK_CELLS // max(1, n))
+        for lo in range(0, t_last.shape[0], step):
+            take = alive[None, :] & (s[None, :, last] >= t_last[lo : lo + step, None])
+            take_sums[lo : lo + step] = take @ cols
+            rest_sums[lo : lo + step] = (alive[None, :] & ~take) @ cols
+        q_m = q0 + take_sums[:, 0] + rest_sums[:, 1]
+        s2_m = s2_0 + take_sums[:, 2] + rest_sums[:, 3]
+        t_m = t_0 + take_sums[:, 4] + rest_sums[:, 5]
         se_m = np.sqrt(np.maximum(0.0, s2_m - 2 * q_m * t_m + q_m * q_m * w2_sum))
-        cost_m = c_last + rest_m @ wk[:, K - 1]
-        acc_m = take_m @ w
-        rest_w = rest_m @ w
+        cost_m = c_last + rest_sums[:, 6]
+        acc_m = take_sums[:, 7]
+        rest_w = rest_sums[:, 7]
         for i in range(t_last.shape[0]):
             evals.append(
                 CascadeEval(
