@@ -37,13 +37,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from app.learning.thresholds import BLOCK_CELLS
 from app.learning.thresholds import json_float as _json_float
 
 FloatArray = npt.NDArray[np.float64]
 
-CHUNK_ROWS = 2048  # rows per block when building (policies x rows) matrices: bounds memory...
-CHUNK_CELLS = 1 << 20  # ...and policies x rows per block: ~40 MB of temporaries at most (1,600 policies:
-# 655 rows), which an online fit in the proxy's process pays on every refit
+CHUNK_ROWS = 2048  # rows per block when building (policies x rows) matrices, at most BLOCK_CELLS cells
 
 
 def replicate_weights(
@@ -130,7 +129,7 @@ def policy_grid(
     C = np.zeros((G, R))
     cum = np.cumsum(k, axis=1)
     W32 = W.astype(np.float32)  # sums of 0/1 times weights: float32 is exact enough and twice as fast
-    step = max(64, min(CHUNK_ROWS, CHUNK_CELLS // max(1, G)))
+    step = max(64, min(CHUNK_ROWS, BLOCK_CELLS // max(1, G)))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         served = np.full((G, hi - lo), K - 1, dtype=np.int8)

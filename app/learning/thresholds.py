@@ -174,7 +174,9 @@ def _pareto(evals: list[CascadeEval]) -> list[CascadeEval]:
     return out
 
 
-_BLOCK_CELLS = 1 << 20  # candidates x rows evaluated at once by choose_thresholds (memory bound)
+# Policies x rows held at once when a search builds (policies x rows) matrices: ~40 MB of temporaries at
+# most, which an online fit in the proxy's process pays on every refit (also search.policy_grid).
+BLOCK_CELLS = 1 << 20
 
 
 def choose_thresholds(
@@ -252,7 +254,7 @@ def choose_thresholds(
         # over 8,000 rows at once held ~100 MB of temporaries (an online fit runs in the proxy's process).
         take_sums = np.empty((t_last.shape[0], cols.shape[1]))
         rest_sums = np.empty_like(take_sums)
-        step = max(1, _BLOCK_CELLS // max(1, n))
+        step = max(1, BLOCK_CELLS // max(1, n))
         for lo in range(0, t_last.shape[0], step):
             take = alive[None, :] & (s[None, :, last] >= t_last[lo : lo + step, None])
             take_sums[lo : lo + step] = take @ cols
