@@ -109,7 +109,6 @@ def crossfit(
         # The mean of the fold models (one linear model, no refit): on new rows its decision values are
         # spread like the out-of-fold ones the calibration and the thresholds were chosen on. (A model
         # refitted on every row measured the same on the replay sets; this one costs no extra fit.)
-        members = [([float(a * v) for v in fw], a * fb + b) for fw, fb in zip(fold_w, fold_b, strict=True)]
         w_avg = np.mean(np.stack(fold_w), axis=0)
         coef, intercept = [float(a * v) for v in w_avg], a * float(np.mean(fold_b)) + b
         mean, scale = [0.0] * len(coef), [1.0] * len(coef)
@@ -117,7 +116,6 @@ def crossfit(
         names = feature_names(spec) if spec.dim == len(coef) else [f"x{i}" for i in range(len(coef))]
         info = {**dict(meta or {}), "n_train": int(n), "positive_rate": float((ya > 0.5).mean()), "l2": l2}
     else:
-        members = []
         full = fit_logistic(
             xa, ya, l2=l2, class_weight=None, sample_weight=sw, feature_spec=feature_spec, meta=meta
         )
@@ -137,6 +135,5 @@ def crossfit(
         feature_spec=spec,
         names=list(names),
         meta={**info, "calibration": calibration},
-        members=members,
     )
     return CrossFit(_sigmoid(a * z + b), calibrated, (float(a), float(b)))

@@ -163,7 +163,7 @@ def rescored(
             elif stage < K - 1 and text is not None and outcome != "error":
                 m = models[stage]
                 x = extract_features(prompt, text, previous, None, finish, m.feature_spec)
-                score = m.predict_proba(x, m.member_for(prompt))
+                score = m.predict_proba(x)
             attempts.append((tid, stage, outcome, score, cost))
             if _answered(outcome, reason, text):
                 assert text is not None

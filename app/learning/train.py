@@ -125,14 +125,15 @@ class FittedCascade:
     router_info: dict[str, Any] = field(default_factory=dict)  # chosen or not, and why
 
     def score(self, stage: int, prompt: str, answer: str, previous: Sequence[str] = ()) -> float:
-        return self.scorers[stage].score(prompt, answer, previous)
+        model = self.scorers[stage]
+        return model.predict_proba(extract_features(prompt, answer, previous, spec=model.feature_spec))
 
     def routed(self, prompt: str) -> bool:
         """Whether the router sends this (single user message) request straight to the last stage."""
         if self.router is None or self.router_threshold is None:
             return False
         x = request_prompt_features(request_for(prompt), self.router.feature_spec)
-        return self.router.predict_proba(x, self.router.member_for(prompt)) >= self.router_threshold
+        return self.router.predict_proba(x) >= self.router_threshold
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -13,26 +13,15 @@ API::
 
     model.score(prompt, answer, previous=(), logprobs=None, finish_reason=None) -> float in [0, 1]
                                                     # what a `{type: learned, model: PATH}` scorer calls
-    model.member_for(prompt) -> int | None          # which cross-fitted member scores this prompt
 
 File format (``format: "cascade-learned-scorer"``, ``version: 1``)::
 
     {"format": "cascade-learned-scorer", "version": 1, "kind": "logistic",
      "feature_spec": {...FeatureSpec.to_dict()...}, "feature_names": [...],
-     "mean": [...], "scale": [...], "coef": [...], "intercept": float, "meta": {...},
-     "members": [{"coef": [...], "intercept": float}, ...]}      # optional
+     "mean": [...], "scale": [...], "coef": [...], "intercept": float, "meta": {...}}
 
 The score is ``sigmoid(intercept + sum(coef_i * (x_i - mean_i) / scale_i))``: the estimated probability
 that the answer is correct (good enough), given the prompt, the answer and the earlier stages' answers.
-
-``members`` (written by cross-fitting, :mod:`app.learning.crossfit`): the fold models themselves, on raw
-features. A request is then scored by one of them, chosen by a hash of its prompt (every stage's
-scorer and the router pick the same index): each fold model scores rows it was not fitted on, so the
-out-of-fold scores the thresholds were chosen on are distributed exactly as the scores served. (The mean
-of the fold models is not: where features carry no signal, the fold models' noise spreads a group of
-identical answers over several scores that a threshold can split, while their mean gives the whole
-group one score; a threshold chosen to accept 8 % of such answers accepted 27 % of new ones, or 80 % and
-then none.) ``coef`` / ``intercept`` stay the mean model, for reading and for older readers.
 """
 
 from __future__ import annotations
@@ -40,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,15 +59,11 @@ class LogisticModel:
     feature_spec: FeatureSpec = field(default_factory=FeatureSpec)
     names: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
-    members: list[tuple[list[float], float]] = field(default_factory=list)  # (weights, bias), raw features
 
     def __post_init__(self) -> None:
         n = len(self.coef)
         if len(self.mean) != n or len(self.scale) != n:
             raise ValueError("coef, mean and scale must have the same length")
-        if any(len(w) != n for w, _ in self.members):
-            raise ValueError("every member must have one coefficient per feature")
-        self._members = [([(i, w) for i, w in enumerate(ws) if w != 0.0], b) for ws, b in self.members]
         # fold standardisation into one weight vector for fast prediction
         self._w = [c / s for c, s in zip(self.coef, self.scale, strict=True)]
         self._b = self.intercept - sum(w * m for w, m in zip(self._w, self.mean, strict=True))
@@ -95,27 +79,17 @@ class LogisticModel:
         return list(self._w), self._b
 
     # ------------------------------------------------------------------ prediction (pure python)
-    def member_for(self, prompt: str) -> int | None:
-        """The member that scores requests with this prompt (a stable hash), or None without members."""
-        if not self._members:
-            return None
-        return zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % len(self._members)
-
-    def decision(self, x: Sequence[float], member: int | None = None) -> float:
+    def decision(self, x: Sequence[float]) -> float:
         if len(x) != len(self._w):
             raise ValueError(f"feature vector has {len(x)} values, model wants {len(self._w)}")
-        if member is None or not self._members:
-            z, nz = self._b, self._nz
-        else:
-            nz, z = self._members[member % len(self._members)]
-        for i, w in nz:
+        z = self._b
+        for i, w in self._nz:
             z += w * x[i]
         return z
 
-    def predict_proba(self, x: Sequence[float], member: int | None = None) -> float:
-        """Probability in (0, 1): the decision is clipped to [-30, 30], so never exactly 0 or 1.
-        ``member``: score with that cross-fitted member (:meth:`member_for`), else the mean model."""
-        return _sigmoid(min(30.0, max(-30.0, self.decision(x, member))))
+    def predict_proba(self, x: Sequence[float]) -> float:
+        """Probability in (0, 1): the decision is clipped to [-30, 30], so never exactly 0 or 1."""
+        return _sigmoid(min(30.0, max(-30.0, self.decision(x))))
 
     def predict_proba_many(self, xs: Sequence[Sequence[float]]) -> list[float]:
         return [self.predict_proba(x) for x in xs]
@@ -130,7 +104,7 @@ class LogisticModel:
     ) -> float:
         """Request time: the probability that ``answer`` is good enough, from texts."""
         x = extract_features(prompt, answer, previous, logprobs, finish_reason, self.feature_spec)
-        return self.predict_proba(x, self.member_for(prompt))
+        return self.predict_proba(x)
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -145,11 +119,6 @@ class LogisticModel:
             "coef": list(self.coef),
             "intercept": self.intercept,
             "meta": dict(self.meta),
-            **(
-                {"members": [{"coef": list(w), "intercept": b} for w, b in self.members]}
-                if self.members
-                else {}
-            ),
         }
 
     @classmethod
@@ -174,7 +143,6 @@ class LogisticModel:
             feature_spec=spec,
             names=[str(v) for v in d.get("feature_names", [])],
             meta=dict(d.get("meta", {})),
-            members=[([float(v) for v in m["coef"]], float(m["intercept"])) for m in d.get("members") or []],
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

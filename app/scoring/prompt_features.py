@@ -73,17 +73,8 @@ def prompt_features(
     return vec
 
 
-def _messages(request: Mapping[str, Any]) -> list[dict[str, Any]]:
-    raw = request.get("messages")
-    return [m for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
-
-
-def request_prompt(request: Mapping[str, Any]) -> str:
-    """The prompt text of a chat request body (``messages_to_prompt``), as learned scorers see it."""
-    return messages_to_prompt(_messages(request))
-
-
 def request_prompt_features(request: Mapping[str, Any], spec: FeatureSpec) -> list[float]:
     """:func:`prompt_features` of a chat request body (the prompt text is ``messages_to_prompt``)."""
-    messages = _messages(request)
+    raw = request.get("messages")
+    messages = [m for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
     return prompt_features(messages_to_prompt(messages), spec, messages)

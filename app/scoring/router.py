@@ -11,7 +11,7 @@ from typing import Any
 
 from app.config import ConfigError, RouterConfig
 from app.scoring.model import LogisticModel
-from app.scoring.prompt_features import request_prompt, request_prompt_features
+from app.scoring.prompt_features import request_prompt_features
 
 
 class Router:
@@ -30,8 +30,7 @@ class Router:
 
     def score(self, request: Mapping[str, Any]) -> float:
         """P(the earlier stages' answers would be rejected), from the request alone."""
-        member = self.model.member_for(request_prompt(request))
-        return self.model.predict_proba(request_prompt_features(request, self.model.feature_spec), member)
+        return self.model.predict_proba(request_prompt_features(request, self.model.feature_spec))
 
     def skips(self, request: Mapping[str, Any]) -> bool:
         return self.score(request) >= self.threshold

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.learning.crossfit import crossfit, fold_ids
 from app.learning.fitting import fit_logistic
 from app.scoring.feature_spec import FeatureSpec
 from app.scoring.features import extract_features
@@ -99,25 +98,3 @@ def test_load_rejects_bad_files(tmp_path: Path) -> None:
     p.write_text(json.dumps(d))
     with pytest.raises(ValueError):
         LogisticModel.load(p)
-
-
-def test_cross_fitted_members_are_saved_and_serve_by_prompt(tmp_path: Path) -> None:
-    spec = FeatureSpec(hash_dim=0)
-    rows = [(f"What is {i}+2?", f"{i + 2 + (i % 3 == 0)}", i % 3 != 0) for i in range(60)]
-    x = np.asarray([extract_features(p, a, spec=spec) for p, a, _ in rows])
-    y = np.asarray([float(ok) for *_, ok in rows])
-    cf = crossfit(x, y, fold_ids(len(rows), 5, seed=0, strata=y), l2=1.0, feature_spec=spec)
-    path = tmp_path / "stage0.json"
-    cf.model.save(path)
-    m = LogisticModel.load(path)
-    assert len(m.members) == 5 and len(json.loads(path.read_text())["members"]) == 5
-    for (p, a, _), v in zip(rows[:6], x[:6].tolist(), strict=True):
-        k = m.member_for(p)
-        assert k is not None and 0 <= k < 5
-        assert m.score(p, a) == pytest.approx(m.predict_proba(v, k), rel=1e-12)
-        assert m.score(p, a) == pytest.approx(cf.model.score(p, a), rel=1e-12)
-    d = json.loads(path.read_text())
-    d["members"][2]["coef"] = d["members"][2]["coef"][:-1]
-    path.write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="member"):
-        LogisticModel.load(path)
