@@ -108,7 +108,9 @@ def crossfit(
     if len(fold_w) > 1:
         # The mean of the fold models (one linear model, no refit): on new rows its decision values are
         # spread like the out-of-fold ones the calibration and the thresholds were chosen on. (A model
-        # refitted on every row measured the same on the replay sets; this one costs no extra fit.)
+        # refitted on every row measured the same on the replay sets; this one costs no extra fit.
+        # Serving the fold models themselves, one per request, matches the spread exactly even for
+        # features without signal, but was noisier after a drift: README, Learned scorer.)
         w_avg = np.mean(np.stack(fold_w), axis=0)
         coef, intercept = [float(a * v) for v in w_avg], a * float(np.mean(fold_b)) + b
         mean, scale = [0.0] * len(coef), [1.0] * len(coef)
