@@ -9,8 +9,10 @@ on the train rows exactly as ``cascade replay`` fits it (``fit_cascade``: cross-
 chain, the bootstrap search and its optimism, the router), then every test row is scored by the fitted
 scorers in process (the code a learned scorer runs at request time, router included).
 
-    .venv/bin/python bench/synthetic.py [--worlds 0:12] [--targets 0.95,0.98] [--train 1000] [--test 10000]
+    .venv/bin/python bench/synthetic.py [--worlds 0:16] [--targets 0.95,0.98] [--train 1000] [--test 10000]
                                         [--json]
+    .venv/bin/python bench/synthetic.py --write WORLD FILE.jsonl [--train 1000] [--test 470]
+        # one world as a dataset for `cascade replay FILE.jsonl` (e.g. --online, --resplits)
 
 Prints per world: the test quality relative to the test's best single model, its distance to the target,
 the savings against that model, and what the fit promised (its train quality and measured optimism);
@@ -108,6 +110,17 @@ def generate(world: int, n_train: int, n_test: int, jitter: float = 0.04) -> Dat
     return parse_rows(io.StringIO("\n".join(lines) + "\n"), None, 0.5, True, name=f"world{world}")
 
 
+def write(ds: Dataset, path: str) -> None:
+    """The world in the shared datasets' JSONL shape (what ``cascade replay`` reads)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in ds.rows:
+            models = {
+                m: {"answer": a.answer, "correct": a.correct, "cost_usd": a.cost_usd}
+                for m, a in r.answers.items()
+            }
+            fh.write(json.dumps({"id": r.id, "split": r.split, "prompt": r.prompt, "models": models}) + "\n")
+
+
 def judge(fit: FittedCascade, rows: list[Row]) -> tuple[float, float]:
     """Accuracy and mean cost of the fitted cascade (router included) on ``rows``."""
     K = len(fit.models)
@@ -133,12 +146,21 @@ def judge(fit: FittedCascade, rows: list[Row]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worlds", default="0:12", help="START:STOP (default 0:12)")
+    ap.add_argument("--worlds", default="0:16", help="START:STOP (default 0:16)")
     ap.add_argument("--targets", default="0.95,0.98")
     ap.add_argument("--train", type=int, default=1000)
-    ap.add_argument("--test", type=int, default=10000)
+    ap.add_argument("--test", type=int, default=None, help="test rows (default 10000; 470 with --write)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object last")
+    ap.add_argument(
+        "--write", nargs=2, metavar=("WORLD", "FILE"), help="write one world as a dataset, no fit"
+    )
     args = ap.parse_args(argv)
+    if args.write:
+        world, path = int(args.write[0]), args.write[1]
+        write(generate(world, args.train, args.test if args.test is not None else 470), path)
+        print(f"{path}: world {world}")
+        return 0
+    args.test = args.test if args.test is not None else 10000
     start, stop = (int(x) for x in args.worlds.split(":"))
     targets = [float(t) for t in args.targets.split(",")]
     results: list[dict[str, Any]] = []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from app.replay.dataset import load_dataset
 from bench import synthetic
 
 
@@ -34,3 +36,13 @@ def test_the_benchmark_fits_and_judges_a_world(capsys: pytest.CaptureFixture[str
     (res,) = out["results"]
     assert 0.5 < res["quality_vs_best"] < 1.2 and res["gap"] == pytest.approx(res["quality_vs_best"] - 0.95)
     assert out["summary"]["0.95"]["worlds"] == 1
+
+
+def test_a_world_written_as_a_dataset_reads_back_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "world.jsonl"
+    assert synthetic.main(["--write", "5", str(path), "--train", "50", "--test", "30"]) == 0
+    back, made = load_dataset(path), synthetic.generate(5, 50, 30)
+    assert len(back.train) == 50 and len(back.test) == 30 and back.models == made.models
+    assert [r.answers[m].correct for r in back.rows for m in back.models] == [
+        r.answers[m].correct for r in made.rows for m in made.models
+    ]
