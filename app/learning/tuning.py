@@ -34,7 +34,7 @@ import numpy as np
 
 from app.cascade.plan import Plan
 from app.config import LearningConfig
-from app.learning.calibration import Entry, Rows, fit, guard, weigh
+from app.learning.calibration import Calibration, Entry, Rows, fit, guard, weigh
 from app.learning.history import History
 from app.learning.store import Fit, Store, StoreError
 from app.learning.thresholds import evaluate_cascade, served_stages
@@ -179,6 +179,26 @@ def stale_stages(
         and n >= limit
         and got.get(k, 0) < round(STALE_SHARE * max(0.0, cfg.shadow_rate * n - skipped.get(k, 0)), 9)
     )
+
+
+def next_thresholds(
+    old: Sequence[float], cal: Calibration, cfg: LearningConfig
+) -> tuple[tuple[float, ...], bool]:
+    """The thresholds a fit puts in force, and whether those in force missed the target.
+
+    The thresholds in force missing the target (less the margin) is corrected at once: each threshold
+    moves up to ``max_step_up`` towards the fit. Upwards always (escalating more); downwards too when
+    the fit's choice is estimated better than the thresholds in force: a later stage can be worse than
+    an earlier one (a middle model weaker than the first on this traffic), and then accepting more early
+    is what restores quality. Every other move, down or up, is at most ``max_step`` per fit: saving
+    money waits for evidence."""
+    missing = cal.current is not None and (
+        cal.current.quality - cfg.margin_z * cal.current.quality_se < cfg.target_quality
+    )
+    up = cfg.max_step_up if missing else cfg.max_step
+    better = missing and cal.current is not None and cal.chosen.quality > cal.current.quality
+    down = cfg.max_step_up if better else cfg.max_step
+    return guard(old, cal.thresholds, down, cfg.threshold_bounds, up=up), missing
 
 
 def _raise(t: float, step: float, bounds: tuple[float, float]) -> float:
@@ -348,13 +368,7 @@ class Tuner:
                 honest=cfg.optimism_correction,
             )
         )
-        # The thresholds in force missing the target (less the margin) is corrected at once, up to
-        # max_step_up; every other move, down or up, is at most max_step per fit.
-        missing = cal.current is not None and (
-            cal.current.quality - cfg.margin_z * cal.current.quality_se < cfg.target_quality
-        )
-        up = cfg.max_step_up if missing else cfg.max_step
-        new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=up)
+        new, missing = next_thresholds(old, cal, cfg)
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
         # labels flow again. Savings wait for evidence; quality does not. (Calls the spend caps rule

@@ -1,0 +1,55 @@
+"""How far one online fit moves the thresholds in force (``tuning.next_thresholds``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.config import LearningConfig
+from app.learning.calibration import Rows, fit
+from app.learning.tuning import next_thresholds
+
+
+def _rows(n: int = 600, seed: int = 0) -> Rows:
+    """Three stages; the first is right 95 % of the time when its score is high, the middle one (a weaker
+    model) 70 % whatever its score, the last is the reference."""
+    rng = np.random.default_rng(seed)
+    s0 = rng.random(n)
+    s1 = rng.random(n)
+    c0 = (rng.random(n) < np.where(s0 > 0.3, 0.95, 0.5)).astype(float)
+    c1 = (rng.random(n) < 0.7).astype(float)
+    scores = np.stack([s0, s1, np.zeros(n)], axis=1)
+    correct = np.stack([c0, c1, np.ones(n)], axis=1)
+    cost = np.tile([1.0, 2.0, 20.0], (n, 1))
+    return Rows(scores, correct, cost, np.ones(n), [s0, s1])
+
+
+def test_a_missed_target_is_fixed_at_once_even_by_accepting_more_early() -> None:
+    cfg = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0)
+    old = (0.99, 0.05)  # the first stage sends everything on; the weaker middle one accepts it all
+    cal = fit(_rows(), cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    assert cal.current is not None and cal.current.quality < 0.8 < cal.chosen.quality
+    assert cal.thresholds[0] < old[0] - 0.3  # the fit accepts the first stage's good answers again
+    new, missing = next_thresholds(old, cal, cfg)
+    assert missing
+    assert new[0] == pytest.approx(cal.thresholds[0])  # all the way, not max_step
+    assert new[1] == pytest.approx(min(cal.thresholds[1], old[1] + cfg.max_step_up))
+
+
+def test_without_a_miss_every_move_is_at_most_max_step() -> None:
+    cfg = LearningConfig(target_quality=0.5, max_step=0.05, max_step_up=1.0, margin_z=0.0)
+    old = (0.99, 0.99)  # everything escalates: quality is the last stage's, far above a 0.5 target
+    cal = fit(_rows(), cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    new, missing = next_thresholds(old, cal, cfg)
+    assert not missing
+    assert all(abs(a - b) <= cfg.max_step + 1e-9 for a, b in zip(new, old, strict=True))
+    assert new != old  # it does move towards the cheaper fit
+
+
+def test_a_miss_is_fixed_upwards_at_once() -> None:
+    cfg = LearningConfig(target_quality=0.99, max_step=0.05, max_step_up=1.0, margin_z=0.0)
+    old = (0.5, 0.5)
+    cal = fit(_rows(), cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    new, missing = next_thresholds(old, cal, cfg)
+    assert missing and all(p > o + cfg.max_step for p, o in zip(cal.thresholds, old, strict=True))
+    assert new == pytest.approx(cal.thresholds)
