@@ -262,8 +262,13 @@ async def test_sighup_and_admin_reload_swap_the_config_and_keep_it_when_bad(
             path.write_text(yaml.safe_dump(third), encoding="utf-8")
             r = await c.post(s.url + "/admin/reload", headers=AUTH)
             assert r.status_code == 200 and r.json()["upstreams"] == ["small", "third"]
-            await _until("admin reload in every worker", 10, lambda: reloaded("third"))
-            assert not any("extra" in ids for ids in await _models(s.url))
+
+            # One predicate over the same samples: six fresh connections can all land on one worker
+            # (about 3 % of the time with two), so "third" seen and "extra" gone are checked together.
+            async def swapped() -> bool:
+                return all("third" in ids and "extra" not in ids for ids in await _models(s.url))
+
+            await _until("admin reload in every worker", 10, swapped)
         s.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(s.proc.wait, 15) == 0
 
