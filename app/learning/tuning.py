@@ -182,23 +182,26 @@ def stale_stages(
 
 
 def next_thresholds(
-    old: Sequence[float], cal: Calibration, cfg: LearningConfig
+    old: Sequence[float], cal: Calibration, cfg: LearningConfig, rows: Rows
 ) -> tuple[tuple[float, ...], bool]:
     """The thresholds a fit puts in force, and whether those in force missed the target.
 
     The thresholds in force missing the target (less the margin) is corrected at once: each threshold
-    moves up to ``max_step_up`` towards the fit. Upwards always (escalating more); downwards too when
-    the fit's choice is estimated better than the thresholds in force: a later stage can be worse than
-    an earlier one (a middle model weaker than the first on this traffic), and then accepting more early
-    is what restores quality. Every other move, down or up, is at most ``max_step`` per fit: saving
-    money waits for evidence."""
+    may rise up to ``max_step_up`` towards the fit (escalating more). Every other move, down or up, is
+    at most ``max_step`` per fit: saving money waits for evidence. One exception: when escalating that
+    way is still estimated to miss and the fit's own choice is estimated better, thresholds may also
+    fall up to ``max_step_up``: a later stage can be worse than an earlier one on this traffic (a
+    middle model weaker than the first), and then accepting more early is what restores quality."""
     missing = cal.current is not None and (
         cal.current.quality - cfg.margin_z * cal.current.quality_se < cfg.target_quality
     )
     up = cfg.max_step_up if missing else cfg.max_step
-    better = missing and cal.current is not None and cal.chosen.quality > cal.current.quality
-    down = cfg.max_step_up if better else cfg.max_step
-    return guard(old, cal.thresholds, down, cfg.threshold_bounds, up=up), missing
+    new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=up)
+    if missing and new != tuple(cal.thresholds):
+        at = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
+        if at.quality - cfg.margin_z * at.quality_se < cfg.target_quality < cal.chosen.quality:
+            new = guard(old, cal.thresholds, cfg.max_step_up, cfg.threshold_bounds, up=up)
+    return new, missing
 
 
 def _raise(t: float, step: float, bounds: tuple[float, float]) -> float:
@@ -368,7 +371,7 @@ class Tuner:
                 honest=cfg.optimism_correction,
             )
         )
-        new, missing = next_thresholds(old, cal, cfg)
+        new, missing = next_thresholds(old, cal, cfg, rows)
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
         # labels flow again. Savings wait for evidence; quality does not. (Calls the spend caps rule

@@ -27,10 +27,11 @@ def _rows(n: int = 600, seed: int = 0) -> Rows:
 def test_a_missed_target_is_fixed_at_once_even_by_accepting_more_early() -> None:
     cfg = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0)
     old = (0.99, 0.05)  # the first stage sends everything on; the weaker middle one accepts it all
-    cal = fit(_rows(), cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    rows = _rows()
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.current is not None and cal.current.quality < 0.8 < cal.chosen.quality
     assert cal.thresholds[0] < old[0] - 0.3  # the fit accepts the first stage's good answers again
-    new, missing = next_thresholds(old, cal, cfg)
+    new, missing = next_thresholds(old, cal, cfg, rows)
     assert missing
     assert new[0] == pytest.approx(cal.thresholds[0])  # all the way, not max_step
     assert new[1] == pytest.approx(min(cal.thresholds[1], old[1] + cfg.max_step_up))
@@ -39,8 +40,9 @@ def test_a_missed_target_is_fixed_at_once_even_by_accepting_more_early() -> None
 def test_without_a_miss_every_move_is_at_most_max_step() -> None:
     cfg = LearningConfig(target_quality=0.5, max_step=0.05, max_step_up=1.0, margin_z=0.0)
     old = (0.99, 0.99)  # everything escalates: quality is the last stage's, far above a 0.5 target
-    cal = fit(_rows(), cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
-    new, missing = next_thresholds(old, cal, cfg)
+    rows = _rows()
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    new, missing = next_thresholds(old, cal, cfg, rows)
     assert not missing
     assert all(abs(a - b) <= cfg.max_step + 1e-9 for a, b in zip(new, old, strict=True))
     assert new != old  # it does move towards the cheaper fit
@@ -49,7 +51,23 @@ def test_without_a_miss_every_move_is_at_most_max_step() -> None:
 def test_a_miss_is_fixed_upwards_at_once() -> None:
     cfg = LearningConfig(target_quality=0.99, max_step=0.05, max_step_up=1.0, margin_z=0.0)
     old = (0.5, 0.5)
-    cal = fit(_rows(), cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
-    new, missing = next_thresholds(old, cal, cfg)
+    rows = _rows()
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    new, missing = next_thresholds(old, cal, cfg, rows)
     assert missing and all(p > o + cfg.max_step for p, o in zip(cal.thresholds, old, strict=True))
     assert new == pytest.approx(cal.thresholds)
+
+
+def test_a_miss_escalating_fixes_does_not_hurry_the_other_thresholds_down() -> None:
+    # The fit raises the first stage and lowers the (weak) middle one; raising the first alone already
+    # meets the target, so the middle one still comes down by max_step only.
+    cfg = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0)
+    rows = _rows()
+    old = (0.0, 0.6)
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    assert cal.current is not None and cal.current.quality < cfg.target_quality
+    assert cal.thresholds[0] > old[0] + cfg.max_step
+    new, missing = next_thresholds(old, cal, cfg, rows)
+    assert missing and new[0] == pytest.approx(cal.thresholds[0])
+    assert cal.thresholds[1] < old[1] - cfg.max_step
+    assert new[1] == pytest.approx(old[1] - cfg.max_step)
