@@ -9,9 +9,9 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
    (``half_life_labels``) and realised labelling rates (``calibration.fit``: deterministic, so replicas
    fitting the same labels agree; with ``optimism_correction`` the choice also pays the optimism of
    picking the cheapest of many threshold combinations, as offline fits do), move each threshold
-   towards the fit by at most ``max_step`` (or up to ``max_step_up`` towards escalating when the
-   thresholds in force are estimated to miss the target: a quality problem is fixed at once, saving
-   money waits for evidence), within
+   towards the fit by at most ``max_step`` (or up to ``max_step_up`` when the thresholds in force are
+   estimated to miss the target: towards escalating, or the other way when escalating alone would still
+   miss, ``next_thresholds``; a quality problem is fixed at once, saving money waits for evidence), within
    ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.

@@ -5,7 +5,9 @@ reproducible by seed, with a drift to another dataset, and clear errors on bad i
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +181,35 @@ def test_two_replicas_sharing_a_store_end_on_the_same_thresholds(
     assert code == 0, text
     a, b = rep["thresholds_by_replica"]
     assert a == b and max(a) < 1.0 and rep["replicas"] == 2
+
+
+def test_a_weaker_middle_stage_is_left_at_once_when_the_target_is_missed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generated world where the middle model (Claude Instant) is weaker than the first (Mixtral): from
+    the loose start the first stage's evidence goes stale and it is escalated into the middle one, which
+    misses the target. The fit then proposes accepting the first stage's answers again, and the tuner
+    goes there in one fit (``tuning.next_thresholds``), not 0.05 a fit (~1,000 requests under 90 %)."""
+    from bench.synthetic import generate, write
+
+    path = tmp_path / "world2.jsonl"
+    write(generate(2, 1000, 470), str(path))
+    store = tmp_path / "store.db"
+    code, rep, text = _run(
+        capsys, str(path), "--start-threshold", "0", "--seed", "0", "--passes", "2",
+        "--store", f"sqlite:///{store}",
+    )  # fmt: skip
+    assert code == 0, text
+    assert "claude-instant-v1" in rep["stages"][1]
+    fits = [
+        (json.loads(th), json.loads(ev))
+        for th, ev in sqlite3.connect(store).execute("SELECT thresholds, evidence FROM fits ORDER BY version")
+    ]
+    step = rep["learning"]["max_step"]
+    falls = [
+        (before[0], after[0])
+        for (before, _), (after, ev) in itertools.pairwise(fits)
+        if ev["missing_target"] and before[0] - after[0] > step + 1e-9
+    ]
+    assert falls, [f[0] for f in fits[:12]]
+    assert rep["min_rolling_quality_vs_best_after_target"] > 0.84
