@@ -8,8 +8,9 @@ its accuracy, ``savings_vs_best`` = 1 - cost / its cost), as the replay report's
   model. A chain of two models has no middle: the rule then uses the dataset model that makes it
   cheapest at the target on the train rows (``agreement_middle``). ``None`` for one-model cascades.
 * ``random``: the chain with each stage accepting at random, at the cascade's own reach (share of
-  requests reaching each stage): what the cascade's escalation rate is worth without its scores.
-  An expectation, not a draw.
+  requests reaching each stage; with a router, the same share sent straight to the last stage, at
+  random too): what the cascade's escalation rate is worth without its scores. An expectation, not a
+  draw.
 * ``oracle_chain``: the chain with a perfect scorer: per row the first stage whose answer is correct.
 * ``oracle_all``: per row the cheapest correct model of the whole dataset (a perfect router).
 * ``best_single``: the reference itself (1.0, 0.0).
@@ -86,18 +87,34 @@ def oracle_chain(rows: Sequence[Row], chain: Sequence[str]) -> tuple[float, floa
     return acc / len(rows), cost / len(rows)
 
 
-def random_at_reach(rows: Sequence[Row], chain: Sequence[str], reach: Sequence[float]) -> tuple[float, float]:
-    """Expected (accuracy, mean cost) of the chain accepting at random with the given reach."""
+def random_at_reach(
+    rows: Sequence[Row], chain: Sequence[str], reach: Sequence[float], routed: float = 0.0
+) -> tuple[float, float]:
+    """Expected (accuracy, mean cost) of the chain accepting at random with the given reach.
+
+    ``reach[k]``: the share of requests that called stage ``k``, as a replay report counts it: with a
+    router, ``routed`` of them went straight to the last stage, so the first stage's reach is
+    ``1 - routed`` and the last stage's includes them. The random policy routes the same share (at
+    random, too) and escalates the rest at the cascade's own rates."""
     if not rows or not chain:
         return 0.0, 0.0
     summ = model_summary(rows, chain)
+    last = len(chain) - 1
     reach = [*list(reach)[: len(chain)], *([0.0] * (len(chain) - len(reach)))]
+    if last == 0:
+        return summ[chain[0]].accuracy, summ[chain[0]].mean_cost_usd
+    # Shares of the requests the router did not send past the chain, reaching each stage: never
+    # increasing along the chain, whatever rounding left in the counts.
+    flow = [1.0 - routed, *reach[1:last], max(0.0, reach[last] - routed)]
+    for k in range(1, len(flow)):
+        flow[k] = min(max(0.0, flow[k]), flow[k - 1])
     acc = cost = 0.0
     for k, m in enumerate(chain):
-        here = reach[k] if k else 1.0
-        served = here - (reach[k + 1] if k + 1 < len(chain) else 0.0)
-        acc += max(0.0, served) * summ[m].accuracy
-        cost += here * summ[m].mean_cost_usd
+        served = flow[k] - (flow[k + 1] if k < last else 0.0)
+        acc += served * summ[m].accuracy
+        cost += flow[k] * summ[m].mean_cost_usd
+    acc += routed * summ[chain[last]].accuracy
+    cost += routed * summ[chain[last]].mean_cost_usd
     return acc, cost
 
 
@@ -109,6 +126,7 @@ def baselines(
     *,
     train: Sequence[Row] = (),
     target_quality: float = 0.95,
+    routed: float = 0.0,
 ) -> dict[str, Any]:
     """The ``"baselines"`` object of a replay report (see the module doc)."""
     summ = model_summary(test, models)
@@ -126,7 +144,7 @@ def baselines(
         out["agreement"] = {**_rel(*agreement_rule(test, a, b, c), ba, bc), "chain": [a, b, c]}
     else:
         out["agreement"] = None
-    out["random"] = _rel(*random_at_reach(test, chain, reach), ba, bc)
+    out["random"] = _rel(*random_at_reach(test, chain, reach, routed), ba, bc)
     out["oracle_chain"] = _rel(*oracle_chain(test, chain), ba, bc)
     orc = oracle(test, models)
     out["oracle_all"] = _rel(orc.accuracy, orc.mean_cost_usd, ba, bc)

@@ -309,9 +309,10 @@ async def _run_split(
         "cost_estimated": ds.cost_estimated,
         "split_from_hash": ds.split_from_hash,
     }
+    skipped = skipped_shares(outcomes, len(plan.stages))
     report["router"] = {
         **(fitted.router_info if fitted is not None else {"chosen": plan.routed, "reason": "from --config"}),
-        "skipped_share": skipped_shares(outcomes, len(plan.stages)),
+        "skipped_share": skipped,
     }
     report["baselines"] = baselines(
         split.test,
@@ -320,6 +321,7 @@ async def _run_split(
         reach,
         train=split.train,
         target_quality=0.95 if opts.target_quality is None else opts.target_quality,
+        routed=skipped[0] if skipped else 0.0,
     )
     agreement = report["baselines"].get("agreement")
     if fitted is not None and agreement is not None:

@@ -50,6 +50,13 @@ def test_baselines_by_hand() -> None:
     acc, cost = random_at_reach(ROWS, ["cheap", "mid", "big"], [1.0, 0.5, 0.25])
     assert acc == pytest.approx(0.5 * 0.5 + 0.25 * 0.5 + 0.25 * 1.0)
     assert cost == pytest.approx(1.0 + 0.5 * 2.0 + 0.25 * 10.0)
+    # with a router that sent 40 % straight to big, a report counts reach (0.6, 0.3, 0.6): of the 60 %
+    # routed nowhere, cheap serves 30 %, mid 10 %, big 20 %, and big the routed 40 % (never over 1)
+    acc, cost = random_at_reach(ROWS, ["cheap", "mid", "big"], [0.6, 0.3, 0.6], routed=0.4)
+    assert acc == pytest.approx(0.3 * 0.5 + 0.1 * 0.5 + 0.6 * 1.0)
+    assert cost == pytest.approx(0.6 * 1.0 + 0.3 * 2.0 + 0.6 * 10.0)
+    routed = baselines(ROWS, ["cheap", "mid", "big"], ["cheap", "mid", "big"], [0.6, 0.3, 0.6], routed=0.4)
+    assert routed["random"]["accuracy"] == pytest.approx(0.8)
     b = baselines(ROWS, ["cheap", "mid", "big"], ["cheap", "mid", "big"], [1.0, 0.5, 0.25])
     assert b["best_single"]["model"] == "big" and b["best_single"]["quality_vs_best"] == 1.0
     assert b["agreement"]["quality_vs_best"] == pytest.approx(0.75)

@@ -74,6 +74,12 @@ def test_routed_requests_start_at_the_last_stage_through_http(
     share = len(routed) / len(result.outcomes)
     assert rep["router"]["skipped_share"] == pytest.approx([share, 0.0])
     assert rep["escalation_rate"][0] == pytest.approx(1.0 - share)
+    # the random baseline routes the same share at random: an accuracy, never more than every row right
+    rd = rep["baselines"]["random"]
+    last = rep["single_models"][fitted.models[-1]]["accuracy"]
+    assert 0.0 <= rd["accuracy"] <= 1.0
+    assert rd["cost_usd"] >= share * rep["single_models"][fitted.models[-1]]["cost_usd"] - 1e-12
+    assert rd["accuracy"] >= share * last - 1e-12
     # the HTTP figures are the offline simulation's
     sim = simulate(fitted, load_dataset(routed_path).test)
     assert rep["accuracy"] == pytest.approx(sim.accuracy)
