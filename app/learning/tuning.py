@@ -4,7 +4,8 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
 
 1. adopt the newest fit in the store when it is newer than the one in force (another replica made it);
 2. read what is new in the store (``History``: new traces and labels only, never the whole history);
-3. when ``tune_every`` labels arrived since that fit and at least ``min_labels`` requests are labelled,
+3. when ``tune_every`` labels arrived since that fit (or any label, while fewer than ``min_labels``
+   requests were labelled at the last look) and at least ``min_labels`` requests are labelled,
    fit again from the newest ``window_labels`` labelled requests, weighted by decay
    (``half_life_labels``) and realised labelling rates (``calibration.fit``: deterministic, so replicas
    fitting the same labels agree; with ``optimism_correction`` the choice also pays the optimism of
@@ -227,6 +228,9 @@ class Tuner:
         self.labels_added = labels_added
         self.clock = clock
         self._checked: dict[tuple[str, str], int] = {}  # last label id looked at without fitting
+        # Cascades whose last look found fewer than ``min_labels`` labelled requests: the next label
+        # may be the one that completes them (``tune_every`` counts labels, several per request).
+        self._short: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
         self._histories: dict[tuple[str, str], History] = {}
         self._lock = asyncio.Lock()
@@ -279,12 +283,16 @@ class Tuner:
             history.forget_before(int(latest.evidence.get("since_seq", 0)))
         since = max(latest.last_label_id if latest else 0, self._checked.get(key, 0))
         top = history.last_label_id
-        if history.labels_after(since) < self.cfg.tune_every and not self._stale(meta, latest, history):
+        fresh = history.labels_after(since)
+        due = fresh >= self.cfg.tune_every or (key in self._short and fresh > 0)
+        if not due and not self._stale(meta, latest, history):
             return
         proposal = await self._fit(meta, latest, history)
-        if proposal is None:
+        if proposal is None:  # too few labelled requests yet
             self._checked[key] = top
+            self._short.add(key)
             return
+        self._short.discard(key)
         if await store.save_fit(proposal):
             self.apply(proposal)
             return

@@ -120,6 +120,31 @@ async def test_no_tuning_below_min_labels(
     assert query(url, "SELECT count(*) FROM fits") == [(0,)]
 
 
+async def test_the_label_that_completes_min_labels_starts_tuning(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look that finds too few labelled requests must not wait for ``tune_every`` more labels: the
+    next one may complete them (a shadow call labels every early stage, so labels outrun requests).
+    Seen on a loose start: 20 labelled requests by request 172, the first fit at request 585."""
+    url = sqlite_url(tmp_path)
+    probe = _cfg(url)
+    traces, labels = synthetic(probe, 120)
+    labelled = {lb.trace_id for lb in labels}
+    cfg = _cfg(url, min_labels=len(labelled) + 1, tune_every=len(labels) // 2)
+    s = Store(url)
+    await s.open()
+    await s.write(traces, labels)
+    await s.close()
+    async with proxy(cfg, fake) as (c, app):
+        looks = _count_syncs(app, monkeypatch)
+        await wait_for(lambda: len(looks) >= 2, "two sync rounds")
+        assert query(url, "SELECT count(*) FROM fits") == [(0,)]  # one labelled request short
+        spare = next(t.id for t in traces if t.id not in labelled)
+        assert (await c.post("/v1/feedback", json={"id": spare, "score": 1.0})).status_code == 200
+        await wait_for(lambda: query(url, "SELECT count(*) FROM fits") == [(1,)], "a fit after one label")
+        assert app.state.cascade.runtime.plans.get("default").thresholds[0] != 0.7
+
+
 async def test_the_fit_is_deterministic(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     cfg = _cfg(url)
