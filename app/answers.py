@@ -33,8 +33,10 @@ _ANSWER_IS_NUM_RE = re.compile(
 )
 _CHOICE_ONLY_RE = re.compile(r"^\s*([\(\[]?)\s*([A-Ea-e])\s*([\)\]\.:,]?)(?:\s|$)")
 _ANSWER_IS_CHOICE_RE = re.compile(
-    r"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?:\*\*)?\s*[\(\[]?([A-E])(?:[\)\]\.:,\s*]|$)"
+    r"(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*(?:\*\*)?\s*[\(\[]?([A-E])(?:[\)\]\.:,\s*]|$)"
 )
+_CHOICE_IS_RIGHT_RE = re.compile(r"^\s*[\(\[]?([A-E])[\)\]]?\s+is\s+(?i:the\s+)?(?i:correct|right|best)\b")
+_EMPHASIS_RE = re.compile(r"\*\*|__")
 _OPTION_LINE_RE = re.compile(r"^\s*[\(\[]?([A-E])[\)\]\.:]\s+(.+?)\s*$", re.MULTILINE)
 _WS_RE = re.compile(r"\s+")
 _PUNCT_RE = re.compile(r"[^\w\s]")
@@ -106,15 +108,36 @@ def norm_text(text: str) -> str:
     return _WS_RE.sub(" ", _PUNCT_RE.sub(" ", text.lower())).strip()
 
 
+def _choice_only(s: str, limit: int = 40) -> str | None:
+    """The letter of a short answer that is only a choice: "B", "(c)", "B) text", "B. text"."""
+    if len(s) > limit:
+        return None
+    m = _CHOICE_ONLY_RE.match(s)
+    if m and (len(s) <= 3 or (m.group(2).isupper() and (m.group(1) or m.group(3)))):
+        return m.group(2).upper()
+    return None
+
+
 def choice_letter(text: str, prompt: str | None) -> str | None:
     s = text.strip()
     if not s:
         return None
-    if len(s) <= 40:
-        m = _CHOICE_ONLY_RE.match(s)
-        if m and (len(s) <= 3 or (m.group(2).isupper() and (m.group(1) or m.group(3)))):
-            return m.group(2).upper()
-    m2 = _ANSWER_IS_CHOICE_RE.search(s[:400])
+    if "**" in s or "__" in s:  # markdown emphasis: "**B**", "The answer is **C**"
+        s = _EMPHASIS_RE.sub("", s).strip()
+    letter = _choice_only(s)
+    if letter is not None:
+        return letter
+    nl = s.find("\n")
+    if nl > 0:
+        first = s[:nl].strip()
+        # The choice on a line of its own, an explanation after it ("B\n\nBecause ..."). A longer first
+        # line ("B) text") counts only where the prompt offers lettered options: elsewhere "A. Lincoln"
+        # is not a choice.
+        lettered = bool(prompt and _prompt_options(prompt))
+        letter = _choice_only(first, 200 if lettered else 3)
+        if letter is not None:
+            return letter
+    m2 = _ANSWER_IS_CHOICE_RE.search(s[:400]) or _CHOICE_IS_RIGHT_RE.match(s)
     if m2:
         return m2.group(1).upper()
     if prompt:

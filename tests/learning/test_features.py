@@ -42,6 +42,44 @@ def test_normalize_answer_maps_option_text_to_letter() -> None:
     assert normalize_answer("I do", MC_PROMPT) == "i do"
 
 
+FOUR_OPTIONS = "What is true of Mars?\nA. It is red\nB. It is blue\nC. It has rings\nD. It is a star\nAnswer:"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # how chat models answer multiple choice when they are not terse
+        ("**B**", "B"),
+        ("**B. It is blue**", "B"),
+        ("B\n\nExplanation: Mars is red because of iron oxide.", "B"),
+        ("Sure! The answer is:\n\nB) It is blue", "B"),
+        ("The answer is: **C**", "C"),
+        ("**Answer:** D", "D"),
+        ("C is correct.", "C"),
+        ("(C) is the right answer", "C"),
+        ("A) It is red, as the iron oxide on its surface shows\n\nMars is ...", "A"),
+        # not choices
+        (
+            "A man walks into a bar and then some more words\nand",
+            "a man walks into a bar and then some more words and",
+        ),
+        ("I do", "i do"),
+    ],
+)
+def test_normalize_answer_finds_the_choice_in_chatty_answers(text: str, expected: str) -> None:
+    assert normalize_answer(text, FOUR_OPTIONS) == expected
+
+
+def test_a_first_line_is_a_choice_only_where_the_prompt_offers_lettered_options() -> None:
+    text = "A. Lincoln was the sixteenth president of the United States\nHe led the Union."
+    assert normalize_answer(text, FOUR_OPTIONS) == "A"
+    assert (
+        normalize_answer(text)
+        == "a lincoln was the sixteenth president of the united states he led the union"
+    )
+    assert normalize_answer("B\n\nbecause", None) == "B"  # a letter alone on its line
+
+
 def test_normalize_answer_kinds() -> None:
     assert normalize_answer("A long text ending with 12", kind="number") == "12"
     assert normalize_answer("B", kind="text") == "b"
