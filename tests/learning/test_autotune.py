@@ -142,7 +142,9 @@ async def test_the_label_that_completes_min_labels_starts_tuning(
         spare = next(t.id for t in traces if t.id not in labelled)
         assert (await c.post("/v1/feedback", json={"id": spare, "score": 1.0})).status_code == 200
         await wait_for(lambda: query(url, "SELECT count(*) FROM fits") == [(1,)], "a fit after one label")
-        assert app.state.cascade.runtime.plans.get("default").thresholds[0] != 0.7
+        ((stored,),) = query(url, "SELECT thresholds FROM fits")
+        plan = app.state.cascade.runtime.plans.get("default")
+        await wait_for(lambda: list(plan.thresholds[:-1]) == json.loads(stored), "the fit in force")
 
 
 async def test_the_fit_is_deterministic(tmp_path: Path) -> None:
