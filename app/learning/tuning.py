@@ -192,7 +192,15 @@ def next_thresholds(
     at most ``max_step`` per fit: saving money waits for evidence. One exception: when escalating that
     way is still estimated to miss and the fit's own choice is estimated better, thresholds may also
     fall up to ``max_step_up``: a later stage can be worse than an earlier one on this traffic (a
-    middle model weaker than the first), and then accepting more early is what restores quality."""
+    middle model weaker than the first), and then accepting more early is what restores quality.
+
+    Without a miss, a threshold comes down only on evidence: the labelled requests the fit's choice
+    serves at that stage must weigh as much as ``min_labels`` equally weighted labels (their effective
+    number, ``effective_labels``). Where the spend caps let few label calls through, a stage's accepted
+    answers are known from a handful of shadow labels weighing hundreds each; a few lucky ones read as
+    quality to spare, each fit accepted more, fewer requests reached the last stage, its spend (and with
+    it the label budget) shrank, and on a generated world a loose start settled 6 points under the
+    target while every fit estimated it above."""
     missing = cal.current is not None and (
         cal.current.quality - cfg.margin_z * cal.current.quality_se < cfg.target_quality
     )
@@ -202,7 +210,23 @@ def next_thresholds(
         at = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         if at.quality - cfg.margin_z * at.quality_se < cfg.target_quality < cal.chosen.quality:
             new = guard(old, cal.thresholds, cfg.max_step_up, cfg.threshold_bounds, up=up)
+    if not missing:
+        out = list(new)
+        for k in range(len(out)):
+            if out[k] < old[k] and effective_labels(rows, cal.thresholds, k) < cfg.min_labels:
+                out[k] = float(old[k])
+        new = tuple(out)
     return new, missing
+
+
+def effective_labels(rows: Rows, thresholds: Sequence[float], stage: int) -> float:
+    """The effective number of labelled requests (``(sum w)^2 / sum w^2``) that ``thresholds`` serve at
+    ``stage``: how many equally weighted labels the estimate of those answers' quality rests on."""
+    if rows.n == 0:
+        return 0.0
+    w = rows.weights[served_stages(rows.scores, thresholds) == stage]
+    sq = float(np.square(w).sum())
+    return float(w.sum()) ** 2 / sq if sq > 0 else 0.0
 
 
 def _raise(t: float, step: float, bounds: tuple[float, float]) -> float:
@@ -380,6 +404,11 @@ class Tuner:
             )
         )
         new, missing = next_thresholds(old, cal, cfg, rows)
+        held = {
+            str(k): round(effective_labels(rows, cal.thresholds, k), 1)
+            for k in range(len(new))
+            if not missing and cal.thresholds[k] < old[k] and new[k] == old[k]
+        }
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
         # labels flow again. Savings wait for evidence; quality does not. (Calls the spend caps rule
@@ -407,6 +436,7 @@ class Tuner:
             "proposed": list(cal.thresholds),
             "missing_target": missing,
             "stale_stages": stale,
+            "held_for_evidence": held,  # stage -> effective labels, where the fit wanted to accept more
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
             "optimism": round(cal.optimism, 6),

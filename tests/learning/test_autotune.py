@@ -207,3 +207,31 @@ async def test_the_tuner_pays_the_optimism_of_its_choice(fake: FakeUpstream, tmp
     assert evidence[True]["optimism"] > 0 and evidence[False]["optimism"] == 0
     assert evidence[True]["proposed"][0] > evidence[False]["proposed"][0]
     assert evidence[True]["rows"] == evidence[False]["rows"]
+
+
+async def test_a_threshold_comes_down_only_on_enough_effective_labels_through_the_tuner(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The accepted answers known from a few shadow labels weighing ~40 each (a 2 % shadow rate): the
+    fit wants to accept more, but the labels its choice would serve at stage 0 are worth far fewer than
+    ``min_labels`` equal ones, so the threshold stays and the fit's evidence says why. With the labels of
+    a 50 % shadow rate it moves."""
+    held: dict[float, Any] = {}
+    for rate in (0.02, 0.5):
+        url = sqlite_url(tmp_path / str(rate))
+        cfg = _cfg(url, min_labels=60)
+        s = Store(url)
+        await s.open()
+        traces, labels = synthetic(cfg, 400, shadow_rate=rate)
+        await s.write(traces, labels)
+        await s.close()
+        async with proxy(cfg, fake) as (_, app):
+            await wait_for(lambda: query(url, "SELECT count(*) FROM fits") == [(1,)], "a fit")  # noqa: B023
+            plan = app.state.cascade.runtime.plans.get("default")
+            ((raw, thresholds),) = query(url, "SELECT evidence, thresholds FROM fits")
+            evidence = json.loads(raw)
+            await wait_for(lambda: list(plan.thresholds[:-1]) == json.loads(thresholds), "the fit in force")  # noqa: B023
+        assert not evidence["missing_target"] and evidence["proposed"][0] < 0.65
+        held[rate] = (json.loads(thresholds)[0], evidence["held_for_evidence"])
+    assert held[0.02][0] == 0.7 and 0 < held[0.02][1]["0"] < 60
+    assert held[0.5] == (pytest.approx(0.65), {})

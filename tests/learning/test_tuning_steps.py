@@ -71,3 +71,42 @@ def test_a_miss_escalating_fixes_does_not_hurry_the_other_thresholds_down() -> N
     assert missing and new[0] == pytest.approx(cal.thresholds[0])
     assert cal.thresholds[1] < old[1] - cfg.max_step
     assert new[1] == pytest.approx(old[1] - cfg.max_step)
+
+
+def _thin(n_shadow: int, weight: float, n: int = 200, seed: int = 1) -> Rows:
+    """Two stages at a threshold of 0.6: the answers the first stage accepts are known from
+    ``n_shadow`` shadow labels (all right) weighing ``weight`` each; the escalated ones have free labels
+    (weight 1), right 95 % of the time above a score of 0.4."""
+    rng = np.random.default_rng(seed)
+    s_acc = 0.6 + 0.4 * rng.random(n_shadow)
+    s_esc = 0.6 * rng.random(n)
+    s0 = np.concatenate([s_acc, s_esc])
+    c0 = np.concatenate([np.ones(n_shadow), (rng.random(n) < np.where(s_esc > 0.4, 0.95, 0.5)).astype(float)])
+    w = np.concatenate([np.full(n_shadow, weight), np.ones(n)])
+    m = s0.shape[0]
+    return Rows(
+        np.stack([s0, np.zeros(m)], axis=1),
+        np.stack([c0, np.ones(m)], axis=1),
+        np.tile([1.0, 20.0], (m, 1)),
+        w,
+        [s0],
+    )
+
+
+@pytest.mark.parametrize(("n_shadow", "weight", "moves"), [(5, 100.0, False), (50, 10.0, True)])
+def test_a_threshold_comes_down_only_on_enough_effective_labels(
+    n_shadow: int, weight: float, moves: bool
+) -> None:
+    """Five lucky shadow labels weighing 100 each are not evidence that the first stage may accept more
+    (their effective number with the band below is ~7, under min_labels); fifty weighing 10 are."""
+    from app.learning.tuning import effective_labels
+
+    cfg = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0, min_labels=20)
+    old = (0.6,)
+    rows = _thin(n_shadow, weight)
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    assert cal.thresholds[0] < old[0] - cfg.max_step  # the fit would accept more
+    assert (effective_labels(rows, cal.thresholds, 0) >= cfg.min_labels) == moves
+    new, missing = next_thresholds(old, cal, cfg, rows)
+    assert not missing
+    assert new == (pytest.approx((old[0] - cfg.max_step,)) if moves else old)
