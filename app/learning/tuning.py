@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -182,10 +182,15 @@ def stale_stages(
     )
 
 
-def next_thresholds(
-    old: Sequence[float], cal: Calibration, cfg: LearningConfig, rows: Rows
-) -> tuple[tuple[float, ...], bool]:
-    """The thresholds a fit puts in force, and whether those in force missed the target.
+class Step(NamedTuple):
+    thresholds: tuple[float, ...]  # what the fit puts in force
+    missing: bool  # the thresholds in force were estimated to miss the target
+    held: dict[str, float]  # stage -> effective labels, where a move down waits for evidence
+
+
+def next_thresholds(old: Sequence[float], cal: Calibration, cfg: LearningConfig, rows: Rows) -> Step:
+    """The thresholds a fit puts in force, whether those in force missed the target, and the stages
+    whose move down was held for want of evidence.
 
     The thresholds in force missing the target (less the margin) is corrected at once: each threshold
     may rise up to ``max_step_up`` towards the fit (escalating more). Every other move, down or up, is
@@ -210,13 +215,17 @@ def next_thresholds(
         at = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         if at.quality - cfg.margin_z * at.quality_se < cfg.target_quality < cal.chosen.quality:
             new = guard(old, cal.thresholds, cfg.max_step_up, cfg.threshold_bounds, up=up)
+    held: dict[str, float] = {}
     if not missing:
         out = list(new)
         for k in range(len(out)):
-            if out[k] < old[k] and effective_labels(rows, cal.thresholds, k) < cfg.min_labels:
-                out[k] = float(old[k])
+            if out[k] < old[k]:
+                n = effective_labels(rows, cal.thresholds, k)
+                if n < cfg.min_labels:
+                    out[k] = float(old[k])
+                    held[str(k)] = round(n, 1)
         new = tuple(out)
-    return new, missing
+    return Step(new, missing, held)
 
 
 def effective_labels(rows: Rows, thresholds: Sequence[float], stage: int) -> float:
@@ -403,12 +412,7 @@ class Tuner:
                 honest=cfg.optimism_correction,
             )
         )
-        new, missing = next_thresholds(old, cal, cfg, rows)
-        held = {
-            str(k): round(effective_labels(rows, cal.thresholds, k), 1)
-            for k in range(len(new))
-            if not missing and cal.thresholds[k] < old[k] and new[k] == old[k]
-        }
+        new, missing, held = next_thresholds(old, cal, cfg, rows)
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
         # labels flow again. Savings wait for evidence; quality does not. (Calls the spend caps rule

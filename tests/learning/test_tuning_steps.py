@@ -31,7 +31,7 @@ def test_a_missed_target_is_fixed_at_once_even_by_accepting_more_early() -> None
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.current is not None and cal.current.quality < 0.8 < cal.chosen.quality
     assert cal.thresholds[0] < old[0] - 0.3  # the fit accepts the first stage's good answers again
-    new, missing = next_thresholds(old, cal, cfg, rows)
+    new, missing, _ = next_thresholds(old, cal, cfg, rows)
     assert missing
     assert new[0] == pytest.approx(cal.thresholds[0])  # all the way, not max_step
     assert new[1] == pytest.approx(min(cal.thresholds[1], old[1] + cfg.max_step_up))
@@ -42,7 +42,7 @@ def test_without_a_miss_every_move_is_at_most_max_step() -> None:
     old = (0.99, 0.99)  # everything escalates: quality is the last stage's, far above a 0.5 target
     rows = _rows()
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
-    new, missing = next_thresholds(old, cal, cfg, rows)
+    new, missing, _ = next_thresholds(old, cal, cfg, rows)
     assert not missing
     assert all(abs(a - b) <= cfg.max_step + 1e-9 for a, b in zip(new, old, strict=True))
     assert new != old  # it does move towards the cheaper fit
@@ -53,7 +53,7 @@ def test_a_miss_is_fixed_upwards_at_once() -> None:
     old = (0.5, 0.5)
     rows = _rows()
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
-    new, missing = next_thresholds(old, cal, cfg, rows)
+    new, missing, _ = next_thresholds(old, cal, cfg, rows)
     assert missing and all(p > o + cfg.max_step for p, o in zip(cal.thresholds, old, strict=True))
     assert new == pytest.approx(cal.thresholds)
 
@@ -67,7 +67,7 @@ def test_a_miss_escalating_fixes_does_not_hurry_the_other_thresholds_down() -> N
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.current is not None and cal.current.quality < cfg.target_quality
     assert cal.thresholds[0] > old[0] + cfg.max_step
-    new, missing = next_thresholds(old, cal, cfg, rows)
+    new, missing, _ = next_thresholds(old, cal, cfg, rows)
     assert missing and new[0] == pytest.approx(cal.thresholds[0])
     assert cal.thresholds[1] < old[1] - cfg.max_step
     assert new[1] == pytest.approx(old[1] - cfg.max_step)
@@ -107,6 +107,7 @@ def test_a_threshold_comes_down_only_on_enough_effective_labels(
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.thresholds[0] < old[0] - cfg.max_step  # the fit would accept more
     assert (effective_labels(rows, cal.thresholds, 0) >= cfg.min_labels) == moves
-    new, missing = next_thresholds(old, cal, cfg, rows)
+    new, missing, held = next_thresholds(old, cal, cfg, rows)
     assert not missing
     assert new == (pytest.approx((old[0] - cfg.max_step,)) if moves else old)
+    assert (held == {}) == moves
