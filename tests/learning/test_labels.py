@@ -134,6 +134,24 @@ async def test_closed_forms_get_exact_free_labels(fake: FakeUpstream, tmp_path: 
     assert query(url, "SELECT sampling FROM traces") == [("free",)]
 
 
+async def test_a_chatty_choice_is_a_closed_form_and_gets_an_exact_free_label(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Stage 0 answers "The answer is: **B**", the last stage "B": the same choice, read through the
+    markdown, so an exact free label (1), not a free-form answer left unlabelled."""
+    url = sqlite_url(tmp_path)
+    cfg = two_stage(
+        "answer-The_answer_is:_**B**+logprobs+conf-0.2", "answer-B", scorers=[{"type": "logprob"}]
+    )
+    question = "Which is blue?\nA) grass\nB) the sky\nAnswer:"
+    async with proxy(with_learning(cfg, url), fake) as (c, app):
+        r = await c.post("/v1/chat/completions", json=chat(content=question))
+        assert r.json()["cascade"]["stage"] == 1
+        await settle(app)
+    assert _labels(url) == [(0, "free", 1.0, "exact", False)]
+    assert query(url, "SELECT sampling FROM traces") == [("free",)]
+
+
 async def test_free_form_without_a_judge_gets_no_label(fake: FakeUpstream, tmp_path: Path) -> None:
     """A refusal next to "large says hi": free form, so exact match would call it wrong for the wrong
     reason; without a judge there is no label, and the skip is counted."""
