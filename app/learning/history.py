@@ -44,6 +44,7 @@ class History:
         self.last_label_id = 0
         self._population: deque[tuple[int, int]] = deque()  # (seq, accepted stage) of answered requests
         self._budget: deque[int] = deque()  # seqs whose shadow call the spend caps ruled out
+        self._drawn: deque[int] = deque()  # seqs whose shadow call was drawn (made or not)
         self._seen_seqs: set[int] = set()  # recent ones only (the PostgreSQL tail)
         self._requests: dict[str, _Request] = {}  # labelled requests by trace id
         self._label_ids: list[int] = []  # ids of the labels held, ascending
@@ -66,6 +67,7 @@ class History:
             new = await store.traces_after(self.cascade, self.plan, after, PAGE)
             got = new.traces
             capped = set(new.budget)
+            drawn = set(new.drawn)
             for seq, _tid, _n, accepted, _base in got:
                 if seq in self._seen_seqs or seq <= self.last_seq - tail:
                     continue
@@ -75,6 +77,8 @@ class History:
                     self._population.append((seq, int(accepted)))
                     if seq in capped:
                         self._budget.append(seq)
+                    if seq in drawn:
+                        self._drawn.append(seq)
                 self.last_seq = max(self.last_seq, seq)
             if len(got) < PAGE:
                 break
@@ -83,6 +87,7 @@ class History:
         if late:  # a late commit (PostgreSQL): keep arrival order
             self._population = deque(sorted(self._population))
             self._budget = deque(sorted(self._budget))
+            self._drawn = deque(sorted(self._drawn))
 
     async def _read_labels(self, store: Store, tail: int) -> int:
         after = max(0, self.last_label_id - tail)
@@ -147,6 +152,8 @@ class History:
             self._population.popleft()
         while self._budget and self._budget[0] < seq:
             self._budget.popleft()
+        while self._drawn and self._drawn[0] < seq:
+            self._drawn.popleft()
         if old:
             self._label_ids = sorted(i for r in self._requests.values() for i in r.label_ids)
 
@@ -188,6 +195,11 @@ class History:
     def budget_skipped(self) -> list[int]:
         """Seqs of the requests held whose drawn shadow call the spend caps ruled out, ascending."""
         return list(self._budget)
+
+    @property
+    def drawn(self) -> list[int]:
+        """Seqs of the requests held whose shadow call was drawn (made, or ruled out), ascending."""
+        return list(self._drawn)
 
     @property
     def population(self) -> list[tuple[int, int]]:

@@ -133,6 +133,8 @@ class NewTraces:
     traces: list[tuple[int, str, int, int | None, float]]
     # seqs of those whose shadow call was drawn and not made for the spend caps (sampling "budget")
     budget: list[int] = field(default_factory=list)
+    # seqs of those whose shadow call was drawn (sampling other than "" and "not_drawn"; "budget" too)
+    drawn: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -416,6 +418,7 @@ class _Backend:
         return NewTraces(
             [(int(r[0]), str(r[1]), int(r[2]), r[3], float(r[4])) for r in rows],
             [int(r[0]) for r in rows if r[5] == "budget"],
+            [int(r[0]) for r in rows if r[5] not in ("", "not_drawn")],
         )
 
     def labels_after(

@@ -137,7 +137,27 @@ def pooled_se(a: Rows, b: Rows, thresholds: Sequence[float]) -> tuple[float, flo
 
 
 STALE_LABELS = 20  # labels expected (at shadow_rate) over the stretch a stage's evidence is judged on
-STALE_SHARE = 0.1  # stale when fewer than this share of them came
+STALE_SHARE = 0.1  # stale when fewer than this share of the label calls let through brought a label
+STALE_MIN_CALLS = 5  # ... of at least this many
+
+
+def _recent(population: Sequence[tuple[int, int]], cfg: LearningConfig) -> tuple[Any, int] | None:
+    """(the newest ``2 * limit`` requests, ``limit``), where ``limit`` is ``STALE_LABELS / shadow_rate``;
+    None without shadow calls or requests."""
+    if cfg.shadow_rate <= 0 or not population:
+        return None
+    limit = math.ceil(STALE_LABELS / cfg.shadow_rate)
+    return population[-2 * limit :], limit
+
+
+def _per_stage(recent: Sequence[tuple[int, int]], seqs: Sequence[int] | None = None) -> dict[int, int]:
+    """How many of the ``recent`` requests (of those among ``seqs``, when given) each stage accepted."""
+    wanted = None if seqs is None else set(seqs)
+    out: dict[int, int] = {}
+    for seq, k in recent:
+        if wanted is None or seq in wanted:
+            out[k] = out.get(k, 0) + 1
+    return out
 
 
 def stale_stages(
@@ -146,40 +166,97 @@ def stale_stages(
     n_scored: int,
     cfg: LearningConfig,
     budget_skipped: Sequence[int] = (),
+    drawn: Sequence[int] = (),
 ) -> list[int]:
     """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
-    requests, of which fewer than ``STALE_SHARE`` of the labels to expect came: ``shadow_rate`` of
-    them, less the drawn shadow calls the spend caps ruled out (``budget_skipped``: seqs). The caps are
-    the operator's choice: the fit weighs the labels they leave by their realised rate, and escalating
-    to buy evidence past them would spend what they hold back. What makes a stage stale is label calls
-    that were let through and still brought nothing (the last stage failing, its circuit open, too
-    busy), or none at all (none when shadow_rate is 0: labels then come from users, at their own
-    pace). A stage pushed up by this accepts little, and so is not stale next time. ``labelled``:
-    (seq, accepted stage) of the requests accepted before the last stage that got a label (shadow or
-    user)."""
-    if cfg.shadow_rate <= 0 or not population:
+    requests, whose label calls were let through (``STALE_MIN_CALLS`` or more: drawn, ``drawn``, and
+    not ruled out by the spend caps, ``budget_skipped``) and brought a label for fewer than
+    ``STALE_SHARE`` of them: the last stage failing, its circuit open, too busy. Such a stage escalates
+    until labels flow again. The calls counted are the ones actually drawn, not ``shadow_rate`` of the
+    requests: where the caps rule out nearly every draw, chance decides how many were drawn, and
+    expecting their nominal number read a stretch with fewer draws as stale evidence (on MBPP it raised
+    the first stage to the upper bound every few hundred requests, each time undoing the savings of the
+    fits before). Calls the spend
+    caps rule out are the operator's choice, not staleness: ``starved_stages``. None when shadow_rate
+    is 0 (labels then come from users, at their own pace). A stage pushed up by this accepts little,
+    and so is not stale next time. ``labelled``: (seq, accepted stage) of the requests accepted before
+    the last stage that got a label (shadow or user)."""
+    window = _recent(population, cfg)
+    if window is None:
         return []
-    limit = math.ceil(STALE_LABELS / cfg.shadow_rate)
-    recent = population[-2 * limit :]
+    recent, limit = window
     start = recent[0][0]
-    capped = {s for s in budget_skipped if s >= start}
-    accepted: dict[int, int] = {}
-    skipped: dict[int, int] = {}
-    for seq, k in recent:
-        accepted[k] = accepted.get(k, 0) + 1
-        if seq in capped:
-            skipped[k] = skipped.get(k, 0) + 1
+    accepted, calls, capped = (
+        _per_stage(recent),
+        _per_stage(recent, drawn),
+        _per_stage(recent, budget_skipped),
+    )
     got: dict[int, int] = {}
     for seq, k in labelled:
         if seq >= start:
             got[k] = got.get(k, 0) + 1
-    return sorted(
-        k
-        for k, n in accepted.items()
-        if k < n_scored
-        and n >= limit
-        and got.get(k, 0) < round(STALE_SHARE * max(0.0, cfg.shadow_rate * n - skipped.get(k, 0)), 9)
+    out = []
+    for k, n in accepted.items():
+        through = calls.get(k, 0) - capped.get(k, 0)
+        if (
+            k < n_scored
+            and n >= limit
+            and through >= STALE_MIN_CALLS
+            and got.get(k, 0) < STALE_SHARE * through
+        ):
+            out.append(k)
+    return sorted(out)
+
+
+STARVED_SHARE = 0.5  # starved below this share of ``min_labels`` effective labels (lowering needs all)
+
+
+def short_of_labels(
+    population: Sequence[tuple[int, int]],
+    n_scored: int,
+    cfg: LearningConfig,
+    budget_skipped: Sequence[int],
+    drawn: Sequence[int],
+) -> list[int]:
+    """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
+    requests while the spend caps ruled out most of the shadow calls drawn for them."""
+    window = _recent(population, cfg)
+    if window is None:
+        return []
+    recent, limit = window
+    accepted, calls, capped = (
+        _per_stage(recent),
+        _per_stage(recent, drawn),
+        _per_stage(recent, budget_skipped),
     )
+    return [
+        k for k in range(n_scored) if accepted.get(k, 0) >= limit and 2 * capped.get(k, 0) > calls.get(k, 0)
+    ]
+
+
+def starved_stages(
+    rows: Rows, thresholds: Sequence[float], short: Sequence[int], cfg: LearningConfig
+) -> dict[str, float]:
+    """Of the stages ``short`` of labels (``short_of_labels``), those the spend caps starve of evidence:
+    stage -> the effective number of labels of the answers ``thresholds`` serve there, where that is
+    under ``STARVED_SHARE`` x ``min_labels`` (``effective_labels``; any label counts, those of requests
+    that went further too). Such a stage escalates (``max_step_up``): the requests it passes on reach
+    the last stage and label its answers for free, and the fits bring it down again on that evidence,
+    which must then weigh ``min_labels`` (the gap between the two keeps a stage near the bar from going
+    up and down). Without it a loose start under tight caps served everything from the first stage, 6
+    points under the target, every label call ruled out and nothing to show for it (generated world 3).
+    Not before the first label: where none comes at all (free-form answers and no judge, caps at zero)
+    escalating buys nothing. A stage already at the upper bound is not listed."""
+    if rows.n == 0:
+        return {}
+    out: dict[str, float] = {}
+    for k in short:
+        if thresholds[k] >= cfg.threshold_bounds[1]:  # escalating all it can already
+            continue
+        n = effective_labels(rows, thresholds, k)
+        if n < STARVED_SHARE * cfg.min_labels:
+            out[str(k)] = round(n, 1)
+    return out
 
 
 class Step(NamedTuple):
@@ -240,6 +317,30 @@ def effective_labels(rows: Rows, thresholds: Sequence[float], stage: int) -> flo
 
 def _raise(t: float, step: float, bounds: tuple[float, float]) -> float:
     return round(min(bounds[1], max(bounds[0], t + step)), 6)
+
+
+def _escalate(
+    thresholds: Sequence[float], stale: Sequence[int], starved: dict[str, float], cfg: LearningConfig
+) -> tuple[float, ...]:
+    """``thresholds`` with the stale and the starved stages raised by ``max_step_up``."""
+    up = set(stale) | {int(k) for k in starved}
+    return tuple(
+        _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in up else float(t)
+        for k, t in enumerate(thresholds)
+    )
+
+
+def _log_escalation(cascade: str, stale: Sequence[int], starved: dict[str, float]) -> None:
+    if stale:
+        log.warning(
+            "no recent labels for early answers: escalating until there are",
+            extra={"cascade": cascade, "stages": list(stale)},
+        )
+    if starved:
+        log.warning(
+            "the spend caps leave too little evidence for what early stages accept: escalating",
+            extra={"cascade": cascade, "effective_labels": starved},
+        )
 
 
 class Tuner:
@@ -333,14 +434,35 @@ class Tuner:
         if winner is not None:
             self.apply(winner)
 
-    def _stale(self, meta: PlanMeta, latest: Fit | None, history: History) -> bool:
-        """A stage's evidence went stale and raising it would change something: fit now, even without
-        new labels (starved of labels, the tuner would otherwise never fit again)."""
-        old = latest.thresholds if latest is not None else meta.config_thresholds
-        stale = stale_stages(
-            history.early_labelled(), history.population, len(old), self.cfg, history.budget_skipped
+    def _stale_stages(self, history: History, n_scored: int) -> list[int]:
+        return stale_stages(
+            history.early_labelled(),
+            history.population,
+            n_scored,
+            self.cfg,
+            history.budget_skipped,
+            history.drawn,
         )
-        return any(old[k] < self.cfg.threshold_bounds[1] for k in stale)
+
+    def _short_of_labels(self, history: History, n_scored: int) -> list[int]:
+        return short_of_labels(history.population, n_scored, self.cfg, history.budget_skipped, history.drawn)
+
+    def _stale(self, meta: PlanMeta, latest: Fit | None, history: History) -> bool:
+        """A stage's evidence went stale, or the spend caps may starve it, and raising it would change
+        something: fit now, even without new labels (starved of labels, the tuner would otherwise never
+        fit again). Whether a stage short of labels is starved is read from the last fit's evidence (its
+        ``effective_labels``; labels that came since bring the next fit by ``tune_every``)."""
+        old = latest.thresholds if latest is not None else meta.config_thresholds
+        top = self.cfg.threshold_bounds[1]
+        if any(old[k] < top for k in self._stale_stages(history, len(old))):
+            return True
+        short = [k for k in self._short_of_labels(history, len(old)) if old[k] < top]
+        if not short:
+            return False
+        known = latest.evidence.get("effective_labels") if latest is not None else None
+        if not isinstance(known, dict):  # no fit yet (or an older one): the fit finds out
+            return True
+        return any(float(known.get(str(k), 0.0)) < STARVED_SHARE * self.cfg.min_labels for k in short)
 
     async def _fit(self, meta: PlanMeta, latest: Fit | None, history: History) -> Fit | None:
         cfg = self.cfg
@@ -363,22 +485,19 @@ class Tuner:
                 extra={"cascade": meta.name, **change.evidence},
             )
         if rows.n < cfg.min_labels:
-            stale = stale_stages(
-                history.early_labelled(), history.population, len(old), cfg, history.budget_skipped
-            )
-            if stale:  # no evidence at all for what early stages accept: escalate, fit later
-                raised = tuple(
-                    _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t
-                    for k, t in enumerate(old)
-                )
+            stale = self._stale_stages(history, len(old))
+            starved = starved_stages(rows, old, self._short_of_labels(history, len(old)), cfg)
+            if stale or starved:  # no evidence for what early stages accept: escalate, fit later
+                raised = _escalate(old, stale, starved, cfg)
                 if raised != tuple(old):
-                    log.warning(
-                        "no recent labels for early answers: escalating until there are",
-                        extra={"cascade": meta.name, "stages": stale},
-                    )
+                    _log_escalation(meta.name, stale, starved)
                     evidence = {
                         "rows": rows.n,
                         "stale_stages": stale,
+                        "starved_stages": starved,
+                        "effective_labels": {
+                            str(k): round(effective_labels(rows, raised, k), 1) for k in range(len(raised))
+                        },
                         "last_label_id": top,
                         "since_seq": since,
                     }
@@ -415,20 +534,15 @@ class Tuner:
         new, missing, held = next_thresholds(old, cal, cfg, rows)
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
-        # labels flow again. Savings wait for evidence; quality does not. (Calls the spend caps rule
-        # out are the operator's choice, not staleness: ``stale_stages``.)
-        stale = stale_stages(
-            history.early_labelled(), history.population, len(old), cfg, history.budget_skipped
-        )
-        if stale:
-            new = tuple(
-                _raise(t, cfg.max_step_up, cfg.threshold_bounds) if k in stale else t
-                for k, t in enumerate(new)
-            )
-            log.warning(
-                "no recent labels for early answers: escalating until there are",
-                extra={"cascade": meta.name, "stages": stale},
-            )
+        # labels flow again. Savings wait for evidence; quality does not. A stage the spend caps starve
+        # (most of its shadow calls ruled out) escalates only when what it accepts rests on fewer than
+        # ``STARVED_SHARE`` x ``min_labels`` effective labels (``starved_stages``): then the requests it
+        # passes on label its answers for free.
+        stale = self._stale_stages(history, len(old))
+        starved = starved_stages(rows, new, self._short_of_labels(history, len(old)), cfg)
+        if stale or starved:
+            new = _escalate(new, stale, starved, cfg)
+            _log_escalation(meta.name, stale, starved)
         at_new = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         evidence = {
             "rows": rows.n,
@@ -440,6 +554,9 @@ class Tuner:
             "proposed": list(cal.thresholds),
             "missing_target": missing,
             "stale_stages": stale,
+            "starved_stages": starved,  # stage -> effective labels, where the caps starved it: escalated
+            # of the answers each scored stage accepts under the thresholds put in force
+            "effective_labels": {str(k): round(effective_labels(rows, new, k), 1) for k in range(len(new))},
             "held_for_evidence": held,  # stage -> effective labels, where the fit wanted to accept more
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),

@@ -190,6 +190,40 @@ async def test_a_stage_the_spend_caps_starve_of_labels_keeps_its_threshold(
     assert query(url, "SELECT count(*) FROM fits") == [(0,)]
 
 
+async def test_a_stage_the_spend_caps_starve_of_evidence_escalates_for_free_labels(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """As above, but users said something about two of its answers: labels do come for this cascade,
+    and what the first stage accepts rests on two of them while the caps rule out every shadow call.
+    The tuner escalates that stage (the fit's evidence says ``starved_stages``): the requests it passes
+    on reach the last stage and label its answers for free, and fits bring it down on that evidence."""
+    from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
+
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url, shadow_rate=1.0, shadow_max_share=0.0001, shadow_warmup=0, tune_every=1000)
+    cfg["cascades"]["default"]["stages"][0].update(
+        threshold=0.1, scorers=[{"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}]
+    )
+    async with proxy(cfg, fake) as (c, app):
+        plan = app.state.cascade.runtime.plans.get("default")
+        ids = []
+        for i in range(40):
+            r = await c.post("/v1/chat/completions", json=chat(content=f"q{i} score=0.9"))
+            assert r.json()["cascade"]["stage"] == 0
+            ids.append(r.json()["id"])
+        await learning_of(app).settle()
+        assert plan.thresholds[0] == pytest.approx(0.1)  # no label yet: nothing to escalate for
+        for rid in ids[:2]:
+            assert (await c.post("/v1/feedback", json={"id": rid, "score": 1.0})).status_code == 200
+        await wait_for(lambda: plan.thresholds[0] == pytest.approx(0.99), "the starved stage escalated")
+        r = await c.post("/v1/chat/completions", json=chat(content="q40 score=0.9"))
+        assert r.json()["cascade"]["stage"] == 1
+    ((raw,),) = query(url, "SELECT evidence FROM fits ORDER BY version DESC LIMIT 1")
+    evidence = json.loads(raw)
+    assert list(evidence["starved_stages"]) == ["0"] and evidence["starved_stages"]["0"] <= 2
+    assert evidence["stale_stages"] == []  # the caps ruled the calls out: not stale
+
+
 async def test_the_tuner_pays_the_optimism_of_its_choice(fake: FakeUpstream, tmp_path: Path) -> None:
     """With ``optimism_correction`` (the default) the tuner's fit is the honest one of ``cascade
     calibrate``: it measures, on bootstrap replicates of the labels, how much better the cheapest

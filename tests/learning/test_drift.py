@@ -139,30 +139,39 @@ def test_an_abrupt_change_is_detected_and_the_fit_starts_over() -> None:
 def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
     """A stage whose answers go unlabelled for STALE_LABELS / shadow_rate requests, although its shadow
     calls were let through (the last stage failing, its circuit open, busy), escalates (tuning.py);
-    shadow calls the spend caps ruled out are not expected to bring labels."""
+    shadow calls the spend caps ruled out are not expected to bring labels, and the calls expected are
+    the ones drawn, not ``shadow_rate`` of the requests."""
     from app.config import LearningConfig
     from app.learning.tuning import stale_stages
 
-    # 100 or more accepted requests of the newest 200 with fewer than 0.1 x 0.2 of them labelled
+    # 100 or more accepted requests of the newest 200, fewer than 0.1 of their drawn calls labelled
     cfg = LearningConfig(shadow_rate=0.2)
     rng = random.Random(3)
     entries, _ = _regime(rng, 0, 50, cut=0.5)
     early = [(e.seq, e.accepted) for e in entries if e.accepted == 0]
     population = [(i, 0) for i in range(300)]
-    assert stale_stages(early, population, 1, cfg) == [0]
+    drawn = list(range(100, 300, 5))  # 40 shadow calls drawn over the newest 200
+    assert stale_stages(early, population, 1, cfg, (), drawn) == [0]
     now = [(seq, 0) for seq in (150, 200, 250, 299)]  # shadow-labelled, lately
-    assert stale_stages([*early, *now[:3]], population, 1, cfg) == [0]  # 3 of 200: fewer than 4
-    assert stale_stages([*early, *now], population, 1, cfg) == []
+    assert stale_stages([*early, *now[:3]], population, 1, cfg, (), drawn) == [0]  # 3 of 40: fewer than 4
+    assert stale_stages([*early, *now], population, 1, cfg, (), drawn) == []
     # Escalated, it accepts little: not stale any more, so the fits may bring it down again.
     escalating = [(i, 0) for i in range(100)] + [(i, 1 if i % 4 else 0) for i in range(100, 300)]
-    assert stale_stages(early, escalating, 1, cfg) == []
-    assert stale_stages(early, population, 1, LearningConfig(shadow_rate=0.0)) == []
-    # 40 shadow draws expected over the newest 200. The caps ruled out all of them: nothing to expect.
-    capped = list(range(100, 300, 5))
-    assert stale_stages(early, population, 1, cfg, capped) == []
-    # They ruled out 30: 10 to expect, one label is enough, none is stale.
-    assert stale_stages([*early, *now[:1]], population, 1, cfg, capped[:30]) == []
-    assert stale_stages(early, population, 1, cfg, capped[:30]) == [0]
+    assert stale_stages(early, escalating, 1, cfg, (), drawn) == []
+    assert stale_stages(early, population, 1, LearningConfig(shadow_rate=0.0), (), drawn) == []
+    # The caps ruled out every call drawn: nothing to expect.
+    assert stale_stages(early, population, 1, cfg, drawn, drawn) == []
+    # They ruled out 30: 10 let through, one label is enough, none is stale.
+    assert stale_stages([*early, *now[:1]], population, 1, cfg, drawn[:30], drawn) == []
+    assert stale_stages(early, population, 1, cfg, drawn[:30], drawn) == [0]
+    # Chance drew fewer calls than shadow_rate asks for (4 instead of 40), all of them ruled out: a quiet
+    # stretch, not stale evidence (reading 40 - 4 = 36 as expected labels raised MBPP's first stage to
+    # the upper bound 6 times in 2,500 requests).
+    few = drawn[:4]
+    assert stale_stages(early, population, 1, cfg, few, few) == []
+    # ... and fewer than STALE_MIN_CALLS let through say nothing either.
+    assert stale_stages(early, population, 1, cfg, (), drawn[-4:]) == []
+    assert stale_stages(early, population, 1, cfg, (), drawn[-5:]) == [0]
 
 
 def _sampled(

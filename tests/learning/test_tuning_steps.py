@@ -111,3 +111,30 @@ def test_a_threshold_comes_down_only_on_enough_effective_labels(
     assert not missing
     assert new == (pytest.approx((old[0] - cfg.max_step,)) if moves else old)
     assert (held == {}) == moves
+
+
+def test_a_stage_the_spend_caps_starve_of_evidence_escalates() -> None:
+    """A stage that accepts most requests, whose shadow calls the spend caps rule out, and whose accepted
+    answers rest on fewer than STARVED_SHARE x min_labels effective labels is starved (it escalates, so
+    the requests it passes on label its answers for free). Not when the caps let its calls through (then
+    staleness is the question), not with enough evidence, and not before the first label."""
+    from app.learning.tuning import STARVED_SHARE, short_of_labels, starved_stages
+
+    cfg = LearningConfig(shadow_rate=0.1, min_labels=20)  # judged on the newest 400 requests
+    population = [(i, 0) for i in range(400)]
+    drawn = list(range(0, 400, 10))  # 40 drawn
+    assert short_of_labels(population, 1, cfg, drawn[:30], drawn) == [0]  # 30 of 40 ruled out
+    assert short_of_labels(population, 1, cfg, drawn[:20], drawn) == []  # half let through
+    escalating = [(i, 0 if i % 4 == 0 else 1) for i in range(400)]  # it accepts a quarter
+    assert short_of_labels(escalating, 1, cfg, drawn, drawn) == []
+    assert short_of_labels(population, 1, LearningConfig(shadow_rate=0.0), drawn, drawn) == []
+
+    rows = _thin(5, 100.0)  # what it accepts above 0.6: five shadow labels weighing 100 each
+    starved = starved_stages(rows, (0.6,), [0], cfg)
+    assert list(starved) == ["0"] and starved["0"] < STARVED_SHARE * cfg.min_labels
+    assert starved_stages(rows, (0.6,), [], cfg) == {}
+    assert starved_stages(_thin(50, 10.0), (0.6,), [0], cfg) == {}  # fifty equal ones are evidence
+    # Between the two bars it neither escalates nor comes down (test above): no see-saw at the bar.
+    assert starved_stages(_thin(12, 10.0), (0.6,), [0], cfg) == {}
+    empty = Rows(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), [np.zeros(0)])
+    assert starved_stages(empty, (0.6,), [0], cfg) == {}

@@ -5,7 +5,6 @@ reproducible by seed, with a drift to another dataset, and clear errors on bad i
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import sqlite3
 from pathlib import Path
@@ -183,13 +182,15 @@ def test_two_replicas_sharing_a_store_end_on_the_same_thresholds(
     assert a == b and max(a) < 1.0 and rep["replicas"] == 2
 
 
-def test_a_weaker_middle_stage_is_left_at_once_when_the_target_is_missed(
+def test_a_weaker_middle_stage_does_not_hold_a_loose_start_under_the_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A generated world where the middle model (Claude Instant) is weaker than the first (Mixtral): from
-    the loose start the first stage's evidence goes stale and it is escalated into the middle one, which
-    misses the target. The fit then proposes accepting the first stage's answers again, and the tuner
-    goes there in one fit (``tuning.next_thresholds``), not 0.05 a fit (~1,000 requests under 90 %)."""
+    """A generated world where the middle model (Claude Instant) is weaker than the first (Mixtral). From
+    the loose start the first stage's evidence is thin and the spend caps rule out its shadow calls, so
+    it is escalated (``starved_stages``), and not into the weaker middle stage alone: once the middle
+    stage is estimated to miss, the fit raises it at once too (``tuning.next_thresholds``; the case where
+    accepting more early is the fix is ``test_tuning_steps``). Before either, a run escalated into the
+    middle stage fell to 81.9 % of the best model and stayed under 90 % for 1,000 requests."""
     from bench.synthetic import generate, write
 
     path = tmp_path / "world2.jsonl"
@@ -201,15 +202,10 @@ def test_a_weaker_middle_stage_is_left_at_once_when_the_target_is_missed(
     )  # fmt: skip
     assert code == 0, text
     assert "claude-instant-v1" in rep["stages"][1]
-    fits = [
-        (json.loads(th), json.loads(ev))
-        for th, ev in sqlite3.connect(store).execute("SELECT thresholds, evidence FROM fits ORDER BY version")
+    evidence = [
+        json.loads(ev)
+        for (ev,) in sqlite3.connect(store).execute("SELECT evidence FROM fits ORDER BY version")
     ]
-    step = rep["learning"]["max_step"]
-    falls = [
-        (before[0], after[0])
-        for (before, _), (after, ev) in itertools.pairwise(fits)
-        if ev["missing_target"] and before[0] - after[0] > step + 1e-9
-    ]
-    assert falls, [f[0] for f in fits[:12]]
-    assert rep["min_rolling_quality_vs_best_after_target"] > 0.84
+    first = next(i for i, ev in enumerate(evidence) if ev.get("starved_stages"))
+    assert "0" in evidence[first]["starved_stages"] and evidence[first]["missing_target"]
+    assert rep["min_rolling_quality_vs_best_after_target"] > 0.92
