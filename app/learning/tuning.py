@@ -176,11 +176,10 @@ def stale_stages(
     requests: where the caps rule out nearly every draw, chance decides how many were drawn, and
     expecting their nominal number read a stretch with fewer draws as stale evidence (on MBPP it raised
     the first stage to the upper bound every few hundred requests, each time undoing the savings of the
-    fits before). Calls the spend
-    caps rule out are the operator's choice, not staleness: ``starved_stages``. None when shadow_rate
-    is 0 (labels then come from users, at their own pace). A stage pushed up by this accepts little,
-    and so is not stale next time. ``labelled``: (seq, accepted stage) of the requests accepted before
-    the last stage that got a label (shadow or user)."""
+    fits before). Calls the spend caps rule out are the operator's choice, not staleness:
+    ``starved_stages``. None when shadow_rate is 0 (labels then come from users, at their own pace). A
+    stage pushed up by this accepts little, and so is not stale next time. ``labelled``: (seq, accepted
+    stage) of the requests accepted before the last stage that got a label (shadow or user)."""
     window = _recent(population, cfg)
     if window is None:
         return []
