@@ -258,6 +258,18 @@ def starved_stages(
     return out
 
 
+def starved_towards(
+    rows: Rows, choice: Sequence[float], new: Sequence[float], short: Sequence[int], cfg: LearningConfig
+) -> dict[str, float]:
+    """``starved_stages`` judged where a fit heads (its ``choice``), for the stages whose threshold put in
+    force (``new``) is below the upper bound. Not at the step towards the choice: walking down from the
+    upper bound passes thresholds above which few labelled answers lie, and judging those raised the
+    stage straight back, for as long as the newest requests still showed it accepting most (a loose start
+    escalated for evidence stayed there ~400 requests although the fits had the evidence to come down)."""
+    starved = starved_stages(rows, choice, short, cfg)
+    return {k: n for k, n in starved.items() if new[int(k)] < cfg.threshold_bounds[1]}
+
+
 class Step(NamedTuple):
     thresholds: tuple[float, ...]  # what the fit puts in force
     missing: bool  # the thresholds in force were estimated to miss the target
@@ -538,7 +550,7 @@ class Tuner:
         # ``STARVED_SHARE`` x ``min_labels`` effective labels (``starved_stages``): then the requests it
         # passes on label its answers for free.
         stale = self._stale_stages(history, len(old))
-        starved = starved_stages(rows, new, self._short_of_labels(history, len(old)), cfg)
+        starved = starved_towards(rows, cal.thresholds, new, self._short_of_labels(history, len(old)), cfg)
         if stale or starved:
             new = _escalate(new, stale, starved, cfg)
             _log_escalation(meta.name, stale, starved)

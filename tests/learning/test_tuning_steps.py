@@ -138,3 +138,17 @@ def test_a_stage_the_spend_caps_starve_of_evidence_escalates() -> None:
     assert starved_stages(_thin(12, 10.0), (0.6,), [0], cfg) == {}
     empty = Rows(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), [np.zeros(0)])
     assert starved_stages(empty, (0.6,), [0], cfg) == {}
+
+
+def test_starvation_is_judged_where_the_fit_heads() -> None:
+    """A stage escalated for evidence walks back down max_step a fit: on the way, few labelled answers
+    lie above its threshold, but the fit heads where the evidence is, so it is not starved again."""
+    from app.learning.tuning import starved_stages, starved_towards
+
+    cfg = LearningConfig(shadow_rate=0.1, min_labels=20)
+    rows = _thin(50, 10.0)  # fifty equal labels above 0.6
+    assert list(starved_stages(rows, (0.94,), [0], cfg)) == ["0"]  # few of them above 0.94
+    assert starved_towards(rows, (0.6,), (0.94,), [0], cfg) == {}
+    thin = _thin(5, 100.0)
+    assert list(starved_towards(thin, (0.6,), (0.6,), [0], cfg)) == ["0"]
+    assert starved_towards(thin, (0.6,), (0.99,), [0], cfg) == {}  # escalating all it can already
