@@ -165,19 +165,27 @@ async def test_the_fit_is_deterministic(tmp_path: Path) -> None:
     assert a.search.feasible and a.chosen.quality - a.chosen.quality_se >= 0.9 - 0.02
 
 
-async def test_a_stage_the_spend_caps_starve_of_labels_keeps_its_threshold(
-    fake: FakeUpstream, tmp_path: Path
-) -> None:
-    """Every answer accepted at stage 0 and not one shadow call affordable (shadow_max_share): the caps
-    are the operator's choice, not stale evidence. The tuner does not escalate to buy labels past them
-    (an escalation costs what a shadow call does): with no labels there is no fit, the threshold stays."""
+def _capped(url: str) -> dict[str, Any]:
+    """Stage 0 scored by the number in the prompt (threshold 0.1), every shadow call drawn and every one
+    ruled out by shadow_max_share (no warm-up calls)."""
     from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
 
-    url = sqlite_url(tmp_path)
     cfg = _cfg(url, shadow_rate=1.0, shadow_max_share=0.0001, shadow_warmup=0, tune_every=1000)
     cfg["cascades"]["default"]["stages"][0].update(
         threshold=0.1, scorers=[{"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}]
     )
+    return cfg
+
+
+async def test_a_stage_the_spend_caps_starve_of_labels_keeps_its_threshold(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Every answer accepted at stage 0 and not one shadow call affordable (shadow_max_share): the caps
+    are the operator's choice, not stale evidence. With no label at all (none may ever come: free-form
+    answers and no judge) the tuner does not escalate to buy labels past them: no fit, the threshold
+    stays. (With a label, ``starved_stages``: next test.)"""
+    url = sqlite_url(tmp_path)
+    cfg = _capped(url)
     async with proxy(cfg, fake) as (c, app):
         plan = app.state.cascade.runtime.plans.get("default")
         for i in range(40):
@@ -197,13 +205,8 @@ async def test_a_stage_the_spend_caps_starve_of_evidence_escalates_for_free_labe
     and what the first stage accepts rests on two of them while the caps rule out every shadow call.
     The tuner escalates that stage (the fit's evidence says ``starved_stages``): the requests it passes
     on reach the last stage and label its answers for free, and fits bring it down on that evidence."""
-    from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
-
     url = sqlite_url(tmp_path)
-    cfg = _cfg(url, shadow_rate=1.0, shadow_max_share=0.0001, shadow_warmup=0, tune_every=1000)
-    cfg["cascades"]["default"]["stages"][0].update(
-        threshold=0.1, scorers=[{"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}]
-    )
+    cfg = _capped(url)
     async with proxy(cfg, fake) as (c, app):
         plan = app.state.cascade.runtime.plans.get("default")
         ids = []
