@@ -470,8 +470,12 @@ class Tuner:
         short = [k for k in self._short_of_labels(history, len(old)) if old[k] < top]
         if not short:
             return False
-        known = latest.evidence.get("effective_labels") if latest is not None else None
-        if not isinstance(known, dict):  # no fit yet (or an older one): the fit finds out
+        if latest is None:  # no fit yet: the fit finds out
+            return True
+        # Judged as the fit judges it (``starved_towards``): where the last fit headed, not where its
+        # step put the threshold (walking down from the upper bound, few labelled answers lie above it).
+        known = latest.evidence.get("effective_labels_at_choice", latest.evidence.get("effective_labels"))
+        if not isinstance(known, dict):  # an older fit: the fit finds out
             return True
         return any(float(known.get(str(k), 0.0)) < STARVED_SHARE * self.cfg.min_labels for k in short)
 
@@ -568,6 +572,10 @@ class Tuner:
             "starved_stages": starved,  # stage -> effective labels, where the caps starved it: escalated
             # of the answers each scored stage accepts under the thresholds put in force
             "effective_labels": {str(k): round(effective_labels(rows, new, k), 1) for k in range(len(new))},
+            # ... and under the fit's choice, where starvation is judged (``starved_towards``, ``_stale``)
+            "effective_labels_at_choice": {
+                str(k): round(effective_labels(rows, cal.thresholds, k), 1) for k in range(len(new))
+            },
             "held_for_evidence": held,  # stage -> effective labels, where the fit wanted to accept more
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
