@@ -7,7 +7,7 @@ import pytest
 
 from app.config import LearningConfig
 from app.learning.calibration import Rows, fit
-from app.learning.tuning import PlanMeta, next_thresholds
+from app.learning.tuning import next_thresholds
 
 
 def _rows(n: int = 600, seed: int = 0) -> Rows:
@@ -152,33 +152,3 @@ def test_starvation_is_judged_where_the_fit_heads() -> None:
     thin = _thin(5, 100.0)
     assert list(starved_towards(thin, (0.6,), (0.6,), [0], cfg)) == ["0"]
     assert starved_towards(thin, (0.6,), (0.99,), [0], cfg) == {}  # escalating all it can already
-
-
-def test_between_label_batches_starvation_is_read_where_the_last_fit_headed() -> None:
-    """The tuner looks between label batches (``Tuner._stale``) when a stage short of label calls may be
-    starved, reading the last fit's evidence: at the fit's choice, as the fit judges it. A stage walking
-    back down from the upper bound has few labelled answers above its threshold in force but enough
-    where the fit heads: no refit at every sync for that; a choice short of them is one."""
-    import asyncio
-
-    from app.learning.history import History
-    from app.learning.store import Fit
-    from app.learning.tuning import Tuner
-
-    cfg = LearningConfig(shadow_rate=0.1, min_labels=20)
-    tuner = Tuner(cfg, None, list, lambda fit: True, asyncio.Event(), lambda: 0.0)  # type: ignore[arg-type]
-    history = History("c", "p", 2, 0)
-    history._population.extend((i, 0) for i in range(400))  # the first stage accepts everything ...
-    history._drawn.extend(range(0, 400, 10))
-    history._budget.extend(range(0, 360, 10))  # ... and the caps ruled out 36 of its 40 shadow calls
-    meta = PlanMeta("c", None, "p", 2, (0.5,))  # type: ignore[arg-type]
-
-    def last_fit(evidence: dict[str, object]) -> Fit:
-        return Fit("c", "p", 3, (0.9,), 10, 60, 0.9, 1.0, True, evidence, 0.0)
-
-    walking = {"effective_labels": {"0": 3.0}, "effective_labels_at_choice": {"0": 40.0}}
-    assert not tuner._stale(meta, last_fit(walking), history)
-    short = {"effective_labels": {"0": 3.0}, "effective_labels_at_choice": {"0": 6.0}}
-    assert tuner._stale(meta, last_fit(short), history)
-    assert tuner._stale(meta, last_fit({"effective_labels": {"0": 3.0}}), history)  # an older fit's evidence
-    assert tuner._stale(meta, None, history)  # no fit yet
