@@ -4,8 +4,8 @@ start (threshold 0), a too-strict one (1) and the offline fit's, over several se
     .venv/bin/python bench/online.py [--data ../shared/data] [--seeds 0 1 2] [--sets winogrande gsm8k mbpp]
         [--starts 0 1] [--drift winogrande:gsm8k] [--set learning_key=value ...] [--out runs.jsonl]
 
-Every dataset is fitted once (``fit_cascade`` on its train rows, as ``cascade replay`` does) and the fit
-is reused by its runs. Streams shorter than ``MIN_REQUESTS`` are repeated (``--passes``). Prints one
+Every dataset is fitted once (``online_fit`` on its train rows, as ``cascade replay --online`` does) and
+the fit is reused by its runs. Streams shorter than ``MIN_REQUESTS`` are repeated (``--passes``). Prints one
 line per run and, per dataset and start, the median and range over the seeds of: labelled requests to
 the target, the lowest rolling quality after it, final rolling quality and savings, savings as a share
 of the offline thresholds' on the same rows, and label spend as a share of the run's total.
@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.learning.train import fit_cascade
 from app.replay.dataset import load_dataset
-from app.replay.online import OnlineOptions, run_online
+from app.replay.online import OnlineOptions, online_fit, run_online
 
 DATASETS = {
     "winogrande": "routerbench/winogrande.jsonl",
@@ -96,7 +95,7 @@ def main() -> int:
     def fitted(name: str) -> Any:
         if name not in fits:
             ds = load_dataset(data / DATASETS[name])
-            fits[name] = (fit_cascade(ds.train, ds.models), len(ds.rows))
+            fits[name] = (online_fit(ds)[0], len(ds.rows))
         return fits[name]
 
     runs: list[dict[str, Any]] = []

@@ -275,8 +275,14 @@ def fit_cascade(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     router: bool = True,
+    last_min_quality: float | None = None,
 ) -> FittedCascade:
-    """Choose models, order, stage scorers and thresholds on labelled ``rows`` (see module doc)."""
+    """Choose models, order, stage scorers and thresholds on labelled ``rows`` (see module doc).
+
+    ``last_min_quality``: only chains whose last model alone reaches this quality on ``rows`` (relative
+    to the best single model's when ``relative``): the cascade an online tuner can learn, its labels
+    being "as good as the last stage's answer" (``app.replay.online``). Every chain when none does (the
+    most accurate model the cheapest, ``min_stages`` 2)."""
     if not rows:
         raise ValueError("no rows to fit on")
     cand_models = (
@@ -318,6 +324,10 @@ def fit_cascade(
         if chain is not None
         else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages, min_stages)
     )
+    if last_min_quality is not None and chain is None and best:
+        floor = last_min_quality * (stats[best][0] if relative else 1.0) - 1e-12
+        # The best model qualifies, but it may be unable to end a chain of min_stages (the cheapest)
+        chains = [ch for ch in chains if stats[ch[-1]][0] >= floor] or chains
 
     def grid(ch: tuple[str, ...], w: Any, per: int = n_candidates) -> PolicyGrid:
         cols = [crossfitted(ch[: j + 1]).oof for j in range(len(ch) - 1)]
@@ -392,6 +402,7 @@ def fit_cascade(
             "replicates": replicates,
             "folds": folds,
             "margin_z": margin_z,
+            "last_min_quality": last_min_quality,
         },
         single_models={m: {"accuracy": q, "cost_usd": cst} for m, (q, cst) in stats.items()},
         candidates=search.frontier(),

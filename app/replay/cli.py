@@ -150,7 +150,10 @@ def _fit_usage(args: argparse.Namespace) -> str | None:
     if args.from_store:
         if args.dataset is not None:
             return "give DATASET.jsonl or --from-store, not both"
-        wrong = [o for o, v in (("--chain", args.chain), ("--max-stages", args.max_stages)) if v is not None]
+        dataset_only = (("--chain", args.chain), ("--max-stages", args.max_stages))
+        wrong = [o for o, v in dataset_only if v is not None] + (
+            ["--for-auto-tune"] if args.for_auto_tune else []
+        )
         return f"{', '.join(wrong)}: only with DATASET.jsonl" if wrong else None
     if args.dataset is None:
         return "give DATASET.jsonl (a replay dataset's train rows) or --from-store (labelled traces)"
@@ -186,13 +189,15 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         why = f"--chain: not models of this dataset: {', '.join(missing)}" if missing else "no train rows"
         print(f"cascade fit-scorer: {why} (models: {', '.join(ds.models)})", file=sys.stderr)
         return EXIT_BAD_INPUT
+    target = args.target_quality if args.target_quality is not None else 0.95
     fitted = fit_cascade(
         ds.train,
         ds.models,
-        target_quality=args.target_quality if args.target_quality is not None else 0.95,
+        target_quality=target,
         max_stages=args.max_stages if args.max_stages is not None else 3,
         margin_z=args.margin_z if args.margin_z is not None else 0.0,
         chain=chain,
+        last_min_quality=target if args.for_auto_tune else None,
     )
     out = Path(args.out)
     saved = fitted.save(out)
@@ -219,6 +224,14 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     info = fitted.router_info
     print(f"router: {'chosen' if info.get('chosen') else 'not chosen'}: {info.get('reason', '')}")
     print(f"config snippet: {out / 'cascade.yaml'}")
+    single = fitted.single_models
+    last, best = fitted.models[-1], max(v["accuracy"] for v in single.values())
+    if len(fitted.models) > 1 and single[last]["accuracy"] < target * best:
+        print(
+            f"note: the last stage ({last}) alone reaches {single[last]['accuracy'] / best:.3f} of the best "
+            f"model on the train rows, under the target: with learning.auto_tune the tuner's labels (as good "
+            f"as {last}'s answer) cannot hold it; --for-auto-tune fits a chain whose last model can"
+        )
     return 0
 
 
@@ -356,6 +369,12 @@ def add_commands(sub: Any) -> None:
     )
     f.add_argument("--margin-z", type=float, help="default 0 (--from-store: learning.margin_z)")
     f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
+    f.add_argument(
+        "--for-auto-tune",
+        action="store_true",
+        help="DATASET: only chains whose last model alone reaches the target on the train rows (what "
+        "learning.auto_tune can hold: its labels are 'as good as the last stage's answer')",
+    )
     f.add_argument(
         "--pass-score",
         type=float,

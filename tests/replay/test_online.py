@@ -209,3 +209,48 @@ def test_a_weaker_middle_stage_does_not_hold_a_loose_start_under_the_target(
     first = next(i for i, ev in enumerate(evidence) if ev.get("starved_stages"))
     assert "0" in evidence[first]["starved_stages"] and evidence[first]["missing_target"]
     assert rep["min_rolling_quality_vs_best_after_target"] > 0.92
+
+
+@pytest.fixture(scope="module")
+def world7(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated world whose cheapest chain meeting the target offline ends at GPT-3.5 (0.90 of
+    GPT-4), reaching 0.956 through three mid-size models agreeing."""
+    from bench.synthetic import generate, write
+
+    path = tmp_path_factory.mktemp("world7") / "world7.jsonl"
+    write(generate(7, 1000, 500), str(path))
+    return path
+
+
+def _meets_alone(path: Path, model: str, target: float = 0.95) -> bool:
+    from app.replay.dataset import load_dataset, model_summary
+
+    ds = load_dataset(path)
+    train = model_summary(list(ds.train), ds.models)
+    return train[model].accuracy >= target * max(s.accuracy for s in train.values())
+
+
+def test_the_online_cascade_ends_at_a_model_that_meets_the_target_alone(
+    world7: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tuner's labels say whether an answer is as good as the last stage's, so an online run tunes a
+    chain whose last model alone reaches the target on the train rows (``online.online_fit``): on this
+    world thresholds with the offline fit's label quality served 0.886 of the best model."""
+    code, rep, text = _run(capsys, str(world7), "--seed", "0", "--limit", "60")
+    assert code == 0, text
+    assert len(rep["stages"]) >= 2 and _meets_alone(world7, rep["stages"][-1])
+
+
+def test_fit_scorer_for_auto_tune(world7: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``cascade fit-scorer`` says when its chain's last model is under the target alone (what auto_tune
+    cannot hold), and ``--for-auto-tune`` fits one whose last model is not."""
+    assert main(["fit-scorer", str(world7), "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    last = json.loads((tmp_path / "a" / "cascade.json").read_text())["models"][-1]
+    assert not _meets_alone(world7, last) and f"note: the last stage ({last})" in printed
+    assert main(["fit-scorer", str(world7), "--out", str(tmp_path / "b"), "--for-auto-tune"]) == 0
+    printed = capsys.readouterr().out
+    last = json.loads((tmp_path / "b" / "cascade.json").read_text())["models"][-1]
+    assert _meets_alone(world7, last) and "note:" not in printed
+    assert main(["fit-scorer", "--from-store", "--out", str(tmp_path / "c"), "--for-auto-tune"]) == 2
+    assert "--for-auto-tune: only with DATASET.jsonl" in capsys.readouterr().err
