@@ -279,10 +279,10 @@ def fit_cascade(
 ) -> FittedCascade:
     """Choose models, order, stage scorers and thresholds on labelled ``rows`` (see module doc).
 
-    ``last_min_quality``: only chains whose last model alone reaches this quality on ``rows`` (relative
-    to the best single model's when ``relative``): the cascade an online tuner can learn, its labels
-    being "as good as the last stage's answer" (``app.replay.online``). Every chain when none does (the
-    most accurate model the cheapest, ``min_stages`` 2)."""
+    ``last_min_quality``: when the chosen chain's last model alone misses this quality on ``rows``
+    (relative to the best single model's when ``relative``), the choice is made again among the chains
+    whose last model reaches it: the cascade an online tuner can learn, its labels being "as good as the
+    last stage's answer" (``app.replay.online``)."""
     if not rows:
         raise ValueError("no rows to fit on")
     cand_models = (
@@ -305,7 +305,6 @@ def fit_cascade(
         reference = reference_quality(np.stack([correct[m] for m in cand_models], axis=1), W)
     else:
         reference = np.ones(W.shape[1])
-    search = Search(reference, target_quality, margin_z)
 
     feats = _ChainFeatures(rows, spec)
     fold = fold_ids(n, folds, seed, strata=correct[best] if best else None)
@@ -324,10 +323,11 @@ def fit_cascade(
         if chain is not None
         else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages, min_stages)
     )
-    if last_min_quality is not None and chain is None and best:
-        floor = last_min_quality * (stats[best][0] if relative else 1.0) - 1e-12
-        # The best model qualifies, but it may be unable to end a chain of min_stages (the cheapest)
-        chains = [ch for ch in chains if stats[ch[-1]][0] >= floor] or chains
+    floor = (
+        last_min_quality * (stats[best][0] if relative else 1.0) - 1e-12
+        if last_min_quality is not None and chain is None and best
+        else None
+    )
 
     def grid(ch: tuple[str, ...], w: Any, per: int = n_candidates) -> PolicyGrid:
         cols = [crossfitted(ch[: j + 1]).oof for j in range(len(ch) - 1)]
@@ -336,14 +336,28 @@ def fit_cascade(
         k = np.stack([cost[m] for m in ch], axis=1)
         return policy_grid(s, c, k, [candidate_thresholds(col, per) for col in cols], w)
 
-    if len(chains) > SHORTLIST:  # a quick pass on the rows alone, then the bootstrap on the contenders
-        pre = Search(reference[:1], target_quality, 0.0)
-        for ch in chains:
-            pre.add(ch, grid(ch, W[:, :1]))
-        chains = pre.shortlist(limit=SHORTLIST)
-    for ch in chains:
-        search.add(ch, grid(ch, W))
+    def searched(among: list[tuple[str, ...]]) -> Search:
+        if len(among) > SHORTLIST:  # a quick pass on the rows alone, then the bootstrap on the contenders
+            pre = Search(reference[:1], target_quality, 0.0)
+            for ch in among:
+                pre.add(ch, grid(ch, W[:, :1]))
+            among = pre.shortlist(limit=SHORTLIST)
+        out = Search(reference, target_quality, margin_z)
+        for ch in among:
+            out.add(ch, grid(ch, W))
+        return out
+
+    search = searched(chains)
     pick = search.result()
+    if floor is not None and stats[pick.chain[-1]][0] < floor:
+        # The cheapest chain ends at a model under last_min_quality: search again among the chains whose
+        # last model reaches it (there may be none: the best model the cheapest, min_stages 2). Where the
+        # cheapest already ends at such a model it stands: narrowing the search would only move its
+        # measured optimism (it moved one generated world's chain to one that missed the target).
+        allowed = [ch for ch in chains if stats[ch[-1]][0] >= floor]
+        if allowed:
+            search = searched(allowed)
+            pick = search.result()
     fine = candidates_per_stage(len(pick.chain) - 1, n_candidates)
     if len(pick.chain) == 2 and fine > n_candidates:
         # Chains are compared on one grid (n_candidates quantiles per scored stage); the chosen chain's

@@ -372,7 +372,7 @@ def add_commands(sub: Any) -> None:
     f.add_argument(
         "--for-auto-tune",
         action="store_true",
-        help="DATASET: only chains whose last model alone reaches the target on the train rows (what "
+        help="DATASET: a chain whose last model alone reaches the target on the train rows (what "
         "learning.auto_tune can hold: its labels are 'as good as the last stage's answer')",
     )
     f.add_argument(

@@ -114,13 +114,15 @@ def online_fit(
     """The offline fit an online run tunes (``fit_cascade`` on the train rows), and the single model the
     fit would serve alone, if any.
 
-    Only chains whose last model alone reaches the target on the train rows: the tuner's labels say
-    whether an answer is as good as the last stage's, so a last stage below the target makes a target
-    relative to the best model unlearnable online. (On a generated world the fit's cheapest chain ended
-    at GPT-3.5, 0.90 of GPT-4, reaching 0.956 by the agreement of three mid-size models; thresholds the
-    tuner found with the same label quality served 0.886.) When one model alone meets the target there
-    is nothing to tune on a one-stage cascade: the run tunes the cheapest cascade of two or more models
-    instead (its offline thresholds are the reference), and the report names the single model."""
+    A chain whose last model alone reaches the target on the train rows (``last_min_quality``: when the
+    cheapest chain's last model misses it, the chain is chosen again among those whose last model
+    does): the tuner's labels say whether an answer is as good as the last stage's, so a last stage
+    below the target makes a target relative to the best model unlearnable online. (On a generated
+    world the fit's cheapest chain ended at GPT-3.5, 0.90 of GPT-4, reaching 0.956 by the agreement of
+    three mid-size models; thresholds the tuner found with the same label quality served 0.886.) When
+    one model alone meets the target there is nothing to tune on a one-stage cascade: the run tunes
+    the cheapest cascade of two or more models instead (its offline thresholds are the reference), and
+    the report names the single model."""
     from app.learning.train import fit_cascade
 
     fit = functools.partial(
