@@ -160,6 +160,30 @@ def _per_stage(recent: Sequence[tuple[int, int]], seqs: Sequence[int] | None = N
     return out
 
 
+class _Counts(NamedTuple):
+    start: int  # seq of the oldest request judged
+    limit: int  # STALE_LABELS / shadow_rate
+    accepted: dict[int, int]  # per stage: requests it accepted
+    calls: dict[int, int]  # ... whose shadow call was drawn
+    capped: dict[int, int]  # ... and ruled out by the spend caps
+
+
+def _counts(
+    population: Sequence[tuple[int, int]],
+    cfg: LearningConfig,
+    budget_skipped: Sequence[int],
+    drawn: Sequence[int],
+) -> _Counts | None:
+    """Per stage, over the newest ``2 * limit`` requests (``_recent``): accepted, drawn, capped."""
+    window = _recent(population, cfg)
+    if window is None:
+        return None
+    recent, limit = window
+    return _Counts(
+        recent[0][0], limit, _per_stage(recent), _per_stage(recent, drawn), _per_stage(recent, budget_skipped)
+    )
+
+
 def stale_stages(
     labelled: Sequence[tuple[int, int]],
     population: Sequence[tuple[int, int]],
@@ -180,26 +204,19 @@ def stale_stages(
     ``starved_stages``. None when shadow_rate is 0 (labels then come from users, at their own pace). A
     stage pushed up by this accepts little, and so is not stale next time. ``labelled``: (seq, accepted
     stage) of the requests accepted before the last stage that got a label (shadow or user)."""
-    window = _recent(population, cfg)
-    if window is None:
+    c = _counts(population, cfg, budget_skipped, drawn)
+    if c is None:
         return []
-    recent, limit = window
-    start = recent[0][0]
-    accepted, calls, capped = (
-        _per_stage(recent),
-        _per_stage(recent, drawn),
-        _per_stage(recent, budget_skipped),
-    )
     got: dict[int, int] = {}
     for seq, k in labelled:
-        if seq >= start:
+        if seq >= c.start:
             got[k] = got.get(k, 0) + 1
     out = []
-    for k, n in accepted.items():
-        through = calls.get(k, 0) - capped.get(k, 0)
+    for k, n in c.accepted.items():
+        through = c.calls.get(k, 0) - c.capped.get(k, 0)
         if (
             k < n_scored
-            and n >= limit
+            and n >= c.limit
             and through >= STALE_MIN_CALLS
             and got.get(k, 0) < STALE_SHARE * through
         ):
@@ -219,17 +236,13 @@ def short_of_labels(
 ) -> list[int]:
     """Scored stages that accepted ``STALE_LABELS / shadow_rate`` or more of the newest twice that many
     requests while the spend caps ruled out most of the shadow calls drawn for them."""
-    window = _recent(population, cfg)
-    if window is None:
+    c = _counts(population, cfg, budget_skipped, drawn)
+    if c is None:
         return []
-    recent, limit = window
-    accepted, calls, capped = (
-        _per_stage(recent),
-        _per_stage(recent, drawn),
-        _per_stage(recent, budget_skipped),
-    )
     return [
-        k for k in range(n_scored) if accepted.get(k, 0) >= limit and 2 * capped.get(k, 0) > calls.get(k, 0)
+        k
+        for k in range(n_scored)
+        if c.accepted.get(k, 0) >= c.limit and 2 * c.capped.get(k, 0) > c.calls.get(k, 0)
     ]
 
 
