@@ -117,7 +117,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _snippet(
-    models: list[str], thresholds: list[float], files: list[str], router: tuple[str, float] | None = None
+    models: list[str],
+    thresholds: list[float],
+    files: list[str],
+    router: tuple[str, float] | None = None,
+    tune_to: float | None = None,
 ) -> str:
     from app.replay.configure import upstream_names
 
@@ -142,6 +146,12 @@ def _snippet(
         if k < len(models) - 1:
             lines.append(f"        threshold: {thresholds[k]!r}")
             lines.append(f"        scorers: [{{type: learned, model: {json.dumps(files[k])}}}]")
+    if tune_to is not None:
+        lines += [
+            "learning:",
+            "  auto_tune: true",
+            f"  target_quality: {tune_to!r}  # as good as the last stage's",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -207,8 +217,10 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         if "router" in saved and fitted.router_threshold is not None
         else None
     )
+    aim = _tuner_target(ds, fitted, target) if args.for_auto_tune else None
     (out / "cascade.yaml").write_text(
-        _snippet(fitted.models, fitted.thresholds, files, router), encoding="utf-8"
+        _snippet(fitted.models, fitted.thresholds, files, router, aim.quality if aim else None),
+        encoding="utf-8",
     )
     tr: dict[str, Any] = fitted.train
     print(
@@ -224,6 +236,17 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     info = fitted.router_info
     print(f"router: {'chosen' if info.get('chosen') else 'not chosen'}: {info.get('reason', '')}")
     print(f"config snippet: {out / 'cascade.yaml'}")
+    if aim is not None:
+        print(
+            f"learning.target_quality: {aim.quality:.4f} (share of answers as good as {fitted.models[-1]}'s "
+            f"that serves the target on the train rows; {aim.at_offline:.4f} at the fitted thresholds)"
+        )
+        if aim.quality > aim.at_offline:
+            print(
+                "note: on the train rows the cheapest thresholds with the fitted thresholds' label quality "
+                "miss the target (the labels track correctness loosely here): auto_tune will escalate "
+                "more than the fitted thresholds do"
+            )
     single = fitted.single_models
     last, best = fitted.models[-1], max(v["accuracy"] for v in single.values())
     if len(fitted.models) > 1 and single[last]["accuracy"] < target * best:
@@ -233,6 +256,18 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
             f"as {last}'s answer) cannot hold it; --for-auto-tune fits a chain whose last model can"
         )
     return 0
+
+
+def _tuner_target(ds: Any, fitted: Any, target: float) -> Any:
+    """What ``learning.target_quality`` (labels' terms) serves ``target`` (relative to the best single
+    model) with this fit, on its train rows (``app.replay.online_stream.tuner_target``); None for one
+    model."""
+    from app.replay.online_stream import fit_scores, tuner_target
+
+    if len(fitted.models) < 2:
+        return None
+    scores = fit_scores(fitted, ds.train)
+    return tuner_target(ds.train, ds.models, fitted.models, scores, target, at=fitted.thresholds)
 
 
 def add_commands(sub: Any) -> None:

@@ -28,8 +28,11 @@ The tuner's target: the replay's ``--target-quality`` is relative to the best si
 early answer that differs from a wrong last answer counts as worse). The runner translates one into
 the other on the train rows (``tuner_target``): the labels' quality at the thresholds an offline fit
 chooses there (cheapest whose accuracy, less ``--margin-z`` standard errors, reaches the target): the
-online tuner is asked for the quality the offline fit delivers, in its own terms. The report
-(``app.replay.online_report``) is in windows of 100 requests.
+online tuner is asked for the quality the offline fit delivers, in its own terms. Where the labels
+track correctness poorly, the tuner's own choice at that label quality can serve far less, so the
+target is raised to the lowest label quality at which the cheapest thresholds reaching it serve the
+target on the train rows (``label_floor``). The report (``app.replay.online_report``) is in windows of
+100 requests.
 """
 
 from __future__ import annotations
@@ -353,9 +356,8 @@ async def _run(
                 plan = mapped_config(user_cfg, ds.models, url, opts.cascade, opts.mapping)
                 scores = await stage_scores(plan, ds.train)
                 at = None
-            target = tuner_target(
-                ds.train, ds.models, chain, scores, opts.target_quality, opts.margin_z, at=at
-            )
+            aim = tuner_target(ds.train, ds.models, chain, scores, opts.target_quality, opts.margin_z, at=at)
+            target = aim.quality
             offline_thresholds = list(plan.thresholds)
             if opts.start_threshold is not None:
                 plan = with_thresholds(plan, [opts.start_threshold] * (len(plan.stages) - 1))
@@ -391,6 +393,8 @@ async def _run(
         start_thresholds=start,
         offline_thresholds=offline_thresholds,
         tuner_target_quality=target,
+        tuner_label_quality_at_offline=aim.at_offline,
+        tuner_label_floor=aim.floor,
         shadow_rate=opts.shadow_rate,
         feedback_rate=opts.feedback_rate,
         judge=opts.judge,

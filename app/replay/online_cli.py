@@ -104,6 +104,16 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+def _raised(rep: dict[str, Any]) -> str:
+    at = rep.get("tuner_label_quality_at_offline")
+    if at is None or rep["tuner_target_quality"] <= at:
+        return ""
+    return (
+        f", raised from {at:.4f} at the offline thresholds: on the train rows, the cheapest thresholds with "
+        "that label quality miss the target"
+    )
+
+
 def format_online(rep: dict[str, Any]) -> str:
     """The human summary: per window quality and savings against the best single model, thresholds."""
     drift = f" -> {rep['drift']} at request {rep['drift_at']}" if rep.get("drift") else ""
@@ -111,7 +121,7 @@ def format_online(rep: dict[str, Any]) -> str:
         f"online: {rep['dataset']}{drift}, {rep['requests']} requests, seed {rep['seed']}, "
         f"cascade {' -> '.join(m.rsplit('/', 1)[-1] for m in rep['stages'])}",
         f"target {rep['target_quality']:.3f} of the best single model (learning.target_quality "
-        f"{rep['tuner_target_quality']:.4f}); start thresholds {rep['start_thresholds']}",
+        f"{rep['tuner_target_quality']:.4f}{_raised(rep)}); start thresholds {rep['start_thresholds']}",
         f"{'requests':>8} {'labels':>6} {'quality':>8} {'savings':>8} {'rolling q':>9} {'rolling s':>9}"
         "  thresholds",
     ]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from app.learning.labels import verdict
 from app.learning.rows import ModelAnswer, Row
-from app.learning.thresholds import choose_thresholds, evaluate_cascade
+from app.learning.search import policy_grid
+from app.learning.thresholds import candidate_thresholds, choose_thresholds, evaluate_cascade
 from app.replay.dataset import Dataset, best_single, model_summary
 
 
@@ -110,6 +111,12 @@ def label_values(row: Row, chain: Sequence[str]) -> list[float]:
     return [*out, 1.0]
 
 
+class TunerTarget(NamedTuple):
+    quality: float  # ``learning.target_quality`` for the run
+    at_offline: float  # the labels' quality at the offline thresholds
+    floor: float | None  # ``label_floor``: None when even the last stage alone misses the target
+
+
 def tuner_target(
     rows: Sequence[Row],
     models: Sequence[str],
@@ -118,21 +125,59 @@ def tuner_target(
     target: float,
     margin_z: float = 1.0,
     at: Sequence[float] | None = None,
-) -> float:
+) -> TunerTarget:
     """``learning.target_quality`` for a replay target relative to the best single model: on the train
     rows, the labels' quality (share of answers as good as the last stage's) at the offline thresholds
     ``at`` (a fit's: with its out-of-fold ``scores``, as its search saw them), or else at the thresholds
     an offline fit chooses there (the cheapest whose accuracy less ``margin_z`` standard errors reaches
-    ``target`` x the best single model's; module doc)."""
+    ``target`` x the best single model's; module doc); raised to ``label_floor`` where that is higher."""
     cost = np.asarray([[r.answers[m].cost_usd for m in chain] for r in rows])
     agree = np.asarray([label_values(r, chain) for r in rows])
+    summary = model_summary(rows, models)
+    acc_best = summary[best_single(summary)].accuracy
+    correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
     if at is None:
-        summary = model_summary(rows, models)
-        acc_best = summary[best_single(summary)].accuracy
-        correct = np.asarray([[float(r.answers[m].correct) for m in chain] for r in rows])
         at = choose_thresholds(scores, correct, cost, target * acc_best, margin_z=margin_z).best.thresholds
-    quality = evaluate_cascade(scores, agree, cost, list(at)).quality
-    return round(min(0.999, max(0.5, quality)), 4)
+    quality = round(evaluate_cascade(scores, agree, cost, list(at)).quality, 4)
+    floor = label_floor(scores, agree, correct, cost, target * acc_best)
+    floor = None if floor is None else round(floor, 4)
+    return TunerTarget(min(0.999, max(0.5, quality, floor or 0.0)), quality, floor)
+
+
+def label_floor(scores: Any, agree: Any, correct: Any, cost: Any, goal: float) -> float | None:
+    """The lowest label quality at which the tuner's choice is sure to serve ``goal`` accuracy on these
+    rows, or None when even the last stage alone does not.
+
+    The tuner serves the cheapest thresholds whose label quality reaches its target. Where "as good as
+    the last stage's answer" tracks correctness, the offline operating point's label quality is a fine
+    target; where it does not (the last model right ~88 % of the time among near-equal models: an early
+    answer that differs from it is as often right as wrong), thresholds with the same label quality
+    can serve far less (a generated world: 0.793 at the offline thresholds, 0.956 of the best model
+    there, and 0.829 at the cheapest thresholds with that label quality). So every combination of
+    candidate thresholds is evaluated both ways, and the floor is the lowest label quality ``L`` such
+    that for every ``L' >= L`` the cheapest combination with label quality ``>= L'`` serves ``goal``."""
+    s = np.asarray(scores, dtype=np.float64)
+    n = s.shape[0]
+    if n == 0 or s.shape[1] < 2:
+        return None
+    cands = [candidate_thresholds(s[:, k], 40) for k in range(s.shape[1] - 1)]
+    ones = np.ones((n, 1))
+    by_label = policy_grid(s[:, :-1], agree, cost, cands, ones)
+    by_truth = policy_grid(s[:, :-1], correct, cost, cands, ones)
+    label, truth, spend = by_label.quality[:, 0], by_truth.quality[:, 0], by_label.cost[:, 0]
+    floor = None
+    cheapest = np.inf
+    pick = -1
+    order = np.lexsort((spend, -label))  # label quality, highest first (cheapest first among equals)
+    for i, g in enumerate(order):
+        if spend[g] < cheapest:
+            cheapest, pick = float(spend[g]), int(g)
+        if i + 1 < len(order) and label[order[i + 1]] == label[g]:
+            continue  # one label value at a time: its cheapest combination is known after the last one
+        if truth[pick] < goal - 1e-12:
+            break
+        floor = float(label[g])
+    return floor
 
 
 def train_scores(fitted: Any, rows: Sequence[Row]) -> Any:
