@@ -209,6 +209,10 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         chain=chain,
         last_min_quality=target if args.for_auto_tune else None,
     )
+    if args.for_auto_tune:
+        from app.replay.online import served_stages
+
+        fitted = served_stages(fitted, target)
     out = Path(args.out)
     saved = fitted.save(out)
     files = [str(Path(saved[f"stage{k}"]).resolve()) for k in range(len(fitted.scorers))]
@@ -407,8 +411,9 @@ def add_commands(sub: Any) -> None:
     f.add_argument(
         "--for-auto-tune",
         action="store_true",
-        help="DATASET: a chain whose last model alone reaches the target on the train rows (what "
-        "learning.auto_tune can hold: its labels are 'as good as the last stage's answer')",
+        help="DATASET: a chain whose last model alone reaches the target on the train rows and that its "
+        "thresholds reach (what learning.auto_tune can hold: its labels are 'as good as the last stage's "
+        "answer'), and a learning section with the target_quality that serves the target",
     )
     f.add_argument(
         "--pass-score",

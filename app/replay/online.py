@@ -5,8 +5,9 @@ Over 400 lines on purpose: one live run (servers, stream, labels, windows) reads
 
 ``run_online(options)``, in one event loop:
 
-1. the cascade: without ``--config`` the offline fit on the dataset's train rows (``fit_cascade``: chain
-   and learned scorers); with ``--config`` that config's cascade mapped onto the dataset's models. Its
+1. the cascade: without ``--config`` the offline fit on the dataset's train rows (``online_fit``: chain
+   and learned scorers, less the stages its thresholds never reach); with ``--config`` that config's
+   cascade mapped onto the dataset's models. Its
    thresholds start at ``--start-threshold`` (every scored stage) or where the fit / config put them;
 2. the stream: every row of the dataset (train and test), shuffled by ``--seed``, ``--passes`` times;
    with ``--drift OTHER.jsonl`` the first half of that, then OTHER's rows (shuffled). OTHER's models are
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -139,8 +141,41 @@ def online_fit(
     )
     fitted = fit()
     if len(fitted.models) < 2 <= min(len(ds.models), max_stages):
-        return fit(min_stages=2), fitted.models[0]
-    return fitted, None
+        return served_stages(fit(min_stages=2), target_quality), fitted.models[0]
+    return served_stages(fitted, target_quality), None
+
+
+def served_stages(fitted: Any, target_quality: float) -> Any:
+    """The fit without the stages its thresholds never reach: where a middle stage accepts every answer
+    (threshold 0) and its model alone meets the target, the stages after it only define the labels
+    (as good as the last stage's answer) and cost the label calls, so the online run tunes the cascade
+    the offline thresholds serve. (On a generated world the fit served Mistral-7B -> Mixtral and kept
+    Yi-34B behind them; "as good as Yi's answer" was a loose proxy for correct there, "as good as
+    Mixtral's", the model that answers, is the one the tuner needs.) Not with a router (it sends
+    requests to the last stage)."""
+    if fitted.router is not None:
+        return fitted
+    best = max(v["accuracy"] for v in fitted.single_models.values())
+    for k, t in enumerate(fitted.thresholds):
+        if t > 0.0:
+            continue
+        # Stage k accepts every answer: the later stages are never reached. (At stage 0 the fit serves
+        # one model: nothing to tune either way.)
+        if k >= 1 and fitted.single_models[fitted.models[k]]["accuracy"] >= target_quality * best - 1e-12:
+            train = dict(fitted.train)
+            for key in ("reach", "skipped_share"):
+                if isinstance(train.get(key), list):
+                    train[key] = train[key][: k + 1]
+            return dataclasses.replace(
+                fitted,
+                models=fitted.models[: k + 1],
+                thresholds=fitted.thresholds[:k],
+                scorers=fitted.scorers[:k],
+                oof_scores=fitted.oof_scores[:k],
+                train=train,
+            )
+        break
+    return fitted
 
 
 # --- the config -------------------------------------------------------------------------------------------
