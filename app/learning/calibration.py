@@ -48,7 +48,7 @@ from app.learning.thresholds import (
     evaluate_cascade,
 )
 
-_ALWAYS = 1e300  # score of a stage the request never reached: above every finite threshold
+ALWAYS = 1e300  # score of a stage the request never reached: above every finite threshold
 
 AttemptT = tuple[str, float | None, float]  # outcome, score, cost
 LabelT = tuple[str, int | None, float, float, float]  # source, stage, value, nominal weight, cost
@@ -136,7 +136,7 @@ def make_entry(
             else:
                 c.append(0.0 if outcome == "error" else math.nan)
         else:
-            s.append(_ALWAYS)
+            s.append(ALWAYS)
             c.append(math.nan)
             x.append(math.nan)
     s.append(0.0)
@@ -273,7 +273,7 @@ def to_rows(entries: Sequence[Entry], K: int, weights: Sequence[float], last_id:
 def _impute(rows: Rows) -> None:
     for k in range(rows.scores.shape[1] - 1):
         s, c, x, w = rows.scores[:, k], rows.correct[:, k], rows.cost[:, k], rows.weights
-        seen = s < _ALWAYS
+        seen = s < ALWAYS
         rows.observed.append(s[seen & np.isfinite(s)])
         known = seen & ~np.isnan(c)
         mean_c = float(np.average(c[known], weights=w[known])) if known.any() and w[known].sum() > 0 else 0.0

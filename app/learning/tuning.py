@@ -12,7 +12,9 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
    picking the cheapest of many threshold combinations, as offline fits do), move each threshold
    towards the fit by at most ``max_step`` (or up to ``max_step_up`` when the thresholds in force are
    estimated to miss the target: towards escalating, or the other way when escalating alone would still
-   miss, ``next_thresholds``; a quality problem is fixed at once, saving money waits for evidence), within
+   miss, ``next_thresholds``; a quality problem is fixed at once, saving money waits for evidence; a fix
+   leaving almost nothing to the last stage does not leave a stage serving on a handful of its own
+   labels, ``unproven_stages``), within
    ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.
@@ -35,7 +37,7 @@ import numpy as np
 
 from app.cascade.plan import Plan
 from app.config import LearningConfig
-from app.learning.calibration import Calibration, Entry, Rows, fit, guard, weigh
+from app.learning.calibration import ALWAYS, Calibration, Entry, Rows, fit, guard, weigh
 from app.learning.history import History
 from app.learning.store import Fit, Store, StoreError
 from app.learning.thresholds import evaluate_cascade, served_stages
@@ -287,6 +289,7 @@ class Step(NamedTuple):
     thresholds: tuple[float, ...]  # what the fit puts in force
     missing: bool  # the thresholds in force were estimated to miss the target
     held: dict[str, float]  # stage -> effective labels, where a move down waits for evidence
+    unproven: dict[str, float]  # stage -> labels of its own answers, where escalated past for want of them
 
 
 def next_thresholds(old: Sequence[float], cal: Calibration, cfg: LearningConfig, rows: Rows) -> Step:
@@ -299,6 +302,9 @@ def next_thresholds(old: Sequence[float], cal: Calibration, cfg: LearningConfig,
     way is still estimated to miss and the fit's own choice is estimated better, thresholds may also
     fall up to ``max_step_up``: a later stage can be worse than an earlier one on this traffic (a
     middle model weaker than the first), and then accepting more early is what restores quality.
+
+    With a miss, ``unproven_stages`` then escalates past the stages the fix would leave serving on too
+    few labels of their own answers while almost nothing reaches the last stage.
 
     Without a miss, a threshold comes down only on evidence: the labelled requests the fit's choice
     serves at that stage must weigh as much as ``min_labels`` equally weighted labels (their effective
@@ -326,15 +332,70 @@ def next_thresholds(old: Sequence[float], cal: Calibration, cfg: LearningConfig,
                     out[k] = float(old[k])
                     held[str(k)] = round(n, 1)
         new = tuple(out)
-    return Step(new, missing, held)
+    unproven: dict[str, float] = {}
+    if missing:
+        new, unproven = unproven_stages(rows, old, new, cfg)
+    return Step(new, missing, held, unproven)
 
 
-def effective_labels(rows: Rows, thresholds: Sequence[float], stage: int) -> float:
+SERVED_SHARE = 0.1  # after a fit correcting a miss, a stage serving this share must show its own labels
+
+
+def unproven_stages(
+    rows: Rows, old: Sequence[float], new: Sequence[float], cfg: LearningConfig
+) -> tuple[tuple[float, ...], dict[str, float]]:
+    """After a fit correcting a miss that would leave fewer than ``SERVED_SHARE`` of the requests to
+    reach the last stage: the thresholds with every scored stage that would serve ``SERVED_SHARE`` or
+    more of them on fewer than ``min_labels`` effective labels of its own answers (requests that reached
+    it: ``effective_labels(..., reached=True)``) sent to the upper bound, and those stages -> that
+    number.
+
+    A miss is corrected at once, upwards, and raising a threshold reads as the safe direction. But a fit
+    on the first labels of a loose start (20 shadow labels, the first stage accepting everything) can
+    raise the first stage just enough to keep it serving most requests on the answers the labels happened
+    to find good, and hand the rest to a middle stage that accepts all of it. Then nothing reaches the
+    last stage, so no request labels itself, and the spend caps let almost no shadow call through (the
+    cheap stages serve everything: there is little spend to set them against): the thin evidence stands
+    for thousands of requests. On a generated world (`bench/synthetic.py --write 13`, seed 0) the first
+    fit certified Yi-34B on 17 effective labels, all good, and handed the rest to GPT-3.5: the run sat at
+    0.88-0.92 of the best model for 2,800 requests on 4 new labels; on WinoGrande at `--shadow-rate 0.3`
+    (seed 0) the middle model took ~70 % of the requests on its 20 warm-up labels: 1,800 requests at
+    0.85-0.88. Such a stage goes to the upper bound instead: what it passes on reaches the last stage and
+    labels its answers for free, and the next fits bring it down on that evidence (``min_labels``, as any
+    move down). Where a tenth of the requests or more still reach the last stage, labels flow and the
+    fit stands (measured: escalating on thin evidence there too changed most loose starts' paths, for
+    fewer runs holding the floor). Not a stage the fit lowers (accepting more early to restore quality
+    when a middle model is weaker, ``next_thresholds``): escalating it would undo the fix. Stages are
+    judged from the first on, each after the ones before are settled."""
+    top = cfg.threshold_bounds[1]
+    out: dict[str, float] = {}
+    cur = list(new)
+    if evaluate_cascade(rows.scores, rows.correct, rows.cost, cur, rows.weights).reach[-1] >= SERVED_SHARE:
+        return tuple(cur), out  # enough requests reach the last stage to label what comes before
+    for k in range(len(cur)):
+        if cur[k] >= top or cur[k] < old[k]:
+            continue
+        share = evaluate_cascade(rows.scores, rows.correct, rows.cost, cur, rows.weights).accept[k]
+        if share < SERVED_SHARE:
+            continue
+        n = effective_labels(rows, cur, k, reached=True)
+        if n < cfg.min_labels:
+            out[str(k)] = round(n, 1)
+            cur[k] = top
+    return tuple(cur), out
+
+
+def effective_labels(rows: Rows, thresholds: Sequence[float], stage: int, *, reached: bool = False) -> float:
     """The effective number of labelled requests (``(sum w)^2 / sum w^2``) that ``thresholds`` serve at
-    ``stage``: how many equally weighted labels the estimate of those answers' quality rests on."""
+    ``stage``: how many equally weighted labels the estimate of those answers' quality rests on.
+    ``reached``: only requests that reached the stage (not those an earlier stage accepted, whose
+    answer there is a guess: ``calibration`` fills it in)."""
     if rows.n == 0:
         return 0.0
-    w = rows.weights[served_stages(rows.scores, thresholds) == stage]
+    take = served_stages(rows.scores, thresholds) == stage
+    if reached:
+        take &= rows.scores[:, stage] < ALWAYS
+    w = rows.weights[take]
     sq = float(np.square(w).sum())
     return float(w.sum()) ** 2 / sq if sq > 0 else 0.0
 
@@ -560,7 +621,7 @@ class Tuner:
                 honest=cfg.optimism_correction,
             )
         )
-        new, missing, held = next_thresholds(old, cal, cfg, rows)
+        new, missing, held, unproven = next_thresholds(old, cal, cfg, rows)
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until
         # labels flow again. Savings wait for evidence; quality does not. A stage the spend caps starve
@@ -587,6 +648,7 @@ class Tuner:
             # of the answers each scored stage accepts under the thresholds put in force
             "effective_labels": {str(k): round(effective_labels(rows, new, k), 1) for k in range(len(new))},
             "held_for_evidence": held,  # stage -> effective labels, where the fit wanted to accept more
+            "unproven_stages": unproven,  # stage -> labels of its own answers, where it was sent to the top
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
             "optimism": round(cal.optimism, 6),

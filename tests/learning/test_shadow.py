@@ -216,7 +216,7 @@ async def test_a_shadow_call_also_asks_the_middle_stages_and_records_their_score
     stored as a ``shadow`` attempt with its score and labelled, so the fit sees a real score there
     instead of a filled-in guess. Its cost is shadow spend, not the request's."""
     from app.config import parse_config
-    from app.learning.calibration import _ALWAYS, assemble
+    from app.learning.calibration import ALWAYS, assemble
     from app.learning.records import plan_fingerprint
 
     url = sqlite_url(tmp_path)
@@ -252,7 +252,7 @@ async def test_a_shadow_call_also_asks_the_middle_stages_and_records_their_score
     )
     fitted = assemble(data, 3)
     assert fitted.n == 1
-    assert fitted.scores[0, 1] < _ALWAYS and fitted.correct[0, 1] == 0.0  # real, not filled in
+    assert fitted.scores[0, 1] < ALWAYS and fitted.correct[0, 1] == 0.0  # real, not filled in
     mid_cost = query(url, "SELECT cost_usd FROM attempts WHERE stage = 1")[0][0]
     assert fitted.cost[0, 1] == pytest.approx(mid_cost)
     # The last stage's cost on the row is the reference call's alone, not the middle call's too.

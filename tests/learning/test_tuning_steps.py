@@ -7,7 +7,7 @@ import pytest
 
 from app.config import LearningConfig
 from app.learning.calibration import Rows, fit
-from app.learning.tuning import next_thresholds
+from app.learning.tuning import next_thresholds, unproven_stages
 
 
 def _rows(n: int = 600, seed: int = 0) -> Rows:
@@ -31,7 +31,7 @@ def test_a_missed_target_is_fixed_at_once_even_by_accepting_more_early() -> None
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.current is not None and cal.current.quality < 0.8 < cal.chosen.quality
     assert cal.thresholds[0] < old[0] - 0.3  # the fit accepts the first stage's good answers again
-    new, missing, _ = next_thresholds(old, cal, cfg, rows)
+    new, missing, *_ = next_thresholds(old, cal, cfg, rows)
     assert missing
     assert new[0] == pytest.approx(cal.thresholds[0])  # all the way, not max_step
     assert new[1] == pytest.approx(min(cal.thresholds[1], old[1] + cfg.max_step_up))
@@ -42,7 +42,7 @@ def test_without_a_miss_every_move_is_at_most_max_step() -> None:
     old = (0.99, 0.99)  # everything escalates: quality is the last stage's, far above a 0.5 target
     rows = _rows()
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
-    new, missing, _ = next_thresholds(old, cal, cfg, rows)
+    new, missing, *_ = next_thresholds(old, cal, cfg, rows)
     assert not missing
     assert all(abs(a - b) <= cfg.max_step + 1e-9 for a, b in zip(new, old, strict=True))
     assert new != old  # it does move towards the cheaper fit
@@ -53,7 +53,7 @@ def test_a_miss_is_fixed_upwards_at_once() -> None:
     old = (0.5, 0.5)
     rows = _rows()
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
-    new, missing, _ = next_thresholds(old, cal, cfg, rows)
+    new, missing, *_ = next_thresholds(old, cal, cfg, rows)
     assert missing and all(p > o + cfg.max_step for p, o in zip(cal.thresholds, old, strict=True))
     assert new == pytest.approx(cal.thresholds)
 
@@ -67,7 +67,7 @@ def test_a_miss_escalating_fixes_does_not_hurry_the_other_thresholds_down() -> N
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.current is not None and cal.current.quality < cfg.target_quality
     assert cal.thresholds[0] > old[0] + cfg.max_step
-    new, missing, _ = next_thresholds(old, cal, cfg, rows)
+    new, missing, *_ = next_thresholds(old, cal, cfg, rows)
     assert missing and new[0] == pytest.approx(cal.thresholds[0])
     assert cal.thresholds[1] < old[1] - cfg.max_step
     assert new[1] == pytest.approx(old[1] - cfg.max_step)
@@ -107,7 +107,7 @@ def test_a_threshold_comes_down_only_on_enough_effective_labels(
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.thresholds[0] < old[0] - cfg.max_step  # the fit would accept more
     assert (effective_labels(rows, cal.thresholds, 0) >= cfg.min_labels) == moves
-    new, missing, held = next_thresholds(old, cal, cfg, rows)
+    new, missing, held, _ = next_thresholds(old, cal, cfg, rows)
     assert not missing
     assert new == (pytest.approx((old[0] - cfg.max_step,)) if moves else old)
     assert (held == {}) == moves
@@ -152,3 +152,40 @@ def test_starvation_is_judged_where_the_fit_heads() -> None:
     thin = _thin(5, 100.0)
     assert list(starved_towards(thin, (0.6,), (0.6,), [0], cfg)) == ["0"]
     assert starved_towards(thin, (0.6,), (0.99,), [0], cfg) == {}  # escalating all it can already
+
+
+def _loose_start(n: int = 20, seed: int = 3) -> Rows:
+    """A loose start's first labels: the first stage accepted every request, and its shadow calls also
+    ran the middle stage, whose answer was as good as the last's every time."""
+    rng = np.random.default_rng(seed)
+    s0 = rng.random(n)
+    s1 = rng.random(n)
+    c0 = (rng.random(n) < np.where(s0 > 0.5, 0.95, 0.4)).astype(float)
+    scores = np.stack([s0, s1, np.zeros(n)], axis=1)
+    correct = np.stack([c0, np.ones(n), np.ones(n)], axis=1)
+    cost = np.tile([1.0, 2.0, 20.0], (n, 1))
+    return Rows(scores, correct, cost, np.ones(n), [s0, s1])
+
+
+def test_a_fit_correcting_a_miss_does_not_leave_a_stage_serving_on_a_handful_of_its_own_labels() -> None:
+    """The fit raises the first stage just enough and hands the rest to the middle one, on 20 labels, so
+    nothing would reach the last stage (no request labels itself): every stage that would serve a tenth
+    or more of the requests on fewer than ``min_labels`` labels of its own answers is escalated past
+    instead (the last stage labels them for free). Where a tenth or more still reach the last stage,
+    labels flow and the thresholds stand."""
+    rows = _loose_start()
+    old = (0.0, 0.0)
+    cfg = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0, min_labels=20)
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
+    assert cal.current is not None and cal.current.quality < cfg.target_quality
+    assert cal.thresholds[0] > 0.3 and cal.thresholds[1] < 0.5  # the fit hands the middle stage the rest
+    new, missing, _, unproven = next_thresholds(old, cal, cfg, rows)
+    assert missing
+    assert new == (0.99, 0.99) and set(unproven) == {"0", "1"}
+    assert all(0 < n < cfg.min_labels for n in unproven.values())
+    # With enough labels of their own answers, the fit's choice stands.
+    few = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0, min_labels=3)
+    new, _, _, unproven = next_thresholds(old, cal, few, rows)
+    assert unproven == {} and new[0] == pytest.approx(cal.thresholds[0]) and new[1] < 0.5
+    flowing = (cal.thresholds[0], 0.9)  # the middle stage passes most of what it gets on
+    assert unproven_stages(rows, old, flowing, cfg) == (flowing, {})

@@ -45,6 +45,16 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str,
     return code, (json.loads(last) if code == 0 else {}), out.out + out.err
 
 
+def _run_stored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str
+) -> tuple[int, dict[str, Any], str, list[tuple[list[float], dict[str, Any]]]]:
+    """``_run`` with a store of its own, and the fits stored there: (thresholds, evidence) by version."""
+    store = tmp_path / "store.db"
+    code, rep, text = _run(capsys, *args, "--store", f"sqlite:///{store}")
+    rows = sqlite3.connect(store).execute("SELECT thresholds, evidence FROM fits ORDER BY version")
+    return code, rep, text, [(json.loads(t), json.loads(e)) for t, e in rows]
+
+
 def test_thresholds_are_learned_online_from_a_strict_start(
     data: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -195,17 +205,12 @@ def test_a_weaker_middle_stage_does_not_hold_a_loose_start_under_the_target(
 
     path = tmp_path / "world2.jsonl"
     write(generate(2, 1000, 470), str(path))
-    store = tmp_path / "store.db"
-    code, rep, text = _run(
-        capsys, str(path), "--start-threshold", "0", "--seed", "0", "--passes", "2",
-        "--store", f"sqlite:///{store}",
-    )  # fmt: skip
+    code, rep, text, fits = _run_stored(
+        capsys, tmp_path, str(path), "--start-threshold", "0", "--seed", "0", "--passes", "2"
+    )
     assert code == 0, text
     assert "claude-instant-v1" in rep["stages"][1]
-    evidence = [
-        json.loads(ev)
-        for (ev,) in sqlite3.connect(store).execute("SELECT evidence FROM fits ORDER BY version")
-    ]
+    evidence = [ev for _, ev in fits]
     first = next(i for i, ev in enumerate(evidence) if ev.get("starved_stages"))
     assert "0" in evidence[first]["starved_stages"] and evidence[first]["missing_target"]
     assert rep["min_rolling_quality_vs_best_after_target"] > 0.92
@@ -318,6 +323,35 @@ def world19(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated world where cheaper thresholds than the offline fit's have the same label quality (as
     good as GPT-3.5's answer, 0.897) and miss the target on the train rows."""
     return _world(tmp_path_factory, 19)
+
+
+@pytest.fixture(scope="module")
+def world13(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated world where, from the loose start (seed 0), the 20 warm-up shadow labels found Yi-34B's
+    answers as good as GPT-4's where its score was high."""
+    return _world(tmp_path_factory, 13)
+
+
+def test_the_first_fit_of_a_loose_start_does_not_certify_a_stage_on_its_warm_up_labels(
+    world13: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first fit, on the warm-up's 20 shadow labels, estimated the first stage right in all it would
+    accept above 0.76 and put that in force; the cheap stages then served everything, the spend caps let
+    almost no label call through, and the run sat at 0.88-0.92 of the best model for 2,800 requests on 4
+    new labels. Now a fit correcting a miss that leaves almost nothing to the last stage escalates past
+    every stage that would serve a tenth or more of the requests on fewer than ``min_labels`` labels of
+    its own answers (``tuning.unproven_stages``): the last stage labels them for free and the fits walk
+    the thresholds down on that evidence."""
+    code, rep, text, fits = _run_stored(
+        capsys, tmp_path, str(world13), "--start-threshold", "0", "--seed", "0", "--limit", "400"
+    )
+    assert code == 0, text
+    first, evidence = fits[0]
+    assert evidence["missing_target"] and evidence["rows"] == 20
+    assert evidence["proposed"][0] < 0.99 and "0" in evidence["unproven_stages"]
+    assert first[0] == 0.99
+    assert rep["labels"] >= 60 and len(fits) >= 4  # the escalated requests label themselves
+    assert rep["windows"][-1]["thresholds"][0] < 0.99  # ... and the fits bring the first stage down
 
 
 def test_the_online_run_tunes_the_stages_its_offline_thresholds_serve(
