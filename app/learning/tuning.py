@@ -14,7 +14,7 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
    estimated to miss the target: towards escalating, or the other way when escalating alone would still
    miss, ``next_thresholds``; a quality problem is fixed at once, saving money waits for evidence; a fix
    leaving almost nothing to the last stage does not leave a stage serving on a handful of its own
-   labels, ``unproven_stages``), within
+   labels, ``unproven_stages``, nor does any fit where the spend caps starve that stage), within
    ``threshold_bounds``, and store it as version ``n + 1``. When another replica stored version
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.
@@ -342,7 +342,11 @@ SERVED_SHARE = 0.1  # after a fit correcting a miss, a stage serving this share 
 
 
 def unproven_stages(
-    rows: Rows, old: Sequence[float], new: Sequence[float], cfg: LearningConfig
+    rows: Rows,
+    old: Sequence[float],
+    new: Sequence[float],
+    cfg: LearningConfig,
+    only: Sequence[int] | None = None,
 ) -> tuple[tuple[float, ...], dict[str, float]]:
     """After a fit correcting a miss that would leave fewer than ``SERVED_SHARE`` of the requests to
     reach the last stage: the thresholds with every scored stage that would serve ``SERVED_SHARE`` or
@@ -366,14 +370,22 @@ def unproven_stages(
     fit stands (measured: escalating on thin evidence there too changed most loose starts' paths, for
     fewer runs holding the floor). Not a stage the fit lowers (accepting more early to restore quality
     when a middle model is weaker, ``next_thresholds``): escalating it would undo the fix. Stages are
-    judged from the first on, each after the ones before are settled."""
+    judged from the first on, each after the ones before are settled; ``only``: just these stages.
+
+    Without a miss the same test applies to the stages the spend caps starve (``short_of_labels``;
+    ``Tuner._fit``): a fit on 20 warm-up labels, 19 of them right, found the first stage serving
+    everything on target (generated world 23, seed 0, 0.85 of the best model in truth) and walked a
+    ``max_step`` towards its choice; the warm-up had spent the label budget, nothing reached the last
+    stage, and no fit came again for 2,800 requests. Each fit's evidence lists the stages the test would
+    send up, were they starved (``unproven_if_short``), so that the tuner fits again once the caps bite.
+    Where labels come (shadow calls let through), thin evidence is refreshed and the fit stands."""
     top = cfg.threshold_bounds[1]
     out: dict[str, float] = {}
     cur = list(new)
     if evaluate_cascade(rows.scores, rows.correct, rows.cost, cur, rows.weights).reach[-1] >= SERVED_SHARE:
         return tuple(cur), out  # enough requests reach the last stage to label what comes before
     for k in range(len(cur)):
-        if cur[k] >= top or cur[k] < old[k]:
+        if cur[k] >= top or cur[k] < old[k] or (only is not None and k not in only):
             continue
         share = evaluate_cascade(rows.scores, rows.correct, rows.cost, cur, rows.weights).accept[k]
         if share < SERVED_SHARE:
@@ -541,7 +553,9 @@ class Tuner:
         above its threshold, enough where the fit heads) is refitted at every sync, a ``max_step`` each,
         not every ``tune_every`` labels. Reading it at the fit's choice instead, as the fit judges
         starvation, was measured: one GSM8K loose-start run (seed 2) fell from 100 % to 80 % of the
-        offline savings, walking down slower; the other WinoGrande and GSM8K runs were unchanged."""
+        offline savings, walking down slower; the other WinoGrande and GSM8K runs were unchanged. Also
+        when the last fit found a stage now short of labels serving on too few labels of its own answers
+        (its evidence's ``unproven_if_short``)."""
         old = latest.thresholds if latest is not None else meta.config_thresholds
         top = self.cfg.threshold_bounds[1]
         if any(old[k] < top for k in self._stale_stages(history, len(old))):
@@ -551,6 +565,9 @@ class Tuner:
             return False
         known = latest.evidence.get("effective_labels") if latest is not None else None
         if not isinstance(known, dict):  # no fit yet (or an older one): the fit finds out
+            return True
+        unproven = latest.evidence.get("unproven_if_short") if latest is not None else None
+        if isinstance(unproven, dict) and any(str(k) in unproven for k in short):
             return True
         return any(float(known.get(str(k), 0.0)) < STARVED_SHARE * self.cfg.min_labels for k in short)
 
@@ -627,12 +644,18 @@ class Tuner:
         # labels flow again. Savings wait for evidence; quality does not. A stage the spend caps starve
         # (most of its shadow calls ruled out) escalates only when what it accepts rests on fewer than
         # ``STARVED_SHARE`` x ``min_labels`` effective labels (``starved_stages``): then the requests it
-        # passes on label its answers for free.
+        # passes on label its answers for free; so does one serving a tenth or more on fewer than
+        # ``min_labels`` labels of its own answers while almost nothing reaches the last stage
+        # (``unproven_stages``, which a miss applies to every stage).
         stale = self._stale_stages(history, len(old))
-        starved = starved_towards(rows, cal.thresholds, new, self._short_of_labels(history, len(old)), cfg)
+        short = self._short_of_labels(history, len(old))
+        starved = starved_towards(rows, cal.thresholds, new, short, cfg)
         if stale or starved:
             new = _escalate(new, stale, starved, cfg)
             _log_escalation(meta.name, stale, starved)
+        if not missing and short:
+            new, more = unproven_stages(rows, old, new, cfg, only=short)
+            unproven.update(more)
         at_new = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
         evidence = {
             "rows": rows.n,
@@ -649,6 +672,8 @@ class Tuner:
             "effective_labels": {str(k): round(effective_labels(rows, new, k), 1) for k in range(len(new))},
             "held_for_evidence": held,  # stage -> effective labels, where the fit wanted to accept more
             "unproven_stages": unproven,  # stage -> labels of its own answers, where it was sent to the top
+            # ... and the stages that would be, were the spend caps to starve them (``_stale`` reads it)
+            "unproven_if_short": unproven_stages(rows, old, new, cfg)[1],
             "feasible": cal.search.feasible,
             "proposed_quality": round(cal.chosen.quality, 6),
             "optimism": round(cal.optimism, 6),

@@ -189,3 +189,6 @@ def test_a_fit_correcting_a_miss_does_not_leave_a_stage_serving_on_a_handful_of_
     assert unproven == {} and new[0] == pytest.approx(cal.thresholds[0]) and new[1] < 0.5
     flowing = (cal.thresholds[0], 0.9)  # the middle stage passes most of what it gets on
     assert unproven_stages(rows, old, flowing, cfg) == (flowing, {})
+    # Only the stages named (those the spend caps starve, when the fit saw no miss) are judged.
+    out, named = unproven_stages(rows, old, cal.thresholds, cfg, only=[1])
+    assert set(named) == {"1"} and out[0] == cal.thresholds[0] and out[1] == 0.99

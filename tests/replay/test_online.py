@@ -354,6 +354,36 @@ def test_the_first_fit_of_a_loose_start_does_not_certify_a_stage_on_its_warm_up_
     assert rep["windows"][-1]["thresholds"][0] < 0.99  # ... and the fits bring the first stage down
 
 
+@pytest.fixture(scope="module")
+def world23(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated world whose first model (Claude Instant) is a few points under the tuner's target:
+    from the loose start (seed 0) 19 of the 20 warm-up labels found its answers as good as GPT-4's."""
+    return _world(tmp_path_factory, 23)
+
+
+def test_a_stage_certified_on_the_warm_up_labels_is_escalated_once_the_caps_starve_it(
+    world23: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first fit, on the warm-up's 20 labels, found the thresholds in force (the first stage serving
+    everything) on target and walked a ``max_step`` towards its choice: nothing reached the last stage,
+    the warm-up had spent the label budget, and the run served 0.85 of the best model for 2,800
+    requests on 20 labels, no fit ever coming again. Now a stage the spend caps starve that serves a tenth
+    or more of the requests on fewer than ``min_labels`` labels of its own answers, while almost nothing
+    reaches the last stage, is escalated past, miss or not (the first fit's evidence names it under
+    ``unproven_if_short``, and a fit comes once the caps bite, on the same 20 labels, reweighted by the
+    realised labelling rates: here it also reads a miss): the last stage labels for free."""
+    code, rep, text, fits = _run_stored(
+        capsys, tmp_path, str(world23), "--start-threshold", "0", "--seed", "0", "--limit", "500"
+    )
+    assert code == 0, text
+    first, evidence = fits[0]
+    assert not evidence["missing_target"] and evidence["rows"] == 20 and first[0] < 0.99
+    assert "0" in evidence["unproven_if_short"] and evidence["unproven_stages"] == {}
+    second, evidence = fits[1]  # a fit without a new label: the caps starve the first stage
+    assert evidence["rows"] == 20 and "0" in evidence["unproven_stages"] and second[0] == 0.99
+    assert rep["labels"] >= 60  # the escalated requests label themselves
+
+
 def test_the_online_run_tunes_the_stages_its_offline_thresholds_serve(
     world15: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
