@@ -370,7 +370,8 @@ def unproven_stages(
     fit stands (measured: escalating on thin evidence there too changed most loose starts' paths, for
     fewer runs holding the floor). Not a stage the fit lowers (accepting more early to restore quality
     when a middle model is weaker, ``next_thresholds``): escalating it would undo the fix. Stages are
-    judged from the first on, each after the ones before are settled; ``only``: just these stages.
+    judged from the first on, each after the ones before are settled; ``only``: just these stages, and
+    every stage after the first one sent up (it gets their requests, on as few labels of its own).
 
     Without a miss the same test applies to the stages the spend caps starve (``short_of_labels``;
     ``Tuner._fit``): a fit on 20 warm-up labels, 19 of them right, found the first stage serving
@@ -385,7 +386,7 @@ def unproven_stages(
     if evaluate_cascade(rows.scores, rows.correct, rows.cost, cur, rows.weights).reach[-1] >= SERVED_SHARE:
         return tuple(cur), out  # enough requests reach the last stage to label what comes before
     for k in range(len(cur)):
-        if cur[k] >= top or cur[k] < old[k] or (only is not None and k not in only):
+        if cur[k] >= top or cur[k] < old[k] or (only is not None and k not in only and not out):
             continue
         share = evaluate_cascade(rows.scores, rows.correct, rows.cost, cur, rows.weights).accept[k]
         if share < SERVED_SHARE:

@@ -192,3 +192,10 @@ def test_a_fit_correcting_a_miss_does_not_leave_a_stage_serving_on_a_handful_of_
     # Only the stages named (those the spend caps starve, when the fit saw no miss) are judged.
     out, named = unproven_stages(rows, old, cal.thresholds, cfg, only=[1])
     assert set(named) == {"1"} and out[0] == cal.thresholds[0] and out[1] == 0.99
+    # ... and every stage after the first one sent up, which gets its requests: the middle stage has 20
+    # labels of its own answers, enough at min_labels 20, not at 21.
+    out, named = unproven_stages(rows, old, cal.thresholds, cfg, only=[0])
+    assert set(named) == {"0"} and out == (0.99, cal.thresholds[1])
+    more = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0, min_labels=21)
+    out, named = unproven_stages(rows, old, cal.thresholds, more, only=[0])
+    assert set(named) == {"0", "1"} and out == (0.99, 0.99)
