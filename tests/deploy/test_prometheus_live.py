@@ -264,10 +264,12 @@ async def _stack() -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, 
                             return False
                         return bool(res)
 
+                    # Bounded, not timed: on a loaded machine Prometheus's TSDB took over 60 s to open
+                    # (its log ended at "Starting TSDB ...").
                     try:
-                        await _until("Prometheus up and scraping the proxy", up, within=60)
-                    except AssertionError:
-                        raise AssertionError(_log_tail(Path(tmp))) from None
+                        await _until("Prometheus up and scraping the proxy", up, within=150)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\n{_log_tail(Path(tmp))}") from None
                     yield client, prom, started
 
 
