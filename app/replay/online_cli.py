@@ -106,8 +106,13 @@ def _pct(x: float | None) -> str:
 
 def _raised(rep: dict[str, Any]) -> str:
     at = rep.get("tuner_label_quality_at_offline")
-    if at is None or rep["tuner_target_quality"] <= at:
+    if at is None or rep["tuner_target_quality"] == at:
         return ""
+    if rep["tuner_target_quality"] < at:
+        return (
+            f", the label floor, under {at:.4f} at the offline thresholds: they serve the first stage alone, "
+            "and nothing is cheaper"
+        )
     return (
         f", raised from {at:.4f} at the offline thresholds: on the train rows, the cheapest thresholds with "
         "that label quality miss the target"

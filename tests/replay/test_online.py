@@ -411,6 +411,25 @@ def test_the_tuner_target_is_raised_where_labels_track_correctness_loosely(
     assert floor > at + 0.01 and rep["tuner_target_quality"] == floor
 
 
+def test_the_tuner_target_is_the_label_floor_where_the_offline_thresholds_serve_the_first_stage_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """World 0: Yi-34B alone meets the target, and the offline thresholds serve it alone. Nothing is
+    cheaper, so the tuner is asked for the label floor, not for that point's label quality, which its
+    noisy estimate would have to clear by a margin (the loose-start runs, started on those very
+    thresholds, escalated and ended saving 60-66 % of what they save)."""
+    from bench.synthetic import generate, write
+
+    path = tmp_path / "world0.jsonl"
+    write(generate(0, 1000, 500), str(path))
+    code, rep, text = _run(capsys, str(path), "--seed", "0", "--limit", "60")
+    assert code == 0, text
+    assert rep["offline_thresholds"][0] == 0.0
+    at, floor = rep["tuner_label_quality_at_offline"], rep["tuner_label_floor"]
+    assert floor < at - 0.01 and rep["tuner_target_quality"] == floor
+    assert "serve the first stage alone" in text
+
+
 def test_fit_scorer_for_auto_tune_writes_the_tuners_target(
     world19: Path, world15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
