@@ -251,7 +251,7 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
                 "miss the target (the labels track correctness loosely here): auto_tune will escalate "
                 "more than the fitted thresholds do"
             )
-        elif aim.quality < aim.at_offline:
+        elif aim.quality < aim.at_offline and aim.quality == aim.floor:
             print(
                 "note: the fitted thresholds serve the first stage alone, and nothing is cheaper: the target "
                 "is the label floor, under their label quality, so that auto_tune does not escalate on noise"

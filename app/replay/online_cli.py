@@ -109,6 +109,8 @@ def _raised(rep: dict[str, Any]) -> str:
     if at is None or rep["tuner_target_quality"] == at:
         return ""
     if rep["tuner_target_quality"] < at:
+        if rep.get("tuner_label_floor") != rep["tuner_target_quality"]:
+            return ""  # capped at 0.999 (the offline thresholds escalate everything)
         return (
             f", the label floor, under {at:.4f} at the offline thresholds: they serve the first stage alone, "
             "and nothing is cheaper"
