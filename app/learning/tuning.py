@@ -320,7 +320,8 @@ def next_thresholds(old: Sequence[float], cal: Calibration, cfg: LearningConfig,
     new = guard(old, cal.thresholds, cfg.max_step, cfg.threshold_bounds, up=up)
     if missing and new != tuple(cal.thresholds):
         at = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
-        if at.quality - cfg.margin_z * at.quality_se < cfg.target_quality < cal.chosen.quality:
+        # (the choice met the target up to float noise: 0.8999999999999997 is 0.9 summed another way)
+        if at.quality - cfg.margin_z * at.quality_se < cfg.target_quality - 1e-9 <= cal.chosen.quality:
             new = guard(old, cal.thresholds, cfg.max_step_up, cfg.threshold_bounds, up=up)
     held: dict[str, float] = {}
     if not missing:
