@@ -43,6 +43,12 @@ from app.learning.thresholds import json_float as _json_float
 FloatArray = npt.NDArray[np.float64]
 
 CHUNK_ROWS = 2048  # rows per block when building (policies x rows) matrices, at most BLOCK_CELLS cells
+# policy_grid sums in float32: with non-integer weights (decay, realised label rates) two policies of the
+# same quality differ by ~1e-7, and differently on another CPU (its SIMD paths round otherwise). Qualities
+# this close count as equal, so a choice between them (the most accurate, where none reaches the aim)
+# does not depend on the machine: on one, the fallback's "most accurate" of thresholds all right 100 %
+# of the time was whichever the rounding favoured (0.82, 0.86, 0.88 on successive fits).
+QUALITY_TOL = 1e-6
 
 
 def replicate_weights(
@@ -147,6 +153,11 @@ def policy_grid(
     return PolicyGrid(T, Q / sums[None, :], C / sums[None, :])
 
 
+def _rounded(quality: FloatArray) -> FloatArray:
+    """Qualities on a ``QUALITY_TOL`` grid: equal up to float32 noise -> equal."""
+    return np.round(quality / QUALITY_TOL) * QUALITY_TOL
+
+
 @dataclass(frozen=True)
 class Pick:
     chain: tuple[str, ...]
@@ -214,7 +225,7 @@ class Search:
         se = boot.std(axis=1) if boot.shape[1] > 1 else np.zeros(grid.size)
         need = self.target + self.margin_z * se  # (G,)
         if boot.shape[1]:
-            ok = boot >= need[:, None] - 1e-12  # (G, B)
+            ok = boot >= need[:, None] - QUALITY_TOL  # (G, B)
             cost = np.where(ok, grid.cost[:, 1 : 1 + B], np.inf)
             idx = cost.argmin(axis=0)  # per replicate
             best = cost[idx, np.arange(cost.shape[1])]
@@ -248,20 +259,20 @@ class Search:
         aim = self.target + opt
         best: tuple[float, float, int, int, int] | None = None  # (cost, -quality, stages, chain, policy)
         for ci, ch in enumerate(self.chains):
-            ok = ch.ratio >= aim + self.margin_z * ch.se - 1e-12
+            ok = ch.ratio >= aim + self.margin_z * ch.se - QUALITY_TOL
             if not ok.any():
                 continue
             cost = np.where(ok, ch.cost, np.inf)
-            gi = int(np.lexsort((-ch.ratio, cost))[0])
+            gi = int(np.lexsort((-_rounded(ch.ratio), cost))[0])
             key = (float(cost[gi]), -float(ch.ratio[gi]), len(ch.chain), ci, gi)
             if best is None or key[:3] < best[:3]:
                 best = key
         feasible = best is not None
         if best is None:  # nothing reaches the aim: the most accurate policy, cheapest among equals
             cands = [
-                (-float(ch.ratio[gi]), float(ch.cost[gi]), ci, gi)
+                (-float(_rounded(ch.ratio)[gi]), float(ch.cost[gi]), ci, gi)
                 for ci, ch in enumerate(self.chains)
-                for gi in [int(np.lexsort((ch.cost, -ch.ratio))[0])]
+                for gi in [int(np.lexsort((ch.cost, -_rounded(ch.ratio)))[0])]
             ]
             _, _, ci, gi = min(cands)
         else:
@@ -298,8 +309,12 @@ class Search:
         aim = self.target + self.optimism
         out = []
         for ch in self.chains:
-            ok = ch.ratio >= aim + self.margin_z * ch.se - 1e-12
-            gi = int(np.argmin(np.where(ok, ch.cost, np.inf))) if ok.any() else int(np.argmax(ch.ratio))
+            ok = ch.ratio >= aim + self.margin_z * ch.se - QUALITY_TOL
+            gi = (
+                int(np.argmin(np.where(ok, ch.cost, np.inf)))
+                if ok.any()
+                else int(np.lexsort((ch.cost, -_rounded(ch.ratio)))[0])
+            )
             out.append(
                 {
                     "models": list(ch.chain),

@@ -397,7 +397,10 @@ def test_the_online_run_tunes_the_stages_its_offline_thresholds_serve(
     code, rep, text = _run(capsys, str(world15), "--seed", "0", "--limit", "60")
     assert code == 0, text
     assert [m.rsplit("/", 1)[-1] for m in rep["stages"]] == ["mistral-7b-chat", "mixtral-8x7b-chat"]
-    assert rep["tuner_target_quality"] == rep["tuner_label_quality_at_offline"] >= rep["tuner_label_floor"]
+    # The target is the offline thresholds' label quality, raised to the label floor where that is
+    # higher (which it is depends on the last float of the fitted scores: on one machine 0.911 and 0.943)
+    at, floor = rep["tuner_label_quality_at_offline"], rep["tuner_label_floor"]
+    assert rep["tuner_target_quality"] == max(at, floor)
 
 
 def test_the_tuner_target_is_raised_where_labels_track_correctness_loosely(
