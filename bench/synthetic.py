@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from app.learning.train import FittedCascade, fit_cascade
+from app.replay.baselines import baselines, learned_at_quality
 from app.replay.dataset import Dataset, Row, parse_rows
 
 # name: (accuracy, mean USD per call, family) before the per-world jitter
@@ -144,6 +145,50 @@ def judge(fit: FittedCascade, rows: list[Row]) -> tuple[float, float]:
     return right / len(rows), cost / len(rows)
 
 
+def against_agreement(
+    fit: FittedCascade, train: list[Row], test: list[Row], models: list[str], target: float
+) -> dict[str, Any]:
+    """The agreement rule on the fit's chain (as ``cascade replay``'s baselines: a two-model chain gets
+    the middle model cheapest at the target on the train rows) on ``test``, and the fit's chain and
+    scorers at the cheapest thresholds at least as accurate there (a sweep on the test rows: the
+    scorers' worth at equal quality, not a fit). None where the chain has one model."""
+    if len(fit.models) < 2:
+        return {"agreement": None, "learned_at_agreement_quality": None}
+    base = baselines(test, models, fit.models, [1.0] * len(fit.models), train=train, target_quality=target)
+    agree = base["agreement"]
+    if agree is None:
+        return {"agreement": None, "learned_at_agreement_quality": None}
+    scores = []
+    for r in test:
+        previous: list[str] = []
+        row = []
+        for j, m in enumerate(fit.models[:-1]):
+            row.append(fit.score(j, r.prompt, r.answers[m].answer, previous))
+            previous.append(r.answers[m].answer)
+        scores.append(row)
+    swept = learned_at_quality(test, models, fit.models, scores, agree["quality_vs_best"])
+    return {"agreement": agree, "learned_at_agreement_quality": swept}
+
+
+def _versus_agreement(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over worlds whose chain has an agreement rule: in how many the learned scorers, swept to the rule's
+    quality on the test rows, save at least as much (where no threshold of theirs reaches it, they do
+    not), and the mean savings of both over the worlds where the sweep reaches it."""
+    pairs = [(r["agreement"], r["learned_at_agreement_quality"]) for r in rs if r["agreement"]]
+    both = [(ag, sw) for ag, sw in pairs if sw is not None]
+    return {
+        "agreement_worlds": len(pairs),
+        "learned_at_least_agreement": sum(
+            sw["savings_vs_best"] >= ag["savings_vs_best"] - 1e-12 for ag, sw in both
+        ),
+        "agreement_unreached": len(pairs) - len(both),
+        "agreement_savings_mean": statistics.fmean(ag["savings_vs_best"] for ag, _ in both) if both else None,
+        "learned_at_agreement_savings_mean": (
+            statistics.fmean(sw["savings_vs_best"] for _, sw in both) if both else None
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="0:16", help="START:STOP (default 0:16)")
@@ -184,14 +229,22 @@ def main(argv: list[str] | None = None) -> int:
                 "optimism": fit.train["optimism"],
                 "chain": fit.models,
                 "router": fit.router is not None,
+                **against_agreement(fit, list(ds.train), test, ds.models, target),
             }
             results.append(res)
+            ag, sw = res["agreement"], res["learned_at_agreement_quality"]
+            versus = (
+                f"  agreement {ag['quality_vs_best']:.4f} / {ag['savings_vs_best']:.1%}, learned there "
+                + (f"{sw['savings_vs_best']:.1%}" if sw else "-")
+                if ag
+                else ""
+            )
             print(
                 f"world {world:3d} target {target:.2f}: quality {res['quality_vs_best']:.4f} "
                 f"({res['gap']:+.4f}) savings {res['savings_vs_best']:7.1%}  "
                 f"train {res['train_quality_vs_best']:.4f} "
                 f"optimism {res['optimism']:.4f}  {' -> '.join(m.split('/')[-1] for m in fit.models)}"
-                f"{'  +router' if res['router'] else ''}  ({time.monotonic() - t0:.0f} s)",
+                f"{'  +router' if res['router'] else ''}{versus}  ({time.monotonic() - t0:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -212,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimism_mean": statistics.fmean(r["optimism"] for r in rs),
             "savings_mean": statistics.fmean(sav),
             "savings_median": statistics.median(sav),
+            **_versus_agreement(rs),
         }
         s = summary[str(target)]
         print(
@@ -221,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
             f"against a "
             f"measured optimism of {s['optimism_mean']:.4f}; savings mean {s['savings_mean']:.1%}, "
             f"median {s['savings_median']:.1%}"
+            + (
+                f"; against the agreement rule on the same chain ({s['agreement_worlds']} worlds), the "
+                f"learned scorers at its quality save as much or more in {s['learned_at_least_agreement']}"
+                f" (savings mean {s['learned_at_agreement_savings_mean']:.1%} against "
+                f"{s['agreement_savings_mean']:.1%}; {s['agreement_unreached']} where they cannot reach"
+                f" its quality)"
+                if s["agreement_worlds"] > s["agreement_unreached"]
+                else ""
+            )
         )
     if args.json:
         print(json.dumps({"results": results, "summary": summary}))

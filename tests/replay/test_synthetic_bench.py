@@ -36,6 +36,13 @@ def test_the_benchmark_fits_and_judges_a_world(capsys: pytest.CaptureFixture[str
     (res,) = out["results"]
     assert 0.5 < res["quality_vs_best"] < 1.2 and res["gap"] == pytest.approx(res["quality_vs_best"] - 0.95)
     assert out["summary"]["0.95"]["worlds"] == 1
+    # the agreement rule on the fit's chain, and the learned scorers swept to its quality on the test rows
+    ag, swept = res["agreement"], res["learned_at_agreement_quality"]
+    assert len(res["chain"]) >= 2 and len(ag["chain"]) == 3 and 0.5 < ag["quality_vs_best"] < 1.2
+    assert swept is None or swept["quality_vs_best"] >= ag["quality_vs_best"] - 1e-9
+    summary = out["summary"]["0.95"]
+    assert summary["agreement_worlds"] == 1
+    assert summary["learned_at_least_agreement"] + summary["agreement_unreached"] <= 1
 
 
 def test_a_world_written_as_a_dataset_reads_back_as_one(tmp_path: Path) -> None:
