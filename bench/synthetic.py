@@ -15,9 +15,11 @@ scorers in process (the code a learned scorer runs at request time, router inclu
         # one world as a dataset for `cascade replay FILE.jsonl` (e.g. --online, --resplits)
 
 Prints per world: the test quality relative to the test's best single model, its distance to the target,
-the savings against that model, and what the fit promised (its train quality and measured optimism);
+the savings against that model, and what the fit promised (its train quality and measured optimism),
+and the agreement rule on the fit's chain with the fit's scorers swept to its quality on the test rows;
 then per target the mean, spread and lowest of the distances, the share of worlds within 0.01 under the
-target, and the mean and median savings. About 15 s per world and target on 2 CPUs. Generated data only:
+target, the mean and median savings, and in how many worlds the swept scorers save as much as the rule.
+About 15 s per world and target on 2 CPUs. Generated data only:
 nothing of ../shared is read.
 """
 
