@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -174,6 +175,13 @@ CHAOS_FAULTS: dict[str, dict[str, Any]] = {
     "drop": {"drop": True},
     "badjson": {"badjson_body": True},
 }
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @functools.lru_cache(maxsize=4096)

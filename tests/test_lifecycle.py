@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,19 +22,13 @@ import pytest
 import yaml
 
 from tests.conftest import SECRET_PROMPT, SECRET_PROXY_KEY, SECRET_UPSTREAM_KEY, check_no_secrets
+from tests.fake_upstream import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.loopback]
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"authorization": f"Bearer {SECRET_PROXY_KEY}"}
 ASK = [{"role": "user", "content": f"About {SECRET_PROMPT}?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _env() -> dict[str, str]:
@@ -70,7 +63,7 @@ async def _until(what: str, within: float, check: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def fake_url() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
         cwd=ROOT,
@@ -132,7 +125,7 @@ def _spawn(cfg_path: Path, port: int, workers: int, log: Path) -> subprocess.Pop
 
 @contextlib.asynccontextmanager
 async def serve(cfg_path: Path, workers: int) -> AsyncIterator[Served]:
-    port = _free_port()
+    port = free_port()
     log = cfg_path.with_suffix(f".{port}.log")
     proc = _spawn(cfg_path, port, workers, log)
     served = Served(proc, f"http://127.0.0.1:{port}", log)

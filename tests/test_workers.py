@@ -18,15 +18,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import base_config
+from tests.fake_upstream import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(url: str, timeout: float = 90) -> None:
@@ -60,7 +55,7 @@ def _proc(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[subproc
 
 
 def test_counts_add_up_across_two_workers(tmp_path: Path) -> None:
-    up_port, px_port = _port(), _port()
+    up_port, px_port = free_port(), free_port()
     cfg = base_config()
     for u in cfg["upstreams"].values():
         u["base_url"] = f"http://127.0.0.1:{up_port}/v1"
@@ -138,7 +133,7 @@ def _established_per_process(port: int, pids: list[int]) -> dict[int, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_each_listen_so_the_kernel_spreads_connections_and_a_taken_port_fails(tmp_path: Path) -> None:
-    px_port = _port()
+    px_port = free_port()
     cfg = base_config()
     cfg["server"] = {"host": "127.0.0.1", "port": px_port, "log_level": "warning"}
     path = tmp_path / "config.yaml"

@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import yaml
 from tests.deploy._tools import DEPLOY, ROOT, run, tool
 from tests.deploy.test_compose import COMPOSE, interpolate, validate
 from tests.deploy.test_dockerfile import ci
+from tests.fake_upstream import free_port
 
 DOCKERFILE = DEPLOY / "llama" / "Dockerfile"
 IGNORE = DEPLOY / "llama" / "Dockerfile.dockerignore"
@@ -278,12 +278,6 @@ def test_weights_stage_rejects_a_corrupt_file(
     assert bogus.exists() and not (tmp_path / "root" / "models" / tiny.filename).exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.loopback
 @pytest.mark.localmodels
 def test_runtime_entrypoint_and_healthcheck(stages: dict[str, Any], tmp_path: Path) -> None:
@@ -301,7 +295,7 @@ def test_runtime_entrypoint_and_healthcheck(stages: dict[str, Any], tmp_path: Pa
         v = v.replace("/opt/venv", str(LLAMA_VENV)).replace("/models", str(models_dir))
         env[k] = v.replace("$PATH", os.environ["PATH"])
     env["PATH"] = f"{LLAMA_VENV}/bin:{os.environ['PATH']}"
-    port = _free_port()
+    port = free_port()
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "N_THREADS": "1"})
     health = _healthcheck(rt)
     log = tmp_path / "server.log"

@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import re
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ import yaml
 from tests.conftest import base_config, loopback_stack, upstream
 from tests.deploy._tools import DEPLOY, tool
 from tests.deploy.contract import load_metrics
+from tests.fake_upstream import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.loopback, pytest.mark.slow]
 
@@ -52,12 +52,6 @@ EXPECTED = {
     ("CascadeRequestErrorRatioHigh", "cascade", "broken"),
     ("CascadeNegativeSavings", "cascade", "wasteful"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -83,7 +77,7 @@ def _config(tmp: Path, target: str, prom_port: int) -> Path:
             elif job["job_name"] == "prometheus":
                 sc["targets"] = [f"127.0.0.1:{prom_port}"]
             else:  # the local-models profile's proxy: not running here, down and harmless
-                sc["targets"] = [f"127.0.0.1:{_free_port()}"]
+                sc["targets"] = [f"127.0.0.1:{free_port()}"]
     rules = yaml.safe_load((PROM / "alerts.yml").read_text())
     for group in rules["groups"]:
         group["interval"] = "1s"
@@ -248,7 +242,7 @@ async def _stack() -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, 
     async with loopback_stack(_cfg()) as (proxy_url, _fake, _registry):
         target = proxy_url.removeprefix("http://").removesuffix("/v1")
         with tempfile.TemporaryDirectory(prefix="cascade-prom-") as tmp:
-            prom_port = _free_port()
+            prom_port = free_port()
             config = _config(Path(tmp), target, prom_port)
             started = time.time()
             with _prometheus(config, prom_port) as prom_url:

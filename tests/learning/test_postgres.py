@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.learning.store import SCHEMA_VERSION, Store, StoreError
 from tests.conftest import base_config, chat, proxy
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, free_port
 from tests.learning.learning_helpers import learning_of, settle, synthetic, with_learning
 
 pytestmark = pytest.mark.anyio
@@ -170,13 +169,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT_SCORE = "tests.learning.learning_helpers:PromptScore"  # stage score = the prompt's "score=X"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m ARGS`` in its own process group, stderr to ``log``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
@@ -237,7 +229,7 @@ async def test_two_serve_processes_on_one_postgres_converge_on_the_same_threshol
     """Two real ``cascade serve`` processes share one PostgreSQL store with ``auto_tune``. Labels reach
     replica A only (free labels from escalated requests, user feedback on early answers); both end on
     the same, newest fitted thresholds, read from each process's ``cascade_threshold`` gauge."""
-    up_port, ports = _free_port(), (_free_port(), _free_port())
+    up_port, ports = free_port(), (free_port(), free_port())
     up = f"http://127.0.0.1:{up_port}/v1"
     cfg = {
         "server": {"host": "127.0.0.1", "log_level": "warning"},
