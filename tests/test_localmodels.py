@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from app.config import load_config
 from app.main import create_app
-from tests.fake_upstream import serve_in_background
+from tests.fake_upstream import free_port, serve_in_background
 from tests.schema import check_chunk, check_completion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +160,122 @@ async def test_prompt_token_estimate_matches_the_servers_own_count(model_servers
             r = await client.post(SMALL + "/v1/chat/completions", json=body)
         true = r.json()["usage"]["prompt_tokens"]
         assert 0.8 * true <= estimate_prompt_tokens(body) <= 1.2 * true, (extra.keys(), true)
+
+
+# --- tool calls: `scripts/models start --tools` and `stream_tools: false` (config.yaml) -----------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def tools_server(model_servers: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second 0.5B server, started as a user would (`scripts/models start --tools`), on a free port
+    with its own PID file (so the bundled servers are left alone); stopped by the same script."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CASCADE_CACHE_DIR": str(tmp_path_factory.mktemp("tools-cache")),
+        "CASCADE_QWEN05_PORT": str(port),
+    }
+    env.pop("CASCADE_LLAMA_EXTRA_ARGS", None)
+    models = str(ROOT / "scripts" / "models")
+    r = subprocess.run(
+        [models, "start", "--tools", "--model", "qwen2.5-0.5b"], cwd=ROOT, env=env, timeout=600
+    )
+    try:
+        assert r.returncode == 0, "scripts/models start --tools failed (see its output above)"
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        subprocess.run([models, "stop", "--model", "qwen2.5-0.5b"], cwd=ROOT, env=env, timeout=120)
+
+
+@pytest.fixture
+async def tools_cascade(tools_server: str) -> AsyncIterator[str]:
+    """The bundled config.yaml, its `small` upstream on the tools server (CASCADE_SMALL_URL)."""
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_API_KEY"}
+    cfg = load_config(ROOT / "config.yaml", env={**env, "CASCADE_SMALL_URL": tools_server})
+    async with serve_in_background(create_app(cfg, registry=CollectorRegistry())) as url:
+        yield url + "/v1"
+
+
+def _weather(**extra: Any) -> dict[str, Any]:
+    return _ask("What is the weather in Paris?", tools=[WEATHER], **extra)
+
+
+def _calls_from_stream(text: str) -> tuple[list[dict[str, Any]], str, str | None]:
+    """(tool calls, content, finish_reason) assembled from an SSE body; every chunk checked."""
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", text[-300:]
+    calls: dict[int, dict[str, Any]] = {}
+    content = ""
+    finish = None
+    for e in events[:-1]:
+        chunk = orjson.loads(e)
+        check_chunk(chunk)
+        for ch in chunk["choices"]:
+            delta = ch["delta"]
+            content += delta.get("content") or ""
+            for tc in delta.get("tool_calls") or ():
+                cur = calls.setdefault(tc["index"], {"name": "", "arguments": ""})
+                fn = tc.get("function") or {}
+                cur["name"] += fn.get("name") or ""
+                cur["arguments"] += fn.get("arguments") or ""
+            finish = ch.get("finish_reason") or finish
+    return [calls[k] for k in sorted(calls)], content, finish
+
+
+async def test_a_required_tool_call_is_made_by_the_0_5b_streamed_and_not(tools_cascade: str) -> None:
+    """A request naming its tool: the 135M (its own template) answers in text, which the heuristic
+    rejects (a tool call was required), and the 0.5B, served with --tools, calls get_weather with
+    arguments that fit the tool's schema. Streamed, the proxy asks it unstreamed (stream_tools: false)
+    and streams the call to the client in chunks."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        r = await client.post(tools_cascade + "/chat/completions", json=_weather(tool_choice=NAMED))
+        s = await client.post(
+            tools_cascade + "/chat/completions", json=_weather(tool_choice=NAMED, stream=True)
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    check_completion(body)
+    ext = body["cascade"]
+    assert (ext["stage"], ext["upstream"]) == (1, "small"), ext
+    assert ext["attempts"][0]["outcome"] == "rejected"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert "paris" in orjson.loads(call["function"]["arguments"])["city"].lower()
+
+    assert s.status_code == 200 and s.headers["x-cascade-stage"] == "1"
+    calls, _, finish = _calls_from_stream(s.text)
+    assert finish == "tool_calls"
+    assert [c["name"] for c in calls] == ["get_weather"]
+    assert "paris" in orjson.loads(calls[0]["arguments"])["city"].lower()
+
+
+async def test_a_streamed_request_leaving_the_tool_to_the_model_gets_an_answer(tools_cascade: str) -> None:
+    """tool_choice "auto", streamed: the function-calling format cannot stream that (the server
+    answers 200 with an empty body); with stream_tools: false the client gets the 0.5B's answer,
+    a tool call or text, and a finish reason."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        s = await client.post(
+            tools_cascade + "/chat/completions", json=_weather(tool_choice="auto", stream=True)
+        )
+    assert s.status_code == 200
+    calls, content, finish = _calls_from_stream(s.text)
+    assert finish in ("tool_calls", "stop", "length")
+    assert calls or content.strip()
+    for c in calls:
+        assert c["name"] == "get_weather" and isinstance(orjson.loads(c["arguments"]), dict)
