@@ -6,6 +6,7 @@ Bottom of the package: stdlib only, imported by scoring (agreement, learned feat
 API::
 
     normalize_answer(text, prompt=None, kind="auto") -> str    # "A", "18", "2.5" or normalised text
+    agrees(answer, previous, prompt=None) -> bool             # the `agreement` scorer's rule
     extract_number(text) -> float | None                      # the final number of an answer
     extract_code(answer) -> (language, code)                  # the first fenced or [PYTHON] block
     message_text(message) -> str                              # content, or tool calls as compact JSON
@@ -194,6 +195,18 @@ def normalize_answer(text: str, prompt: str | None = None, kind: str = "auto") -
 
 _CODE_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PY_TAG_RE = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|\Z)", re.DOTALL)
+
+
+def agrees(answer: str, previous: Sequence[str], prompt: str | None = None) -> bool:
+    """The ``agreement`` scorer's rule (``with: previous``): the answer's normal form is not empty and
+    equals that of the last non-empty earlier answer (``previous``, in stage order)."""
+    mine = normalize_answer(answer, prompt)
+    if not mine:
+        return False
+    for other in reversed(previous):
+        if other.strip():
+            return normalize_answer(other, prompt) == mine
+    return False
 
 
 def extract_code(answer: str) -> tuple[str, str]:

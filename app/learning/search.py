@@ -22,7 +22,7 @@ API::
     W = replicate_weights(n, replicates=64, seed=0, weights=None)   # (n, 1 + B): base, then bootstraps
     grid = policy_grid(scores, correct, cost, candidates, W)        # every threshold combination
     search = Search(reference_quality(ref_correct, W), target, margin_z=1.0)
-    search.add(chain, grid) ...                                     # each chain once
+    search.add(chain, grid, scoring=()) ...                         # each (chain, scoring) once
     pick = search.result()   # Pick(chain, thresholds, quality, quality_corrected, se, cost, optimism, ...)
 """
 
@@ -169,10 +169,12 @@ class Pick:
     feasible: bool
     optimism: float
     aim: float  # the relative quality the final choice had to reach (target + optimism)
+    scoring: tuple[str, ...] = ()  # the caller's tag of how each stage was scored (``Search.add``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "chain": list(self.chain),
+            **({"scoring": list(self.scoring)} if self.scoring else {}),
             "thresholds": [_json_float(t) for t in self.thresholds],
             "quality": self.quality,
             "quality_corrected": self.quality_corrected,
@@ -191,6 +193,7 @@ class _Chain:
     ratio: FloatArray  # (G,) relative quality on the rows
     cost: FloatArray  # (G,)
     se: FloatArray  # (G,)
+    scoring: tuple[str, ...] = ()
 
 
 @dataclass
@@ -216,7 +219,9 @@ class Search:
         self._best_orig = np.full(B, np.nan)  # ... what it gives on all the rows
         self._best_oob = np.full(B, np.nan)  # ... and on the rows the replicate did not draw
 
-    def add(self, chain: Sequence[str], grid: PolicyGrid) -> None:
+    def add(self, chain: Sequence[str], grid: PolicyGrid, scoring: Sequence[str] = ()) -> None:
+        """One candidate: ``chain`` with every policy of ``grid``. ``scoring`` tags how its stages were
+        scored, when a chain is searched with more than one set of scores (kept on its ``Pick``)."""
         ref = np.where(self.reference > 0, self.reference, 1.0)
         ratio = grid.quality / ref[None, :]
         B = self._B
@@ -235,7 +240,9 @@ class Search:
             self._best_app[cols] = boot[idx[cols], cols]
             self._best_orig[cols] = ratio[idx[cols], 0]
             self._best_oob[cols] = oob[idx[cols], cols]
-        self.chains.append(_Chain(tuple(chain), grid.thresholds, ratio[:, 0], grid.cost[:, 0], se))
+        self.chains.append(
+            _Chain(tuple(chain), grid.thresholds, ratio[:, 0], grid.cost[:, 0], se, tuple(scoring))
+        )
 
     @property
     def optimism(self) -> float:
@@ -288,20 +295,24 @@ class Search:
             feasible=feasible,
             optimism=opt,
             aim=aim,
+            scoring=ch.scoring,
         )
 
-    def shortlist(self, slack: float = 0.03, limit: int = 24) -> list[tuple[str, ...]]:
-        """The chains worth a full search: the ``limit`` cheapest at relative quality ``target - slack``
-        (column 0, no margin), and the three most accurate (the fallback when none is good enough)."""
+    def shortlist(
+        self, slack: float = 0.03, limit: int = 24
+    ) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The ``(chain, scoring)`` candidates worth a full search: the ``limit`` cheapest at relative
+        quality ``target - slack`` (column 0, no margin), and the three most accurate (the fallback when
+        none is good enough)."""
         cheap = []
         for ch in self.chains:
             ok = ch.ratio >= self.target - slack
-            cheap.append((float(ch.cost[ok].min()) if ok.any() else math.inf, ch.chain))
+            cheap.append((float(ch.cost[ok].min()) if ok.any() else math.inf, (ch.chain, ch.scoring)))
         accurate = sorted(self.chains, key=lambda c: -float(c.ratio.max()))[:3]
         out = [c for cost, c in sorted(cheap, key=lambda x: x[0])[:limit] if math.isfinite(cost)]
-        for c in accurate:
-            if c.chain not in out:
-                out.append(c.chain)
+        for a in accurate:
+            if (a.chain, a.scoring) not in out:
+                out.append((a.chain, a.scoring))
         return out
 
     def frontier(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -318,6 +329,7 @@ class Search:
             out.append(
                 {
                     "models": list(ch.chain),
+                    **({"scoring": list(ch.scoring)} if ch.scoring else {}),
                     "thresholds": [_json_float(t) for t in ch.thresholds[gi]],
                     "quality": float(ch.ratio[gi]),
                     "cost": float(ch.cost[gi]),

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from app.answers import normalize_answer
+from app.answers import agrees
 from app.learning.rows import Row
 from app.replay.dataset import best_single, model_summary, oracle, quality_vs_best
 
@@ -45,8 +45,7 @@ def agreement_rule(rows: Sequence[Row], a: str, b: str, c: str) -> tuple[float, 
     acc = cost = 0.0
     for r in rows:
         x, y = r.answers[a], r.answers[b]
-        na = normalize_answer(x.answer, r.prompt)
-        same = bool(na) and na == normalize_answer(y.answer, r.prompt)
+        same = agrees(y.answer, [x.answer], r.prompt)
         cost += x.cost_usd + y.cost_usd
         if same:
             acc += float(x.correct)

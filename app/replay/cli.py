@@ -6,7 +6,8 @@ failed, 2 on bad input (dataset, config, unmapped model, missing extra).
 
 ``cascade fit-scorer DATASET.jsonl --out DIR`` fits the learned scorers (one file per scored stage) and
 thresholds on the dataset's train rows and writes ``DIR/stage{k}.json``, ``DIR/cascade.json`` and a config
-snippet ``DIR/cascade.yaml`` using them (``{type: learned, model: DIR/stage{k}.json}``).
+snippet ``DIR/cascade.yaml`` using them (``{type: learned, model: DIR/stage{k}.json}``, and
+``{type: agreement}`` beside it on a stage the fit scores by the blend of the two).
 ``cascade fit-scorer --from-store [--config PATH] [--cascade NAME] --out DIR`` writes the same files from
 the labelled traces in the trace store (``app.learning.fit_scorer``).
 """
@@ -119,7 +120,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def _snippet(
     models: list[str],
     thresholds: list[float],
-    files: list[str],
+    scorers: list[list[dict[str, Any]]],
     router: tuple[str, float] | None = None,
     tune_to: float | None = None,
 ) -> str:
@@ -145,7 +146,7 @@ def _snippet(
         lines.append(f"      - upstream: {names[m]}")
         if k < len(models) - 1:
             lines.append(f"        threshold: {thresholds[k]!r}")
-            lines.append(f"        scorers: [{{type: learned, model: {json.dumps(files[k])}}}]")
+            lines.append(f"        scorers: {json.dumps(scorers[k])}")  # JSON is YAML
     if tune_to is not None:
         lines += [
             "learning:",
@@ -223,7 +224,13 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     )
     aim = _tuner_target(ds, fitted, target) if args.for_auto_tune else None
     (out / "cascade.yaml").write_text(
-        _snippet(fitted.models, fitted.thresholds, files, router, aim.quality if aim else None),
+        _snippet(
+            fitted.models,
+            fitted.thresholds,
+            [fitted.stage_scorers(k, f) for k, f in enumerate(files)],
+            router,
+            aim.quality if aim else None,
+        ),
         encoding="utf-8",
     )
     tr: dict[str, Any] = fitted.train

@@ -4,7 +4,8 @@ Two sources:
 
 * :func:`fitted_config` (no ``--config``): the chain, thresholds and learned scorer files that
   :func:`app.learning.train.fit_cascade` chose on the train rows become a one-cascade config; every stage
-  has one ``{type: learned, model: <file>}`` scorer.
+  has a ``{type: learned, model: <file>}`` scorer, with ``{type: agreement}`` beside it where the fit
+  blends the two (``FittedCascade.stage_scorers``).
 * :func:`mapped_config` (``--config``): the user's cascade with each upstream it uses mapped onto a dataset
   model (its ``model`` id, else its name: exact, case-insensitive, or without the ``org/`` prefix;
   ``--map UPSTREAM=MODEL`` overrides) and its scorers kept as written. :func:`calibrate_thresholds`
@@ -112,7 +113,7 @@ def fitted_config(
         st: dict[str, Any] = {"upstream": names[m]}
         if k < len(fitted.models) - 1:
             st["threshold"] = fitted.thresholds[k]
-            st["scorers"] = [{"type": "learned", "model": scorer_paths[k]}]
+            st["scorers"] = fitted.stage_scorers(k, scorer_paths[k])
         stages.append(st)
     cascade: dict[str, Any] = {"deadline_s": 600, "stages": stages}
     if router_path is not None and fitted.router_threshold is not None:

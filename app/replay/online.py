@@ -172,6 +172,7 @@ def served_stages(fitted: Any, target_quality: float) -> Any:
                 thresholds=fitted.thresholds[:k],
                 scorers=fitted.scorers[:k],
                 oof_scores=fitted.oof_scores[:k],
+                scoring=fitted.scoring[:k],
                 train=train,
             )
         break

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from app.answers import extract_code, extract_number, messages_to_prompt, normalize_answer
+from app.answers import agrees, extract_code, extract_number, messages_to_prompt, normalize_answer
 from app.scoring.feature_spec import ENGINEERED_NAMES, PREVIOUS_NAMES, FeatureSpec, feature_names
 from app.scoring.features import arithmetic_checks, extract_features, with_previous
 
@@ -40,6 +40,16 @@ def test_normalize_answer_maps_option_text_to_letter() -> None:
     assert normalize_answer("suitcase", MC_PROMPT) == "B"
     assert normalize_answer("Trophy.", MC_PROMPT) == "A"
     assert normalize_answer("I do", MC_PROMPT) == "i do"
+
+
+def test_agrees_is_the_agreement_scorers_rule() -> None:
+    """Equal non-empty normal forms, against the last earlier answer that is not empty."""
+    assert agrees("The answer is B.", ["B"], MC_PROMPT)
+    assert agrees("suitcase", ["(B)"], MC_PROMPT)  # option text and letter name the same choice
+    assert not agrees("A", ["B"], MC_PROMPT)
+    assert agrees("#### 18", ["It is 18.", "  "])  # an empty last answer is skipped
+    assert not agrees("#### 18", ["18", "17"])  # the previous answer, not any earlier one
+    assert not agrees("", [""]) and not agrees("18", []) and not agrees("  ", ["  "])
 
 
 FOUR_OPTIONS = "What is true of Mars?\nA. It is red\nB. It is blue\nC. It has rings\nD. It is a star\nAnswer:"

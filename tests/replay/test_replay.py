@@ -76,6 +76,39 @@ def test_http_replay_equals_offline_simulation(syn_path: Path) -> None:
     assert t["calls"] > 0 and t["call_ms_p50"] < 50  # generous: a loaded CI box; README has real figures
 
 
+def test_a_fit_blending_agreement_is_what_the_proxy_serves(tmp_path: Path) -> None:
+    """Generated world 6 at 0.98: the fit scores its middle stage by the mean of the agreement scorer and
+    the learned one; the config it writes has both scorers on that stage, and the proxy's decisions
+    through HTTP are the offline model's row by row (the learned score alone would decide otherwise)."""
+    from app.learning.train import BLENDED, LEARNED
+    from bench import synthetic
+
+    path = tmp_path / "world6.jsonl"
+    synthetic.write(synthetic.generate(6, 1000, 200), str(path))
+    result = run_replay(ReplayOptions(str(path), target_quality=0.98))
+    fitted = result.fitted
+    assert fitted is not None and not result.errors
+    assert fitted.scoring == [LEARNED, BLENDED] and fitted.router is None
+    stages = result.plan.config.cascades[result.plan.cascade].stages
+    assert [sc.type for sc in stages[1].scorers] == ["agreement", "learned"]
+    assert [sc.type for sc in stages[0].scorers] == ["learned"]
+    test = load_dataset(path).test
+    sim = simulate(fitted, test)
+    assert [(o.stage, o.row.id) for o in result.outcomes] == [
+        (s, r.id) for s, r in zip(sim.accepted_stage, test, strict=True)
+    ]
+    ms, t = fitted.models, fitted.thresholds[1]
+    differ = 0
+    for r in test:
+        if fitted.score(0, r.prompt, r.answers[ms[0]].answer) >= fitted.thresholds[0]:
+            continue  # stage 0 served it: stage 1 was not asked
+        prev = [r.answers[ms[0]].answer]
+        blend = fitted.score(1, r.prompt, r.answers[ms[1]].answer, prev)
+        alone = fitted.scorers[1].score(r.prompt, r.answers[ms[1]].answer, prev)
+        differ += (blend >= t) != (alone >= t)
+    assert differ > 0
+
+
 def test_cli_json_on_an_unseen_model_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     models = {"org.x/Alpha-1": (0.5, 3e-6), "beta_7b": (0.8, 2e-5), "GAMMA": (0.93, None)}
     path = synth.write(tmp_path / "other.jsonl", n=90, seed=3, models=models)
