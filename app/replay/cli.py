@@ -209,6 +209,7 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         margin_z=args.margin_z if args.margin_z is not None else 0.0,
         chain=chain,
         last_min_quality=target if args.for_auto_tune else None,
+        agreement=not args.for_auto_tune,  # as the online run's fit (app.replay.online.online_fit)
     )
     if args.for_auto_tune:
         from app.replay.online import served_stages

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from app.cli import main
+from app.config import load_config
 from app.learning.thresholds import evaluate_cascade
 from app.replay.configure import mapped_config, match_model, stage_scores, with_thresholds
 from app.replay.dataset import load_dataset
@@ -107,6 +108,23 @@ def test_a_fit_blending_agreement_is_what_the_proxy_serves(tmp_path: Path) -> No
         alone = fitted.scorers[1].score(r.prompt, r.answers[ms[1]].answer, prev)
         differ += (blend >= t) != (alone >= t)
     assert differ > 0
+
+
+def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(tmp_path: Path) -> None:
+    """`cascade fit-scorer` on the same world: cascade.yaml has both scorers on the blended stage and
+    cascade.json says so; with --for-auto-tune (what the online tuner starts from) the fit has no blend."""
+    from bench import synthetic
+
+    path = tmp_path / "world6.jsonl"
+    synthetic.write(synthetic.generate(6, 1000, 200), str(path))
+    for flags, want in (([], ["agreement", "learned"]), (["--for-auto-tune"], ["learned"])):
+        out = tmp_path / ("tune" if flags else "plain")
+        assert main(["fit-scorer", str(path), "--out", str(out), "--target-quality", "0.98", *flags]) == 0
+        stages = yaml.safe_load((out / "cascade.yaml").read_text())["cascades"]["default"]["stages"]
+        summary = json.loads((out / "cascade.json").read_text())
+        assert len(stages) == 3 and [sc["type"] for sc in stages[1]["scorers"]] == want, flags
+        assert summary["scoring"] == ["learned", "agreement+learned" if len(want) == 2 else "learned"]
+        assert load_config(out / "cascade.yaml").cascades["default"].stages[1].scorers
 
 
 def test_cli_json_on_an_unseen_model_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
