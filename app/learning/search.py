@@ -22,7 +22,7 @@ API::
     W = replicate_weights(n, replicates=64, seed=0, weights=None)   # (n, 1 + B): base, then bootstraps
     grid = policy_grid(scores, correct, cost, candidates, W)        # every threshold combination
     search = Search(reference_quality(ref_correct, W), target, margin_z=1.0)
-    search.add(chain, grid, scoring=()) ...                         # each (chain, scoring) once
+    search.add(chain, grid) ...                                     # each chain once (scoring=: a tag)
     pick = search.result()   # Pick(chain, thresholds, quality, quality_corrected, se, cost, optimism, ...)
 """
 
@@ -298,21 +298,18 @@ class Search:
             scoring=ch.scoring,
         )
 
-    def shortlist(
-        self, slack: float = 0.03, limit: int = 24
-    ) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-        """The ``(chain, scoring)`` candidates worth a full search: the ``limit`` cheapest at relative
-        quality ``target - slack`` (column 0, no margin), and the three most accurate (the fallback when
-        none is good enough)."""
+    def shortlist(self, slack: float = 0.03, limit: int = 24) -> list[tuple[str, ...]]:
+        """The chains worth a full search: the ``limit`` cheapest at relative quality ``target - slack``
+        (column 0, no margin), and the three most accurate (the fallback when none is good enough)."""
         cheap = []
         for ch in self.chains:
             ok = ch.ratio >= self.target - slack
-            cheap.append((float(ch.cost[ok].min()) if ok.any() else math.inf, (ch.chain, ch.scoring)))
+            cheap.append((float(ch.cost[ok].min()) if ok.any() else math.inf, ch.chain))
         accurate = sorted(self.chains, key=lambda c: -float(c.ratio.max()))[:3]
         out = [c for cost, c in sorted(cheap, key=lambda x: x[0])[:limit] if math.isfinite(cost)]
-        for a in accurate:
-            if (a.chain, a.scoring) not in out:
-                out.append((a.chain, a.scoring))
+        for c in accurate:
+            if c.chain not in out:
+                out.append(c.chain)
         return out
 
     def frontier(self, limit: int = 20) -> list[dict[str, Any]]:

@@ -84,7 +84,6 @@ DEFAULT_FOLDS = 5
 SHORTLIST = 24  # chains that get the full bootstrap search
 LEARNED = "learned"
 BLENDED = "agreement+learned"  # the mean of the agreement scorer (with the previous stage) and the learned
-_Cand = tuple[tuple[str, ...], tuple[str, ...]]  # a chain and how its scored stages are scored
 
 
 @dataclass(frozen=True)
@@ -254,14 +253,13 @@ class _ChainFeatures:
         return self._agree[chain]
 
 
-def scorings(n_models: int, agreement: bool = True) -> list[tuple[str, ...]]:
+def scorings(n_models: int) -> list[tuple[str, ...]]:
     """The ways a chain of ``n_models`` can be scored: the first stage by its learned scorer (nothing
     earlier to agree with), every middle stage by the learned scorer or the blend."""
     scored = max(0, n_models - 1)
     if scored == 0:
         return [()]
-    middle = (LEARNED, BLENDED) if agreement else (LEARNED,)
-    return [(LEARNED, *rest) for rest in itertools.product(middle, repeat=scored - 1)]
+    return [(LEARNED, *rest) for rest in itertools.product((LEARNED, BLENDED), repeat=scored - 1)]
 
 
 def _midpoint_thresholds(thresholds: Sequence[float], score_cols: Sequence[Any]) -> list[float]:
@@ -386,52 +384,52 @@ def fit_cascade(
         if chain is not None
         else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages, min_stages)
     )
-    cands: list[_Cand] = [(ch, sc) for ch in chains for sc in scorings(len(ch), False)]
     floor = (
         last_min_quality * (stats[best][0] if relative else 1.0) - 1e-12
         if last_min_quality is not None and chain is None and best
         else None
     )
 
-    def columns(ch: tuple[str, ...], sc: tuple[str, ...]) -> list[Any]:
-        """The out-of-fold scores of each scored stage of ``ch``, scored as ``sc`` says."""
+    def columns(ch: tuple[str, ...], sc: tuple[str, ...] = ()) -> list[Any]:
+        """The out-of-fold scores of each scored stage of ``ch``, scored as ``sc`` says (learned where
+        it says nothing)."""
         cols = []
         for j in range(len(ch) - 1):
             oof = crossfitted(ch[: j + 1]).oof
-            cols.append((feats.agreement(ch[: j + 1]) + oof) / 2.0 if sc[j] == BLENDED else oof)
+            blend = j < len(sc) and sc[j] == BLENDED
+            cols.append((feats.agreement(ch[: j + 1]) + oof) / 2.0 if blend else oof)
         return cols
 
-    def grid(cand: _Cand, w: Any, per: int = n_candidates) -> PolicyGrid:
-        ch, sc = cand
+    def grid(ch: tuple[str, ...], w: Any, per: int = n_candidates, sc: tuple[str, ...] = ()) -> PolicyGrid:
         cols = columns(ch, sc)
         s = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
         c = np.stack([correct[m] for m in ch], axis=1)
         k = np.stack([cost[m] for m in ch], axis=1)
         thresholds = [
             sorted({*candidate_thresholds(col, per), *((0.5,) if how == BLENDED else ())})
-            for col, how in zip(cols, sc, strict=True)
+            for col, how in zip(cols, sc or (LEARNED,) * len(cols), strict=True)
         ]  # the blend at 0.5 is the agreement rule itself
         return policy_grid(s, c, k, thresholds, w)
 
-    def searched(among: list[_Cand]) -> Search:
+    def searched(among: list[tuple[str, ...]]) -> Search:
         if len(among) > SHORTLIST:  # a quick pass on the rows alone, then the bootstrap on the contenders
             pre = Search(reference[:1], target_quality, 0.0)
-            for cand in among:
-                pre.add(cand[0], grid(cand, W[:, :1]), cand[1])
+            for ch in among:
+                pre.add(ch, grid(ch, W[:, :1]))
             among = pre.shortlist(limit=SHORTLIST)
         out = Search(reference, target_quality, margin_z)
-        for cand in among:
-            out.add(cand[0], grid(cand, W), cand[1])
+        for ch in among:
+            out.add(ch, grid(ch, W))
         return out
 
-    search = searched(cands)
+    search = searched(chains)
     pick = search.result()
     if floor is not None and stats[pick.chain[-1]][0] < floor:
         # The cheapest chain ends at a model under last_min_quality: search again among the chains whose
         # last model reaches it (there may be none: the best model the cheapest, min_stages 2). Where the
         # cheapest already ends at such a model it stands: narrowing the search would only move its
         # measured optimism (it moved one generated world's chain to one that missed the target).
-        allowed = [cand for cand in cands if stats[cand[0][-1]][0] >= floor]
+        allowed = [ch for ch in chains if stats[ch[-1]][0] >= floor]
         if allowed:
             search = searched(allowed)
             pick = search.result()
@@ -440,8 +438,8 @@ def fit_cascade(
         # aim, paying at least the first search's optimism. Only on the chosen chain: offering the blend
         # to every chain let the search pick chains that were lucky on the rows (module doc).
         both = Search(reference, target_quality, margin_z)
-        for sc in scorings(len(pick.chain), True):
-            both.add(pick.chain, grid((pick.chain, sc), W), sc)
+        for sc in scorings(len(pick.chain)):
+            both.add(pick.chain, grid(pick.chain, W, sc=sc), sc)
         refined = both.result(min_optimism=pick.optimism)
         if refined.feasible or not pick.feasible:
             pick = refined
@@ -454,7 +452,7 @@ def fit_cascade(
         # step over the aim overshot it by half that on average. (Comparing the chains on that finer
         # grid instead favoured two-stage chains for their finer steps alone.)
         refine = Search(reference, target_quality, margin_z)
-        refine.add(pick.chain, grid((pick.chain, pick.scoring), W, fine), pick.scoring)
+        refine.add(pick.chain, grid(pick.chain, W, fine, sc=pick.scoring), pick.scoring)
         refined = refine.result(min_optimism=pick.optimism)
         if refined.feasible or not pick.feasible:
             pick = refined
