@@ -77,15 +77,23 @@ def test_http_replay_equals_offline_simulation(syn_path: Path) -> None:
     assert t["calls"] > 0 and t["call_ms_p50"] < 50  # generous: a loaded CI box; README has real figures
 
 
-def test_a_fit_blending_agreement_is_what_the_proxy_serves(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def world6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated world 6 (1,000 train rows, 200 test): at 0.98 its fit blends agreement in."""
+    from bench import synthetic
+
+    path = tmp_path_factory.mktemp("world6") / "world6.jsonl"
+    synthetic.write(synthetic.generate(6, 1000, 200), str(path))
+    return path
+
+
+def test_a_fit_blending_agreement_is_what_the_proxy_serves(world6: Path) -> None:
     """Generated world 6 at 0.98: the fit scores its middle stage by the mean of the agreement scorer and
     the learned one; the config it writes has both scorers on that stage, and the proxy's decisions
     through HTTP are the offline model's row by row (the learned score alone would decide otherwise)."""
     from app.learning.train import BLENDED, LEARNED
-    from bench import synthetic
 
-    path = tmp_path / "world6.jsonl"
-    synthetic.write(synthetic.generate(6, 1000, 200), str(path))
+    path = world6
     result = run_replay(ReplayOptions(str(path), target_quality=0.98))
     fitted = result.fitted
     assert fitted is not None and not result.errors
@@ -110,13 +118,10 @@ def test_a_fit_blending_agreement_is_what_the_proxy_serves(tmp_path: Path) -> No
     assert differ > 0
 
 
-def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(tmp_path: Path) -> None:
+def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(world6: Path, tmp_path: Path) -> None:
     """`cascade fit-scorer` on the same world: cascade.yaml has both scorers on the blended stage and
     cascade.json says so; with --for-auto-tune (what the online tuner starts from) the fit has no blend."""
-    from bench import synthetic
-
-    path = tmp_path / "world6.jsonl"
-    synthetic.write(synthetic.generate(6, 1000, 200), str(path))
+    path = world6
     for flags, want in (([], ["agreement", "learned"]), (["--for-auto-tune"], ["learned"])):
         out = tmp_path / ("tune" if flags else "plain")
         assert main(["fit-scorer", str(path), "--out", str(out), "--target-quality", "0.98", *flags]) == 0
