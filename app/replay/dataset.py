@@ -123,6 +123,7 @@ class Dataset:
     n_dropped_contaminated: int = 0
     split_from_hash: bool = False
     cost_estimated: bool = False
+    scores_as_correct: bool = False  # 'score' 0/1 without 'correct', read as right/wrong
 
     @property
     def train(self) -> list[Row]:
@@ -177,7 +178,8 @@ def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str
     if pass_score is None:
         raise LabelError(
             f"line {lineno} (id {rid!r}): models.{model} has a 'score' ({score:g}) but no 'correct': "
-            "for a graded dataset say which score passes, e.g. --pass-score 8"
+            "for a graded dataset say which score passes, e.g. --pass-score 8 (scores of only 0 and 1 "
+            "are read as wrong/right)"
         )
     return score >= pass_score
 
@@ -247,6 +249,7 @@ def parse_rows(
     linenos: list[int] = []  # each row's line, for messages
     seen_ids: dict[str, int] = {}
     dropped = 0
+    binary: dict[float, tuple[int, str, str]] = {}  # score 0/1 read as correctness: where each was first
     hashed = False
     estimated = False
     for lineno, line in enumerate(lines, 1):
@@ -285,7 +288,11 @@ def parse_rows(
             score = rec.get("score", rec.get("turn1_score"))
             score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
             corr = _as_bool(rec.get("correct"), f"line {lineno} (id {rid!r}): models.{m}")
-            if corr is None:
+            if corr is None and pass_score is None and score_f in (0.0, 1.0):
+                # 0/1 scores (RouterBench's own format) are right/wrong, if no other score appears
+                corr = score_f == 1.0
+                binary.setdefault(score_f, (lineno, rid, m))
+            elif corr is None:
                 corr = _graded(score_f, pass_score, lineno, rid, m)
             cost = _recorded_cost(rec.get("cost_usd"), lineno, rid, m)
             if cost is not None:
@@ -301,6 +308,9 @@ def parse_rows(
         linenos.append(lineno)
     if not rows:
         raise ValueError("dataset has no usable rows")
+    if binary and 0.0 not in binary:  # only 1s: a graded scale (1-10) as likely as 0/1
+        lineno, rid, m = binary[1.0]
+        _graded(1.0, pass_score, lineno, rid, m)
     all_models: set[str] = set()
     for r in rows:
         all_models.update(r.answers)
@@ -311,7 +321,7 @@ def parse_rows(
     mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
     common.sort(key=lambda m: (mean_cost[m], m))
     ds_name = name or (rows[0].dataset if rows[0].dataset else "dataset")
-    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated)
+    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary))
 
 
 def load_dataset(

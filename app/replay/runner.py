@@ -308,6 +308,7 @@ async def _run_split(
         "models_left_out": list(ds.partial_models),
         "cost_estimated": ds.cost_estimated,
         "split_from_hash": ds.split_from_hash,
+        "scores_as_correct": ds.scores_as_correct,
     }
     skipped = skipped_shares(outcomes, len(plan.stages))
     report["router"] = {

@@ -143,6 +143,42 @@ def test_datasets_without_correctness_exit_2_naming_the_field(
     assert all(a.correct == (a.score == 9.0) for r in ds.rows for a in r.answers.values())
 
 
+def test_scores_of_only_0_and_1_are_read_as_right_and_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RouterBench's own format (a 0/1 'score', no 'correct') replays as the same rows with 'correct'
+    would, through the proxy, and says so; a graded scale (another score, or 1s alone) still needs
+    --pass-score, naming where."""
+    rows = synth.rows(n=80, seed=5)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for r in rows:
+        for rec in r["models"].values():
+            rec["score"] = 1 if rec.pop("correct") else 0
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    assert main(["replay", str(labelled), "--json", "--quiet"]) == 0
+    want = _json_line(capsys.readouterr().out)
+    assert main(["replay", str(scored), "--json", "--quiet"]) == 0
+    got = _json_line(capsys.readouterr().out)
+    assert got["data"]["scores_as_correct"] and not want["data"]["scores_as_correct"]
+    for key in ("stages", "thresholds", "accuracy", "cost_usd", "quality_vs_best", "savings_vs_best"):
+        assert got[key] == want[key], key
+
+    rows[7]["models"]["bolt-mid"]["score"] = 0.5  # not 0/1: the scale is graded
+    scored.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["replay", str(scored), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "line 8" in err and "models.bolt-mid" in err and "--pass-score" in err
+    for r in rows:
+        for rec in r["models"].values():
+            rec["score"] = 1
+    scored.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["replay", str(scored), "--quiet"]) == 2  # 1s alone: as likely a 1-10 scale
+    assert "--pass-score" in capsys.readouterr().err
+
+
 def test_too_few_rows_per_split_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = synth.write(tmp_path / "tiny.jsonl", n=24, seed=4)
     assert main(["replay", str(path), "--quiet"]) == 2
