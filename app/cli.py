@@ -57,7 +57,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics_dir = None
     if cfg.server.workers > 1:
         metrics_dir = _EnvMetricsDir.prepare()
-    return serve(os.path.abspath(path), cfg, cli, metrics_dir)
+    try:
+        return serve(os.path.abspath(path), cfg, cli, metrics_dir)
+    finally:
+        if metrics_dir is not None and not os.environ.get("CASCADE_METRICS_DIR"):
+            shutil.rmtree(metrics_dir, ignore_errors=True)  # the temporary one it made: gone with it
 
 
 class _EnvMetricsDir:

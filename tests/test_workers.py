@@ -139,8 +139,12 @@ def test_workers_each_listen_so_the_kernel_spreads_connections_and_a_taken_port_
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "app.cli", "serve", "--config", str(path), "--workers", "2"]
-    with _proc(cmd) as proxy:
+    tmp = tmp_path / "tmp"  # where the proxy makes its Prometheus multiprocess directory
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    with _proc(cmd, env) as proxy:
         _wait(f"http://127.0.0.1:{px_port}/readyz")
+        assert len(list(tmp.glob("cascade-metrics-*"))) == 1
         workers = [int(x) for x in Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()]
         assert len(workers) >= 2
         deadline = time.time() + 20  # /readyz answers once the first worker is up
@@ -166,5 +170,11 @@ def test_workers_each_listen_so_the_kernel_spreads_connections_and_a_taken_port_
         assert sum(counts.values()) == 40, counts
         assert sorted(counts.values(), reverse=True)[1] >= 8, counts
         # A second proxy on the same port fails at startup instead of joining the group.
-        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env}
+        )
         assert second.returncode != 0 and "cannot listen" in second.stderr + second.stdout
+        assert len(list(tmp.glob("cascade-metrics-*"))) == 1  # the second removed its own
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(timeout=30) == 0
+    assert not list(tmp.glob("cascade-metrics-*"))  # nothing left behind in the temp dir
