@@ -27,7 +27,11 @@ Rules:
   incorrect, right/wrong, pass/fail); anything else is a :class:`LabelError`. Without it a graded row
   (``score``, or MT-Bench's ``turn1_score``) is correct when ``score >= pass_score``; a row with
   neither, or a graded one without ``pass_score``, is a :class:`LabelError` naming the line, the row
-  and the model.
+  and the model; except that where every such score is 0 or 1 (RouterBench's own format, at least one
+  0) they are read as wrong/right (``Dataset.scores_as_correct``).
+* ``prompt`` missing -> the first of MT-Bench's ``turns``, or the OpenAI ``messages`` flattened as the
+  proxy flattens a request's (:func:`app.answers.messages_to_prompt`); else empty (rows are then told
+  apart by id).
 * ``cost_usd`` a number (or a numeric string) from 0 to :data:`MAX_COST_USD`, else a ``ValueError``
   naming the line; missing or null -> estimated from a price table (USD per 1M tokens, input/output)
   with tokens ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
@@ -51,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.answers import messages_to_prompt
 from app.errors import CascadeBaseError
 from app.learning.rows import ModelAnswer, Row
 
@@ -269,8 +274,13 @@ def parse_rows(
         key = _unique_id(rid, seen_ids)
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
-            turns = obj.get("turns")
-            prompt = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], str) else ""
+            turns, messages = obj.get("turns"), obj.get("messages")
+            if isinstance(turns, list) and turns and isinstance(turns[0], str):
+                prompt = turns[0]
+            elif isinstance(messages, list):
+                prompt = messages_to_prompt([m for m in messages if isinstance(m, dict)])
+            else:
+                prompt = ""
         split = obj.get("split")
         if split not in ("train", "test"):
             split = hash_split(rid, test_fraction)

@@ -228,3 +228,25 @@ def test_online_tunes_a_cascade_when_one_model_alone_meets_the_target(
     assert code == 0, err
     assert rep["offline_single_model"] == "cheap-best" and rep["stages"] == ["cheap-best", "dear-worse"]
     assert rep["requests"] == 200 and rep["errors"] == 0 and rep["windows"]
+
+
+def test_chat_messages_instead_of_a_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows recorded as OpenAI ``messages`` (no ``prompt``) replay as rows whose prompt is those messages
+    flattened the way the proxy flattens a request's: same prompt, same fit, same figures."""
+    rows = synth.rows(n=120, seed=6)
+    flat, chat = [], []
+    for r in rows:
+        messages = [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": r["prompt"]},
+        ]
+        flat.append({**r, "prompt": "Answer briefly.\n\n" + r["prompt"]})
+        chat.append({k: v for k, v in r.items() if k != "prompt"} | {"messages": messages})
+    flat_path, chat_path = _write(tmp_path / "flat.jsonl", flat), _write(tmp_path / "chat.jsonl", chat)
+    assert [r.prompt for r in load_dataset(chat_path).rows] == [r["prompt"] for r in flat]
+    code, want, err = _replay(capsys, str(flat_path))
+    assert code == 0, err
+    code, got, err = _replay(capsys, str(chat_path))
+    assert code == 0, err
+    for key in ("stages", "thresholds", "accuracy", "cost_usd", "quality_vs_best", "savings_vs_best"):
+        assert got[key] == want[key], key
