@@ -19,6 +19,7 @@ API::
 
 Rules:
 
+* UTF-8, with or without a byte order mark; LF or CRLF line ends.
 * ``split`` missing -> deterministic: ``sha256(id)`` mapped to [0, 1); below ``test_fraction`` is test.
 * ``id`` repeated -> the later rows become ``id#2``, ``id#3``, ... (each row is replayed as its own;
   a hashed split still uses the recorded id, so repeated rows stay on one side).
@@ -342,7 +343,7 @@ def load_dataset(
     pass_score: float | None = None,
 ) -> Dataset:
     p = Path(path)
-    with p.open(encoding="utf-8") as fh:
+    with p.open(encoding="utf-8-sig") as fh:  # a BOM (as Windows tools write) is not data
         return parse_rows(fh, prices, test_fraction, drop_contaminated, name=p.stem, pass_score=pass_score)
 
 

@@ -250,3 +250,20 @@ def test_chat_messages_instead_of_a_prompt(tmp_path: Path, capsys: pytest.Captur
     assert code == 0, err
     for key in ("stages", "thresholds", "accuracy", "cost_usd", "quality_vs_best", "savings_vs_best"):
         assert got[key] == want[key], key
+
+
+def test_a_byte_order_mark_and_crlf_lines_read_as_the_same_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file saved by a Windows tool (UTF-8 BOM, CRLF line ends) replays like the plain file."""
+    rows = synth.rows(n=80, seed=7)
+    plain = _write(tmp_path / "plain.jsonl", rows)
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    code, want, err = _replay(capsys, str(plain))
+    assert code == 0, err
+    code, got, err = _replay(capsys, str(windows))
+    assert code == 0, err
+    assert {k: v for k, v in got.items() if k != "dataset"} == {
+        k: v for k, v in want.items() if k != "dataset"
+    }
