@@ -3,7 +3,8 @@
 - hadolint, at the root Dockerfile's strictness;
 - the image's pins (llama-cpp-python version, CMake flags, weight files and sha256, server flags)
   equal scripts/cascade_models.py's, so the two recipes cannot drift apart;
-- the build context (deploy/llama/Dockerfile.dockerignore) holds the fetch script and nothing else;
+- the build context (deploy/llama/Dockerfile.dockerignore) holds the fetch script and the compile's CMake
+  include, nothing else;
 - the weights stage's RUN step replayed with scripts/check-image's machinery against the weights already
   in the local cache: it verifies them and downloads nothing (pip has no index);
 - the runtime stage's ENTRYPOINT and HEALTHCHECK run against the local .venv-llama with the 135M model
@@ -128,7 +129,14 @@ def test_stages(stages: dict[str, Any]) -> None:
 def test_build_pins_match_cascade_models(stages: dict[str, Any]) -> None:
     builder = stages["builder"]
     assert _args(builder)["LLAMA_CPP_VERSION"] == cm.LLAMA_CPP_VERSION
-    assert _env(builder)["CMAKE_ARGS"] == cm.DEFAULT_CMAKE_ARGS
+    # the same flags, the include at the path the builder copies it to
+    assert "scripts/llama_no_common.cmake /opt/llama_no_common.cmake" in _ops(builder, "COPY")
+    assert (
+        _env(builder)["CMAKE_ARGS"]
+        == f"{cm.PORTABLE_CMAKE_ARGS} {cm.no_common_arg('/opt/llama_no_common.cmake')}"
+    )
+    assert cm.no_common_arg(cm.NO_COMMON_CMAKE) in cm.DEFAULT_CMAKE_ARGS
+    assert "set(LLAMA_BUILD_COMMON OFF" in cm.NO_COMMON_CMAKE.read_text()
     (build,) = _ops(builder, "RUN")
     assert '"llama-cpp-python[server]==${LLAMA_CPP_VERSION}"' in build
     assert "--no-cache-dir" in build
@@ -192,7 +200,7 @@ def test_runtime_contract(stages: dict[str, Any]) -> None:
 
 def test_build_context_is_the_fetch_script_only(stages: dict[str, Any]) -> None:
     files = ci.build_context(ROOT, ci.load_dockerignore(IGNORE))
-    assert files == ["scripts/cascade_models.py"]
+    assert files == ["scripts/cascade_models.py", "scripts/llama_no_common.cmake"]
     ci.check_context(ROOT, files)
     for st in stages.values():
         for args in _ops(st, "COPY"):
