@@ -198,7 +198,7 @@ def test_runtime_contract(stages: dict[str, Any]) -> None:
     assert "curl" not in hc and "wget" not in hc
 
 
-def test_build_context_is_the_fetch_script_only(stages: dict[str, Any]) -> None:
+def test_build_context_is_the_fetch_script_and_the_cmake_include(stages: dict[str, Any]) -> None:
     files = ci.build_context(ROOT, ci.load_dockerignore(IGNORE))
     assert files == ["scripts/cascade_models.py", "scripts/llama_no_common.cmake"]
     ci.check_context(ROOT, files)
