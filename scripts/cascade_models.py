@@ -498,11 +498,18 @@ def log_file(m: Model) -> Path:
     return RUN_DIR / f"{m.alias}.log"
 
 
+def _cmdline(pid: int) -> list[str] | None:
+    """Process ``pid``'s command line; None where it cannot be read (no /proc: macOS)."""
+    try:
+        return [c.decode(errors="replace") for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+
+
 def _has_args(pid: int, args: list[str]) -> bool:
     """Whether process ``pid`` was started with ``args`` (consecutive) on its command line."""
-    try:
-        cmd = [c.decode(errors="replace") for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-    except OSError:
+    cmd = _cmdline(pid)
+    if cmd is None:
         return True  # cannot tell: do not warn
     return any(cmd[i : i + len(args)] == args for i in range(len(cmd)))
 
@@ -520,13 +527,9 @@ def our_pid(m: Model) -> int | None:
         return None
     except PermissionError:
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        cmd = [c.decode(errors="replace") for c in cmdline]
-        if "llama_cpp.server" not in cmd or m.alias not in cmd:
-            return None  # PID reused by something else
-    except OSError:
-        pass  # no /proc (macOS): trust the pid file
+    cmd = _cmdline(pid)  # None without /proc (macOS): trust the pid file
+    if cmd is not None and ("llama_cpp.server" not in cmd or m.alias not in cmd):
+        return None  # PID reused by something else
     return pid
 
 
