@@ -6,7 +6,8 @@ Bottom of the package: stdlib only, imported by scoring (agreement, learned feat
 API::
 
     normalize_answer(text, prompt=None, kind="auto") -> str    # "A", "18", "2.5" or normalised text
-    agrees(answer, previous, prompt=None) -> bool             # the `agreement` scorer's rule
+    agreeing(answer, earlier, prompt=None, any_earlier=False) -> int | None  # the `agreement` rule
+    agrees(answer, previous, prompt=None) -> bool             # ... with the previous answer
     extract_number(text) -> float | None                      # the final number of an answer
     extract_code(answer) -> (language, code)                  # the first fenced or [PYTHON] block
     message_text(message) -> str                              # content, or tool calls as compact JSON
@@ -197,16 +198,32 @@ _CODE_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)"
 _PY_TAG_RE = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|\Z)", re.DOTALL)
 
 
-def agrees(answer: str, previous: Sequence[str], prompt: str | None = None) -> bool:
-    """The ``agreement`` scorer's rule (``with: previous``): the answer's normal form is not empty and
-    equals that of the last non-empty earlier answer (``previous``, in stage order)."""
-    mine = normalize_answer(answer, prompt)
+def agreeing(
+    answer: str, earlier: Sequence[str], prompt: str | None = None, *, any_earlier: bool = False
+) -> int | None:
+    """The ``agreement`` rule, one for the scorer on the request path and for the fit and baselines:
+    the index in ``earlier`` (answer texts in stage order, tool calls as ``message_text`` writes them)
+    of the answer that ``answer`` agrees with, or None. Two answers agree when their canonical forms
+    (``canonical_answer``: canonical JSON for JSON answers and tool calls, else ``normalize_answer``)
+    are equal and not empty. Blank earlier answers are skipped; of the others only the last counts
+    (``with: previous``), or with ``any_earlier`` each, the latest first (``with: any``)."""
+    mine = canonical_answer(answer, prompt)
     if not mine:
-        return False
-    for other in reversed(previous):
-        if other.strip():
-            return normalize_answer(other, prompt) == mine
-    return False
+        return None
+    for i in range(len(earlier) - 1, -1, -1):
+        other = earlier[i]
+        if not other.strip():
+            continue
+        if canonical_answer(other, prompt) == mine:
+            return i
+        if not any_earlier:
+            return None
+    return None
+
+
+def agrees(answer: str, previous: Sequence[str], prompt: str | None = None) -> bool:
+    """``agreeing`` with ``with: previous``: the answer agrees with the last non-empty earlier one."""
+    return agreeing(answer, previous, prompt) is not None
 
 
 def extract_code(answer: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from app.scoring.logprob import aggregate, token_probs
 from tests.conftest import base_config, chat, proxy, sse_events, two_stage, upstream, wait_for
 from tests.conftest import loopback_stack as stack
 from tests.fake_upstream import FakeUpstream
+from tests.test_scorers_intent import WEATHER
 
 pytestmark = pytest.mark.anyio
 FIXTURES = Path(__file__).parent / "fixtures" / "llamacpp"
@@ -298,6 +299,27 @@ async def test_agreement_with_the_previous_stage(fake: FakeUpstream, second: str
     assert ext["upstream"] == expected
     assert ext["attempts"][1]["scores"] == {"agreement": 1.0 if expected == "medium" else 0.0}
     assert len(fake.requests) == (2 if expected == "medium" else 3)  # agreement itself calls nothing
+
+
+@pytest.mark.parametrize(("second", "expected"), [("tools", "medium"), ("tools-mismatch", "large")])
+async def test_agreement_between_tool_calls(fake: FakeUpstream, second: str, expected: str) -> None:
+    """Two stages calling the same tool with the same arguments agree (compared as canonical JSON, as
+    the fit and the labels compare them); other arguments do not."""
+    cfg = base_config()
+    cfg["upstreams"]["small"] = upstream("tools")
+    cfg["upstreams"]["medium"] = upstream(second)
+    cfg["cascades"]["default"]["stages"] = [
+        {"upstream": "small", "threshold": 0.99, "scorers": [{"type": "logprob"}]},
+        {"upstream": "medium", "threshold": 0.5, "scorers": [{"type": "agreement"}]},
+        {"upstream": "large"},
+    ]
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(content="Weather in Paris?", tools=[WEATHER]))
+    ext = _ext(r)
+    assert ext["upstream"] == expected
+    assert ext["attempts"][1]["scores"] == {"agreement": 1.0 if expected == "medium" else 0.0}
+    if expected == "medium":
+        assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
 def test_agreement_on_the_first_stage_is_a_config_error() -> None:

@@ -3,7 +3,9 @@
 ``consistency`` samples the stage's model k-1 more times (one call with ``n`` when the upstream honours
 it, else parallel calls) and scores the share of samples whose normalised final answer (choice letter,
 final number, or normalised text) equals the scored answer's. ``agreement`` compares the answer with
-the answers earlier stages of the same request already produced (paid for, so free here).
+the answers earlier stages of the same request already produced (paid for, so free here), by the rule
+the fit and the replay baselines use (``app.answers.agreeing``): tool calls and JSON answers compare as
+canonical JSON.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from app.answers import normalize_answer
+from app.answers import agreeing, message_text, normalize_answer
 from app.config import AgreementScorer as AgreementConfig
 from app.config import ConsistencyScorer as ConsistencyConfig
 from app.protocol import prompt_text
@@ -78,13 +80,18 @@ class Agreement:
         self.cfg = cfg
 
     async def score(self, ctx: ScoreContext) -> Score:
-        earlier = [a for a in ctx.previous if a.text or a.message.get("tool_calls")]
+        earlier = [(a, message_text(a.message)) for a in ctx.previous]
+        earlier = [(a, t) for a, t in earlier if t.strip()]
         if not earlier:
             raise LookupError("no earlier answer to compare with")
-        prompt = prompt_text(ctx.request)
-        mine = _norm(ctx.answer, prompt)
-        pool = earlier[-1:] if self.cfg.with_ == "previous" else earlier
-        for other in reversed(pool):
-            if _norm(other, prompt) == mine and mine:
-                return Score(1.0, f"agrees with stage {other.stage} ({other.upstream})")
-        return Score(0.0, f"disagrees with stage {pool[-1].stage} ({pool[-1].upstream})")
+        i = agreeing(
+            message_text(ctx.answer.message),
+            [t for _, t in earlier],
+            prompt_text(ctx.request),
+            any_earlier=self.cfg.with_ != "previous",
+        )
+        if i is not None:
+            a = earlier[i][0]
+            return Score(1.0, f"agrees with stage {a.stage} ({a.upstream})")
+        a = earlier[-1][0]
+        return Score(0.0, f"disagrees with stage {a.stage} ({a.upstream})")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from app.answers import agrees, extract_code, extract_number, messages_to_prompt, normalize_answer
+from app.answers import agreeing, agrees, extract_code, extract_number, messages_to_prompt, normalize_answer
 from app.scoring.feature_spec import ENGINEERED_NAMES, PREVIOUS_NAMES, FeatureSpec, feature_names
 from app.scoring.features import arithmetic_checks, extract_features, with_previous
 
@@ -50,6 +50,20 @@ def test_agrees_is_the_agreement_scorers_rule() -> None:
     assert agrees("#### 18", ["It is 18.", "  "])  # an empty last answer is skipped
     assert not agrees("#### 18", ["18", "17"])  # the previous answer, not any earlier one
     assert not agrees("", [""]) and not agrees("18", []) and not agrees("  ", ["  "])
+
+
+def test_agreeing_compares_tool_calls_and_json_canonically() -> None:
+    """Tool calls (as ``message_text`` writes them) and JSON answers agree when their canonical JSON
+    is equal: key order and spacing aside; ``any_earlier`` looks past a disagreeing previous answer."""
+    call = '[{"name":"get_weather","arguments":"{\\"city\\": \\"Paris\\", \\"days\\": 3}"}]'
+    same = '[{"arguments":"{\\"days\\":3,\\"city\\":\\"Paris\\"}","name":"get_weather"}]'
+    other = '[{"name":"get_weather","arguments":"{\\"city\\": \\"Lyon\\", \\"days\\": 3}"}]'
+    assert agrees(same, [call]) and not agrees(other, [call])
+    assert agrees('{"a": 1, "b": [2, 3]}', ['```json\n{"b": [2, 3], "a": 1}\n```'])
+    assert agreeing("#### 18", ["18", "17"]) is None
+    assert agreeing("#### 18", ["18", "17"], any_earlier=True) == 0
+    assert agreeing("#### 18", ["18", "17", " "], any_earlier=True) == 0
+    assert agreeing("17", ["18", "17", " "]) == 1
 
 
 FOUR_OPTIONS = "What is true of Mars?\nA. It is red\nB. It is blue\nC. It has rings\nD. It is a star\nAnswer:"
