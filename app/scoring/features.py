@@ -20,10 +20,10 @@ Public API::
 
 The vector is ``[engineered features..., hashed token features...]``. Engineered features are generic
 (length, hedging, truncation, refusal), task-shaped but harmless elsewhere (choice letters, verified
-arithmetic in math answers, code that parses) and cross-stage agreement (the answer's normalised form,
-:func:`app.answers.normalize_answer`, equals an earlier stage's). Hashed features are CRC32 buckets of
-answer tokens and of the prompt's tail, signed (feature hashing), scaled by 1/sqrt(count) so long texts
-do not dominate.
+arithmetic in math answers, code that parses) and cross-stage agreement (the answer's canonical form,
+:func:`app.answers.canonical_answer`, equals an earlier stage's: the ``agreement`` rule). Hashed
+features are CRC32 buckets of answer tokens and of the prompt's tail, signed (feature hashing), scaled
+by 1/sqrt(count) so long texts do not dominate.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from app.answers import (
     FINAL_MARK_RE,
     NUM_RE,
     canon_number,
+    canonical_answer,
     choice_letter,
     extract_code,
     final_number_str,
-    normalize_answer,
 )
 from app.scoring.arithmetic import ANNOT_RE, EQ_CLEAN_RE, EQ_RE, arithmetic_checks
 from app.scoring.feature_spec import ENGINEERED_NAMES, FeatureSpec
@@ -204,8 +204,8 @@ def previous_features(prompt: str, answer: str, previous: Sequence[str]) -> dict
     has_code = bool(code.strip())
     f["has_prev"] = 1.0
     f["n_prev"] = float(len(previous))
-    norm = normalize_answer(a, prompt)
-    prev_norm = [normalize_answer(p, prompt) for p in previous]
+    norm = canonical_answer(a, prompt)  # the agreement rule's form (``app.answers.agreeing``)
+    prev_norm = [canonical_answer(p, prompt) for p in previous]
     eq = [1.0 if (norm and norm == p) else 0.0 for p in prev_norm]
     f["agree_prev"] = eq[-1]
     if len(prev_norm[-1]) == 1 and prev_norm[-1] in "ABCDE":

@@ -64,6 +64,15 @@ def test_agreeing_compares_tool_calls_and_json_canonically() -> None:
     assert agreeing("#### 18", ["18", "17"], any_earlier=True) == 0
     assert agreeing("#### 18", ["18", "17", " "], any_earlier=True) == 0
     assert agreeing("17", ["18", "17", " "]) == 1
+    # the learned scorer's agreement features follow the same rule
+    names, spec = feature_names(FeatureSpec(hash_dim=0)), FeatureSpec(hash_dim=0)
+    for answer, previous, want_prev, want_any in (
+        (same, [call], 1.0, 1.0),
+        (other, [call], 0.0, 0.0),
+        (same, [call, other], 0.0, 1.0),
+    ):
+        v = extract_features("Weather in Paris?", answer, previous, spec=spec)
+        assert (v[names.index("agree_prev")], v[names.index("agree_any")]) == (want_prev, want_any)
 
 
 FOUR_OPTIONS = "What is true of Mars?\nA. It is red\nB. It is blue\nC. It has rings\nD. It is a star\nAnswer:"
