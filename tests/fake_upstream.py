@@ -81,7 +81,7 @@ class Behaviour:
     no_usage: bool = False
     no_logprobs: bool = False  # `nologprobs`: never sends logprobs, asked or not
     logprobs_need_top: bool = False  # `llamacpp`: logprobs only when top_logprobs is set too
-    varied: bool = False
+    varied: bool = False  # `varied`: choice i says "<content> v{i}"; with tools, its call gets "variant": i
     reply_model: str | None = None
     leak: str | None = None  # `leak`: error messages echo the request's authorization header
     quote: str | None = None  # `quote`: error messages echo the last message, as vLLM's validation errors do
@@ -242,16 +242,19 @@ def _mismatch_value(params: dict[str, Any]) -> Any:
     return wrong if (required or wrong) else "not-an-object"
 
 
-def tool_call(request: dict[str, Any], mode: str, call_id: str) -> dict[str, Any]:
+def tool_call(request: dict[str, Any], mode: str, call_id: str, variant: int = 0) -> dict[str, Any]:
+    """The tool call of one choice; ``variant`` > 0 (choice ``variant`` of a `varied` reply) adds a
+    ``"variant": N`` argument, so the choices of one reply call the tool differently."""
     tools = request.get("tools") or [{}]
     function = (tools[0] if isinstance(tools[0], dict) else {}).get("function") or {}
     params = function.get("parameters") or {"type": "object"}
     if mode == "badargs":
         arguments = '{"answer": 42, "unterminated'
-    elif mode == "mismatch":
-        arguments = orjson.dumps(_mismatch_value(params)).decode()
     else:
-        arguments = orjson.dumps(sample_value(params)).decode()
+        value = _mismatch_value(params) if mode == "mismatch" else sample_value(params)
+        if variant and isinstance(value, dict):
+            value = {**value, "variant": variant}
+        arguments = orjson.dumps(value).decode()
     name = function.get("name") or "fake_tool"
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
@@ -338,7 +341,7 @@ def build_completion(
     b = _turn(request, behaviour or parse_directives(str(request.get("model", "ok"))))
     choices, completion = [], 0
     for i, content in enumerate(choice_contents(request, b)):
-        calls = [tool_call(request, b.tools, f"call_fake_{i}")] if b.tools else None
+        calls = [tool_call(request, b.tools, f"call_fake_{i}", i if b.varied else 0)] if b.tools else None
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if calls:
             message["tool_calls"] = calls
@@ -395,7 +398,7 @@ def iter_chunks(
     for i, content in enumerate(choice_contents(request, b)):
         steps: list[dict[str, Any]] = []
         if b.tools:
-            call = tool_call(request, b.tools, f"call_fake_{i}")
+            call = tool_call(request, b.tools, f"call_fake_{i}", i if b.varied else 0)
             args = call["function"]["arguments"]
             header = {
                 "index": 0,

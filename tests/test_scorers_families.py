@@ -265,7 +265,13 @@ async def test_self_verify(fake: FakeUpstream, answer: str, expected: str, logpr
 
 @pytest.mark.parametrize(
     ("model", "supports_n", "value"),
-    [("answer-42", True, 1.0), ("answer-42+varied", True, 0.5), ("answer-42", False, 1.0)],
+    [
+        ("answer-42", True, 1.0),
+        ("answer-42+varied", True, 0.5),
+        ("answer-42", False, 1.0),
+        ("tools", True, 1.0),  # the same tool call three times
+        ("tools+varied", True, 0.5),  # choice 1 calls it with other arguments
+    ],
 )
 async def test_consistency(fake: FakeUpstream, model: str, supports_n: bool, value: float) -> None:
     cfg = two_stage(model, scorers=[{"type": "consistency", "k": 3}])
@@ -281,6 +287,15 @@ async def test_consistency(fake: FakeUpstream, model: str, supports_n: bool, val
         assert len(calls) == 2 and calls[1]["n"] == 2 and calls[1]["temperature"] == 0.7
     else:
         assert len(calls) == 3 and "n" not in calls[1]
+
+
+async def test_consistency_of_an_empty_answer_is_0_and_samples_nothing(fake: FakeUpstream) -> None:
+    """Empty samples agreeing with an empty answer are no evidence (they scored 1.0): nothing is paid."""
+    async with proxy(two_stage("empty", scorers=[{"type": "consistency", "k": 3}]), fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    att = _ext(r)["attempts"][0]
+    assert att["scores"]["consistency"] == 0.0
+    assert len([x for x in fake.requests if x["body"]["model"] == "empty"]) == 1
 
 
 @pytest.mark.parametrize(("second", "expected"), [("answer-Paris", "medium"), ("answer-London", "large")])

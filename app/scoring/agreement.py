@@ -1,11 +1,12 @@
 """Agreement scorers: answers that agree are evidence of a right answer.
 
 ``consistency`` samples the stage's model k-1 more times (one call with ``n`` when the upstream honours
-it, else parallel calls) and scores the share of samples whose normalised final answer (choice letter,
-final number, or normalised text) equals the scored answer's. ``agreement`` compares the answer with
-the answers earlier stages of the same request already produced (paid for, so free here), by the rule
-the fit and the replay baselines use (``app.answers.agreeing``): tool calls and JSON answers compare as
-canonical JSON.
+it, else parallel calls) and scores the share of samples whose canonical answer equals the scored
+answer's; an empty answer scores 0. ``agreement`` compares the answer with the answers earlier stages
+of the same request already produced (paid for, so free here), by the rule the fit and the replay
+baselines use (``app.answers.agreeing``). Both compare canonical answers
+(``app.answers.canonical_answer``): the choice letter, the final number, canonical JSON for tool calls
+and JSON answers, else normalised text.
 """
 
 from __future__ import annotations
@@ -13,19 +14,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from app.answers import agreeing, message_text, normalize_answer
+from app.answers import agreeing, canonical_answer, message_text
 from app.config import AgreementScorer as AgreementConfig
 from app.config import ConsistencyScorer as ConsistencyConfig
 from app.protocol import prompt_text
 from app.scoring import paid
-from app.scoring.base import Answer, Score, ScoreContext
+from app.scoring.base import Score, ScoreContext
 from app.upstream.client import Upstream
 
 Json = dict[str, Any]
-
-
-def _norm(answer: Answer, prompt: str) -> str:
-    return normalize_answer(answer.text, prompt)
 
 
 class Consistency:
@@ -58,17 +55,19 @@ class Consistency:
         texts: list[str] = []
         for r in replies:
             for ch in r.get("choices") or ():
-                c = (ch.get("message") or {}).get("content")
-                texts.append(c if isinstance(c, str) else "")
+                message = ch.get("message") if isinstance(ch, dict) else None
+                texts.append(message_text(message) if isinstance(message, dict) else "")
         return texts
 
     async def score(self, ctx: ScoreContext) -> Score:
         prompt = prompt_text(ctx.request)
-        mine = _norm(ctx.answer, prompt)
+        mine = canonical_answer(message_text(ctx.answer.message), prompt)
+        if not mine:
+            return Score(0.0, "empty answer")  # samples that are empty too are no evidence
         texts = await self._sample(ctx, self.cfg.k - 1)
         if not texts:
             return Score(0.0, "no samples")
-        same = sum(1 for t in texts if normalize_answer(t, prompt) == mine)
+        same = sum(1 for t in texts if canonical_answer(t, prompt) == mine)
         return Score(same / len(texts), f"{same}/{len(texts)} samples agree")
 
 
