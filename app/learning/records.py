@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.answers import message_text, messages_to_prompt, normalize_answer
+from app.answers import canonical_answer, message_text, messages_to_prompt
 from app.cascade.relay import StreamRelay
 from app.cascade.trace import Attempt, Trace
 from app.config import CascadeConfig, Config
@@ -51,7 +51,7 @@ class AttemptRow:
     cost_usd: float
     latency_ms: float
     finish_reason: str | None
-    answer_hash: str | None  # hash of the normalised answer; None when there was no answer
+    answer_hash: str | None  # hash of the canonical answer (``normalized``); None when there was no answer
     answer_chars: int
     answer_text: str | None  # only with store_text
 
@@ -122,7 +122,9 @@ def prompt_of(request: Json | None) -> str:
 
 
 def normalized(text: str, prompt: str) -> str:
-    return normalize_answer(text, prompt)
+    """The form ``answer_hash`` hashes: the agreement rule's (``app.answers.canonical_answer``), so equal
+    tool calls and JSON answers hash alike whatever their key order."""
+    return canonical_answer(text, prompt)
 
 
 @dataclass(slots=True)

@@ -60,6 +60,20 @@ async def test_every_request_is_recorded_without_text(fake: FakeUpstream, tmp_pa
     assert SECRET_PROMPT.encode() not in dump and b"large says hi" not in dump
 
 
+async def test_equal_json_answers_hash_alike_and_label_as_good(fake: FakeUpstream, tmp_path: Path) -> None:
+    """``answer_hash`` is of the canonical answer (key order aside), the form labels compare."""
+    url = sqlite_url(tmp_path)
+    first = 'answer-{"a":1,"b":[2,3]}+conf-0.1'
+    cfg = two_stage(first, 'answer-{"b":[2,3],"a":1}', threshold=0.99, scorers=[{"type": "logprob"}])
+    async with proxy(with_learning(cfg, url), fake) as (c, app):
+        r = await c.post("/v1/chat/completions", json=chat(content="Give me the JSON."))
+        await settle(app)
+    assert r.json()["cascade"]["upstream"] == "large"
+    hashes = [h for (h,) in query(url, "SELECT answer_hash FROM attempts ORDER BY stage")]
+    assert len(hashes) == 2 and hashes[0] == hashes[1] is not None
+    assert query(url, "SELECT stage, source, value FROM labels") == [(0, "free", 1.0)]
+
+
 async def test_store_text_keeps_prompt_and_answers(fake: FakeUpstream, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     async with proxy(with_learning(two_stage("refuse"), url, store_text=True), fake) as (c, app):
