@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.learning.fitting import fit_logistic
+from app.learning.routing import auc
 from app.replay.dataset import load_dataset
 
 DATASETS = {
@@ -47,18 +48,6 @@ def features(prompt: str, chars: int) -> npt.NDArray[np.float64]:
         v[zlib.crc32(f"{a} {b}".encode()) % DIM] += 1.0
     n = float(np.linalg.norm(v))
     return v / n if n else v
-
-
-def auc(scores: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> float:
-    """Mann-Whitney AUC (ties broken by order; fine for continuous scores)."""
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(len(scores))
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    return float((ranks[pos].mean() - (n_pos - 1) / 2) / n_neg)
 
 
 def main(argv: list[str] | None = None) -> int:

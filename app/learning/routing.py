@@ -108,7 +108,7 @@ def fit_router(
     base_cost = float(stage_pick.cost)
     rho = pick.thresholds[0]
     routed = float((cf.oof >= rho).mean()) if math.isfinite(rho) else 0.0
-    info = {"router_oof_auc": _auc(cf.oof, y), "label_share": share}
+    info = {"router_oof_auc": auc(cf.oof, y), "label_share": share}
     if not pick.feasible or not math.isfinite(rho) or routed <= 0.0:
         return RouterFit(
             False,
@@ -146,7 +146,8 @@ def _midpoint(t: float, observed: Any) -> float:
     return float((t + float(lower.max())) / 2.0) if lower.size else float(t)
 
 
-def _auc(score: Any, label: Any) -> float:
+def auc(score: Any, label: Any) -> float:
+    """Mann-Whitney AUC of ``score`` for ``label`` > 0.5 (0.5 when one class is missing)."""
     s = np.asarray(score, dtype=np.float64)
     y = np.asarray(label) > 0.5
     pos, neg = int(y.sum()), int((~y).sum())

@@ -79,8 +79,7 @@ class Agreement:
         self.cfg = cfg
 
     async def score(self, ctx: ScoreContext) -> Score:
-        earlier = [(a, message_text(a.message)) for a in ctx.previous]
-        earlier = [(a, t) for a, t in earlier if t.strip()]
+        earlier = [(a, t) for a in ctx.previous if (t := message_text(a.message)).strip()]
         if not earlier:
             raise LookupError("no earlier answer to compare with")
         i = agreeing(
