@@ -49,6 +49,12 @@ CHUNK_ROWS = 2048  # rows per block when building (policies x rows) matrices, at
 # does not depend on the machine: on one, the fallback's "most accurate" of thresholds all right 100 %
 # of the time was whichever the rounding favoured (0.82, 0.86, 0.88 on successive fits).
 QUALITY_TOL = 1e-6
+# ... and so do costs: a chain whose first stage accepts every row costs what that model alone costs, but
+# the float32 sums of the two grids (chunked by grid size) differ in the 8th digit, so the chain with
+# stages it never reaches could win on rounding over the model alone (a fit "Yi -> Llama -> GPT-3.5" that
+# serves Yi for every request). Costs this close count as equal; then the better quality, then fewer
+# stages decide.
+COST_RTOL = 1e-5
 
 
 def replicate_weights(
@@ -151,6 +157,11 @@ def policy_grid(
         Q += q @ W32[lo:hi]
         C += paid @ W32[lo:hi]
     return PolicyGrid(T, Q / sums[None, :], C / sums[None, :])
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two frontier entries equally feasible at the same cost (within ``COST_RTOL``)."""
+    return bool(a["feasible"] == b["feasible"] and a["cost"] <= b["cost"] + COST_RTOL * abs(b["cost"]))
 
 
 def _rounded(quality: FloatArray) -> FloatArray:
@@ -264,16 +275,19 @@ class Search:
             raise ValueError("no chain to choose from")
         opt = max(self.optimism, min_optimism) if correct_optimism else 0.0
         aim = self.target + opt
-        best: tuple[float, float, int, int, int] | None = None  # (cost, -quality, stages, chain, policy)
+        found: list[tuple[float, float, int, int, int]] = []  # (cost, -quality, stages, chain, policy)
         for ci, ch in enumerate(self.chains):
             ok = ch.ratio >= aim + self.margin_z * ch.se - QUALITY_TOL
             if not ok.any():
                 continue
             cost = np.where(ok, ch.cost, np.inf)
             gi = int(np.lexsort((-_rounded(ch.ratio), cost))[0])
-            key = (float(cost[gi]), -float(ch.ratio[gi]), len(ch.chain), ci, gi)
-            if best is None or key[:3] < best[:3]:
-                best = key
+            found.append((float(cost[gi]), -float(_rounded(ch.ratio)[gi]), len(ch.chain), ci, gi))
+        best = None
+        if found:
+            cheapest = min(f[0] for f in found)
+            tied = [f for f in found if f[0] <= cheapest + COST_RTOL * abs(cheapest)]
+            best = min(tied, key=lambda f: (f[1], f[2], f[0], f[3]))
         feasible = best is not None
         if best is None:  # nothing reaches the aim: the most accurate policy, cheapest among equals
             cands = [
@@ -315,7 +329,7 @@ class Search:
     def frontier(self, limit: int = 20) -> list[dict[str, Any]]:
         """Per chain its cheapest policy reaching the final aim (or its best), cheapest first."""
         aim = self.target + self.optimism
-        out = []
+        out: list[dict[str, Any]] = []
         for ch in self.chains:
             ok = ch.ratio >= aim + self.margin_z * ch.se - QUALITY_TOL
             gi = (
@@ -334,4 +348,13 @@ class Search:
                 }
             )
         out.sort(key=lambda d: (not d["feasible"], d["cost"]))
+        # equal costs (within COST_RTOL of each other, as in ``result``): fewer stages first
+        i = 0
+        while i < len(out):
+            first = out[i]
+            j = i + 1
+            while j < len(out) and _same(out[j], first):
+                j += 1
+            out[i:j] = sorted(out[i:j], key=lambda d: len(d["models"]))
+            i = j
         return out[:limit]

@@ -105,6 +105,32 @@ def test_nothing_reaches_the_target_gives_the_most_accurate() -> None:
     assert not pick.feasible and pick.chain == ("b",)
 
 
+def test_a_chain_whose_first_stage_serves_every_row_loses_to_that_model_alone() -> None:
+    """Equal policies (a three-model chain whose first stage accepts every row is its first model alone)
+    whose float32 costs differ in the 8th digit: the fewer stages win, whichever order they came in."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    W = replicate_weights(n, replicates=8, seed=0)
+    right = (rng.random((n, 3)) < [0.9, 0.7, 0.8]).astype(float)
+    cost = rng.random((n, 3)) * [1e-4, 1e-4, 1e-3]
+    scores = rng.random((n, 2))
+    ref = reference_quality(right, W)
+    alone = policy_grid(np.zeros((n, 0)), right[:, :1], cost[:, :1], [], W)
+    chain = policy_grid(scores, right, cost, [[-math.inf, 0.5], [0.5, math.inf]], W)
+    # the chain's accept-everything policies cost exactly the first model's, up to float32 rounding
+    np.testing.assert_allclose(chain.cost[:2, 0], alone.cost[0, 0], rtol=1e-6)
+    for order in ((("a", "b", "c"), chain), (("a",), alone)), ((("a",), alone), (("a", "b", "c"), chain)):
+        search = Search(ref, target=0.95, margin_z=0.0)
+        for name, grid in order:
+            # the longer chain a hair cheaper than the model alone: rounding must not decide
+            if len(name) == 3:
+                grid.cost[:2] = np.minimum(grid.cost[:2], alone.cost[0] * (1 - 1e-7))
+            search.add(name, grid)
+        pick = search.result(correct_optimism=False)
+        assert pick.feasible and pick.chain == ("a",), order
+        assert search.frontier()[0]["models"] == ["a"]
+
+
 def test_crossfit_scores_are_calibrated_probabilities() -> None:
     rng = np.random.default_rng(0)
     n, d = 1200, 6

@@ -118,6 +118,24 @@ def test_a_fit_blending_agreement_is_what_the_proxy_serves(world6: Path) -> None
     assert differ > 0
 
 
+def test_where_one_model_is_the_cheapest_policy_the_cascade_is_that_model(tmp_path: Path) -> None:
+    """Generated world 40, where the cheap Yi-34B is the most accurate model on the train rows: the fit
+    serves it alone.
+    Chains whose first stage accepts every row cost the same, and float32 rounding used to pick one of
+    them (e.g. "Yi -> Llama-2 -> GPT-3.5", its later stages never reached) over the model alone."""
+    from bench import synthetic
+
+    path = tmp_path / "world40.jsonl"
+    synthetic.write(synthetic.generate(40, 1000, 200), str(path))
+    result = run_replay(ReplayOptions(str(path), target_quality=0.98))
+    assert result.fitted is not None and not result.errors
+    assert result.fitted.models == ["zero-one-ai/Yi-34B-Chat"]
+    report = result.report
+    assert report["stages"] == ["zero-one-ai/Yi-34B-Chat"] and report["escalation_rate"] == [1.0]
+    assert report["thresholds"] == []
+    assert {o.model for o in result.outcomes} == {"zero-one-ai/Yi-34B-Chat"}
+
+
 def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(world6: Path, tmp_path: Path) -> None:
     """`cascade fit-scorer` on the same world: cascade.yaml has both scorers on the blended stage and
     cascade.json says so; with --for-auto-tune (what the online tuner starts from) the fit has no blend."""
