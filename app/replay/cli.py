@@ -201,20 +201,30 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         print(f"cascade fit-scorer: {why} (models: {', '.join(ds.models)})", file=sys.stderr)
         return EXIT_BAD_INPUT
     target = args.target_quality if args.target_quality is not None else 0.95
-    fitted = fit_cascade(
-        ds.train,
-        ds.models,
-        target_quality=target,
-        max_stages=args.max_stages if args.max_stages is not None else 3,
-        margin_z=args.margin_z if args.margin_z is not None else 0.0,
-        chain=chain,
-        last_min_quality=target if args.for_auto_tune else None,
-        agreement=not args.for_auto_tune,  # as the online run's fit (app.replay.online.online_fit)
-    )
-    if args.for_auto_tune:
-        from app.replay.online import served_stages
+    max_stages = args.max_stages if args.max_stages is not None else 3
+    margin_z = args.margin_z if args.margin_z is not None else 0.0
+    single = None
+    if args.for_auto_tune and chain is None:
+        from app.replay.online import online_fit
 
-        fitted = served_stages(fitted, target)
+        # the fit the online run tunes: where one model alone meets the target, the cheapest cascade of
+        # two or more (a one-stage cascade has nothing to tune)
+        fitted, single = online_fit(ds, target, max_stages, margin_z)
+    else:
+        fitted = fit_cascade(
+            ds.train,
+            ds.models,
+            target_quality=target,
+            max_stages=max_stages,
+            margin_z=margin_z,
+            chain=chain,
+            last_min_quality=target if args.for_auto_tune else None,
+            agreement=not args.for_auto_tune,  # as the online run's fit (app.replay.online.online_fit)
+        )
+        if args.for_auto_tune:
+            from app.replay.online import served_stages
+
+            fitted = served_stages(fitted, target)
     out = Path(args.out)
     saved = fitted.save(out)
     files = [str(Path(saved[f"stage{k}"]).resolve()) for k in range(len(fitted.scorers))]
@@ -248,6 +258,11 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     info = fitted.router_info
     print(f"router: {'chosen' if info.get('chosen') else 'not chosen'}: {info.get('reason', '')}")
     print(f"config snippet: {out / 'cascade.yaml'}")
+    if single is not None:
+        print(
+            f"note: {single} alone meets the target on the train rows (a plain fit serves it alone); "
+            "auto_tune needs two stages or more, so this is the cheapest cascade of two or more models"
+        )
     if aim is not None:
         print(
             f"learning.target_quality: {aim.quality:.4f} (share of answers as good as {fitted.models[-1]}'s "

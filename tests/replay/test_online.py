@@ -433,6 +433,29 @@ def test_the_tuner_target_is_the_label_floor_where_the_offline_thresholds_serve_
     assert "serve the first stage alone" in text
 
 
+def test_fit_scorer_for_auto_tune_where_one_model_meets_the_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Generated world 30: Mixtral alone meets the target on the train rows (the fit an online tuner
+    starts from serves it alone); `--for-auto-tune` writes what the online run tunes, the cheapest
+    cascade of two models or more (Mixtral first, accepting every answer), with auto_tune on, and names
+    the single model. (It wrote a one-stage cascade: nothing to tune.)"""
+    import yaml
+
+    from bench.synthetic import generate, write
+
+    path = tmp_path / "world30.jsonl"
+    write(generate(30, 1000, 500), str(path))
+    assert main(["fit-scorer", str(path), "--out", str(tmp_path / "tune"), "--for-auto-tune"]) == 0
+    printed = capsys.readouterr().out
+    raw = yaml.safe_load((tmp_path / "tune" / "cascade.yaml").read_text())
+    stages = raw["cascades"]["default"]["stages"]
+    assert len(stages) == 2 and stages[0]["upstream"] == "mistralai-mixtral-8x7b-chat"
+    assert raw["learning"]["auto_tune"] is True
+    assert "mistralai/mixtral-8x7b-chat alone meets the target" in printed
+    assert "learning.target_quality:" in printed
+
+
 def test_fit_scorer_for_auto_tune_writes_the_tuners_target(
     world19: Path, world15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
