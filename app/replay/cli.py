@@ -204,27 +204,16 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     max_stages = args.max_stages if args.max_stages is not None else 3
     margin_z = args.margin_z if args.margin_z is not None else 0.0
     single = None
-    if args.for_auto_tune and chain is None:
+    if args.for_auto_tune:
         from app.replay.online import online_fit
 
-        # the fit the online run tunes: where one model alone meets the target, the cheapest cascade of
-        # two or more (a one-stage cascade has nothing to tune)
-        fitted, single = online_fit(ds, target, max_stages, margin_z)
+        # the fit the online run tunes: a chain whose last model meets the target, and where one model
+        # alone does, the cheapest cascade of two or more (a one-stage cascade has nothing to tune)
+        fitted, single = online_fit(ds, target, max_stages, margin_z, chain=chain)
     else:
         fitted = fit_cascade(
-            ds.train,
-            ds.models,
-            target_quality=target,
-            max_stages=max_stages,
-            margin_z=margin_z,
-            chain=chain,
-            last_min_quality=target if args.for_auto_tune else None,
-            agreement=not args.for_auto_tune,  # as the online run's fit (app.replay.online.online_fit)
+            ds.train, ds.models, target_quality=target, max_stages=max_stages, margin_z=margin_z, chain=chain
         )
-        if args.for_auto_tune:
-            from app.replay.online import served_stages
-
-            fitted = served_stages(fitted, target)
     out = Path(args.out)
     saved = fitted.save(out)
     files = [str(Path(saved[f"stage{k}"]).resolve()) for k in range(len(fitted.scorers))]

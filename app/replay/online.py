@@ -46,7 +46,7 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,11 @@ class OnlineResult:
 
 
 def online_fit(
-    ds: Dataset, target_quality: float = 0.95, max_stages: int = 3, margin_z: float = 0.0
+    ds: Dataset,
+    target_quality: float = 0.95,
+    max_stages: int = 3,
+    margin_z: float = 0.0,
+    chain: Sequence[str] | None = None,
 ) -> tuple[Any, str | None]:
     """The offline fit an online run tunes (``fit_cascade`` on the train rows), and the single model the
     fit would serve alone, if any.
@@ -127,7 +131,7 @@ def online_fit(
     three mid-size models; thresholds the tuner found with the same label quality served 0.886.) When
     one model alone meets the target there is nothing to tune on a one-stage cascade: the run tunes
     the cheapest cascade of two or more models instead (its offline thresholds are the reference), and
-    the report names the single model.
+    the report names the single model. ``chain``: fit that chain (``fit-scorer --chain``), as it is.
 
     Without the agreement blend (``fit_cascade(agreement=False)``): its score is bimodal (agreeing
     answers at 0.5 and up, the others under 0.5), which the tuner's bounded steps and quantile candidates
@@ -142,11 +146,12 @@ def online_fit(
         target_quality=target_quality,
         max_stages=max_stages,
         margin_z=margin_z,
+        chain=chain,
         last_min_quality=target_quality,
         agreement=False,  # the tuner's steps are on the learned score's scale (docstring)
     )
     fitted = fit()
-    if len(fitted.models) < 2 <= min(len(ds.models), max_stages):
+    if chain is None and len(fitted.models) < 2 <= min(len(ds.models), max_stages):
         return served_stages(fit(min_stages=2), target_quality), fitted.models[0]
     return served_stages(fitted, target_quality), None
 
