@@ -159,11 +159,6 @@ def policy_grid(
     return PolicyGrid(T, Q / sums[None, :], C / sums[None, :])
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Two frontier entries equally feasible at the same cost (within ``COST_RTOL``)."""
-    return bool(a["feasible"] == b["feasible"] and a["cost"] <= b["cost"] + COST_RTOL * abs(b["cost"]))
-
-
 def _rounded(quality: FloatArray) -> FloatArray:
     """Qualities on a ``QUALITY_TOL`` grid: equal up to float32 noise -> equal."""
     return np.round(quality / QUALITY_TOL) * QUALITY_TOL
@@ -347,14 +342,6 @@ class Search:
                     "feasible": bool(ok.any()),
                 }
             )
-        out.sort(key=lambda d: (not d["feasible"], d["cost"]))
-        # equal costs (within COST_RTOL of each other, as in ``result``): fewer stages first
-        i = 0
-        while i < len(out):
-            first = out[i]
-            j = i + 1
-            while j < len(out) and _same(out[j], first):
-                j += 1
-            out[i:j] = sorted(out[i:j], key=lambda d: len(d["models"]))
-            i = j
+        # costs equal to 5 significant digits (about ``result``'s COST_RTOL): fewer stages first
+        out.sort(key=lambda d: (not d["feasible"], float(f"{d['cost']:.5g}"), len(d["models"]), d["cost"]))
         return out[:limit]
