@@ -228,8 +228,10 @@ class Search:
     def add(self, chain: Sequence[str], grid: PolicyGrid, scoring: Sequence[str] = ()) -> None:
         """One candidate: ``chain`` with every policy of ``grid``. ``scoring`` tags how its stages were
         scored, when a chain is searched with more than one set of scores (kept on its ``Pick``)."""
-        ref = np.where(self.reference > 0, self.reference, 1.0)
-        ratio = grid.quality / ref[None, :]
+        # Where no model is ever right (a reference of 0), every policy is as good as the best: 1.0, as
+        # the replay report has it, so the cheapest is chosen (not "the most accurate" of all zeros).
+        pos = self.reference > 0
+        ratio = np.where(pos[None, :], grid.quality / np.where(pos, self.reference, 1.0)[None, :], 1.0)
         B = self._B
         boot = ratio[:, 1 : 1 + B]
         oob = ratio[:, 1 + B : 1 + 2 * B]
@@ -278,21 +280,21 @@ class Search:
             cost = np.where(ok, ch.cost, np.inf)
             gi = int(np.lexsort((-_rounded(ch.ratio), cost))[0])
             found.append((float(cost[gi]), -float(_rounded(ch.ratio)[gi]), len(ch.chain), ci, gi))
-        best = None
+        feasible = bool(found)
         if found:
             cheapest = min(f[0] for f in found)
             tied = [f for f in found if f[0] <= cheapest + COST_RTOL * abs(cheapest)]
-            best = min(tied, key=lambda f: (f[1], f[2], f[0], f[3]))
-        feasible = best is not None
-        if best is None:  # nothing reaches the aim: the most accurate policy, cheapest among equals
-            cands = [
-                (-float(_rounded(ch.ratio)[gi]), float(ch.cost[gi]), ci, gi)
-                for ci, ch in enumerate(self.chains)
-                for gi in [int(np.lexsort((ch.cost, -_rounded(ch.ratio)))[0])]
-            ]
-            _, _, ci, gi = min(cands)
-        else:
-            ci, gi = best[3], best[4]
+            _, _, _, ci, gi = min(tied, key=lambda f: (f[1], f[2], f[0], f[3]))
+        else:  # nothing reaches the aim: the most accurate policy, cheapest among equals, fewer stages
+            cands = []
+            for ci, ch in enumerate(self.chains):
+                gi = int(np.lexsort((ch.cost, -_rounded(ch.ratio)))[0])
+                cands.append((-float(_rounded(ch.ratio)[gi]), float(ch.cost[gi]), len(ch.chain), ci, gi))
+            top = min(c[0] for c in cands)
+            cands = [c for c in cands if c[0] == top]
+            cheapest = min(c[1] for c in cands)
+            tied = [c for c in cands if c[1] <= cheapest + COST_RTOL * abs(cheapest)]
+            _, _, _, ci, gi = min(tied, key=lambda c: (c[2], c[1], c[3]))
         ch = self.chains[ci]
         return Pick(
             chain=ch.chain,

@@ -303,11 +303,17 @@ def _evaluate(
 
 
 def candidate_chains(
-    models: Sequence[str], mean_cost: Mapping[str, float], max_stages: int, min_stages: int = 1
+    models: Sequence[str],
+    mean_cost: Mapping[str, float],
+    max_stages: int,
+    min_stages: int = 1,
+    accuracy: Mapping[str, float] | None = None,
 ) -> list[tuple[str, ...]]:
     """Every chain of ``min_stages`` to ``max_stages`` models in increasing mean-cost order (FrugalGPT's
-    space)."""
-    by_cost = sorted(models, key=lambda m: (mean_cost[m], m))
+    space); models of equal cost the less accurate first (escalating to the weaker of two models that
+    cost the same is never a cascade)."""
+    acc = accuracy or {}
+    by_cost = sorted(models, key=lambda m: (mean_cost[m], acc.get(m, 0.0), m))
     out: list[tuple[str, ...]] = []
     for k in range(min_stages, max_stages + 1):
         out.extend(itertools.combinations(by_cost, k))
@@ -382,7 +388,13 @@ def fit_cascade(
     chains = (
         [tuple(chain)]
         if chain is not None
-        else candidate_chains(cand_models, {m: stats[m][1] for m in every}, max_stages, min_stages)
+        else candidate_chains(
+            cand_models,
+            {m: stats[m][1] for m in every},
+            max_stages,
+            min_stages,
+            {m: stats[m][0] for m in every},
+        )
     )
     floor = (
         last_min_quality * (stats[best][0] if relative else 1.0) - 1e-12
@@ -475,6 +487,18 @@ def fit_cascade(
         raw = routing.pick.thresholds[1:]
         pick = routing.pick
     thresholds = _midpoint_thresholds(raw, cols)
+    if routing.chosen:
+        # A scored stage accepting every answer (threshold 0) with the router: the stages between it and
+        # the last are never reached (the router sends requests to the last stage). The same policy
+        # without them: no upstream no request reaches, in the report or the config.
+        dead = next((j for j, t in enumerate(thresholds[:-1]) if t <= 0.0), None)
+        if dead is not None:
+            keep = [*range(dead + 1), len(ch) - 1]
+            ch = tuple(ch[j] for j in keep)
+            thresholds, cols, scorers = thresholds[: dead + 1], cols[: dead + 1], scorers[: dead + 1]
+            scoring = scoring[: dead + 1]
+            c, k = c[:, keep], k[:, keep]
+            s_cols = s_cols[:, : dead + 1]
     route = routing.oof if routing.chosen else None
     ev = _evaluate(s_cols, c, k, thresholds, weights, route, routing.threshold)
     ref0 = float(reference[0])

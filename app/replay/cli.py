@@ -15,7 +15,9 @@ the labelled traces in the trace store (``app.learning.fit_scorer``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,30 @@ def _positive(v: str) -> int:
     return n
 
 
+def _number(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {v}")
+    return x
+
+
+def _margin(v: str) -> float:
+    z = _number(v)
+    if not 0.0 <= z <= 5.0:  # as learning.margin_z
+        raise argparse.ArgumentTypeError(f"must be in [0, 5] (standard errors), got {v}")
+    return z
+
+
+def _tolerance(v: str) -> float:
+    t = _number(v)
+    if not 0.0 <= t < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return t
+
+
 def _unit(v: str) -> float:
     try:
         x = float(v)
@@ -59,6 +85,9 @@ def _unit(v: str) -> float:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        print(f"cascade replay: --work-dir: {args.work_dir} exists and is not a directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.online:
         from app.replay.online_cli import cmd_online
 
@@ -194,27 +223,55 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"cascade fit-scorer: {args.dataset}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    chain = [c.strip() for c in args.chain.split(",") if c.strip()] if args.chain else None
-    missing = [m for m in chain or [] if m not in ds.models]
-    if missing or not ds.train:
-        why = f"--chain: not models of this dataset: {', '.join(missing)}" if missing else "no train rows"
-        print(f"cascade fit-scorer: {why} (models: {', '.join(ds.models)})", file=sys.stderr)
+    from app.replay.runner import MIN_TRAIN_ROWS
+
+    chain = [c.strip() for c in args.chain.split(",") if c.strip()] if args.chain is not None else None
+    max_stages = args.max_stages if args.max_stages is not None else 3
+    if (why := _chain_problem(chain, ds.models, max_stages, args.for_auto_tune)) is not None:
+        print(f"cascade fit-scorer: --chain: {why} (models: {', '.join(ds.models)})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if len(ds.train) < MIN_TRAIN_ROWS:  # as replay: a 5-fold cross-fit and a bootstrap need rows
+        print(
+            f"cascade fit-scorer: {args.dataset}: {len(ds.train)} train rows, at least {MIN_TRAIN_ROWS} are "
+            "needed (rows need split 'train' or an id)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if args.for_auto_tune and max_stages < 2:
+        print(
+            "cascade fit-scorer: --for-auto-tune with --max-stages 1: auto_tune needs two stages or more",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"cascade fit-scorer: --out: {out} exists and is not a directory", file=sys.stderr)
         return EXIT_BAD_INPUT
     target = args.target_quality if args.target_quality is not None else 0.95
-    max_stages = args.max_stages if args.max_stages is not None else 3
     margin_z = args.margin_z if args.margin_z is not None else 0.0
     single = None
     if args.for_auto_tune:
-        from app.replay.online import online_fit
-
         # the fit the online run tunes: a chain whose last model meets the target, and where one model
         # alone does, the cheapest cascade of two or more (a one-stage cascade has nothing to tune)
+        from app.replay.online import online_fit
+
         fitted, single = online_fit(ds, target, max_stages, margin_z, chain=chain)
+        acc = {m: v["accuracy"] for m, v in fitted.single_models.items()}
+        if single is not None and acc[fitted.models[-1]] < target * max(acc.values()) - 1e-12:
+            # e.g. the best model is also the cheapest: every cascade of two or more starts with it and
+            # ends at a weaker one, whose labels cannot hold the target (the online run tunes it anyway,
+            # and its report names the single model)
+            print(
+                f"cascade fit-scorer: --for-auto-tune: {single} alone meets the target on the train rows, "
+                "and no cascade of two or more models (cheapest first) ends at a model that does: serve "
+                f"{single} alone (a plain fit-scorer writes that); there is nothing to tune",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
     else:
         fitted = fit_cascade(
             ds.train, ds.models, target_quality=target, max_stages=max_stages, margin_z=margin_z, chain=chain
         )
-    out = Path(args.out)
     saved = fitted.save(out)
     files = [str(Path(saved[f"stage{k}"]).resolve()) for k in range(len(fitted.scorers))]
     router = (
@@ -237,11 +294,24 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     print(
         f"chain: {' -> '.join(fitted.models)}  thresholds: {', '.join(f'{t:.4f}' for t in fitted.thresholds)}"
     )
+    aim_note = (
+        f", aim {tr['aim']:.4f} x best with the search's optimism {tr['optimism']:.4f}"
+        if tr.get("optimism")
+        else ""
+    )
     print(
-        f"train ({tr['n']} rows): accuracy {tr['quality']:.4f} (target {fitted.target_quality:.4f}, "
-        f"{'met' if fitted.feasible else 'NOT met'}), ${tr['cost_usd']:.3e}/request, "
+        f"train ({tr['n']} rows): accuracy {tr['quality']:.4f} "
+        f"(target {fitted.target_quality:.4f}{aim_note}, {'met' if fitted.feasible else 'NOT met'}), "
+        f"${tr['cost_usd']:.3e}/request, "
         f"reach {', '.join(f'{x:.1%}' for x in tr['reach'])}"
     )
+    costs = [fitted.single_models[m]["cost_usd"] for m in fitted.models]
+    if chain is not None and any(b < a for a, b in itertools.pairwise(costs)):
+        print(
+            "note: --chain is not cheapest first on the train rows "
+            f"({', '.join(f'{m} ${c:.3e}' for m, c in zip(fitted.models, costs, strict=True))}): "
+            "a later stage costs less than an earlier one"
+        )
     for k, f in enumerate(files):
         print(f"stage{k}: {f}")
     info = fitted.router_info
@@ -277,6 +347,25 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
             f"as {last}'s answer) cannot hold it; --for-auto-tune fits a chain whose last model can"
         )
     return 0
+
+
+def _chain_problem(
+    chain: list[str] | None, models: list[str], max_stages: int, for_auto_tune: bool
+) -> str | None:
+    """What is wrong with ``--chain`` (None: nothing, or no --chain)."""
+    if chain is None:
+        return None
+    if not chain:
+        return "names no model"
+    if missing := [m for m in chain if m not in models]:
+        return f"not models of this dataset: {', '.join(missing)}"
+    if twice := sorted({m for m in chain if chain.count(m) > 1}):
+        return f"names {', '.join(twice)} more than once"
+    if len(chain) > max_stages:
+        return f"{len(chain)} models, more than --max-stages {max_stages} (at most 3)"
+    if for_auto_tune and len(chain) < 2:
+        return "one model: auto_tune needs two stages or more"
+    return None
 
 
 def _tuner_target(ds: Any, fitted: Any, target: float) -> Any:
@@ -316,7 +405,7 @@ def add_commands(sub: Any) -> None:
     )
     r.add_argument(
         "--margin-z",
-        type=float,
+        type=_margin,
         default=0.0,
         help="keep Z bootstrap standard errors of quality above the target, on top of the search's measured "
         "optimism (default 0: the expected quality on new rows is the target)",
@@ -349,13 +438,13 @@ def add_commands(sub: Any) -> None:
     )
     r.add_argument(
         "--tolerance",
-        type=float,
+        type=_tolerance,
         default=0.01,
         help="a split meets the target when quality_vs_best >= target - tolerance (default 0.01)",
     )
     r.add_argument(
         "--pass-score",
-        type=float,
+        type=_number,
         metavar="X",
         help="graded datasets (a 'score' per answer, no 'correct'): an answer scoring at least X is correct",
     )
@@ -423,7 +512,7 @@ def add_commands(sub: Any) -> None:
         help="DATASET: relative to the best single model (default 0.95); --from-store: share of answers "
         "as good as the last stage's (default: learning.target_quality)",
     )
-    f.add_argument("--margin-z", type=float, help="default 0 (--from-store: learning.margin_z)")
+    f.add_argument("--margin-z", type=_margin, help="default 0 (--from-store: learning.margin_z)")
     f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
     f.add_argument(
         "--for-auto-tune",
@@ -434,7 +523,7 @@ def add_commands(sub: Any) -> None:
     )
     f.add_argument(
         "--pass-score",
-        type=float,
+        type=_number,
         metavar="X",
         help="DATASET: graded answers (a 'score', no 'correct') scoring at least X are correct",
     )

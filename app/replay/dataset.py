@@ -51,6 +51,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +152,7 @@ def _as_bool(v: Any, where: str) -> bool | None:
         return None
     if isinstance(v, bool):
         return v
-    if isinstance(v, int | float):
+    if isinstance(v, int | float) and math.isfinite(v):
         return float(v) >= 0.5
     if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
         return v.strip().lower() in _TRUE
@@ -159,6 +160,19 @@ def _as_bool(v: Any, where: str) -> bool | None:
         f"{where}.correct is {str(v)[:40]!r}: true/false, 1/0 or yes/no "
         "(leave it out and give a 'score' for a graded dataset)"
     )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(s: str) -> str:
+    """``s``, with any lone UTF-16 surrogate (JSON allows "\\ud83d" alone; no UTF-8 text holds it, so no
+    HTTP body can carry it) replaced by U+FFFD, as a UTF-8 decoder replaces what it cannot read."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", s)  # (json.loads joins the pairs: what is left is lone)
+    return s
 
 
 def _answer_text(v: Any) -> str:
@@ -173,6 +187,27 @@ def _answer_text(v: Any) -> str:
 
 class LabelError(CascadeBaseError, ValueError):
     """A row without the correctness a replay needs (``correct``, or ``score`` with a pass score)."""
+
+
+def _score(v: Any, where: str, needed: bool) -> float | None:
+    """A recorded grade (``score``, MT-Bench's ``turn1_score``): a number, or one written as a string;
+    None when there is none. Anything else is a :class:`LabelError` naming ``where`` when the grade is
+    ``needed`` (no ``correct``), else None."""
+    if v is None:
+        return None
+    x: float | None = None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        x = float(v)
+    elif isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            x = None
+    if (x is None or not math.isfinite(x)) and not needed:
+        return None
+    if x is None or not math.isfinite(x):
+        raise LabelError(f"{where}.score is {str(v)[:40]!r}: a finite number (the answer's grade)")
+    return x
 
 
 def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str, model: str) -> bool:
@@ -271,7 +306,7 @@ def parse_rows(
         if drop_contaminated and bool(obj.get("contaminated")):
             dropped += 1
             continue
-        rid = str(obj["id"]) if obj.get("id") is not None else f"row{lineno}"
+        rid = _utf8(str(obj["id"])) if obj.get("id") is not None else f"row{lineno}"
         key = _unique_id(rid, seen_ids)
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
@@ -282,10 +317,18 @@ def parse_rows(
                 prompt = messages_to_prompt([m for m in messages if isinstance(m, dict)])
             else:
                 prompt = ""
+        prompt = _utf8(prompt)
         split = obj.get("split")
-        if split not in ("train", "test"):
+        if isinstance(split, str) and split.strip().lower() in ("train", "test"):
+            split = split.strip().lower()
+        elif split is None or split == "":
             split = hash_split(rid, test_fraction)
             hashed = True
+        else:  # "dev", "validation"...: which side it goes is the user's call, not a hash's
+            raise ValueError(
+                f"line {lineno} (id {rid!r}): split is {str(split)[:40]!r}: 'train' or 'test' (leave it out "
+                "and rows are split by a hash of their id)"
+            )
         answers: dict[str, ModelAnswer] = {}
         for m, rec in obj["models"].items():
             if rec is None:  # not run on this row: the model is missing from it
@@ -295,10 +338,10 @@ def parse_rows(
                     f"line {lineno} (id {rid!r}): models.{m} is {type(rec).__name__}, not an object "
                     "with 'answer' and 'correct'"
                 )
-            text = _answer_text(rec.get("answer"))
-            score = rec.get("score", rec.get("turn1_score"))
-            score_f = float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None
-            corr = _as_bool(rec.get("correct"), f"line {lineno} (id {rid!r}): models.{m}")
+            text = _utf8(_answer_text(rec.get("answer")))
+            where = f"line {lineno} (id {rid!r}): models.{m}"
+            corr = _as_bool(rec.get("correct"), where)
+            score_f = _score(rec.get("score", rec.get("turn1_score")), where, needed=corr is None)
             if corr is None and pass_score is None and score_f in (0.0, 1.0):
                 # 0/1 scores (RouterBench's own format) are right/wrong, if no other score appears
                 corr = score_f == 1.0

@@ -131,6 +131,40 @@ def test_a_chain_whose_first_stage_serves_every_row_loses_to_that_model_alone() 
         assert search.frontier()[0]["models"] == ["a"]
 
 
+def test_where_no_model_is_ever_right_the_cheapest_policy_is_chosen() -> None:
+    """Every answer wrong: every policy is as good as the best model (1.0, as the replay report says),
+    so the target is met by the cheapest, with the fewest stages among equal costs; the search said
+    "nothing reaches the target" and, every policy tied at 0, kept a three-model chain."""
+    n = 60
+    W = replicate_weights(n, replicates=4, seed=0)
+    wrong = np.zeros((n, 3))
+    cost = np.tile([1e-5, 1e-4, 1e-3], (n, 1))
+    search = Search(reference_quality(wrong, W), target=0.95)
+    chain = policy_grid(np.zeros((n, 2)), wrong, cost, [[-math.inf, math.inf]] * 2, W)
+    chain.cost[:] = np.minimum(chain.cost, 1e-5 * (1 - 1e-7))  # a hair under the first model's alone
+    search.add(("a", "b", "c"), chain)
+    search.add(("a",), policy_grid(np.zeros((n, 0)), wrong[:, :1], cost[:, :1], [], W))
+    search.add(("c",), policy_grid(np.zeros((n, 0)), wrong[:, 2:], cost[:, 2:], [], W))
+    pick = search.result()
+    assert pick.feasible and pick.chain == ("a",) and pick.quality == 1.0
+
+
+def test_when_nothing_reaches_the_aim_equal_policies_go_to_the_fewer_stages() -> None:
+    n = 50
+    W = replicate_weights(n, replicates=4, seed=0)
+    right = np.zeros((n, 2))
+    right[: n // 2] = 1.0  # both models right on the same half: every policy at 1.0, under the target
+    cost = np.tile([1e-5, 1e-3], (n, 1))
+    alone = policy_grid(np.zeros((n, 0)), right[:, :1], cost[:, :1], [], W)
+    chain = policy_grid(np.zeros((n, 1)), right, cost, [[-math.inf]], W)  # stage 0 accepts every row
+    chain.cost[:] = np.minimum(chain.cost, alone.cost[0] * (1 - 1e-7))
+    search = Search(reference_quality(right, W), target=1.5)
+    search.add(("a", "b"), chain)
+    search.add(("a",), alone)
+    pick = search.result()
+    assert not pick.feasible and pick.chain == ("a",)
+
+
 def test_crossfit_scores_are_calibrated_probabilities() -> None:
     rng = np.random.default_rng(0)
     n, d = 1200, 6

@@ -101,3 +101,35 @@ def test_router_config_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(bad, env={})
     assert any("cascades.one.router.threshold" in p for p in err.value.problems)
+
+
+def test_with_the_router_no_stage_is_kept_that_no_request_reaches() -> None:
+    """The router and the stage thresholds are searched together; where the joint choice has the first
+    stage accept every answer (the router sending the rest to the last), the middle stage is reached by
+    no request. The fit drops it (the same policy on the train rows) instead of serving a configured,
+    scored upstream that is never called: on this generated world the report said "mistral -> mixtral
+    -> gpt-4, thresholds 0, 0, reach 60 / 0 / 40 %"."""
+    import dataclasses
+
+    from bench import synthetic
+
+    world = synthetic.generate(3, 1000, 500)
+    train = [r for r in world.rows if r.split == "train"]
+    test = [r for r in world.rows if r.split == "test"]
+    three = ("mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview")
+    rows = []
+    for i, r in enumerate(x for j in range(100) for x in (train[2 * j], test[j], train[2 * j + 1])):
+        answers = {m: r.answers[m] for m in three}
+        if i % 4 == 0:  # answers empty, or in another script
+            answers[three[0]] = dataclasses.replace(answers[three[0]], answer="")
+        elif i % 4 == 1:
+            answers[three[0]] = dataclasses.replace(answers[three[0]], answer="答案是 C 🤖\u0000")
+        elif i % 4 == 2:
+            answers[three[1]] = dataclasses.replace(answers[three[1]], answer="")
+        if r.split == "train":
+            rows.append(dataclasses.replace(r, prompt=f"Ω≈ç√ {r.prompt} 😀", answers=answers))
+    fitted = fit_cascade(rows, list(three), target_quality=0.95)
+    assert fitted.router is not None  # the joint search chose the router
+    assert fitted.models == [three[0], three[2]] and len(fitted.thresholds) == 1
+    assert all(share > 0 for share in fitted.train["reach"])
+    assert len(fitted.scorers) == len(fitted.scoring) == len(fitted.oof_scores) == 1

@@ -267,3 +267,131 @@ def test_a_byte_order_mark_and_crlf_lines_read_as_the_same_rows(
     assert {k: v for k, v in got.items() if k != "dataset"} == {
         k: v for k, v in want.items() if k != "dataset"
     }
+
+
+def test_split_values_other_than_train_and_test_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ "TRAIN" and " Test " are train and test; "dev" or "validation" is the user's call, not a hash's
+    (such rows were silently split by hashing their ids: a 200/100 split replayed as 156/144)."""
+    rows = synth.rows(n=90, seed=2)
+    given = {r["id"]: r["split"] for r in rows if "split" in r}
+    for r in rows:
+        if "split" in r:
+            r["split"] = {"train": "TRAIN", "test": " Test "}[r["split"]]
+    ds = load_dataset(_write(tmp_path / "upper.jsonl", rows))
+    assert given and all(r.split == given[r.id] for r in ds.rows if r.id in given)
+    rows[7]["split"] = "dev"
+    code, _, err = _replay(capsys, str(_write(tmp_path / "dev.jsonl", rows)))
+    assert code == 2 and "line 8 (id 'syn-7'): split is 'dev': 'train' or 'test'" in err
+
+
+def test_a_correct_that_is_not_a_number_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = synth.rows(n=60, seed=2)
+    rows[4]["models"]["bolt-mid"]["correct"] = float("nan")  # json.dumps writes NaN, json.loads reads it
+    code, _, err = _replay(capsys, str(_write(tmp_path / "nan.jsonl", rows)))
+    assert code == 2 and "line 5 (id 'syn-4'): models.bolt-mid.correct is 'nan'" in err
+
+
+def test_a_score_written_as_a_string_is_the_score(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = synth.rows(n=90, seed=2)
+    for r in rows:
+        for rec in r["models"].values():
+            rec["score"] = str(8 if rec.pop("correct") else 3)
+    path = _write(tmp_path / "graded.jsonl", rows)
+    assert all(
+        a.correct == (a.score == 8.0)
+        for r in load_dataset(path, pass_score=5).rows
+        for a in r.answers.values()
+    )
+    rows[3]["models"]["bolt-mid"]["score"] = "great"
+    code, _, err = _replay(capsys, str(_write(tmp_path / "words.jsonl", rows)), "--pass-score", "5")
+    assert code == 2 and "line 4 (id 'syn-3'): models.bolt-mid.score is 'great'" in err
+
+
+def test_a_lone_surrogate_in_a_text_is_replaced_not_a_crash(tmp_path: Path) -> None:
+    """JSON may escape half a surrogate pair ("\\ud83d"); no UTF-8 text, so no HTTP body, can hold it: the
+    replay crashed sending the row. It reads as U+FFFD, as a UTF-8 decoder reads what it cannot."""
+    rows = synth.rows(n=60, seed=2)
+    rows[0]["prompt"] += " \ud83d"
+    rows[0]["models"]["bolt-mid"]["answer"] += " \udc00"
+    ds = load_dataset(_write(tmp_path / "half.jsonl", rows))
+    first = ds.rows[0]
+    assert first.prompt.endswith(" \ufffd") and first.answers["bolt-mid"].answer.endswith(" \ufffd")
+    first.prompt.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "option", [("--margin-z", "nan"), ("--margin-z", "-1"), ("--tolerance", "-1"), ("--pass-score", "inf")]
+)
+def test_numbers_on_the_command_line_are_checked(option: tuple[str, str], tmp_path: Path) -> None:
+    path = synth.write(tmp_path / "syn.jsonl", n=60, seed=2)
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(path), *option, "--quiet"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--chain", ","], "--chain: names no model"),
+        (["--chain", "bolt-mid,bolt-mid,quark-xl"], "--chain: names bolt-mid more than once"),
+        (["--chain", "acme/tiny-1,bolt-mid,Zeta/Large-X,quark-xl"], "4 models, more than --max-stages 3"),
+        (["--chain", "acme/tiny-1,bolt-mid,quark-xl", "--max-stages", "2"], "more than --max-stages 2"),
+        (["--for-auto-tune", "--max-stages", "1"], "auto_tune needs two stages or more"),
+        (["--for-auto-tune", "--chain", "bolt-mid"], "one model: auto_tune needs two stages or more"),
+    ],
+)
+def test_fit_scorer_says_what_is_wrong_before_fitting(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = synth.write(tmp_path / "syn.jsonl", n=90, seed=2)
+    assert main(["fit-scorer", str(path), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_scorer_refuses_too_few_train_rows_and_an_out_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As replay: a 5-fold cross-fit on a handful of rows means nothing (it fitted 3 rows and printed
+    "target NOT met"). And an --out that is a file failed with a traceback after the whole fit."""
+    rows = synth.rows(n=60, seed=2)
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 13 else "test"
+    few = _write(tmp_path / "few.jsonl", rows)
+    assert main(["fit-scorer", str(few), "--out", str(tmp_path / "out")]) == 2
+    assert "13 train rows, at least 20 are needed" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    path = synth.write(tmp_path / "syn.jsonl", n=90, seed=2)
+    assert main(["fit-scorer", str(path), "--out", str(tmp_path / "file")]) == 2
+    assert "--out: " in capsys.readouterr().err
+
+
+def test_for_auto_tune_where_the_best_model_is_also_the_cheapest_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every cascade of two or more (cheapest first) starts at the best model and ends at a weaker one,
+    whose labels ("as good as the last stage's") cannot hold the target: nothing to tune. It wrote such
+    a cascade with auto_tune on, then a note saying its last stage could not hold the target."""
+    models: dict[str, tuple[float, float | None]] = {"best-free": (0.9, 0.0), "dear-worse": (0.6, 1e-4)}
+    path = synth.write(tmp_path / "free_best.jsonl", n=150, seed=4, models=models)
+    assert main(["fit-scorer", str(path), "--out", str(tmp_path / "out"), "--for-auto-tune"]) == 2
+    assert "best-free alone meets the target" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cascade.yaml").exists()
+
+
+def test_models_of_equal_cost_are_chained_weaker_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two models at one price: a chain from the better to the weaker is never a cascade. --for-auto-tune
+    chained "best -> worse" (by name), which ended at a model missing the target."""
+    models: dict[str, tuple[float, float | None]] = {"a-best": (0.9, 1e-3), "b-worse": (0.6, 1e-3)}
+    rows = synth.rows(n=150, seed=4, models=models)
+    for r in rows:
+        for rec in r["models"].values():
+            rec["cost_usd"] = 1e-3
+    path = _write(tmp_path / "same.jsonl", rows)
+    assert main(["fit-scorer", str(path), "--out", str(tmp_path / "out"), "--for-auto-tune"]) == 0
+    assert "chain: b-worse -> a-best" in capsys.readouterr().out
