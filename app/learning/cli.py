@@ -44,6 +44,7 @@ class Result:
     upstreams: list[str]
     rows: Rows
     calibration: Calibration | None  # None: not enough labels
+    fit_version: int | None = None  # the current thresholds are auto_tune's fit of this version
 
 
 def add_commands(sub: Any) -> None:
@@ -139,6 +140,9 @@ async def _collect(
             data = await store.labelled(name, plan_fingerprint(cfg, cc))
             rows = assemble(data, len(cc.stages), pass_score=lcfg.user_pass_score)
             current = [s.threshold for s in cc.stages[:-1] if s.threshold is not None]
+            latest = await store.latest_fit(name, plan_fingerprint(cfg, cc)) if lcfg.auto_tune else None
+            if latest is not None and len(latest.thresholds) == len(current):
+                current = list(latest.thresholds)  # what serves now: auto_tune's newest fit, not the file
             cal = None
             if rows.n >= min_rows and rows.n > 0:
                 cal = fit(
@@ -149,7 +153,8 @@ async def _collect(
                     current=current,
                     honest=True,
                 )
-            out.append(Result(name, [s.upstream for s in cc.stages], rows, cal))
+            version = latest.version if latest is not None and list(latest.thresholds) == current else None
+            out.append(Result(name, [s.upstream for s in cc.stages], rows, cal, version))
     except StoreError as exc:
         raise CalibrateError(str(exc), EXIT_LABELS) from exc
     finally:
@@ -174,16 +179,21 @@ def _report(r: Result, target: float, margin_z: float, min_rows: int) -> None:
         f"margin {margin_z:g} SE, plus the search's measured optimism {cal.optimism:.4f})"
     )
     table = list(cal.search.table)
-    if cal.search.best not in table:  # the honest choice may sit off the frontier of the rows alone
-        table = sorted([*table, cal.search.best], key=lambda e: (e.cost, -e.quality))
+
+    def shown(e: Any) -> tuple[Any, ...]:  # what a line of the table says
+        return (_fmt_t(to_unit(e.thresholds, rows, (0.0, 1.0))), f"{e.quality:.4f}", f"{e.cost:.8f}")
+
+    best = next((e for e in table if shown(e) == shown(cal.search.best)), cal.search.best)
+    if best not in table:  # the honest choice may sit off the frontier of the rows alone
+        table = sorted([*table, best], key=lambda e: (e.cost, -e.quality))
     if len(table) > MAX_TABLE_ROWS:
         step = (len(table) - 1) / (MAX_TABLE_ROWS - 1)
         keep = {round(i * step) for i in range(MAX_TABLE_ROWS)}
-        table = [e for i, e in enumerate(table) if i in keep or e == cal.search.best]
+        table = [e for i, e in enumerate(table) if i in keep or e == best]
     width = max(10, 7 * len(cal.thresholds))
     print(f"  {'thresholds':<{width}}  quality  +-se     $/request     reach per stage")
     for e in table:
-        mark = " <- chosen" if e == cal.search.best else ""
+        mark = " <- chosen" if e == best else ""
         unit = to_unit(e.thresholds, rows, (0.0, 1.0))  # the chosen one is then held within the bounds
         reach = " ".join(f"{x:.3f}" for x in e.reach)
         print(
@@ -191,7 +201,8 @@ def _report(r: Result, target: float, margin_z: float, min_rows: int) -> None:
         )
     if cal.current is not None:
         c = cal.current
-        print(f"  current   {_fmt_t(c.thresholds)}: quality {c.quality:.4f}, ${c.cost:.8f}/request")
+        src = f" (auto_tune's fit v{r.fit_version}; the file says otherwise)" if r.fit_version else ""
+        print(f"  current   {_fmt_t(c.thresholds)}: quality {c.quality:.4f}, ${c.cost:.8f}/request{src}")
     ch = cal.chosen
     print(f"  chosen    {_fmt_t(cal.thresholds)}: quality {ch.quality:.4f}, ${ch.cost:.8f}/request")
     if not cal.search.feasible:

@@ -609,6 +609,10 @@ class Store:
     async def label_summary(self) -> LabelSummary:
         return await self._read(self._r.label_summary)
 
+    async def counts(self) -> dict[str, int]:
+        """Traces stored, and labels by source (``labels_<source>``)."""
+        return await self._read(self._r.counts)
+
     async def set_sampling(self, updates: Sequence[tuple[str, str]]) -> None:
         await self.run(self._b.set_sampling, updates)
 

@@ -54,7 +54,7 @@ from typing import Any
 import httpx
 
 from app.config import Config, ConfigError, LearningConfig, parse_config
-from app.learning.store import Store
+from app.learning.store import Store, StoreError
 from app.replay.configure import (
     ReplayError,
     ReplayPlan,
@@ -318,6 +318,24 @@ def _served(i: int, item: Item, r: httpx.Response, models: dict[str, str], strea
     return s
 
 
+async def _empty_store(url: str) -> None:
+    """A ``--store`` must hold no traces: a run on one an earlier run filled would start from that run's
+    fit and labels while reporting its own start, and count the earlier labels as its own."""
+    store = Store(url)
+    try:
+        await store.open()
+        n = (await store.counts())["traces"]
+    except StoreError as exc:
+        raise ReplayError(f"--store: {exc}") from exc
+    finally:
+        await store.close()
+    if n:
+        raise ReplayError(
+            f"--store already holds {n} traces (an earlier run's?): an online run starts from an "
+            "empty store, so that its figures are its own; give a new SQLite file or an empty database"
+        )
+
+
 async def _labels_of(store: Store, served: list[Served], apps: list[Any]) -> dict[str, Any]:
     """Label spend per request and labelled requests so far, from the store; label spend in total,
     from the replicas' metrics (it includes calls that gave no label)."""
@@ -414,6 +432,8 @@ async def _run(
                 db = Path(work) / "traces.db"
                 for stale in (db, db.with_name("traces.db-wal"), db.with_name("traces.db-shm")):
                     stale.unlink(missing_ok=True)
+            else:
+                await _empty_store(opts.store)
             store = opts.store or f"sqlite:///{db}"
             try:
                 cfg = online_config(plan, url, store, opts, target, learning)

@@ -131,3 +131,32 @@ def test_calibrate_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no 'learning' section" in capsys.readouterr().err
     path.write_text(CONFIG.replace("{db}", str(tmp_path / "t.db")))
     assert main(["calibrate", "--config", str(path), "--target-quality", "1.5"]) == 2
+
+
+def test_calibrate_shows_the_thresholds_auto_tune_put_in_force(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``auto_tune`` the thresholds serving are the newest fit in the store, not the file's: the
+    "current" line (and the point --plot draws) showed the file's 0.7 where the tuner had put 0.39."""
+    from app.learning.records import plan_fingerprint
+    from app.learning.store import Fit
+
+    text = config_file.read_text().replace("  min_labels: 50", "  min_labels: 50\n  auto_tune: true")
+    config_file.write_text(text)
+    cfg = load_config(str(config_file))
+    assert cfg.learning is not None
+    fp = plan_fingerprint(cfg, cfg.cascades["default"])
+
+    async def save() -> None:
+        s = Store(cfg.learning.store)  # type: ignore[union-attr]
+        await s.open()
+        await s.save_fit(Fit("default", fp, 1, (0.39,), 0, 0, None, None, False, {}, 0.0))
+        await s.close()
+
+    asyncio.run(save())
+    assert main(["calibrate", "--config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"current\s+0\.3900: quality [\d.]+, \$[\d.]+/request \(auto_tune's fit v1", out)
+    lines = [ln for ln in out.splitlines() if re.match(r"^\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s", ln)]
+    shown = [ln.replace(" <- chosen", "") for ln in lines]
+    assert len(shown) == len(set(shown))  # no line twice (the chosen one was, with and without its mark)

@@ -500,3 +500,16 @@ def test_served_stages_cases() -> None:
     assert served_stages(fit([0.0, 0.0]), 0.95).models == ["a", "b", "c"]
     assert served_stages(fit([0.7, 0.3]), 0.95).models == ["a", "b", "c"]
     assert served_stages(fit([0.7, 0.0], router=object()), 0.95).models == ["a", "b", "c"]
+
+
+def test_a_store_an_earlier_run_filled_is_refused(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second run on one ``--store`` started from the first run's fit and labels while reporting its
+    own start, and counted the first run's labels as its own: it now says so and stops."""
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    args = (str(data["a"]), "--seed", "3", "--start-threshold", "0", "--limit", "120", "--store", store)
+    code, _, text = _run(capsys, *args)
+    assert code == 0, text
+    code, _, text = _run(capsys, *args)
+    assert code == 2 and "--store already holds" in text and "traces" in text
