@@ -16,7 +16,7 @@ def plot_online(report: Mapping[str, Any], path: str) -> None:
     ws = report["windows"]
     off = report["offline"]["windows"]
     x = [w["requests"] for w in ws]
-    fig, (aq, asv, at) = plt.subplots(3, 1, figsize=(9, 9), dpi=110, sharex=True)
+    fig, (aq, asv, at) = plt.subplots(3, 1, figsize=(10.5, 9), dpi=110, sharex=True)
     aq.plot(x, [w["quality_vs_best"] for w in ws], color="tab:blue", alpha=0.35, label="window (100)")
     aq.plot(x, [w["rolling_quality_vs_best"] for w in ws], color="tab:blue", label="rolling (500)")
     aq.plot(
@@ -36,11 +36,16 @@ def plot_online(report: Mapping[str, Any], path: str) -> None:
     at.set_ylabel("threshold")
     at.set_ylim(-0.02, 1.02)
     at.set_xlabel("requests")
+    if not ws:  # fewer requests than one window: say so, rather than draw empty axes
+        aq.text(0.5, 0.5, "fewer requests than one window (100): nothing to draw", ha="center",
+                va="center", transform=aq.transAxes)  # fmt: skip
     for ax in (aq, asv, at):
         if report.get("drift_at"):
             ax.axvline(report["drift_at"], color="black", lw=1, ls="-.", label="drift")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            # outside the axes: inside, it covered the end of the lines it labels
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     drift = f" -> {report['drift']}" if report.get("drift") else ""
     aq.set_title(f"cascade replay --online: {report['dataset']}{drift}, seed {report['seed']}", fontsize=10)
     fig.tight_layout()
