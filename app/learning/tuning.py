@@ -467,6 +467,7 @@ class Tuner:
         self._task: asyncio.Task[None] | None = None
         self._histories: dict[tuple[str, str], History] = {}
         self._lock = asyncio.Lock()
+        self._out_of_reach: set[tuple[str, str]] = set()  # cascades whose last fit found no way to the target
 
     def history(self, meta: PlanMeta) -> History:
         key = (meta.name, meta.fingerprint)
@@ -573,6 +574,35 @@ class Tuner:
             return True
         return any(float(known.get(str(k), 0.0)) < STARVED_SHARE * self.cfg.min_labels for k in short)
 
+    def _say_out_of_reach(
+        self, meta: PlanMeta, cal: Calibration, quality: float, new: Sequence[float]
+    ) -> None:
+        """Log (once, until it changes) when no thresholds within ``threshold_bounds`` reach the target on
+        the labels: e.g. a stage whose scorers give 1.0 to every answer (``heuristic`` on letters) keeps
+        accepting at the upper bound, and the tuner, at the bound, can do nothing more about it."""
+        key = (meta.name, meta.fingerprint)
+        ch = cal.chosen  # the fit's choice within the bounds (the search's own may lie beyond them)
+        reach = (
+            cal.search.feasible
+            and ch.quality - self.cfg.margin_z * ch.quality_se >= self.cfg.target_quality - 1e-9
+        )
+        if not reach and key not in self._out_of_reach:
+            self._out_of_reach.add(key)
+            log.warning(
+                "auto_tune: no thresholds within threshold_bounds reach target_quality on the labels; "
+                "the most accurate are in force (a stage whose scorers score every answer alike cannot be "
+                "made to escalate: check its scorers, threshold_bounds and target_quality)",
+                extra={
+                    "cascade": meta.name,
+                    "target_quality": self.cfg.target_quality,
+                    "est_quality": round(quality, 4),
+                    "thresholds": list(new),
+                },
+            )
+        elif reach and key in self._out_of_reach:
+            self._out_of_reach.discard(key)
+            log.info("auto_tune: the target is within reach again", extra={"cascade": meta.name})
+
     async def _fit(self, meta: PlanMeta, latest: Fit | None, history: History) -> Fit | None:
         cfg = self.cfg
         old = latest.thresholds if latest is not None else meta.config_thresholds
@@ -659,6 +689,7 @@ class Tuner:
             new, more = unproven_stages(rows, old, new, cfg, only=short)
             unproven.update(more)
         at_new = evaluate_cascade(rows.scores, rows.correct, rows.cost, new, rows.weights)
+        self._say_out_of_reach(meta, cal, at_new.quality, new)
         evidence = {
             "rows": rows.n,
             "rows_by_reference": dict(sorted(rows.kinds.items())),

@@ -272,3 +272,24 @@ async def test_a_threshold_comes_down_only_on_enough_effective_labels_through_th
         held[rate] = (json.loads(thresholds)[0], evidence["held_for_evidence"])
     assert held[0.02][0] == 0.7 and 0 < held[0.02][1]["0"] < 60
     assert held[0.5] == (pytest.approx(0.65), {})
+
+
+async def test_a_target_out_of_reach_is_logged_once(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No thresholds within the bounds reach the target (here the upper bound lets the first stage accept
+    what the labels call wrong; in the wild, a stage whose scorers give every answer 1.0): the tuner put
+    the most accurate in force and said nothing. It says so once, not at every fit."""
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url, target_quality=0.999, threshold_bounds=[0.05, 0.3])
+    ids = await _populate(url, cfg)
+    caplog.set_level(logging.INFO, logger="cascade.learning")
+    async with proxy(cfg, fake) as (c, _):
+        await wait_for(lambda: query(url, "SELECT count(*) FROM fits") == [(1,)], "a first fit")
+        for tid in ids[:10]:
+            assert (await c.post("/v1/feedback", json={"id": tid, "score": 1.0})).status_code == 200
+        await wait_for(lambda: query(url, "SELECT count(*) FROM fits") == [(2,)], "a second fit")
+    said = [r for r in caplog.records if r.getMessage().startswith("auto_tune: no thresholds within")]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert said[0].cascade == "default" and said[0].target_quality == 0.999  # type: ignore[attr-defined]
+    assert query(url, "SELECT thresholds FROM fits ORDER BY version") == [("[0.3]",), ("[0.3]",)]
