@@ -26,13 +26,13 @@ from typing import Any
 
 from app.answers import agrees
 from app.learning.rows import Row
-from app.replay.dataset import best_single, model_summary, oracle, quality_vs_best
+from app.replay.dataset import best_single, model_summary, oracle, quality_vs_best, savings_vs_best
 
 
-def _rel(acc: float, cost: float, best_acc: float, best_cost: float) -> dict[str, float]:
+def _rel(acc: float, cost: float, best_acc: float, best_cost: float) -> dict[str, float | None]:
     return {
         "quality_vs_best": quality_vs_best(acc, best_acc),
-        "savings_vs_best": 1.0 - cost / best_cost if best_cost > 0 else 0.0,
+        "savings_vs_best": savings_vs_best(cost, best_cost),
         "accuracy": acc,
         "cost_usd": cost,
     }
@@ -156,7 +156,7 @@ def learned_at_quality(
     chain: Sequence[str],
     scores: Sequence[Sequence[float]],
     quality_vs_best: float,
-) -> dict[str, float] | None:
+) -> dict[str, float | None] | None:
     """The chain with ``scores`` (per test row, one per scored stage) at the cheapest thresholds whose
     accuracy relative to the best single model on ``test`` is at least ``quality_vs_best``."""
     import numpy as np

@@ -440,6 +440,14 @@ def best_single(summary: Mapping[str, ModelSummary]) -> str:
     return min(summary, key=lambda m: (-round(summary[m].accuracy, 9), summary[m].mean_cost_usd))
 
 
+def savings_vs_best(cost: float, best_cost: float) -> float | None:
+    """1 - cost / the best single model's cost. None where the best model costs nothing and ``cost`` is
+    more: no share of nothing is saved (it read as 0 % saved, whatever the cascade spent)."""
+    if best_cost > 0:
+        return 1.0 - cost / best_cost
+    return 0.0 if cost <= 0 else None
+
+
 def quality_vs_best(accuracy: float, best_accuracy: float) -> float:
     """Accuracy relative to the best single model's. When the best is never right (offline no model is,
     nor anything choosing among them) the answer is as good as the best: 1.0, not 0 (a missed target)."""

@@ -3,8 +3,13 @@ target line, the offline thresholds' figures and the drift point. Needs matplotl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
+
+
+def _nan(xs: list[float | None]) -> list[float]:
+    return [math.nan if x is None else x for x in xs]  # (None: the best model costs nothing)
 
 
 def plot_online(report: Mapping[str, Any], path: str) -> None:
@@ -24,10 +29,14 @@ def plot_online(report: Mapping[str, Any], path: str) -> None:
     )
     aq.axhline(report["target_quality"], color="tab:red", ls="--", lw=1, label="target")
     aq.set_ylabel("quality vs best single")
-    asv.plot(x, [w["savings_vs_best"] for w in ws], color="tab:green", alpha=0.35, label="window (100)")
-    asv.plot(x, [w["rolling_savings_vs_best"] for w in ws], color="tab:green", label="rolling (500)")
+    asv.plot(x, _nan([w["savings_vs_best"] for w in ws]), color="tab:green", alpha=0.35, label="window (100)")
+    asv.plot(x, _nan([w["rolling_savings_vs_best"] for w in ws]), color="tab:green", label="rolling (500)")
     asv.plot(
-        x, [w["rolling_savings_vs_best"] for w in off], color="tab:gray", ls=":", label="offline thresholds"
+        x,
+        _nan([w["rolling_savings_vs_best"] for w in off]),
+        color="tab:gray",
+        ls=":",
+        label="offline thresholds",
     )
     asv.set_ylabel("savings vs best single")
     k = len(ws[0]["thresholds"]) if ws else 0

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.replay.dataset import quality_vs_best
+from app.replay.dataset import quality_vs_best, savings_vs_best
 
 WINDOW = 100
 ROLLING = 500
@@ -57,14 +57,14 @@ class Served:
     labels: int = 0  # labelled requests so far, this one included
 
 
-def _figures(rows: Sequence[Served]) -> tuple[float, float]:
+def _figures(rows: Sequence[Served]) -> tuple[float, float | None]:
     best = sum(s.best_correct for s in rows)
     best_cost = sum(s.best_cost for s in rows)
     acc = sum(s.correct for s in rows)
     cost = sum(s.cost + s.label_cost for s in rows)
     quality = quality_vs_best(acc, best)
-    savings = 1.0 - cost / best_cost if best_cost else 0.0
-    return round(quality, 4), round(savings, 4)
+    savings = savings_vs_best(cost, best_cost)
+    return round(quality, 4), None if savings is None else round(savings, 4)
 
 
 def windows(served: Sequence[Served], drift_at: int | None = None) -> list[dict[str, Any]]:
@@ -143,7 +143,7 @@ def summarise(
             "windows": ows,
             "min_rolling_quality_vs_best_after_target": _same_span(ows, c["after"]),
         },
-        "savings_vs_offline": round(fs / os_, 4) if os_ > 0 else None,
+        "savings_vs_offline": round(fs / os_, 4) if fs is not None and os_ is not None and os_ > 0 else None,
         "errors": sum(1 for s in online if s.error),
     }
     if drift_at is not None:

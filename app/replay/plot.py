@@ -9,6 +9,10 @@ from typing import Any
 INSTALL_HINT = "--plot needs matplotlib: pip install 'cascade-proxy[plot]' (or pip install matplotlib)"
 
 
+def _saved(x: float | None) -> str:
+    return "savings n/a (the best model costs nothing)" if x is None else f"{x:.0%} saved"
+
+
 def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -47,7 +51,7 @@ def plot_report(report: Mapping[str, Any], curve: Sequence[tuple[float, float]],
         s=220,
         color="tab:red",
         zorder=3,
-        label=f"cascade (test): {report['accuracy']:.3f}, {report['savings_vs_best']:.0%} saved",
+        label=f"cascade (test): {report['accuracy']:.3f}, {_saved(report['savings_vs_best'])}",
     )
     o = report["oracle"]
     ax.scatter(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from app.config import LearnedScorer as LearnedConfig
+from app.replay.dataset import savings_vs_best
 
 if TYPE_CHECKING:
     from app.replay.configure import ReplayPlan
@@ -132,19 +133,24 @@ _BASELINES = (
 )
 
 
+def _sv(x: float | None, width: int = 0) -> str:
+    """A savings share, or "n/a" where there is none (the best model costs nothing: ``savings_vs_best``)."""
+    return f"{'n/a':>{width}}" if x is None else f"{x:{width}.1%}"
+
+
 def _baseline_lines(r: dict[str, Any]) -> list[str]:
     b = r.get("baselines")
     if not b:
         return []
     out = ["", f"  {'against':34}  {'x best acc':>10}  {'savings':>8}"]
-    out.append(f"  {'CASCADE (learned)':34}  {r['quality_vs_best']:10.3f}  {r['savings_vs_best']:8.1%}")
+    out.append(f"  {'CASCADE (learned)':34}  {r['quality_vs_best']:10.3f}  {_sv(r['savings_vs_best'], 8)}")
     for key, label in _BASELINES:
         v = b.get(key)
         if v is None:
             out.append(f"  {label:34}  {'n/a':>10}  {'n/a':>8}")
             continue
         extra = f"   ({' -> '.join(v['chain'])})" if key == "agreement" else ""
-        out.append(f"  {label:34}  {v['quality_vs_best']:10.3f}  {v['savings_vs_best']:8.1%}{extra}")
+        out.append(f"  {label:34}  {v['quality_vs_best']:10.3f}  {_sv(v['savings_vs_best'], 8)}{extra}")
     return out
 
 
@@ -156,8 +162,8 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
     out = [
         "",
         f"re-splits ({len(splits)}): quality vs best min {r['quality_vs_best_min']:.3f} "
-        f"mean {r['quality_vs_best_mean']:.3f}; savings mean {r['savings_vs_best_mean']:.1%} "
-        f"min {r['savings_vs_best_min']:.1%}"
+        f"mean {r['quality_vs_best_mean']:.3f}; savings mean {_sv(r['savings_vs_best_mean'])} "
+        f"min {_sv(r['savings_vs_best_min'])}"
         + (
             f"; target {target:g} (-{r['target_tolerance']:g}) met on {r['target_met_share']:.0%}"
             if target is not None and r.get("target_met_share") is not None
@@ -169,12 +175,12 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
     for e in splits:
         ag = e["baselines"].get("agreement")
         rd = e["baselines"].get("random")
-        ag_s = f"{ag['quality_vs_best']:.3f} / {ag['savings_vs_best']:6.1%}" if ag else "n/a"
-        rd_s = f"{rd['quality_vs_best']:.3f} / {rd['savings_vs_best']:6.1%}" if rd else "n/a"
+        ag_s = f"{ag['quality_vs_best']:.3f} / {_sv(ag['savings_vs_best'], 6)}" if ag else "n/a"
+        rd_s = f"{rd['quality_vs_best']:.3f} / {_sv(rd['savings_vs_best'], 6)}" if rd else "n/a"
         name = "dataset" if e["seed"] is None else f"seed {e['seed']}"
         out.append(
-            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {e['savings_vs_best']:8.1%}  {ag_s:>18}  {rd_s:>15}  "
-            + " -> ".join(e["stages"])
+            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {_sv(e['savings_vs_best'], 8)}  "
+            f"{ag_s:>18}  {rd_s:>15}  " + " -> ".join(e["stages"])
         )
     return out
 
@@ -204,8 +210,8 @@ def format_table(result: ReplayResult) -> str:
 
     def row(label: str, acc: float, cost: float) -> str:
         q = acc / bs["accuracy"] if bs["accuracy"] else 0.0
-        sv = 1.0 - cost / bs["cost_usd"] if bs["cost_usd"] else 0.0
-        return f"  {label:{w}}  {acc:8.4f}  {_usd(cost):>10}  {cost * n:10.4f}  {q:10.3f}  {sv:8.1%}"
+        sv = savings_vs_best(cost, bs["cost_usd"])
+        return f"  {label:{w}}  {acc:8.4f}  {_usd(cost):>10}  {cost * n:10.4f}  {q:10.3f}  {_sv(sv, 8)}"
 
     lines.append(row("CASCADE", r["accuracy"], r["cost_usd"]))
     lines.append(row("oracle (perfect router)", r["oracle"]["accuracy"], r["oracle"]["cost_usd"]))
@@ -217,7 +223,7 @@ def format_table(result: ReplayResult) -> str:
         "",
         "reach per stage: "
         + "  ".join(f"{m} {x:.1%}" for m, x in zip(r["stages"], r["escalation_rate"], strict=True)),
-        f"savings vs best single: {r['savings_vs_best']:.1%}   quality vs best single: "
+        f"savings vs best single: {_sv(r['savings_vs_best'])}   quality vs best single: "
         f"{r['quality_vs_best']:.3f}",
     ]
     lines.append(_equal_cost(r))

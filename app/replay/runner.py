@@ -349,6 +349,11 @@ async def _run_split(
     )
 
 
+def _mean(xs: Sequence[float | None]) -> float | None:
+    got = [x for x in xs if x is not None]
+    return sum(got) / len(got) if got else None
+
+
 def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: float | None, tol: float) -> None:
     """Add the re-splits and their aggregates to the first split's report (in place)."""
     entries = []
@@ -374,14 +379,14 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
             }
         )
     q = [e["quality_vs_best"] for e in entries]
-    s = [e["savings_vs_best"] for e in entries]
+    s = [e["savings_vs_best"] for e in entries if e["savings_vs_best"] is not None]  # (None: best costs 0)
     first["target_quality"] = target
     first["target_tolerance"] = tol
     first["resplits"] = entries
     first["quality_vs_best_min"] = min(q)
     first["quality_vs_best_mean"] = sum(q) / len(q)
-    first["savings_vs_best_mean"] = sum(s) / len(s)
-    first["savings_vs_best_min"] = min(s)
+    first["savings_vs_best_mean"] = sum(s) / len(s) if s else None
+    first["savings_vs_best_min"] = min(s) if s else None
     shares = [bool(e["target_met"]) for e in entries if e["target_met"] is not None]
     first["target_met_share"] = (sum(shares) / len(shares)) if shares else None
     means: dict[str, Any] = {}
@@ -390,7 +395,7 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
         means[name] = (
             {
                 "quality_vs_best": sum(v["quality_vs_best"] for v in vals) / len(vals),
-                "savings_vs_best": sum(v["savings_vs_best"] for v in vals) / len(vals),
+                "savings_vs_best": _mean([v["savings_vs_best"] for v in vals]),
             }
             if vals
             else None

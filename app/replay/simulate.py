@@ -22,7 +22,7 @@ from typing import Any
 
 from app.learning.rows import Row
 from app.learning.train import FittedCascade
-from app.replay.dataset import Dataset, best_single, model_summary, oracle, quality_vs_best
+from app.replay.dataset import Dataset, best_single, model_summary, oracle, quality_vs_best, savings_vs_best
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def report_object(
         "escalation_rate": list(escalation_rate),
         "best_single": {"model": bs, "accuracy": summ[bs].accuracy, "cost_usd": best_cost},
         "single_models": {m: {"accuracy": v.accuracy, "cost_usd": v.mean_cost_usd} for m, v in summ.items()},
-        "savings_vs_best": (1.0 - cost_usd / best_cost) if best_cost > 0 else 0.0,
+        "savings_vs_best": savings_vs_best(cost_usd, best_cost),
         "quality_vs_best": quality_vs_best(accuracy, summ[bs].accuracy),
         "oracle": {"accuracy": orc.accuracy, "cost_usd": orc.mean_cost_usd},
     }

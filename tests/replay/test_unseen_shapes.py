@@ -395,3 +395,52 @@ def test_models_of_equal_cost_are_chained_weaker_first(
     path = _write(tmp_path / "same.jsonl", rows)
     assert main(["fit-scorer", str(path), "--out", str(tmp_path / "out"), "--for-auto-tune"]) == 0
     assert "chain: b-worse -> a-best" in capsys.readouterr().out
+
+
+def test_where_the_best_model_costs_nothing_savings_are_not_a_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recorded cost of 0 for the best model (a local one): no share of nothing is saved. The report
+    said 0.0 % for every line, the cascade's too, whatever it spent; now null in the JSON, "n/a" in the
+    table, and the aggregates over the splits that have a figure."""
+    models: dict[str, tuple[float, float | None]] = {"cheap": (0.6, 1e-5), "best-free": (0.9, 0.0)}
+    rows = synth.rows(n=150, seed=4, models=models)
+    for r in rows:
+        r["models"]["best-free"]["cost_usd"] = 0.0
+    path = _write(tmp_path / "free.jsonl", rows)
+    code = main(
+        ["replay", str(path), "--json", "--quiet", "--resplits", "2", "--config", str(_two_stage(tmp_path))]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rep = json.loads(out.out.rstrip("\n").rsplit("\n", 1)[-1])
+    assert rep["cost_usd"] > 0 and rep["savings_vs_best"] is None
+    assert rep["savings_vs_best_mean"] is None and rep["savings_vs_best_min"] is None
+    assert rep["baselines"]["best_single"]["savings_vs_best"] == 0.0  # nothing spent, nothing saved
+    assert "savings vs best single: n/a" in out.out
+    # online, the windows' figures follow the same rule, and the printed summary says "-"
+    served = [Served(i, "free", f"r{i}", True, 1e-6, True, 0.0, thresholds=[0.5]) for i in range(200)]
+    online = summarise(served, served, target=0.95)
+    assert online["final_savings_vs_best"] is None and online["savings_vs_offline"] is None
+    assert all(w["savings_vs_best"] is None for w in online["windows"])
+
+
+def _two_stage(tmp_path: Path) -> Path:
+    """A config serving cheap -> best-free with a scorer that escalates some requests."""
+    cfg = {
+        "upstreams": {
+            "cheap": {"base_url": "http://127.0.0.1:9/v1", "model": "cheap"},
+            "best-free": {"base_url": "http://127.0.0.1:9/v1", "model": "best-free"},
+        },
+        "cascades": {
+            "default": {
+                "stages": [
+                    {"upstream": "cheap", "threshold": 0.5, "scorers": [{"type": "heuristic"}]},
+                    {"upstream": "best-free"},
+                ]
+            }
+        },
+    }
+    path = tmp_path / "two.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
