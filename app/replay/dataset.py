@@ -189,25 +189,29 @@ class LabelError(CascadeBaseError, ValueError):
     """A row without the correctness a replay needs (``correct``, or ``score`` with a pass score)."""
 
 
+def _number(v: Any) -> float | None:
+    """A recorded number, or one written as a string ("8", "1e-4"); None for anything else (a bool too)
+    and for no value."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
 def _score(v: Any, where: str, needed: bool) -> float | None:
     """A recorded grade (``score``, MT-Bench's ``turn1_score``): a number, or one written as a string;
     None when there is none. Anything else is a :class:`LabelError` naming ``where`` when the grade is
     ``needed`` (no ``correct``), else None."""
-    if v is None:
-        return None
-    x: float | None = None
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        x = float(v)
-    elif isinstance(v, str):
-        try:
-            x = float(v)
-        except ValueError:
-            x = None
-    if (x is None or not math.isfinite(x)) and not needed:
-        return None
-    if x is None or not math.isfinite(x):
+    x = _number(v)
+    if v is None or (x is not None and math.isfinite(x)):
+        return x
+    if needed:
         raise LabelError(f"{where}.score is {str(v)[:40]!r}: a finite number (the answer's grade)")
-    return x
+    return None
 
 
 def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str, model: str) -> bool:
@@ -234,14 +238,7 @@ def _recorded_cost(v: Any, lineno: int, rid: str, model: str) -> float | None:
     it instead would put other figures in the report than the dataset's."""
     if v is None:
         return None
-    x: float | None = None
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        x = float(v)
-    elif isinstance(v, str):
-        try:
-            x = float(v)
-        except ValueError:
-            x = None
+    x = _number(v)
     if x is None or not math.isfinite(x) or not 0.0 <= x <= MAX_COST_USD:
         raise ValueError(
             f"line {lineno} (id {rid!r}): models.{model}.cost_usd is {str(v)[:40]!r}: the cost of the call "
