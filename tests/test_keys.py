@@ -92,6 +92,20 @@ async def test_a_keys_max_stage_and_models(fake: FakeUpstream) -> None:
     assert plain.status_code == 200
 
 
+async def test_models_lists_what_the_key_may_use(fake: FakeUpstream) -> None:
+    """A key limited to some cascades sees those in /v1/models (the list showed every model, and a model
+    picker then offered ones that answer 404), and /v1/models/{id} of another is 404, as OpenAI does."""
+    async with proxy(keyed(cascades=["default", "small"]), fake) as (c, _):
+        mine = await c.get("/v1/models", headers=bearer(TEAM_A))
+        other = await c.get("/v1/models/large", headers=bearer(TEAM_A))
+        own = await c.get("/v1/models/small", headers=bearer(TEAM_A))
+        plain = await c.get("/v1/models", headers=bearer(PLAIN))
+    assert [m["id"] for m in mine.json()["data"]] == ["default", "small"]
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert own.status_code == 200 and own.json()["id"] == "small"
+    assert {m["id"] for m in plain.json()["data"]} == {"default", "small", "large"}
+
+
 async def test_a_key_may_be_denied_steering(fake: FakeUpstream) -> None:
     async with proxy(keyed(stage_control=False), fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(cascade={"max_stage": 0}), headers=bearer(TEAM_A))

@@ -72,6 +72,20 @@ async def test_upstream_defaults_fill_only_what_the_client_left_out(fake: FakeUp
     assert fake.requests[1]["body"]["max_tokens"] == 5
 
 
+async def test_a_default_max_tokens_leaves_max_completion_tokens_alone(fake: FakeUpstream) -> None:
+    """max_tokens and max_completion_tokens are one limit: a default of one is not added beside the
+    client's other (OpenAI answers 400 to both at once, so every such request failed at that stage),
+    and a client's null is "not set": the default applies (it was sent as null, unbounded)."""
+    cfg = two_stage("ok")
+    cfg["upstreams"]["small"]["defaults"] = {"max_tokens": 64, "temperature": 0}
+    async with proxy(cfg, fake) as (c, _):
+        await c.post("/v1/chat/completions", json=chat(max_completion_tokens=5))
+        await c.post("/v1/chat/completions", json=chat(max_tokens=None, temperature=None))
+    first, second = fake.requests[0]["body"], fake.requests[1]["body"]
+    assert "max_tokens" not in first and first["max_completion_tokens"] == 5 and first["temperature"] == 0
+    assert (second["max_tokens"], second["temperature"]) == (64, 0)
+
+
 def test_p10_is_a_quantile_not_a_length_sensitive_product() -> None:
     # Same share (10%) of unsure tokens, 10 vs 100 tokens long: the same p10, while the sequence
     # probability (a product) would punish the longer answer 10 times harder.

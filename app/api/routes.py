@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -14,6 +15,9 @@ from app.api.responses import ResponsesEndpoint
 from app.errors import NotFound
 from app.protocol import model_object
 from app.state import AppState
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
 
 router = APIRouter()
 
@@ -79,13 +83,22 @@ async def create_response() -> Response:
     return ResponsesEndpoint()
 
 
+def _may_use(request: Request, rt: Runtime) -> Callable[[str], bool]:
+    """Which model names the request's key may use: a named key's ``cascades`` list, else all (as the
+    chat route admits them: listing a model that then answers 404 misleads SDK model pickers)."""
+    index = check_key(request, rt.keys)
+    nk = rt.named[index] if index >= 0 else None
+    allowed = nk.models if nk is not None else None
+    return (lambda name: True) if allowed is None else allowed.__contains__
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     state = _state(request)
     rt = state.runtime
-    check_key(request, rt.keys)
-    data = [model_object(name, "cascade", rt.plans.created) for name in rt.config.cascades]
-    data += [model_object(name, "upstream", rt.plans.created) for name in rt.config.upstreams]
+    ok = _may_use(request, rt)
+    data = [model_object(name, "cascade", rt.plans.created) for name in rt.config.cascades if ok(name)]
+    data += [model_object(name, "upstream", rt.plans.created) for name in rt.config.upstreams if ok(name)]
     return json_response({"object": "list", "data": data})
 
 
@@ -93,11 +106,11 @@ async def list_models(request: Request) -> Response:
 async def get_model(model_id: str, request: Request) -> Response:
     state = _state(request)
     rt = state.runtime
-    check_key(request, rt.keys)
-    if model_id in rt.config.cascades:
-        return json_response(model_object(model_id, "cascade", rt.plans.created))
-    if model_id in rt.config.upstreams:
-        return json_response(model_object(model_id, "upstream", rt.plans.created))
+    if _may_use(request, rt)(model_id):
+        if model_id in rt.config.cascades:
+            return json_response(model_object(model_id, "cascade", rt.plans.created))
+        if model_id in rt.config.upstreams:
+            return json_response(model_object(model_id, "upstream", rt.plans.created))
     raise NotFound(f"The model '{model_id[:200]}' does not exist.", param="model", code="model_not_found")
 
 

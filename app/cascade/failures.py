@@ -27,12 +27,16 @@ def summary(trace: Trace) -> str:
 
 def _retry_after(errors: list[Attempt], pick: Callable[[list[float]], float]) -> dict[str, str]:
     """``retry-after`` in whole seconds (at least 1) and, when an upstream or a breaker said how long,
-    ``retry-after-ms`` with that exact wait (the OpenAI SDKs prefer it); 1 s when nobody said."""
+    ``retry-after-ms`` with that exact wait (the OpenAI SDKs prefer it) when it is more than 0; 1 s when
+    nobody said."""
     waits = [a.retry_after for a in errors if a.retry_after is not None]
     if not waits:
         return {"retry-after": "1"}
     wait = max(0.0, pick(waits))
-    return {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000))}
+    out = {"retry-after": str(max(1, math.ceil(wait)))}
+    if wait > 0:  # (an upstream's "0" beside our "at least 1 s" read as "retry now" to clients taking ms)
+        out["retry-after-ms"] = str(math.ceil(wait * 1000))
+    return out
 
 
 def all_failed(trace: Trace) -> ProxyError:

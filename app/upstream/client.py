@@ -68,6 +68,9 @@ def price_usd(price: Price, prompt_tokens: int, completion_tokens: int, reported
     return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
 
 
+_LIMITS = ("max_tokens", "max_completion_tokens")  # one setting, two names (an upstream default fills either)
+
+
 @dataclass(slots=True)
 class CompletionReply:
     """A whole non-streamed answer, parsed (the transport's ``RawReply`` is the bytes it came in)."""
@@ -157,7 +160,11 @@ class Upstream:
 
     def prepare(self, body: Json, *, stream: bool) -> Json:
         """The request sent upstream: the client's fields untouched, our model id, stream settings."""
-        out = {**self.cfg.defaults, **body} if self.cfg.defaults else dict(body)
+        out = dict(body)
+        if self.cfg.defaults:
+            for k, v in self.cfg.defaults.items():  # what the client left out (or sent as null: not set)
+                if out.get(k) is None and not (k in _LIMITS and any(out.get(x) is not None for x in _LIMITS)):
+                    out[k] = v  # (max_tokens and max_completion_tokens are one limit: OpenAI refuses both)
         out["model"] = self.cfg.model
         if stream:
             out["stream"] = True
