@@ -231,6 +231,12 @@ class Learning:
         if self.cfg.retention_days > 0:
             self._pruner = loop.create_task(self._retention_loop(), name="cascade-trace-retention")
         if self.tuner is not None:
+            if self.cfg.shadow_rate <= 0:
+                log.warning(
+                    "auto_tune with shadow_rate 0: answers accepted before the last stage get labels only "
+                    "from POST /v1/feedback, so thresholds that accept most answers may never be re-fitted "
+                    "(set learning.shadow_rate, e.g. 0.05)"
+                )
             self.tuner.start()
 
     async def stop(self, grace_s: float = 10.0) -> None:

@@ -293,3 +293,17 @@ async def test_a_target_out_of_reach_is_logged_once(
     assert len(said) == 1 and said[0].levelname == "WARNING"
     assert said[0].cascade == "default" and said[0].target_quality == 0.999  # type: ignore[attr-defined]
     assert query(url, "SELECT thresholds FROM fits ORDER BY version") == [("[0.3]",), ("[0.3]",)]
+
+
+@pytest.mark.parametrize(("rate", "warned"), [(0.0, True), (0.1, False)])
+async def test_auto_tune_without_shadow_labels_says_so_at_start(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture, rate: float, warned: bool
+) -> None:
+    """shadow_rate 0 (the default) with auto_tune: what the early stages accept is labelled only by
+    feedback, so a cascade accepting most answers early may never be re-fitted (an online run from a
+    loose start got no label in 1,500 requests, silently)."""
+    caplog.set_level(logging.INFO, logger="cascade.learning")
+    async with proxy(_cfg(sqlite_url(tmp_path), shadow_rate=rate), fake):
+        pass
+    said = [r for r in caplog.records if r.getMessage().startswith("auto_tune with shadow_rate 0")]
+    assert len(said) == (1 if warned else 0)
