@@ -131,6 +131,7 @@ class Dataset:
     split_from_hash: bool = False
     cost_estimated: bool = False
     scores_as_correct: bool = False  # 'score' 0/1 without 'correct', read as right/wrong
+    n_dropped_incomplete: int = 0  # rows left out for lacking a model that nearly every row records
 
     @property
     def train(self) -> list[Row]:
@@ -228,6 +229,8 @@ def _graded(score: float | None, pass_score: float | None, lineno: int, rid: str
         )
     return score >= pass_score
 
+
+MAX_MISSING_SHARE = 0.02  # a model missing from at most this share of the rows: those rows are left out
 
 MAX_COST_USD = 1e6  # per call: above it a figure is not USD (and sums of such overflow to inf/NaN)
 
@@ -365,6 +368,15 @@ def parse_rows(
     all_models: set[str] = set()
     for r in rows:
         all_models.update(r.answers)
+    # A model missing from a few rows (a failed call in the recording) costs those rows, not the model:
+    # leaving the best model out over one row would measure every figure against a weaker one.
+    have = {m: sum(1 for r in rows if m in r.answers) for m in all_models}
+    near = [m for m in all_models if 0 < len(rows) - have[m] <= MAX_MISSING_SHARE * len(rows)]
+    incomplete = 0
+    if near and all(r.answers for r in rows):  # (a row recording no model is an error, below)
+        keep = [i for i, r in enumerate(rows) if all(m in r.answers for m in near)]
+        incomplete = len(rows) - len(keep)
+        rows, linenos = [rows[i] for i in keep], [linenos[i] for i in keep]
     common = [m for m in all_models if all(m in r.answers for r in rows)]
     if not common:
         raise ValueError(_no_common_model(rows, linenos, sorted(all_models)))
@@ -372,7 +384,7 @@ def parse_rows(
     mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
     common.sort(key=lambda m: (mean_cost[m], m))
     ds_name = name or (rows[0].dataset if rows[0].dataset else "dataset")
-    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary))
+    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary), incomplete)
 
 
 def load_dataset(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from app.config import LearnedScorer as LearnedConfig
-from app.replay.dataset import savings_vs_best
+from app.replay.dataset import MAX_MISSING_SHARE, savings_vs_best
 
 if TYPE_CHECKING:
     from app.replay.configure import ReplayPlan
@@ -202,6 +202,11 @@ def format_table(result: ReplayResult) -> str:
     left_out = r.get("data", {}).get("models_left_out") or []
     if left_out:
         lines.append(f"note: left out (not recorded in every row): {', '.join(left_out)}")
+    if r.get("data", {}).get("rows_left_out"):
+        lines.append(
+            f"note: {r['data']['rows_left_out']} rows left out: they lack a model that nearly every row "
+            f"records (at most {MAX_MISSING_SHARE:.0%} of the rows; more, and the model is left out)"
+        )
     w = max(24, *(len(m) for m in r["single_models"]))
     head = (
         f"  {'':{w}}  {'accuracy':>8}  {'$/request':>10}  {'total $':>10}  {'x best acc':>10}  {'savings':>8}"

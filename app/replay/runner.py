@@ -306,6 +306,7 @@ async def _run_split(
     )
     report["data"] = {
         "models_left_out": list(ds.partial_models),
+        "rows_left_out": ds.n_dropped_incomplete,
         "cost_estimated": ds.cost_estimated,
         "split_from_hash": ds.split_from_hash,
         "scores_as_correct": ds.scores_as_correct,
