@@ -281,20 +281,15 @@ class Search:
             gi = int(np.lexsort((-_rounded(ch.ratio), cost))[0])
             found.append((float(cost[gi]), -float(_rounded(ch.ratio)[gi]), len(ch.chain), ci, gi))
         feasible = bool(found)
-        if found:
-            cheapest = min(f[0] for f in found)
-            tied = [f for f in found if f[0] <= cheapest + COST_RTOL * abs(cheapest)]
-            _, _, _, ci, gi = min(tied, key=lambda f: (f[1], f[2], f[0], f[3]))
-        else:  # nothing reaches the aim: the most accurate policy, cheapest among equals, fewer stages
-            cands = []
+        if not found:  # nothing reaches the aim: the most accurate policies, by the same rule among them
             for ci, ch in enumerate(self.chains):
                 gi = int(np.lexsort((ch.cost, -_rounded(ch.ratio)))[0])
-                cands.append((-float(_rounded(ch.ratio)[gi]), float(ch.cost[gi]), len(ch.chain), ci, gi))
-            top = min(c[0] for c in cands)
-            cands = [c for c in cands if c[0] == top]
-            cheapest = min(c[1] for c in cands)
-            tied = [c for c in cands if c[1] <= cheapest + COST_RTOL * abs(cheapest)]
-            _, _, _, ci, gi = min(tied, key=lambda c: (c[2], c[1], c[3]))
+                found.append((float(ch.cost[gi]), -float(_rounded(ch.ratio)[gi]), len(ch.chain), ci, gi))
+            top = min(f[1] for f in found)
+            found = [f for f in found if f[1] == top]
+        cheapest = min(f[0] for f in found)
+        tied = [f for f in found if f[0] <= cheapest + COST_RTOL * abs(cheapest)]
+        _, _, _, ci, gi = min(tied, key=lambda f: (f[1], f[2], f[0], f[3]))
         ch = self.chains[ci]
         return Pick(
             chain=ch.chain,
