@@ -4,6 +4,7 @@ proxy (a routed request starts at the last stage), and reported per stage."""
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,9 @@ def test_router_config_is_checked(tmp_path: Path) -> None:
     assert any("cascades.one.router.threshold" in p for p in err.value.problems)
 
 
-def test_with_the_router_no_stage_is_kept_that_no_request_reaches() -> None:
+def test_with_the_router_no_stage_is_kept_that_no_request_reaches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The router and the stage thresholds are searched together; where the joint choice has the first
     stage accept every answer (the router sending the rest to the last), the middle stage is reached by
     no request. The fit drops it (the same policy on the train rows) instead of serving a configured,
@@ -117,7 +120,7 @@ def test_with_the_router_no_stage_is_kept_that_no_request_reaches() -> None:
     train = [r for r in world.rows if r.split == "train"]
     test = [r for r in world.rows if r.split == "test"]
     three = ("mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview")
-    rows = []
+    rows, every = [], []
     for i, r in enumerate(x for j in range(100) for x in (train[2 * j], test[j], train[2 * j + 1])):
         answers = {m: r.answers[m] for m in three}
         if i % 4 == 0:  # answers empty, or in another script
@@ -126,10 +129,17 @@ def test_with_the_router_no_stage_is_kept_that_no_request_reaches() -> None:
             answers[three[0]] = dataclasses.replace(answers[three[0]], answer="答案是 C 🤖\u0000")
         elif i % 4 == 2:
             answers[three[1]] = dataclasses.replace(answers[three[1]], answer="")
-        if r.split == "train":
-            rows.append(dataclasses.replace(r, prompt=f"Ω≈ç√ {r.prompt} 😀", answers=answers))
+        every.append(dataclasses.replace(r, prompt=f"Ω≈ç√ {r.prompt} 😀", answers=answers))
+    rows = [r for r in every if r.split == "train"]
     fitted = fit_cascade(rows, list(three), target_quality=0.95)
     assert fitted.router is not None  # the joint search chose the router
     assert fitted.models == [three[0], three[2]] and len(fitted.thresholds) == 1
     assert all(share > 0 for share in fitted.train["reach"])
     assert len(fitted.scorers) == len(fitted.scoring) == len(fitted.oof_scores) == 1
+    # ... and what `cascade replay` serves through the proxy (train and test rows, the dataset's split)
+    path = tmp_path / "world3.jsonl"
+    synthetic.write(types.SimpleNamespace(rows=every), str(path))  # type: ignore[arg-type]
+    assert main(["replay", str(path), "--json", "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[-1])
+    assert rep["stages"] == [three[0], three[2]] and rep["router"]["chosen"]
+    assert len(rep["thresholds"]) == 1 and len(rep["escalation_rate"]) == 2
