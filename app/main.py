@@ -18,10 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.api.admin import router as admin_router
-from app.api.chat import is_chat, serve_chat
+from app.api.chat import is_chat, request_id, serve_chat
 from app.api.feedback import router as feedback_router
 from app.api.http_io import json_response
 from app.api.routes import router
@@ -49,8 +49,45 @@ class CascadeApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.user_middleware and is_chat(scope):
             await serve_chat(self, scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            path = scope["path"]
+            if len(path) > 1 and path[-1] == "/":
+                # "/v1/chat/completions/" is the route without its slash (the framework's answer, a 307
+                # with an empty body, is an error to an SDK that does not follow redirects on POST).
+                scope = _without_trailing_slash(scope)
+                if not self.user_middleware and is_chat(scope):
+                    await serve_chat(self, scope, receive, send)
+                    return
+            send = _with_request_id(scope, send)
+        await super().__call__(scope, receive, send)
+
+
+def _without_trailing_slash(scope: Scope) -> Scope:
+    scope = dict(scope, path=scope["path"].rstrip("/") or "/")
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        scope["raw_path"] = raw.rstrip(b"/") or b"/"
+    return scope
+
+
+def _with_request_id(scope: Scope, send: Send) -> Send:
+    """Every reply carries ``x-request-id`` as chat completions do (OpenAI's: errors, models, feedback,
+    metrics...): the client's own when it sent a sane one, else a new one, also in
+    ``request.state.request_id`` for the exception handlers' log lines and the Responses route."""
+    presented = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    rid = request_id(presented.decode("latin-1") if presented is not None else None)
+    scope.setdefault("state", {})["request_id"] = rid
+    header = (b"x-request-id", rid.encode("ascii"))
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                message = {**message, "headers": [*headers, header]}
+        await send(message)
+
+    return send_with_id
 
 
 def _transport(config: Config, httpx_transport: httpx.AsyncBaseTransport | None) -> Transport:

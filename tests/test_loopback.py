@@ -286,3 +286,33 @@ async def test_a_stream_whose_response_cannot_be_built_is_still_released(
         assert fake.active_streams == 0
         assert await _failed_requests(registry) == 1
         assert registry.get_sample_value("cascade_in_flight_requests") == 0
+
+
+async def test_every_reply_has_a_request_id_and_a_trailing_slash_is_the_same_route() -> None:
+    """OpenAI sends ``x-request-id`` on every reply; a client that logs it for support needs it on errors
+    above all. It was only on chat completions and Responses: a 404 from a mistyped path, a 405, the
+    models list and feedback errors had none. ``POST /v1/chat/completions/`` was a 307 with an empty body
+    (an SDK that does not follow redirects on POST saw an empty reply)."""
+    async with stack(two_stage("ok")) as (url, _, _), httpx.AsyncClient(base_url=url, timeout=30) as c:
+        sent = {"x-request-id": "support-ticket-9"}
+        for method, path in [("GET", "/nope"), ("DELETE", "/chat/completions"), ("GET", "/models")]:
+            echoed = await c.request(method, path, headers=sent)
+            fresh = await c.request(method, path)
+            assert echoed.headers.get_list("x-request-id") == ["support-ticket-9"], (method, path)
+            assert fresh.headers["x-request-id"].startswith("req-"), (method, path)
+            assert echoed.status_code == fresh.status_code
+        not_found = await c.get("/nope")
+        check_error(not_found.json())
+        assert not_found.status_code == 404
+        # A presented id that is not a sane token is replaced, not echoed into the reply's headers.
+        odd = await c.get("/models", headers={"x-request-id": "a b"})
+        assert odd.headers["x-request-id"].startswith("req-")
+        # Responses: one id, the same in the header as where the route uses it.
+        r = await c.post("/responses", json={"model": "default", "input": "hi"})
+        assert len(r.headers.get_list("x-request-id")) == 1
+        for path in ("/chat/completions/", "/chat/completions/?x=1"):
+            slash = await c.post(path, json=chat(), headers=sent)
+            assert slash.status_code == 200, slash.text
+            check_completion(slash.json())
+            assert slash.headers["x-request-id"] == "support-ticket-9"
+        assert (await c.get("/models/")).json()["object"] == "list"

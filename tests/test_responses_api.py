@@ -115,16 +115,29 @@ async def test_items_instructions_tools_and_format_are_translated_for_the_upstre
                 "id": "msg_1",
                 "status": "completed",
                 "content": [
-                    {"type": "output_text", "text": "It is sunny.", "annotations": [], "logprobs": []}
+                    {"type": "output_text", "text": "It is sunny.", "annotations": [], "logprobs": []},
+                    {"type": "refusal", "refusal": "I cannot say more."},
                 ],
             },
-            {"role": "user", "content": "And Rome?"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "And Rome?"},
+                    {"type": "input_text", "text": "Thanks."},
+                ],
+            },
         ],
         instructions="You are a weather bot.",
         tools=[WEATHER],
         tool_choice={"type": "function", "name": "get_weather"},
         parallel_tool_calls=False,
-        text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": True}},
+        text={
+            "format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": True},
+            "verbosity": "low",
+        },
+        service_tier="flex",
+        safety_identifier="hashed-user-1",
+        prompt_cache_key="weather-bot",
         max_output_tokens=64,
         temperature=0.2,
         top_p=0.9,
@@ -151,8 +164,9 @@ async def test_items_instructions_tools_and_format_are_translated_for_the_upstre
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-        {"role": "assistant", "content": "It is sunny."},
-        {"role": "user", "content": "And Rome?"},
+        # Separate parts stay apart (they ran together: "It is sunny.I cannot say more.").
+        {"role": "assistant", "content": "It is sunny.\nI cannot say more."},
+        {"role": "user", "content": "And Rome?\nThanks."},
     ]
     assert sent["tools"] == [
         {
@@ -168,11 +182,15 @@ async def test_items_instructions_tools_and_format_are_translated_for_the_upstre
     }
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["user"]) == (64, 0.2, 0.9, "u-1")
     assert "metadata" not in sent and "input" not in sent and "instructions" not in sent
+    # Fields the chat API has under the same name (text.verbosity as verbosity) reach the upstream.
+    assert (sent["verbosity"], sent["service_tier"]) == ("low", "flex")
+    assert (sent["safety_identifier"], sent["prompt_cache_key"]) == ("hashed-user-1", "weather-bot")
     # What the client set is echoed on the response, as OpenAI does.
     assert resp["instructions"] == "You are a weather bot."
     assert resp["metadata"] == {"k": "v"} and resp["max_output_tokens"] == 64
     assert resp["tools"] == [WEATHER] and resp["parallel_tool_calls"] is False
-    assert resp["text"]["format"]["type"] == "json_schema"
+    assert resp["text"]["format"]["type"] == "json_schema" and resp["text"]["verbosity"] == "low"
+    assert (resp["service_tier"], resp["prompt_cache_key"]) == ("flex", "weather-bot")
 
 
 async def test_a_function_call_answer_is_a_function_call_item(fake: FakeUpstream) -> None:
@@ -291,6 +309,8 @@ async def test_stream_failure_mid_stream_is_an_error_event_then_response_failed(
             400,
             "text.format.name",
         ),
+        ({"model": "default", "input": "hi", "text": {"verbosity": "terse"}}, 400, "text.verbosity"),
+        ({"model": "default", "input": "hi", "service_tier": 1}, 400, "service_tier"),
         ({"model": "nope", "input": "hi"}, 404, "model"),
     ],
 )

@@ -129,11 +129,16 @@ def refused(state: AppState, exc: ProxyError, request_id: str, path: str, body: 
     )
 
 
+def request_id(presented: str | None) -> str:
+    """The client's ``x-request-id`` when it is a sane token (echoed for its own tracing), else a new one."""
+    return presented if presented and _REQUEST_ID.match(presented) else new_id("req-")
+
+
 async def chat(scope: Scope, receive: Receive, send: Send) -> None:
     state: AppState = scope["app"].state.cascade
     rt = state.runtime  # read once: a reload mid-request does not change this request's config
     head = _Head(scope["headers"])
-    rid = head.request_id if head.request_id and _REQUEST_ID.match(head.request_id) else new_id("req-")
+    rid = request_id(head.request_id)
     parsed: object = None
     metrics = state.metrics
     try:

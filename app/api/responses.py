@@ -18,12 +18,11 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.admission import admit
 from app.api.auth import check_presented
-from app.api.chat import _REQUEST_ID, _cascade_headers, _Head, _read_body, _send_json, refused
+from app.api.chat import _cascade_headers, _Head, _read_body, _send_json, refused, request_id
 from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
 from app.cascade.engine import Completed
 from app.cascade.streams import Streamed
 from app.errors import ProxyError
-from app.protocol import new_id
 from app.responses.events import ResponseEvents, chat_payloads
 from app.responses.reply import from_completion, response_id
 from app.responses.request import to_chat
@@ -36,7 +35,7 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
     state: AppState = scope["app"].state.cascade
     rt = state.runtime
     head = _Head(scope["headers"])
-    rid = head.request_id if head.request_id and _REQUEST_ID.match(head.request_id) else new_id("req-")
+    rid = scope.get("state", {}).get("request_id") or request_id(head.request_id)  # CascadeApp's
     request: Any = None  # the parsed body (a dict once to_chat accepted it)
     try:
         key = check_presented(head.authorization, head.x_api_key, rt.keys)

@@ -45,6 +45,13 @@ def _tools_echo(tools: object) -> list[Json]:
     return out
 
 
+def _text_echo(text: object, fmt: object) -> Json:
+    out: Json = {"format": fmt if isinstance(fmt, dict) else {"type": "text"}}
+    if isinstance(text, dict) and isinstance(text.get("verbosity"), str):
+        out["verbosity"] = text["verbosity"]
+    return out
+
+
 def skeleton(request: Json, rid: str, model: str, created_at: int, status: str) -> Json:
     """A ``response`` with no output yet: what ``response.created`` carries, and the base of the final one."""
     text = request.get("text")
@@ -65,15 +72,16 @@ def skeleton(request: Json, rid: str, model: str, created_at: int, status: str) 
         "previous_response_id": None,
         "store": False,
         "temperature": request.get("temperature"),
-        "text": {"format": fmt if isinstance(fmt, dict) else {"type": "text"}},
+        "text": _text_echo(text, fmt),
         "tool_choice": request.get("tool_choice") if request.get("tool_choice") is not None else "auto",
         "tools": _tools_echo(request.get("tools")),
         "top_p": request.get("top_p"),
         "truncation": "disabled",
         "metadata": request.get("metadata") if isinstance(request.get("metadata"), dict) else {},
     }
-    if isinstance(request.get("user"), str):
-        resp["user"] = request["user"]
+    for name in ("user", "service_tier", "safety_identifier", "prompt_cache_key"):
+        if isinstance(request.get(name), str):
+            resp[name] = request[name]
     return resp
 
 

@@ -90,6 +90,12 @@ def to_chat(body: object, *, max_messages: int) -> Json:
     for name in ("temperature", "top_p", "parallel_tool_calls", "user", "cascade"):
         if body.get(name) is not None:
             chat[name] = body[name]
+    for name in ("service_tier", "safety_identifier", "prompt_cache_key"):  # the same in chat
+        v = body.get(name)
+        if v is not None and not isinstance(v, str):
+            raise _bad(name, "must be a string")
+        if v is not None:
+            chat[name] = v
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     tools = _tools(body.get("tools"))
@@ -101,6 +107,9 @@ def to_chat(body: object, *, max_messages: int) -> Json:
     rf = _response_format(body.get("text"))
     if rf is not None:
         chat["response_format"] = rf
+    verbosity = _verbosity(body.get("text"))
+    if verbosity is not None:
+        chat["verbosity"] = verbosity
     effort = _reasoning_effort(body.get("reasoning"))
     if effort is not None:
         chat["reasoning_effort"] = effort
@@ -175,7 +184,9 @@ def _message(item: Json, where: str) -> Json | None:
         # Only user messages take images and files in chat; everywhere else the text is what counts.
         if chat_role != "user" and any(p["type"] != "text" for p in parts):
             raise _bad(f"{where}.content", f"a {role} message can only carry text parts")
-        text = "".join(p["text"] for p in parts)
+        # Parts are separate pieces of text (an answer and its refusal, a question and a document):
+        # one line break between them, not run together ("hello" + "nope" is not "hellonope").
+        text = "\n".join(p["text"] for p in parts if p["text"])
         if chat_role == "assistant" and not text:
             return None
         return {"role": chat_role, "content": text}
@@ -339,6 +350,13 @@ def _response_format(text: object) -> Json | None:
                 js[key] = fmt[key]
         return {"type": "json_schema", "json_schema": js}
     raise _bad("text.format.type", "must be text, json_object or json_schema")
+
+
+def _verbosity(text: object) -> str | None:
+    v = text.get("verbosity") if isinstance(text, dict) else None  # ``text`` itself: _response_format
+    if v is not None and v not in ("low", "medium", "high"):
+        raise _bad("text.verbosity", "must be low, medium or high")
+    return v
 
 
 def _reasoning_effort(value: object) -> str | None:
