@@ -175,6 +175,21 @@ class _Process(multiprocess.Process):
 
 
 class _Supervisor(multiprocess.Multiprocess):
+    def keep_subprocess_alive(self) -> None:
+        # A worker that died (killed for memory, a failed health check) never ran its own shutdown, so
+        # its live gauges (cascade_in_flight_requests, cascade_circuit_open) stayed in the multiprocess
+        # files and in every later sum: drop them when uvicorn replaces it.
+        before = {p.pid for p in self.processes}
+        super().keep_subprocess_alive()
+        gone = before - {p.pid for p in self.processes}
+        where = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if gone and where:
+            from prometheus_client import multiprocess as prometheus_multiprocess
+
+            for pid in gone:
+                if pid is not None:
+                    prometheus_multiprocess.mark_process_dead(pid, where)  # type: ignore[no-untyped-call]
+
     def handle_hup(self) -> None:
         # uvicorn restarts every worker on SIGHUP; reloading in place keeps connections and streams.
         log.info("SIGHUP: reloading the config in every worker")

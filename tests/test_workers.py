@@ -178,3 +178,67 @@ def test_workers_each_listen_so_the_kernel_spreads_connections_and_a_taken_port_
         proxy.send_signal(signal.SIGTERM)
         assert proxy.wait(timeout=30) == 0
     assert not list(tmp.glob("cascade-metrics-*"))  # nothing left behind in the temp dir
+
+
+def _in_flight(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(s.value for s in fams["cascade_in_flight_requests"].samples)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_mid_request_leaves_no_live_gauge_behind(tmp_path: Path) -> None:
+    """A worker killed for memory or a failed health check never runs its shutdown: its share of
+    ``cascade_in_flight_requests`` stayed in the multiprocess files, and in every sum after it, for good
+    (5 requests "in flight" on an idle proxy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    up_port, px_port = free_port(), free_port()
+    cfg = base_config()
+    for u in cfg["upstreams"].values():
+        u["base_url"] = f"http://127.0.0.1:{up_port}/v1"
+    cfg["upstreams"]["slow"] = {**cfg["upstreams"]["large"], "model": "slow-4000"}
+    cfg["server"] = {"host": "127.0.0.1", "port": px_port, "log_level": "warning"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+
+    def ask(_: int) -> int:
+        try:  # a fresh connection per request: the kernel spreads them over both workers
+            return httpx.post(
+                f"http://127.0.0.1:{px_port}/v1/chat/completions", json=body, timeout=30
+            ).status_code
+        except httpx.HTTPError:
+            return 0  # the killed worker's client: the connection went with it
+
+    with (
+        _proc([sys.executable, "-m", "tests.fake_upstream", "--port", str(up_port)]),
+        _proc(
+            [sys.executable, "-m", "app.cli", "serve", "--config", str(path), "--workers", "2"],
+            env={"CASCADE_METRICS_DIR": str(tmp_path / "metrics")},
+        ) as proxy,
+        ThreadPoolExecutor(12) as pool,
+    ):
+        _wait(f"http://127.0.0.1:{up_port}/v1/models")
+        _wait(f"http://127.0.0.1:{px_port}/readyz")
+        workers = [int(x) for x in Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()]
+        deadline = time.time() + 20
+        while _listening(px_port) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        asked = [pool.submit(ask, i) for i in range(12)]
+        deadline = time.time() + 10
+        while _in_flight(px_port) < 12 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _in_flight(px_port) == 12
+        held = {pid: n for pid, n in _established_per_process(px_port, workers).items() if n}
+        victim = min(held, key=lambda pid: held[pid])  # (the other children: multiprocessing's helpers)
+        os.kill(victim, signal.SIGKILL)
+        codes = [f.result() for f in asked]
+        # The killed worker's clients lost their connections; the other worker's were answered.
+        assert codes.count(0) == held[victim] and codes.count(200) == 12 - held[victim], (codes, held)
+        deadline = time.time() + 20  # uvicorn checks its workers every half second or so
+        while _in_flight(px_port) != 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert _in_flight(px_port) == 0
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(timeout=30) == 0
