@@ -100,6 +100,7 @@ class Learning:
         self._pruner: asyncio.Task[None] | None = None
         self._closed = False
         self._opened = False
+        self._writing = False  # the store is open and the writer's last batch was written
         self.tuner: Tuner | None = (
             Tuner(cfg, self.store, self.plans, self.apply, self.labels_added, clock)
             if cfg.auto_tune
@@ -210,6 +211,8 @@ class Learning:
         # The raw score is stored; fits read it as a label at learning.user_pass_score.
         label = LabelRow(completion_id, None, "user", score, 1.0, self.clock(), 0.0, "feedback")
         if completion_id in self._pending:  # behind its queued trace: a label never lands before it
+            if not self._writing:  # the store is down: the writer would drop it; say so (503), not 200
+                raise StoreError("the trace store is unavailable")
             self.emit_labels(cascade, [label])
             return True
         await self.store.write([], [label])
@@ -307,7 +310,7 @@ class Learning:
         except StoreError as exc:
             log.error("trace store unavailable; records are dropped until it is", extra={"error": str(exc)})
             return False
-        self._opened = True
+        self._opened = self._writing = True
         return True
 
     async def _write_loop(self) -> None:
@@ -323,6 +326,7 @@ class Learning:
                     ok = False
                     self.metrics.traces_dropped("store_error", _records(batch))
                 failures = 0 if ok else failures + 1
+                self._writing = ok
             except Exception as exc:  # nothing may end the writer: later records must flow
                 self.metrics.traces_dropped("bad_record", _records(batch))
                 log.error("trace store writer: batch dropped", extra={"error": type(exc).__name__})

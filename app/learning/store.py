@@ -157,6 +157,14 @@ class LabelSummary:
     by_detail: dict[str, int]
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _Backend:
     """One blocking connection; every method runs in the worker thread that owns it."""
 
@@ -167,6 +175,8 @@ class _Backend:
         self._conn: Any = None
         self.rows_read = 0  # every row any read returned (tests check reads stay incremental)
         self.seq = "seq" if self.postgres else "rowid"
+        self._file: tuple[int, int] | None = None  # SQLite: the file's (device, inode) when opened
+        self._recreated = False
 
     # --- connection -------------------------------------------------------------------------------
 
@@ -175,7 +185,16 @@ class _Backend:
 
     def connect(self) -> Any:
         if self._conn is not None:
-            return self._conn
+            if self.postgres or self._same_file():
+                return self._conn
+            # The file was deleted or replaced under the open connection (a clean-up job, a restore):
+            # writes went on into the deleted file, silently, and were lost at the next restart; a reader
+            # reopened the path to an empty database without tables. Start a new one where it was.
+            log.warning(
+                "trace store: the SQLite file was deleted or replaced; a new one is created in its place"
+            )
+            self.close()
+            self._recreated = True
         if self.postgres:
             import psycopg
 
@@ -192,7 +211,14 @@ class _Backend:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._conn = conn
+            self._file = _file_id(path)
+            if self._recreated:
+                self.migrate()
+                self._recreated = False
         return self._conn
+
+    def _same_file(self) -> bool:
+        return _file_id(Path(self.url.removeprefix("sqlite:///"))) == self._file
 
     def close(self) -> None:
         if self._conn is not None:

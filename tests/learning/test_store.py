@@ -162,6 +162,47 @@ async def test_a_broken_store_drops_records_but_serves(fake: FakeUpstream, tmp_p
     assert reg.get_sample_value("cascade_trace_dropped_total", {"reason": "store_error"}) == 1.0
 
 
+async def test_feedback_while_the_store_is_down_is_503_not_a_label_thrown_away(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """A label for an answer whose record is still queued was acknowledged (200, counted in
+    ``cascade_labels_total``) although the store could not be opened and the writer dropped it."""
+    (tmp_path / "file").write_text("not a directory")
+    reg = CollectorRegistry()
+    url = f"sqlite:///{tmp_path / 'file' / 'traces.db'}"
+    async with proxy(with_learning(base_config(), url), fake, registry=reg) as (c, app):
+        for _ in range(5):
+            cid = (await c.post("/v1/chat/completions", json=chat())).json()["id"]
+            r = await c.post("/v1/feedback", json={"id": cid, "score": 1})  # queued or not: 503
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+        await settle(app)
+    assert reg.get_sample_value("cascade_labels_total", {"cascade": "default", "source": "user"}) is None
+
+
+async def test_a_sqlite_file_deleted_while_serving_is_created_again(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Deleting the SQLite file under a running proxy (a clean-up job, a restore) lost every record after
+    it, silently: writes went on into the deleted file, and a reader reopened the path to an empty
+    database without tables (feedback then 503 until a restart)."""
+    url = sqlite_url(tmp_path)
+    path = Path(url.removeprefix("sqlite:///"))
+    async with proxy(with_learning(base_config(), url), fake) as (c, app):
+        first = (await c.post("/v1/chat/completions", json=chat())).json()["id"]
+        await settle(app)
+        assert (await c.post("/v1/feedback", json={"id": first, "score": 1})).status_code == 200
+        for f in path.parent.glob(path.name + "*"):  # the database, its WAL and shared memory
+            f.unlink()
+        second = (await c.post("/v1/chat/completions", json=chat())).json()["id"]
+        await settle(app)
+        r = await c.post("/v1/feedback", json={"id": second, "score": 0})
+        assert r.status_code == 200, r.text
+        assert (await c.post("/v1/feedback", json={"id": first, "score": 1})).status_code == 404  # gone
+        await settle(app)
+    assert query(url, "SELECT id FROM traces") == [(second,)]
+    assert query(url, "SELECT trace_id, value FROM labels") == [(second, 0.0)]
+
+
 async def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path)
     for _ in range(2):  # opening again is a no-op
