@@ -11,6 +11,7 @@ message (they may be keys).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -29,10 +30,26 @@ class ConfigError(CascadeBaseError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number finite: .nan / .inf passed check-config and then failed every request (a NaN
+    # hedge_after_s: 500s from the event loop; an infinite price: null costs and +Inf counters).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- server / auth ------------------------------------------------------------------------------------
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (RFC 9110), fullmatch
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no control characters but tab
+_KEY = re.compile(r"[^\s\x00-\x1f\x7f]+")  # an API key: no spaces, no control characters
+
+
+def _check_headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"'{name[:64]}' is not a valid HTTP header name")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ValueError(f"the value of '{name}' must not contain control characters (line breaks...)")
+    return {k: v.strip() for k, v in headers.items()}
 
 
 class ServerConfig(_Model):
@@ -156,6 +173,21 @@ class UpstreamConfig(_Model):
             raise ValueError("must be an http(s) URL like http://127.0.0.1:8081/v1")
         return v.rstrip("/")
 
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        # A key read from a file (a Kubernetes secret made with --from-file, `echo key > file`) ends in a
+        # newline: sent as is, every request failed building its Authorization header (a 500).
+        v = v.strip() if v is not None else None
+        if v and not _KEY.fullmatch(v):
+            raise ValueError("must not contain spaces or control characters (line breaks, tabs...)")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_headers(v)
+
 
 # --- scorers --------------------------------------------------------------------------------------------
 
@@ -211,6 +243,11 @@ class HttpScorer(ScorerCommon):
     type: Literal["http"]
     url: str
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_headers(v)
 
     @field_validator("url")
     @classmethod
@@ -282,8 +319,8 @@ class StageConfig(_Model):
     @field_validator("hedge_after_s", mode="before")
     @classmethod
     def _hedge(cls, v: Any) -> Any:
-        if isinstance(v, bool) or (isinstance(v, int | float) and v < 0):
-            raise ValueError('must be a number of seconds >= 0 or "p95"')
+        if isinstance(v, bool) or (isinstance(v, int | float) and not 0 <= v < math.inf):
+            raise ValueError('must be a finite number of seconds >= 0 or "p95"')
         return v
 
 
@@ -582,14 +619,53 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently (two ``small:`` upstreams, the first one's settings gone), and ``calibrate --write`` then
+    refused the file that check-config had passed. ``<<`` merges still override as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{str(key)[:64]}' (first on line {first + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def text_line(path: Path, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in ``path``."""
+    try:
+        return path.read_bytes()[:offset].count(b"\n") + 1
+    except OSError:
+        return 0
+
+
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read config file ({exc.strerror})"]) from exc
+    except UnicodeDecodeError as exc:
+        # Never the bytes themselves: the file holds keys (the decode error's repr quotes it whole).
+        line = text_line(p, exc.start)
+        raise ConfigError(
+            [f"{p}: line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -81,6 +81,10 @@ class AppState:
                     "config reload rejected; the running config is kept", extra={"problems": exc.problems}
                 )
                 raise
+            except Exception as exc:  # unforeseen: its type only (an exception's text may quote the file)
+                problems = [f"reload: the config could not be loaded ({type(exc).__name__})"]
+                log.error("config reload rejected; the running config is kept", extra={"problems": problems})
+                raise ConfigError(problems) from None
             for name, up in new.upstreams.items():
                 previous = old.upstreams.get(name)
                 if previous is not None:

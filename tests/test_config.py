@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -175,3 +177,81 @@ async def test_a_latin1_upstream_name_serves(fake: FakeUpstream) -> None:
         r = await c.post("/v1/chat/completions", json=chat("café", stream=True))
     assert r.status_code == 200
     assert dict(r.headers.raw)[b"x-cascade-upstream"] == "café".encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("cascades", "default", "stages", 0, "hedge_after_s"), math.nan),
+        (("upstreams", "small", "price", "input"), math.inf),
+        (("upstreams", "small", "min_budget_s"), math.inf),
+        (("cascades", "default", "stages", 0, "scorers", 0, "weight"), math.inf),
+        (("server", "shutdown_grace_s"), math.inf),
+    ],
+)
+def test_numbers_must_be_finite(where: tuple[Any, ...], value: float) -> None:
+    """``.nan`` and ``.inf`` passed check-config, then broke the proxy: a NaN hedge_after_s made every
+    request a 500, an infinite price null costs and +Inf counters, an infinite scorer weight a NaN score,
+    an infinite shutdown_grace_s a traceback at serve."""
+    raw = base_config()
+    raw.setdefault("server", {})
+    node: Any = raw
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    dotted = ".".join(f"[{k}]" if isinstance(k, int) else k for k in where).replace(".[", "[")
+    [problem] = _problems(raw)
+    assert problem.startswith(f"{dotted}:") and "finite" in problem, problem
+
+
+def test_a_key_read_from_a_file_with_its_newline_is_trimmed_and_control_characters_refused() -> None:
+    """A key from a Kubernetes secret made with --from-file ends in a newline: every request failed
+    building its Authorization header (a 500, and no escalation)."""
+    raw = base_config()
+    raw["upstreams"]["small"]["api_key"] = "${KEY}"
+    raw["upstreams"]["large"]["headers"] = {"x-team": " blue \n"}
+    assert _problems(raw, env={"KEY": "sk-abc\n"}) == [
+        "upstreams.large.headers: the value of 'x-team' must not contain control characters (line breaks...)"
+    ]
+    raw["upstreams"]["large"]["headers"] = {"x-team": " blue "}
+    cfg = parse_config(raw, env={"KEY": "sk-abc\n"})
+    assert cfg.upstreams["small"].api_key == "sk-abc" and cfg.upstreams["large"].headers == {"x-team": "blue"}
+    raw["upstreams"]["large"]["headers"] = {"x bad name": "v"}
+    assert _problems(raw, env={"KEY": "sk-a\tb"}) == [
+        "upstreams.small.api_key: must not contain spaces or control characters (line breaks, tabs...)",
+        "upstreams.large.headers: 'x bad name' is not a valid HTTP header name",
+    ]
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently: a second ``small:`` upstream replaced the first."""
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "upstreams:\n  small: {base_url: http://a/v1, model: m}\n  small: {base_url: http://b/v1, model: m}\n"
+        "cascades: {}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert info.value.problems == [f"{p}: line 3, column 3: duplicate key 'small' (first on line 2)"]
+    # YAML merge keys still override as YAML says.
+    p.write_text(
+        "x-base: &base {base_url: 'http://a/v1', model: m, timeout_s: 5}\n"
+        "upstreams:\n  small: {<<: *base, timeout_s: 9}\n  large: {<<: *base}\n"
+        "cascades:\n  default: {stages: [{upstream: small, threshold: 0.5}, {upstream: large}]}\n"
+    )
+    with pytest.raises(ConfigError) as info:  # (x-base is not a config key: the merge itself passed)
+        load_config(p)
+    assert info.value.problems == ["x-base: unknown key"]
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_without_its_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was a UnicodeDecodeError traceback (exit 1), and on reload its repr, the whole file with its
+    keys, went into the log."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"upstreams:\n  small: {base_url: http://x/v1, model: caf\xe9, api_key: sk-SECRET}\n")
+    assert main(["check-config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"{p}: line 2: not UTF-8 text (byte 54); save the file as UTF-8"
+    assert "SECRET" not in err

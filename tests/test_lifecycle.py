@@ -249,6 +249,16 @@ async def test_sighup_and_admin_reload_swap_the_config_and_keep_it_when_bad(
             r = await c.post(s.url + "/admin/reload", headers=AUTH)
             assert r.status_code == 422 and "base_url" in r.json()["error"]["message"]
             assert all("extra" in ids for ids in await _models(s.url))
+            # A file that is not UTF-8 (saved as Latin-1): one problem, and never the file's text in the
+            # log (the decode error's repr quoted it whole, keys included; /admin/reload was a 500).
+            path.write_bytes(
+                b"upstreams: {small: {base_url: 'http://x/v1', model: caf\xe9, api_key: sk-SECRET9}}\n"
+            )
+            r = await c.post(s.url + "/admin/reload", headers=AUTH)
+            assert r.status_code == 422 and "not UTF-8" in r.json()["error"]["message"], r.text
+            s.proc.send_signal(signal.SIGHUP)
+            await _until("the SIGHUP rejection", 10, _async(lambda: s.stderr().count("not UTF-8") >= 2))
+            assert "SECRET9" not in s.stderr() and "Traceback" not in s.stderr()
 
             # POST /admin/reload: every worker takes the new config.
             third = _config(fake_url, small="ok", third="ok")
