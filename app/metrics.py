@@ -233,8 +233,9 @@ class Metrics:
     def scored(self, cascade: str, stage: int, scorer: str, value: float) -> None:
         self._child(self.score, cascade, str(stage), scorer).observe(value)
 
-    def finished(self, cascade: str, ok: bool, stream: bool, seconds: float, baseline_usd: float) -> None:
-        self._child(self.requests, cascade, "success" if ok else "error").inc()
+    def finished(self, cascade: str, outcome: str, stream: bool, seconds: float, baseline_usd: float) -> None:
+        """A request the cascade ran: ``outcome`` success, error or cancelled (the client left first)."""
+        self._child(self.requests, cascade, outcome).inc()
         self._child(self.request_duration, cascade, "true" if stream else "false").observe(seconds)
         if baseline_usd:
             self._child(self.baseline_cost, cascade).inc(baseline_usd)

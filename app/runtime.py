@@ -63,7 +63,7 @@ def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
             extra={
                 "request_id": trace.request_id,
                 "cascade": trace.cascade,
-                "outcome": "success" if ok else "error",
+                "outcome": trace.outcome(ok),
                 "stream": trace.stream,
                 "stage": a.stage if a else None,
                 "upstream": a.upstream if a else None,

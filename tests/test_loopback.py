@@ -138,8 +138,27 @@ async def test_client_disconnect_mid_stream_stops_the_upstream() -> None:
                     break  # got the first chunk; leave while the upstream is stalled (for 30 s)
         await wait_for(lambda: fake.cancelled_streams == 1, "the upstream stream is closed")
         assert fake.active_streams == 0
-        assert await _failed_requests(registry) == 1
+        _cancelled_not_failed(registry, await _requests(registry, "cancelled"), "large")
         assert registry.get_sample_value("cascade_in_flight_requests") == 0
+
+
+def _cancelled_not_failed(registry: Any, requests: float, upstream: str) -> None:
+    """A client that leaves ("stop generating") is no error of the proxy or the upstream: the request is
+    ``cancelled``, and so is the call that was on; the error-ratio alerts must not see it."""
+    assert requests == 1
+    assert (
+        registry.get_sample_value("cascade_requests_total", {"cascade": "default", "outcome": "error"})
+        is None
+    )
+    labels = {"cascade": "default", "upstream": upstream}
+    assert (
+        registry.get_sample_value("cascade_attempts_total", {**labels, "stage": "1", "outcome": "cancelled"})
+        == 1
+    )
+    assert (
+        registry.get_sample_value("cascade_attempts_total", {**labels, "stage": "1", "outcome": "error"})
+        is None
+    )
 
 
 async def test_client_disconnect_while_waiting_cancels_the_upstream_call() -> None:
@@ -152,7 +171,10 @@ async def test_client_disconnect_while_waiting_cancels_the_upstream_call() -> No
                     json={"model": "default", "messages": [{"role": "user", "content": "x"}]},
                 )
         await wait_for(lambda: fake.cancelled_waits == 1, "the upstream call is cancelled")
-        assert await _failed_requests(registry) == 1
+        assert await _requests(registry, "cancelled") == 1
+        labels = {"cascade": "default", "upstream": "small", "stage": "0"}
+        assert registry.get_sample_value("cascade_attempts_total", {**labels, "outcome": "cancelled"}) == 1
+        assert registry.get_sample_value("cascade_attempts_total", {**labels, "outcome": "error"}) is None
         assert registry.get_sample_value("cascade_in_flight_requests") == 0
 
 
@@ -250,7 +272,7 @@ async def test_the_deadline_passing_mid_stream_ends_it_with_an_error_event() -> 
         check_error(error)
         text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch.get("choices"))
         assert 0 < len(text.split()) < 400  # part of the answer, not all of it
-        assert await _failed_requests(registry) == 1  # accounted when its stream closes
+        assert await _requests(registry, "error") == 1  # accounted when its stream closes
         # What was generated before the cut is charged.
         completion = registry.get_sample_value(
             "cascade_tokens_total", {"upstream": "large", "kind": "completion"}
@@ -258,11 +280,13 @@ async def test_the_deadline_passing_mid_stream_ends_it_with_an_error_event() -> 
         assert completion is not None and completion > 0
 
 
-async def _failed_requests(registry: Any) -> float:
-    """``cascade_requests_total{outcome="error"}`` once it is set (a request is accounted when its stream
+async def _requests(registry: Any, outcome: str) -> float:
+    """``cascade_requests_total{outcome=...}`` once it is set (a request is accounted when its stream
     closes, a moment after the client saw the end)."""
-    labels = {"cascade": "default", "outcome": "error"}
-    await wait_for(lambda: registry.get_sample_value("cascade_requests_total", labels), "a failed request")
+    labels = {"cascade": "default", "outcome": outcome}
+    await wait_for(
+        lambda: registry.get_sample_value("cascade_requests_total", labels), f"a request {outcome}"
+    )
     return float(registry.get_sample_value("cascade_requests_total", labels) or 0.0)
 
 
@@ -284,7 +308,7 @@ async def test_a_stream_whose_response_cannot_be_built_is_still_released(
         check_error(r.json())
         await wait_for(lambda: fake.cancelled_streams == 1, "the upstream stream is closed")
         assert fake.active_streams == 0
-        assert await _failed_requests(registry) == 1
+        assert await _requests(registry, "error") == 1
         assert registry.get_sample_value("cascade_in_flight_requests") == 0
 
 

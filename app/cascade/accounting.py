@@ -40,6 +40,15 @@ def charge_in_flight(trace: Trace, plan: Plan, body: Json) -> None:
         a.answer_cost_usd = price_usd(plan.stages[a.stage].upstream.cfg.price, a.prompt_tokens, 0, None)
 
 
+def cancel_in_flight(trace: Trace) -> None:
+    """The request was cancelled (the client left, the server stopped it) with calls in flight: they
+    end as ``cancelled`` (``client_disconnected``), not as upstream errors, and so does the request."""
+    trace.cancelled = True
+    for a in trace.attempts:
+        if a.outcome == "error" and not a.reason:  # not settled: the call was still on
+            a.outcome, a.reason, a.detail = "cancelled", "client_disconnected", "the request ended first"
+
+
 def charge_cancelled(att: Attempt, stage: Stage, body: Json, partial: Json | None) -> None:
     """A call the cascade cancelled (a hedge race made it unneeded): charged what it generated,
     ``partial`` (what had arrived; its usage when complete), or else its estimated prompt."""

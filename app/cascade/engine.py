@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.cascade.accounting import account, charge_in_flight, record_failure, usage_of
+from app.cascade.accounting import account, cancel_in_flight, charge_in_flight, record_failure, usage_of
 from app.cascade.assemble import Assembler
 from app.cascade.calls import EarlyAbort, Opened, ask_logprobs, collect_streamed, open_stream
 from app.cascade.control import Window
@@ -102,9 +102,11 @@ class Engine:
         except ProxyError:
             self.finish(trace, False)
             raise
-        except BaseException:
+        except BaseException as exc:
             # Cancelled (client gone, shutdown) or a bug: account for what was spent, then propagate.
             charge_in_flight(trace, plan, body)
+            if isinstance(exc, asyncio.CancelledError):
+                cancel_in_flight(trace)
             self.finish(trace, False)
             raise
         return result

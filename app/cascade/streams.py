@@ -92,6 +92,9 @@ class Replayed:
             yield b"".join([*(encode(orjson.dumps(c)) for c in self._chunks), DONE])
             self._engine.first_byte(self._trace)
             ok = True
+        except (asyncio.CancelledError, GeneratorExit):
+            self._trace.cancelled = True  # the client left before the answer was written
+            raise
         finally:
             self._end(ok)
 
@@ -178,6 +181,9 @@ class Relayed:
             if not sent_any:
                 engine.first_byte(trace)
             ok = True
+        except (asyncio.CancelledError, GeneratorExit):
+            trace.cancelled = True  # the client left mid-stream (the response stops pulling events)
+            raise
         finally:
             await self.end(ok)
 
@@ -217,9 +223,17 @@ class Relayed:
             await self.stack.aclose()
         finally:
             if not self.accounted:
-                # The client went away mid-stream, or the events never started: charge what was generated.
+                # The client went away mid-stream, or the events never started (the response could not be
+                # sent): charge what was generated.
                 att = self.att
-                att.outcome, att.reason, att.detail = "error", "cancelled", "client disconnected"
+                if self.trace.cancelled:
+                    att.outcome, att.reason, att.detail = (
+                        "cancelled",
+                        "client_disconnected",
+                        "client disconnected",
+                    )
+                else:
+                    att.outcome, att.reason, att.detail = "error", "not_sent", "the stream was never sent"
                 att.latency_ms = (time.perf_counter() - self.t0) * 1000
                 self._account()
             self.engine.finish(self.trace, ok)

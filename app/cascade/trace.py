@@ -23,7 +23,7 @@ Json = dict[str, Any]
 class Attempt:
     stage: int
     upstream: str
-    outcome: str = "error"  # accepted | rejected | error | cancelled (a hedge race made it unneeded)
+    outcome: str = "error"  # accepted | rejected | error | cancelled (a hedge race or the client ended it)
     reason: str = ""
     score: float | None = None
     scores: dict[str, float] = field(default_factory=dict)
@@ -95,6 +95,14 @@ class Trace:
     final_latency: LatencyStats | None = None
     relay_latency: LatencyStats | None = None  # the streamed last stage's upstream (observed at the end)
     baseline_latency_s: float | None = None  # set by extension(): what the last stage alone would take
+    # The client went away before its answer was sent (or the server stopped it): not an error of the
+    # proxy or an upstream, so requests count it as outcome="cancelled" and its calls in flight as
+    # attempts "cancelled" ("stop generating" must not fire the error-ratio alerts).
+    cancelled: bool = False
+
+    def outcome(self, ok: bool) -> str:
+        """The request's outcome label: success, error, or cancelled (the client left first)."""
+        return "success" if ok else "cancelled" if self.cancelled else "error"
 
     @property
     def escalations(self) -> int:
@@ -168,7 +176,7 @@ class Trace:
             metrics.fallback(c, self.accepted.upstream)
         if self.routed and self.attempts:
             metrics.routed(c, self.attempts[0].upstream)
-        metrics.finished(c, ok, self.stream, seconds, self.baseline_usd if ok else 0.0)
+        metrics.finished(c, self.outcome(ok), self.stream, seconds, self.baseline_usd if ok else 0.0)
         if ok and self.baseline_latency_s is not None:
             metrics.latency_saved(c, self.baseline_latency_s - seconds)
         if self.key is not None:
