@@ -98,7 +98,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if not names:
         raise CalibrateError(f"{path}: no cascade has a scored stage; nothing to calibrate", EXIT_CONFIG)
     if args.plot:
-        _check_matplotlib()
+        _check_matplotlib(args.plot)
     min_rows = args.min_labels if args.min_labels is not None else lcfg.min_labels
     db = lcfg.store.removeprefix("sqlite:///")
     if lcfg.store.startswith("sqlite:///") and not Path(db).exists():
@@ -209,14 +209,14 @@ def _report(r: Result, target: float, margin_z: float, min_rows: int) -> None:
         print("  warning: no setting reaches the target on these labels; the most accurate one is chosen")
 
 
-def _check_matplotlib() -> None:
+def _check_matplotlib(path: str) -> None:
+    from app.replay.configure import ReplayError
+    from app.replay.plot import require_matplotlib
+
     try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise CalibrateError(
-            "--plot needs matplotlib: pip install 'cascade-proxy[plot]' (or pip install matplotlib)",
-            EXIT_CONFIG,
-        ) from exc
+        require_matplotlib(path)
+    except ReplayError as exc:
+        raise CalibrateError(str(exc), EXIT_CONFIG) from exc
 
 
 def _plot(r: Result, path: str, target: float) -> None:
@@ -249,7 +249,7 @@ def write_thresholds(path: str, updates: dict[str, tuple[float, ...]]) -> None:
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_bytes().decode("utf-8")  # line endings as they are (CRLF stays CRLF)
     try:
         data = YAML(typ="rt").load(text)
     except YAMLError as exc:
@@ -263,6 +263,13 @@ def write_thresholds(path: str, updates: dict[str, tuple[float, ...]]) -> None:
             stage = stages[k]
             if "threshold" not in stage:
                 raise CalibrateError(f"{where}: not in {path}; nothing written", EXIT_CONFIG)
+            shared = _aliased(data["cascades"], name, stage)
+            if shared is not None:
+                raise CalibrateError(
+                    f"{where}: the stage is shared with cascades.{shared} through a YAML anchor; writing it "
+                    f"would change both; nothing written",
+                    EXIT_CONFIG,
+                )
             line, col = stage.lc.value("threshold")
             edits.append((line, col, f"{t:.4f}".rstrip("0").rstrip(".") or "0", where))
     for line, col, value, where in sorted(edits, reverse=True):
@@ -273,13 +280,22 @@ def write_thresholds(path: str, updates: dict[str, tuple[float, ...]]) -> None:
     _replace(path, "".join(lines))
 
 
+def _aliased(cascades: Any, name: str, stage: Any) -> str | None:
+    """Another cascade whose stages hold this very stage (a YAML alias of it, or of their list)."""
+    for other, c in cascades.items():
+        if other != name and any(s is stage for s in c.get("stages") or ()):
+            return str(other)
+    return None
+
+
 def _replace(path: str, text: str) -> None:
-    """Write atomically, keeping the file's mode."""
-    p = Path(path)
+    """Write atomically, keeping the file's mode; through a symlink, the file it points to (a
+    Kubernetes ConfigMap mount, a dotfile link) is replaced, not the link."""
+    p = Path(path).resolve()
     mode = p.stat().st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, p)

@@ -106,7 +106,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.plot:
             from app.replay.plot import require_matplotlib
 
-            require_matplotlib()
+            require_matplotlib(args.plot)
         opts = ReplayOptions(
             dataset=args.dataset,
             config=args.config,

@@ -78,7 +78,7 @@ def cmd_online(args: argparse.Namespace) -> int:
         if args.plot:
             from app.replay.plot import require_matplotlib
 
-            require_matplotlib()
+            require_matplotlib(args.plot)
         opts = _options(args)
         bar = None if args.quiet else ProgressBar("online")
         result = run_online(opts, bar)

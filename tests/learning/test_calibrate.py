@@ -96,6 +96,47 @@ def test_calibrate_write_changes_only_the_numbers(
     assert load_config(config_file).cascades["default"].stages[0].threshold == pytest.approx(chosen, abs=1e-4)
 
 
+def test_calibrate_write_through_a_symlink_keeps_crlf_and_refuses_a_shared_stage(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--write replaced a symlinked config with a plain file (the target kept the old numbers), turned
+    every CRLF into LF (a diff of every line), and edited a stage another cascade shares through a YAML
+    anchor (changing that cascade's threshold too)."""
+    real = tmp_path / "real.yaml"
+    real.write_bytes(config_file.read_text().replace("\n", "\r\n").encode())
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    before = real.read_bytes()
+    assert main(["calibrate", "--config", str(link), "--target-quality", "0.9", "--write"]) == 0
+    assert link.is_symlink()
+    after = real.read_bytes()
+    changed = [(b, a) for b, a in zip(before.split(b"\r\n"), after.split(b"\r\n"), strict=True) if a != b]
+    assert (
+        len(changed) == 1 and b"threshold: 0.7 " in changed[0][0] and b"\n" not in after.replace(b"\r\n", b"")
+    )
+    shared = config_file.read_text().replace("    stages:\n", "    stages: &st\n", 1)
+    shared = shared.replace("learning:", "  copy: {deadline_s: 30, stages: *st}\nlearning:")
+    config_file.write_text(shared)
+    capsys.readouterr()
+    assert main(["calibrate", "--config", str(config_file), "--cascade", "default", "--write"]) == 2
+    err = capsys.readouterr().err
+    assert "cascades.default.stages[0].threshold: the stage is shared with cascades.copy" in err
+    assert config_file.read_text() == shared
+
+
+@pytest.mark.parametrize("name", ["curve.txt", "curve", "missing/curve.png", "."])
+def test_calibrate_plot_to_a_path_it_cannot_write_exits_2_before_fitting(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Tracebacks at the end (no such directory, an unknown format), or a file written under another name
+    than the one printed ("curve" became "curve.png")."""
+    path = tmp_path / name
+    assert main(["calibrate", "--config", str(config_file), "--plot", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("calibrate: --plot: ") and "chosen" not in out.out, out
+    assert not list(tmp_path.glob("curve*"))
+
+
 def test_calibrate_plot_writes_a_png(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -467,3 +467,19 @@ def _two_stage(tmp_path: Path) -> Path:
     path = tmp_path / "two.yaml"
     path.write_text(json.dumps(cfg), encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_a_plot_path_that_cannot_be_written_exits_2_before_the_replay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], online: bool
+) -> None:
+    """A traceback after the whole replay (no such directory, an unknown format)."""
+    data = str(_write(tmp_path / "d.jsonl", synth.rows(n=60, seed=2)))
+    for plot, says in [
+        ("no/such/dir/p.png", "is not a directory"),
+        ("p.txt", "must end in .png, .svg, .pdf"),
+    ]:
+        code, _, err = _replay(
+            capsys, data, *(["--online"] if online else []), "--plot", str(tmp_path / plot)
+        )
+        assert code == 2 and err.startswith("cascade replay: --plot: ") and says in err, err
