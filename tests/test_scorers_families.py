@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from app.config import ConfigError, parse_config
@@ -408,6 +412,30 @@ def test_python_scorer_load_errors_are_config_errors(spec: str, options: dict[st
         create_app(cfg, registry=CollectorRegistry())
     assert info.value.problems[0].startswith("cascades.default.stages[0].scorers[0]: cannot load:")
     assert needle in info.value.problems[0]
+
+
+def test_a_python_scorer_next_to_the_config_loads_with_the_cascade_command(tmp_path: Path) -> None:
+    """``cascade check-config`` (the console script) could not import a scorer module in the working
+    directory, which ``python -m app.cli`` (and uvicorn, gunicorn) can: the script's own directory
+    heads its import path, not the working directory."""
+    script = Path(sys.executable).parent / "cascade"
+    if not script.exists():
+        pytest.skip("the cascade console script is not installed in this environment")
+    (tmp_path / "my_team_scorer.py").write_text(
+        "class Short:\n    async def score(self, request, answer):\n        return 1.0\n"
+    )
+    cfg = two_stage("ok", scorers=[{"type": "python", "class": "my_team_scorer:Short"}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [str(script), "check-config", "c.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
 
 
 # --- early abort ---------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any
 
 from app.config import PythonScorer as PythonConfig
@@ -16,7 +18,13 @@ from app.scoring.base import Score, ScoreContext
 
 
 def load_class(spec: str) -> type[Any]:
+    """``module:Class``, the module found on the import path and, after it, in the working directory
+    (as ``python -m``, uvicorn and gunicorn find an app's modules; the ``cascade`` command's own path
+    starts at its script's directory instead, so a scorer module next to the config was not found)."""
     module_name, _, attr = spec.partition(":")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)  # last: a file in the working directory never shadows an installed package
     module = importlib.import_module(module_name)
     obj: Any = module
     for part in attr.split("."):
