@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.errors import CascadeBaseError
 
@@ -29,10 +36,25 @@ class ConfigError(CascadeBaseError):
         self.problems = problems
 
 
+_NUMBERS: tuple[Any, ...] = (int, float, int | None, float | None)
+
+
 class _Model(BaseModel):
     # Every number finite: .nan / .inf passed check-config and then failed every request (a NaN
     # hedge_after_s: 500s from the event loop; an infinite price: null costs and +Inf counters).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        # `port: true` was port 1 and `max_retries: yes` one retry: YAML's booleans are no numbers here.
+        # As text they fail the field's own check, which names the field.
+        if isinstance(data, dict):
+            for name, f in cls.model_fields.items():
+                key = f.alias or name
+                if f.annotation in _NUMBERS and isinstance(data.get(key), bool):
+                    data = {**data, key: str(data[key]).lower()}
+        return data
 
 
 # --- server / auth ------------------------------------------------------------------------------------
@@ -442,22 +464,56 @@ class Config(_Model):
 
 # --- loading ----------------------------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+_VAR_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.S)
+
+
+def _closing(s: str, start: int) -> int:
+    """The index of the ``}`` closing the ``${`` whose body starts at ``start`` (nested ones balanced)."""
+    depth = 1
+    for i in range(start, len(s)):
+        if s.startswith("${", i):
+            depth += 1
+        elif s[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def expand(s: str, env: dict[str, str], missing: list[str]) -> str:
+    """``${VAR}``, ``${VAR:-default}`` (the default may hold ``${...}`` itself) and ``$$`` (a literal
+    ``$``, as in docker compose); the names of unset variables without a default go to ``missing``."""
+    out: list[str] = []
+    i = 0
+    while i < len(s):
+        if s.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        if s.startswith("${", i):
+            end = _closing(s, i + 2)
+            m = _VAR_NAME.fullmatch(s, i + 2, end) if end >= 0 else None
+            if m is not None:
+                name, default = m.group(1), m.group(2)
+                if name in env:
+                    out.append(env[name])
+                elif default is not None:
+                    out.append(expand(default, env, missing))
+                else:
+                    missing.append(name)
+                i = end + 1
+                continue
+        out.append(s[i])
+        i += 1
+    return "".join(out)
 
 
 def _interpolate(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
     if isinstance(node, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(3)
-            if name in env:
-                return env[name]
-            if m.group(2) is not None:
-                return default or ""
-            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
-            return ""
-
-        return _VAR.sub(sub, node)
+        missing: list[str] = []
+        value = expand(node, env, missing)
+        problems.extend(f"{path or '<root>'}: environment variable {name} is not set" for name in missing)
+        return value
     if isinstance(node, dict):
         return {k: _interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
     if isinstance(node, list):
@@ -491,7 +547,21 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
 
 def _format_validation(exc: ValidationError) -> list[str]:
     out = []
-    for err in exc.errors(include_url=False, include_input=False):
+    errors = exc.errors(include_url=False, include_input=False)
+    bad_names = [err["loc"][: err["loc"].index("[key]")] for err in errors if "[key]" in err["loc"]]
+    for err in errors:
+        loc = err["loc"]
+        if "[key]" in loc:  # a mapping key YAML read as a number, a boolean or null
+            out.append(
+                f"{_loc_to_path(loc[: loc.index('[key]')])}: a name must be a string (write it in quotes)"
+            )
+            continue
+        if any(loc[: len(name)] == name for name in bad_names):
+            continue  # what is under a bad name is said once, by the name
+        if err["type"] == "too_short" and any(
+            len(o["loc"]) > len(loc) and o["loc"][: len(loc)] == loc for o in errors
+        ):
+            continue  # the list is long enough: one of its items is wrong, and that error says which
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -514,7 +584,11 @@ def _header_safe(name: str) -> bool:
 
 
 def _cross_check(cfg: Config) -> list[str]:
-    problems = []
+    problems = [
+        f"{kind}: a name must not be empty"
+        for kind, names in (("upstreams", cfg.upstreams), ("cascades", cfg.cascades))
+        if any(not n.strip() for n in names)
+    ]
     names = set(cfg.upstreams)
     for name in cfg.upstreams:
         if not _header_safe(name):

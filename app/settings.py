@@ -63,5 +63,14 @@ def load_effective(path: str | None, cli: dict[str, Any]) -> tuple[str, Config]:
         return p, apply_overrides(cfg, env, cli)
     except ValidationError as exc:
         raise ConfigError(
-            [f"server.{e['loc'][0]}: {e['msg']}" for e in exc.errors(include_url=False)]
+            [f"{_source(str(e['loc'][0]), env, cli)}: {e['msg']}" for e in exc.errors(include_url=False)]
         ) from exc
+
+
+def _source(key: str, env: EnvSettings, cli: dict[str, Any]) -> str:
+    """Where the bad value of server setting ``key`` came from: a flag, the environment or the file."""
+    if cli.get(key) is not None:
+        return f"--{key.replace('_', '-')}"
+    if getattr(env, key, None) is not None:
+        return f"CASCADE_{key.upper()}"
+    return f"server.{key}"

@@ -255,3 +255,51 @@ def test_a_config_file_that_is_not_utf8_is_one_line_without_its_bytes(
     err = capsys.readouterr().err
     assert err.strip() == f"{p}: line 2: not UTF-8 text (byte 54); save the file as UTF-8"
     assert "SECRET" not in err
+
+
+def test_interpolation_nests_defaults_and_escapes_dollars() -> None:
+    """``${A:-${B}}`` gave the literal "${B}" (or "aye}" with A set), and a literal ``$`` before a brace
+    could not be written."""
+    raw = base_config()
+    raw["upstreams"]["small"]["api_key"] = "${KEY_A:-${KEY_B}}"
+    raw["upstreams"]["large"]["api_key"] = "${KEY_C:-${KEY_D:-fallback}}"
+    raw["upstreams"]["large"]["headers"] = {"x-note": "costs $${PRICE} and $$5"}
+    cfg = parse_config(raw, env={"KEY_B": "sk-b"})
+    assert cfg.upstreams["small"].api_key == "sk-b" and cfg.upstreams["large"].api_key == "fallback"
+    assert cfg.upstreams["large"].headers == {"x-note": "costs ${PRICE} and $5"}
+    assert parse_config(raw, env={"KEY_A": "sk-a", "KEY_B": "x"}).upstreams["small"].api_key == "sk-a"
+    assert _problems(raw, env={}) == ["upstreams.small.api_key: environment variable KEY_B is not set"]
+
+
+def test_odd_names_booleans_and_a_bad_item_say_one_thing_each() -> None:
+    raw = base_config()
+    raw["cascades"]["default"]["stages"] = [{"threshold": 0.5}]  # a stage without its upstream
+    # (it also said "stages: must have at least 1 item(s)" of a list of one item)
+    assert _problems(raw) == ["cascades.default.stages[0].upstream: required key is missing"]
+    raw = base_config()
+    raw["cascades"][None] = {"stages": "s"}  # `null:` or `~:` in YAML
+    assert _problems(raw) == ["cascades.None: a name must be a string (write it in quotes)"]
+    raw = base_config()
+    raw["upstreams"][""] = raw["upstreams"].pop("large")
+    raw["cascades"]["default"]["stages"][1]["upstream"] = ""
+    assert _problems(raw) == ["upstreams: a name must not be empty"]
+    raw = base_config()
+    raw["server"] = {"port": True}  # it was port 1
+    raw["upstreams"]["small"]["max_retries"] = True  # it was one retry
+    problems = _problems(raw)
+    assert [p.split(":")[0] for p in problems] == ["server.port", "upstreams.small.max_retries"]
+
+
+def test_a_bad_flag_or_environment_value_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve --port 0`` reported ``server.port``, sending the user to a file that has no such line."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config()))
+    with pytest.raises(ConfigError) as info:
+        load_effective(str(path), {"port": 0})
+    assert info.value.problems == ["--port: Input should be greater than or equal to 1"]
+    monkeypatch.setenv("CASCADE_WORKERS", "0")
+    with pytest.raises(ConfigError) as info:
+        load_effective(str(path), {})
+    assert info.value.problems == ["CASCADE_WORKERS: Input should be greater than or equal to 1"]
