@@ -217,6 +217,33 @@ async def test_sigterm_drains_in_flight_requests_and_streams_then_exits_0(
     assert len(stopped) == workers and all(entry["tasks"] <= 1 for entry in stopped), stopped
 
 
+async def test_a_request_still_running_when_the_grace_period_ends_gets_a_503_envelope(
+    fake_url: str, tmp_path: Path
+) -> None:
+    """The server cancels what is left when ``shutdown_grace_s`` is over: the client got uvicorn's
+    plain-text 500, and the request counted as cancelled by its client (out of the error ratio)."""
+    cfg = _config(fake_url, slow="slow-20000")
+    cfg["server"] = {"drain_delay_s": 0, "shutdown_grace_s": 1, "log_level": "info"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    async with serve(path, 1) as s, httpx.AsyncClient(timeout=20) as client:
+        chat = s.url + "/v1/chat/completions"
+        slow = asyncio.create_task(client.post(chat, json={"model": "slow", "messages": ASK}, headers=AUTH))
+
+        async def in_flight() -> bool:
+            async with httpx.AsyncClient(timeout=5) as c:
+                return "cascade_in_flight_requests 1.0" in (await c.get(s.url + "/metrics")).text
+
+        await _until("the request in flight", 20, in_flight)
+        s.proc.send_signal(signal.SIGTERM)
+        r = await slow
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+        assert r.headers["x-request-id"]
+        assert await asyncio.to_thread(s.proc.wait, 15) == 0
+    requests = [orjson.loads(line) for line in s.stderr().splitlines() if '"msg":"request"' in line]
+    assert [(e["cascade"], e["outcome"]) for e in requests] == [("slow", "error")]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sighup_and_admin_reload_swap_the_config_and_keep_it_when_bad(
     fake_url: str, tmp_path: Path, workers: int

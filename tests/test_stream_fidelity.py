@@ -278,6 +278,26 @@ async def test_n_above_1_is_refused_where_an_upstream_lacks_n(fake: FakeUpstream
     assert not any(req["body"].get("n") == 2 and req["body"]["model"] == "ok" for req in fake.requests)
 
 
+async def test_n_above_1_is_served_when_the_upstream_lacking_n_is_outside_the_window(
+    fake: FakeUpstream,
+) -> None:
+    """A stage the request cannot reach (after its ``max_stage``, before its ``min_stage``) cannot
+    answer it short: the request was refused for it all the same."""
+    cfg = base_config()
+    cfg["upstreams"]["large"]["supports_n"] = False
+    async with proxy(cfg, fake) as (c, _):
+        body = chat("default", n=2, cascade={"max_stage": 0})
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2 and r.json()["cascade"]["stage"] == 0
+        r = await c.post(
+            "/v1/chat/completions", json=chat("default", n=2), headers={"x-cascade-max-stage": "0"}
+        )
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        r = await c.post("/v1/chat/completions", json=chat("default", n=2))  # may reach it: refused
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
 # --- the relay's byte path, and one write per upstream read --------------------------------------------
 
 

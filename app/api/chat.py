@@ -9,6 +9,7 @@ FastAPI route of the same path (the OpenAPI document, and that case) answers thr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -20,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.admission import admit
 from app.api.auth import check_presented
-from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
+from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel, shutting_down
 from app.cascade.engine import Completed
 from app.cascade.streams import Streamed
 from app.cascade.trace import Trace
@@ -147,8 +148,8 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
         parsed = parse_json(raw)
         body = validate_chat_request(parsed, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
-        plan.check_n(body)
         window, key_name = admit(rt, state.budgets, metrics, key, plan, body, head.min_stage, head.max_stage)
+        plan.check_n(body, *((window.first, window.last) if window is not None else ()))
     except ProxyError as exc:
         refused(state, exc, rid, PATH, parsed)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
@@ -168,12 +169,15 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
         except ProxyError as exc:
             await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
             return
+        except asyncio.CancelledError:
+            await shutting_down(send, rid)  # the server's cancellation (its grace period is over)
+            raise
         headers = _cascade_headers(result.trace, rid)
         if isinstance(result, Completed):
             headers["x-cascade-cost-usd"] = f"{result.trace.cost_usd:.10f}"
             await _send_json(send, 200, result.body, headers)
             return
-        await SSEResponse(result.events, headers)(scope, receive, send)
+        await SSEResponse(result.events, headers, result.trace.client_gone)(scope, receive, send)
     finally:
         if isinstance(result, Streamed) and not result.ended:
             # This handler owns the stream: whatever happened since the engine opened it (even the

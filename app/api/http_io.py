@@ -9,7 +9,8 @@ iterator, so the upstream connection is released and the request accounted for e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -17,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.errors import CascadeBaseError, InvalidRequest, PayloadTooLarge
+from app.cascade.trace import CLIENT_GONE
+from app.errors import CascadeBaseError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 
 T = TypeVar("T")
 
@@ -87,25 +89,49 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Future[Any]) -> 
     await _wait_disconnect(receive)
     if task.done():
         return False
-    task.cancel()
+    task.cancel(CLIENT_GONE)
     return True
+
+
+async def shutting_down(send: Send, request_id: str) -> None:
+    """A request the server cancelled at the end of a shutdown's grace period (``server.shutdown_grace_s``),
+    before its reply started: a 503 in the OpenAI envelope a client can retry elsewhere (the server's own
+    answer was a plain-text 500). Best effort: the connection may be gone already."""
+    err = ServiceUnavailable(
+        "The proxy is shutting down and could not finish this request in time; retry it.",
+        code="shutting_down",
+    )
+    body = orjson.dumps(err.body())
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode("latin-1"))]
+    with contextlib.suppress(Exception):
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class SSEResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        on_client_gone: Callable[[], None] | None = None,
+    ) -> None:
         # Like StreamingResponse: no body attribute, so no content-length header is added.
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
         self.events = events
+        self.on_client_gone = on_client_gone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await run_or_cancel(receive, self._pump(send))
         except ClientGone:
-            pass  # the client left: the stream ends here (any other cancellation propagates)
+            # The client left: the stream ends here (any other cancellation propagates). Said before the
+            # events are closed, which records the request.
+            if self.on_client_gone is not None:
+                self.on_client_gone()
         finally:
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:

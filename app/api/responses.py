@@ -9,6 +9,7 @@ before the first byte are HTTP errors in the OpenAI envelope; after it, an ``err
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from app.api.admission import admit
 from app.api.auth import check_presented
 from app.api.chat import _cascade_headers, _Head, _read_body, _send_json, refused, request_id
-from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel
+from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel, shutting_down
 from app.cascade.engine import Completed
 from app.cascade.streams import Streamed
 from app.errors import ProxyError
@@ -66,6 +67,9 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
         except ProxyError as exc:
             await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
             return
+        except asyncio.CancelledError:
+            await shutting_down(send, rid)  # the server's cancellation (its grace period is over)
+            raise
         headers = _cascade_headers(result.trace, rid)
         if isinstance(result, Completed):
             headers["x-cascade-cost-usd"] = f"{result.trace.cost_usd:.10f}"
@@ -74,7 +78,9 @@ async def responses(scope: Scope, receive: Receive, send: Send) -> None:
             return
         model = result.trace.serving.upstream if result.trace.serving is not None else body["model"]
         events = ResponseEvents(request, response_id(result.trace.completion_id), model, _now())
-        await SSEResponse(_translate(result.events, events), headers)(scope, receive, send)
+        await SSEResponse(_translate(result.events, events), headers, result.trace.client_gone)(
+            scope, receive, send
+        )
     finally:
         if isinstance(result, Streamed) and not result.ended:
             await result.aclose()

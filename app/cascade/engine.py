@@ -30,7 +30,7 @@ from app.cascade.hedge import Call, Race, abandon, discard, outcome, race, start
 from app.cascade.plan import Plan, Stage
 from app.cascade.relay import StreamRelay
 from app.cascade.streams import Relayed, Replayed, Streamed
-from app.cascade.trace import Attempt, Trace
+from app.cascade.trace import Attempt, Trace, client_left
 from app.errors import CascadeBaseError, DeadlineExceeded, ProxyError, UpstreamError
 from app.protocol import completion_to_chunks, include_usage, new_id, shape_completion, wants_logprobs
 from app.scoring.base import Answer, ScoreContext, score_stage
@@ -105,7 +105,7 @@ class Engine:
         except BaseException as exc:
             # Cancelled (client gone, shutdown) or a bug: account for what was spent, then propagate.
             charge_in_flight(trace, plan, body)
-            if isinstance(exc, asyncio.CancelledError):
+            if client_left(exc):
                 cancel_in_flight(trace)
             self.finish(trace, False)
             raise

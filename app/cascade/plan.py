@@ -65,14 +65,15 @@ class Plan:
     def final(self) -> Stage:
         return self.stages[-1]
 
-    def check_n(self, body: Mapping[str, Any]) -> None:
-        """``n`` > 1 needs every stage's upstream to honour ``n`` (``supports_n``): one that ignores it
-        would answer with one choice where the client asked for several, so the request is refused
-        (400, param ``n``) rather than answered short."""
+    def check_n(self, body: Mapping[str, Any], first: int = 0, last: int | None = None) -> None:
+        """``n`` > 1 needs every stage the request may reach (``first`` to ``last``, its window) to honour
+        ``n`` (``supports_n``): one that ignores it would answer with one choice where the client asked
+        for several, so the request is refused (400, param ``n``) rather than answered short. A stage
+        outside the window (``max_stage``, ``min_stage``, a key's cap) cannot answer it."""
         n = body.get("n")
         if n is None or n == 1:
             return
-        for st in self.stages:
+        for st in self.stages[first : None if last is None else last + 1]:
             if not st.upstream.cfg.supports_n:
                 where = "" if self.passthrough else f" (stage {st.index} of cascade '{self.name}')"
                 raise InvalidRequest(

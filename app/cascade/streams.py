@@ -20,7 +20,7 @@ import orjson
 from app.cascade.accounting import account_stream, record_failure
 from app.cascade.plan import Stage
 from app.cascade.relay import StreamRelay
-from app.cascade.trace import Attempt, Trace
+from app.cascade.trace import Attempt, Trace, client_left
 from app.errors import UpstreamError
 from app.upstream.client import UpstreamEvents
 from app.upstream.sse import DONE, encode
@@ -92,8 +92,8 @@ class Replayed:
             yield b"".join([*(encode(orjson.dumps(c)) for c in self._chunks), DONE])
             self._engine.first_byte(self._trace)
             ok = True
-        except (asyncio.CancelledError, GeneratorExit):
-            self._trace.cancelled = True  # the client left before the answer was written
+        except asyncio.CancelledError as exc:
+            self._trace.cancelled = self._trace.cancelled or client_left(exc)
             raise
         finally:
             self._end(ok)
@@ -181,8 +181,10 @@ class Relayed:
             if not sent_any:
                 engine.first_byte(trace)
             ok = True
-        except (asyncio.CancelledError, GeneratorExit):
-            trace.cancelled = True  # the client left mid-stream (the response stops pulling events)
+        except asyncio.CancelledError as exc:
+            # The client left while the upstream was being waited on (``SSEResponse`` says so itself
+            # when it was being written to); the server's cancellation at a shutdown is an error.
+            trace.cancelled = trace.cancelled or client_left(exc)
             raise
         finally:
             await self.end(ok)

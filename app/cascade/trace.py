@@ -6,6 +6,7 @@ only place request-level metrics are written, so the response body and the count
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,15 @@ class Attempt:
         return out
 
 
+# The message a request's task is cancelled with when its client disconnects (``app.api.http_io``): a
+# cancellation without it is the server's (the end of a shutdown's grace period), which is an error.
+CLIENT_GONE = "cascade: the client disconnected"
+
+
+def client_left(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError) and CLIENT_GONE in exc.args
+
+
 @dataclass(slots=True)
 class Trace:
     cascade: str
@@ -99,6 +109,10 @@ class Trace:
     # proxy or an upstream, so requests count it as outcome="cancelled" and its calls in flight as
     # attempts "cancelled" ("stop generating" must not fire the error-ratio alerts).
     cancelled: bool = False
+
+    def client_gone(self) -> None:
+        """The client left while its stream was being written (``SSEResponse``)."""
+        self.cancelled = True
 
     def outcome(self, ok: bool) -> str:
         """The request's outcome label: success, error, or cancelled (the client left first)."""
