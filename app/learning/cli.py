@@ -210,13 +210,10 @@ def _report(r: Result, target: float, margin_z: float, min_rows: int) -> None:
 
 
 def _check_matplotlib(path: str) -> None:
-    from app.replay.configure import ReplayError
-    from app.replay.plot import require_matplotlib
+    from app.plotting import plot_problem
 
-    try:
-        require_matplotlib(path)
-    except ReplayError as exc:
-        raise CalibrateError(str(exc), EXIT_CONFIG) from exc
+    if (problem := plot_problem(path)) is not None:
+        raise CalibrateError(problem, EXIT_CONFIG)
 
 
 def _plot(r: Result, path: str, target: float) -> None:

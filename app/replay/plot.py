@@ -3,47 +3,22 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-INSTALL_HINT = "--plot needs matplotlib: pip install 'cascade-proxy[plot]' (or pip install matplotlib)"
+from app.plotting import plot_problem
 
 
 def _saved(x: float | None) -> str:
     return "savings n/a (the best model costs nothing)" if x is None else f"{x:.0%} saved"
 
 
-PLOT_FORMATS = (".png", ".svg", ".pdf")
-
-
-def plot_path_problem(path: str) -> str | None:
-    """Why ``--plot PATH`` cannot be written, checked before any work (after it, a matplotlib traceback
-    at the very end; or a file written under another name than the one printed: "x" became "x.png")."""
-    p = Path(path)
-    if p.suffix.lower() not in PLOT_FORMATS:
-        return f"--plot: {path} must end in {', '.join(PLOT_FORMATS)}"
-    if p.is_dir():
-        return f"--plot: {path} is a directory"
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        return f"--plot: {parent} is not a directory"
-    if not os.access(parent, os.W_OK):
-        return f"--plot: {parent} is not writable"
-    return None
-
-
-def require_matplotlib(path: str | None = None) -> None:
-    """matplotlib importable and ``path`` (``--plot``) writable, or ReplayError saying what is wrong."""
+def require_matplotlib(path: str) -> None:
+    """``--plot path`` can be written (``app.plotting``), or ReplayError saying what is wrong."""
     from app.replay.configure import ReplayError
 
-    if path is not None and (problem := plot_path_problem(path)) is not None:
+    if (problem := plot_problem(path)) is not None:
         raise ReplayError(problem)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise ReplayError(INSTALL_HINT) from exc
 
 
 def plot_report(report: Mapping[str, Any], curve: Sequence[tuple[float, float]], path: str) -> None:
