@@ -140,11 +140,19 @@ def test_pod_contract(default_render: str) -> None:
     assert svc_labels | sm["selector"]["matchLabels"] == svc_labels  # the ServiceMonitor selects the Service
 
 
-@pytest.mark.parametrize(("grace", "expected_min"), [(None, 30), (60, 60), (7.5, 8)])
-def test_termination_grace_exceeds_drain_window(grace: float | None, expected_min: int) -> None:
+@pytest.mark.parametrize(
+    ("grace", "drain", "expected_min"), [(None, None, 30), (60, None, 60), (7.5, None, 8), (30, 15, 45)]
+)
+def test_termination_grace_exceeds_drain_window(
+    grace: float | None, drain: float | None, expected_min: int
+) -> None:
+    """The app serves ``drain_delay_s`` after SIGTERM and only then starts its ``shutdown_grace_s``: the
+    pod's grace must cover both (with a 15 s drain delay, as the README suggests on Kubernetes, pods were
+    killed mid-stream)."""
     values: dict[str, Any] = dict(KEY)
-    if grace is not None:
-        values["config"] = {"server": {"shutdown_grace_s": grace}}
+    server = {k: v for k, v in (("shutdown_grace_s", grace), ("drain_delay_s", drain)) if v is not None}
+    if server:
+        values["config"] = {"server": server}
     pod = by_kind(helm_template(values))["Deployment"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > expected_min
     assert pod["terminationGracePeriodSeconds"] >= expected_min + 5 + 1  # preStop sleep + margin

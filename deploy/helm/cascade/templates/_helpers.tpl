@@ -69,16 +69,21 @@ app.kubernetes.io/part-of: cascade
 {{- end }}
 {{- end }}
 
-{{/* shutdown_grace_s from the config (30 when unset). */}}
+{{/* How long the app takes to stop after SIGTERM: server.drain_delay_s (0 when unset: /readyz answers
+503 while requests are still served) plus server.shutdown_grace_s (30 when unset), from the config. */}}
 {{- define "cascade.shutdownGrace" -}}
-{{- $grace := 30 }}
+{{- $server := dict }}
 {{- if .Values.configYaml }}
 {{- $cfg := fromYaml .Values.configYaml }}
-{{- if and $cfg.server (hasKey $cfg.server "shutdown_grace_s") }}{{ $grace = $cfg.server.shutdown_grace_s }}{{ end }}
-{{- else if and .Values.config .Values.config.server (hasKey .Values.config.server "shutdown_grace_s") }}
-{{- $grace = .Values.config.server.shutdown_grace_s }}
+{{- if $cfg.server }}{{ $server = $cfg.server }}{{ end }}
+{{- else if and .Values.config .Values.config.server }}
+{{- $server = .Values.config.server }}
 {{- end }}
-{{- $grace | float64 | ceil | int }}
+{{- $grace := 30.0 }}
+{{- if hasKey $server "shutdown_grace_s" }}{{ $grace = $server.shutdown_grace_s | float64 }}{{ end }}
+{{- $drain := 0.0 }}
+{{- if hasKey $server "drain_delay_s" }}{{ $drain = $server.drain_delay_s | float64 }}{{ end }}
+{{- addf $grace $drain | ceil | int }}
 {{- end }}
 
 {{- define "cascade.terminationGracePeriodSeconds" -}}
