@@ -133,9 +133,9 @@ class Metrics:
             registry=r,
         )
         # A running sum that goes down when a request took longer than its baseline: a gauge (counters
-        # cannot decrease). increase()/delta() over a window is the latency saved in it.
+        # cannot decrease). delta() over a window is the latency saved in it.
         self.latency_saved_seconds = Gauge(
-            "cascade_latency_saved_seconds_total",
+            "cascade_latency_saved_seconds",
             "Seconds saved against the last stage alone (its recent latency for answers of the same "
             "length), summed over successful requests; negative when the cascade was slower.",
             ["cascade"],

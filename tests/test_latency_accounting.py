@@ -1,5 +1,5 @@
 """Latency accounting: ``cascade.latency_ms`` / ``cascade.baseline_latency_ms`` (the last stage alone, from
-its recent latency for answers of the same length) and ``cascade_latency_saved_seconds_total``."""
+its recent latency for answers of the same length) and ``cascade_latency_saved_seconds``."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ async def test_baseline_latency_and_latency_saved(fake: FakeUpstream) -> None:
         first = (await c.post("/v1/chat/completions", json=chat())).json()["cascade"]
         assert first["stage"] == 0 and first["baseline_latency_ms"] is None
         assert first["latency_ms"] >= 0
-        assert reg.get_sample_value("cascade_latency_saved_seconds_total", {"cascade": "default"}) in (
+        assert reg.get_sample_value("cascade_latency_saved_seconds", {"cascade": "default"}) in (
             None,
             0.0,
         )
@@ -67,7 +67,7 @@ async def test_baseline_latency_and_latency_saved(fake: FakeUpstream) -> None:
         # Now a stage-0 answer of the same length gets the last stage's estimate as its baseline.
         r = (await c.post("/v1/chat/completions", json=chat())).json()["cascade"]
     assert r["stage"] == 0 and r["baseline_latency_ms"] >= 50
-    saved = reg.get_sample_value("cascade_latency_saved_seconds_total", {"cascade": "default"})
+    saved = reg.get_sample_value("cascade_latency_saved_seconds", {"cascade": "default"})
     assert saved is not None and 0 < saved <= r["baseline_latency_ms"] / 1000
     # The escalated request took longer than its last stage alone: its saving is negative.
-    assert reg.get_sample_value("cascade_latency_saved_seconds_total", {"cascade": "esc"}) < 0
+    assert reg.get_sample_value("cascade_latency_saved_seconds", {"cascade": "esc"}) < 0

@@ -327,6 +327,20 @@ async def test_real_prometheus_scrapes_alerts_and_dashboards() -> None:
         seen.update(_key(a) for a in await _alerts(prom))
         assert seen == EXPECTED, f"unexpected alerts: {sorted(seen - EXPECTED)}"
 
+        # The exposition passes Prometheus's own lint (a gauge named like a counter, ``..._total``,
+        # failed it: CI jobs that lint scrapes rejected the whole endpoint).
+        scrape = (await client.get(client.base_url.copy_with(path="/metrics"))).text
+        lint = await asyncio.to_thread(
+            subprocess.run,
+            [tool("promtool"), "check", "metrics"],
+            input=scrape,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+        assert "cascade_latency_saved_seconds{" in scrape
+
         # The series: every contract metric, with the labels this traffic must have produced.
         names = {
             r["metric"]["__name__"]
