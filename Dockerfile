@@ -40,14 +40,13 @@ COPY --from=builder /opt/venv /opt/venv
 # Default config: one cascade over OpenAI models, keys from the environment. Mount your own over it.
 COPY deploy/docker/config.yaml /etc/cascade/config.yaml
 
+# No CASCADE_HOST/PORT/WORKERS/LOG_FORMAT here: the environment beats the config file, so an image
+# default would silently override a mounted config's `server` section (the app's own defaults are the
+# same: 0.0.0.0, 8000, one worker, JSON logs).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    CASCADE_CONFIG=/etc/cascade/config.yaml \
-    CASCADE_HOST=0.0.0.0 \
-    CASCADE_PORT=8000 \
-    CASCADE_WORKERS=1 \
-    CASCADE_LOG_FORMAT=json
+    CASCADE_CONFIG=/etc/cascade/config.yaml
 
 # The default sqlite learning store (sqlite:///./data/traces.db) lives here.
 WORKDIR /app
@@ -56,9 +55,10 @@ USER 10001:10001
 EXPOSE 8000
 
 # python:slim has no curl: probe /healthz with the standard library, on the port actually served:
-# `serve --port N` (read from PID 1's command line, also behind `docker run --init`), else CASCADE_PORT.
+# `serve --port N` (PID 1's command line, also behind `docker run --init`), else CASCADE_PORT, else the
+# config file's server.port, else 8000 (app/healthcheck.py).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os, sys, urllib.request; a = open('/proc/1/cmdline', 'rb').read().decode(errors='replace').split(chr(0)); p = next((x[7:] for x in a if x.startswith('--port=')), None) or next((a[i + 1] for i, x in enumerate(a[:-1]) if x == '--port'), None) or os.environ.get('CASCADE_PORT', '8000'); r = urllib.request.urlopen('http://127.0.0.1:%s/healthz' % p, timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+  CMD ["python", "-m", "app.healthcheck"]
 
 # Exec form: `cascade` is PID 1 and receives SIGTERM itself (graceful drain, then exit 0).
 # Set the drain window with server.shutdown_grace_s; give `docker stop -t` a few seconds more.

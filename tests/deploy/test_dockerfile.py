@@ -80,8 +80,9 @@ def test_runtime_contract(stages) -> None:
     for args in _ops(rt, "ENV"):
         env.update(ci.parse_kv(args, env))
     assert env["CASCADE_CONFIG"] == "/etc/cascade/config.yaml"
-    assert env["CASCADE_PORT"] == "8000" and env["CASCADE_HOST"] == "0.0.0.0"
-    assert env["CASCADE_WORKERS"].isdigit()
+    # Server settings in the image's environment beat the config file: a mounted config's `server`
+    # section (workers: 3, log_format: text, a port) was silently overridden by them.
+    assert not {"CASCADE_HOST", "CASCADE_PORT", "CASCADE_WORKERS", "CASCADE_LOG_FORMAT"} & set(env)
     assert "PROMETHEUS_MULTIPROC_DIR" not in env  # the service manages its own
     copies = _ops(rt, "COPY")
     assert any(c.endswith("/etc/cascade/config.yaml") for c in copies)
@@ -90,8 +91,7 @@ def test_runtime_contract(stages) -> None:
 def test_healthcheck_uses_python_on_healthz(stages) -> None:
     (hc,) = _ops(stages[-1], "HEALTHCHECK")
     cmd = hc[hc.index("CMD") + 3 :].strip()
-    argv = ci.parse_exec(cmd)
-    assert argv[0] == "python" and "/healthz" in argv[-1]
+    assert ci.parse_exec(cmd) == ["python", "-m", "app.healthcheck"]
     assert "curl" not in hc and "wget" not in hc
 
 
@@ -152,9 +152,10 @@ def test_check_image_plan() -> None:
 
 
 @pytest.mark.loopback
-@pytest.mark.parametrize("form", ["--port N", "--port=N", "CASCADE_PORT"])
+@pytest.mark.parametrize("form", ["--port N", "--port=N", "CASCADE_PORT", "server.port"])
 def test_healthcheck_probes_the_port_served(stages, tmp_path: Path, form: str) -> None:
-    """`docker run IMAGE serve --port N` (PID 1's argv, also behind --init) wins over CASCADE_PORT."""
+    """`docker run IMAGE serve --port N` (PID 1's argv, also behind --init) wins over CASCADE_PORT, which
+    wins over the config file's server.port: the settings' own precedence."""
     import http.server
     import socket
     import threading
@@ -177,20 +178,23 @@ def test_healthcheck_probes_the_port_served(stages, tmp_path: Path, form: str) -
         "--port N": ["docker-init", "--", "cascade", "serve", "--port", str(port)],
         "--port=N": ["cascade", "serve", f"--port={port}"],
         "CASCADE_PORT": ["cascade", "serve"],
+        "server.port": ["cascade", "serve"],
     }[form]
     cmdline = tmp_path / "cmdline"
     cmdline.write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"server: {{port: {port if form == 'server.port' else closed}}}\n")
     (hc,) = _ops(stages[-1], "HEALTHCHECK")
-    probe = ci.parse_exec(hc[hc.index("CMD") + 3 :].strip())
-    assert "/proc/1/cmdline" in probe[-1]
-    probe = [sys.executable, *probe[1:-1], probe[-1].replace("/proc/1/cmdline", str(cmdline))]
-    env_port = str(port) if form == "CASCADE_PORT" else str(closed)
+    probe = [sys.executable, *ci.parse_exec(hc[hc.index("CMD") + 3 :].strip())[1:], str(cmdline)]
+    env = {"CASCADE_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
+    if form != "server.port":
+        env["CASCADE_PORT"] = str(port) if form == "CASCADE_PORT" else str(closed)
     try:
-        ok = run(probe, env={"CASCADE_PORT": env_port}, timeout=30)
+        ok = run(probe, env=env, timeout=30)
         assert ok.returncode == 0, ok.stderr
-        if form != "CASCADE_PORT":  # the served port decides, not CASCADE_PORT
+        if form.startswith("--port"):  # the served port decides, not CASCADE_PORT
             cmdline.write_bytes(cmdline.read_bytes().replace(str(port).encode(), str(closed).encode()))
-            bad = run(probe, env={"CASCADE_PORT": str(port)}, timeout=30)
+            bad = run(probe, env={**env, "CASCADE_PORT": str(port)}, timeout=30)
             assert bad.returncode != 0
     finally:
         srv.shutdown()
