@@ -61,6 +61,11 @@ _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 
 
+# Labels Prometheus puts on every series of a target when it scrapes it (job, instance) and that
+# Kubernetes service discovery adds (namespace, pod, service): not the app's, but fine to group by.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service"}
+
+
 def check_promql(expr: str, metrics: dict[str, Metric]) -> list[str]:
     """Problems with metric names, label names and label values in one PromQL expression."""
     problems: list[str] = []
@@ -95,7 +100,7 @@ def check_promql(expr: str, metrics: dict[str, Metric]) -> list[str]:
                     problems.append(f"{series}: {label}={lit!r} is not one of {sorted(enum)}")
     for g in _GROUPING.finditer(expr):
         for label in filter(None, (s.strip() for s in g.group(1).split(","))):
-            if label not in used_labels:
+            if label not in used_labels and label not in TARGET_LABELS:
                 problems.append(f"grouping label {label!r} is not a label of the metrics in: {expr}")
     return problems
 
