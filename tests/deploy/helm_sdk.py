@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--namespace", default="default")
     ap.add_argument("--strict", action="store_true")
     ap.add_argument("--kube-version", default=None)
+    ap.add_argument("--show-notes", action="store_true", help="print NOTES.txt as well, as helm install does")
     args = ap.parse_args(argv)
     if args.command == "version":
         print(f"helm-c {helm.helm_c_version()} helm-sdk {helm.helm_sdk_version()}")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for path in sorted(manifests):
         text = manifests[path]
-        if path.endswith("NOTES.txt") or not text.strip():
+        if (path.endswith("NOTES.txt") and not args.show_notes) or not text.strip():
             continue
         out.append(f"# Source: {path}\n{text.strip()}\n")
     sys.stdout.write("---\n".join(out))

@@ -206,7 +206,7 @@ def test_flags() -> None:
                 "autoscaling": {"enabled": False},
                 "podDisruptionBudget": {"enabled": False},
                 "replicaCount": 3,
-                "persistence": {"enabled": True},
+                "persistence": {"enabled": True, "accessModes": ["ReadWriteMany"]},
             }
         )
     )
@@ -228,3 +228,36 @@ def test_values_schema_rejects_typos() -> None:
     proc = helm("template", str(CHART), "--set-json", json.dumps({"replicaCont": 3}))
     assert proc.returncode != 0, "values.schema.json should reject unknown top-level keys"
     assert "replicaCont" in proc.stderr
+
+
+def test_persistence_is_one_pod_that_can_be_drained_and_rolled() -> None:
+    """A ReadWriteOnce volume with the default HPA (2 pods) or a surge pod stalled rollouts (Multi-Attach)
+    or opened one sqlite file twice, and a PDB of minAvailable 1 over one pod blocked every drain."""
+    one = KEY | {"persistence": {"enabled": True}, "autoscaling": {"enabled": False}, "replicaCount": 1}
+    objs = by_kind(helm_template(one))
+    assert objs["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert "PodDisruptionBudget" not in objs and "HorizontalPodAutoscaler" not in objs
+    assert objs["Deployment"]["spec"]["replicas"] == 1
+    proc = helm("template", str(CHART), "--set-json", json.dumps(KEY | {"persistence": {"enabled": True}}))
+    assert (
+        proc.returncode != 0 and "autoscaling.enabled=false and replicaCount=1" in proc.stderr + proc.stdout
+    )
+    rolling = by_kind(helm_template(KEY))["Deployment"]["spec"]["strategy"]
+    assert rolling["type"] == "RollingUpdate" and rolling["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_the_helm_test_skips_protected_metrics_and_notes_count_autoscaled_pods() -> None:
+    def test_pod(values: dict[str, Any]) -> str:
+        (pod,) = [
+            d
+            for d in docs(helm_template(values))
+            if d.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"
+        ]
+        return str(pod["spec"]["containers"][0]["command"][-1])
+
+    assert '"/metrics"' in test_pod(KEY)
+    protected = KEY | {"config": {"auth": {"protect_metrics": True}}}
+    assert '"/metrics"' not in test_pod(protected) and '"/readyz"' in test_pod(protected)  # it got a 401
+    notes = helm("template", str(CHART), "--set-json", json.dumps(KEY | {"replicaCount": 1}), "--show-notes")
+    # The HPA runs 2 pods or more although replicaCount is 1: each has its own sqlite store.
+    assert "each replica has its own sqlite learning store" in notes.stdout, notes.stdout[-2000:]

@@ -93,3 +93,10 @@ app.kubernetes.io/part-of: cascade
 {{- add (include "cascade.shutdownGrace" . | int) (.Values.preStopSleepSeconds | int) 10 }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when the config sets auth.protect_metrics (then /metrics needs the proxy key). */}}
+{{- define "cascade.metricsProtected" -}}
+{{- $cfg := .Values.config }}
+{{- if .Values.configYaml }}{{ $cfg = fromYaml .Values.configYaml }}{{ end }}
+{{- if dig "auth" "protect_metrics" false $cfg }}true{{ end }}
+{{- end }}
