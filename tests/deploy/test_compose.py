@@ -104,6 +104,16 @@ def test_cascade_service() -> None:
     assert svc["ports"] == ["8000:8000"]
 
 
+def test_prometheus_and_grafana_listen_on_loopback_only() -> None:
+    """Prometheus runs with its lifecycle API (anyone reaching it could POST /-/quit) and Grafana with
+    anonymous viewers and admin/admin by default: published on every interface, a local stack was open
+    to the network."""
+    services = load()["services"]
+    for name in ("prometheus", "grafana"):
+        (port,) = services[name]["ports"]
+        assert port.startswith("127.0.0.1:"), (name, port)
+
+
 def test_observability_services_mount_existing_files() -> None:
     services = load()["services"]
     for name in ("prometheus", "grafana"):
