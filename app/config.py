@@ -705,10 +705,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: the base class says what is wrong with it
                 continue
-            if first != key_node.start_mark.line:
+            seen.setdefault(key, key_node.start_mark.line)
+            if first is not None:
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,

@@ -233,6 +233,10 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_config(p)
     assert info.value.problems == [f"{p}: line 3, column 3: duplicate key 'small' (first on line 2)"]
+    p.write_text("upstreams:\n  small: {base_url: 'http://a/v1', base_url: 'http://b/v1', model: m}\n")
+    with pytest.raises(ConfigError) as info:  # twice on one line
+        load_config(p)
+    assert info.value.problems == [f"{p}: line 2, column 36: duplicate key 'base_url' (first on line 2)"]
     # YAML merge keys still override as YAML says.
     p.write_text(
         "x-base: &base {base_url: 'http://a/v1', model: m, timeout_s: 5}\n"

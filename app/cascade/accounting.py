@@ -41,8 +41,8 @@ def charge_in_flight(trace: Trace, plan: Plan, body: Json) -> None:
 
 
 def cancel_in_flight(trace: Trace) -> None:
-    """The request was cancelled (the client left, the server stopped it) with calls in flight: they
-    end as ``cancelled`` (``client_disconnected``), not as upstream errors, and so does the request."""
+    """The client left while calls were in flight: they end as ``cancelled`` (``client_disconnected``),
+    not as upstream errors, and so does the request."""
     trace.cancelled = True
     for a in trace.attempts:
         if a.outcome == "error" and not a.reason:  # not settled: the call was still on

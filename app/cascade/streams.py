@@ -234,8 +234,12 @@ class Relayed:
                         "client_disconnected",
                         "client disconnected",
                     )
-                else:
-                    att.outcome, att.reason, att.detail = "error", "not_sent", "the stream was never sent"
+                else:  # the server stopped it (end of a shutdown's grace), or the response failed
+                    att.outcome, att.reason, att.detail = (
+                        "error",
+                        "cancelled",
+                        "the stream was not sent in full",
+                    )
                 att.latency_ms = (time.perf_counter() - self.t0) * 1000
                 self._account()
             self.engine.finish(self.trace, ok)

@@ -105,9 +105,9 @@ class Trace:
     final_latency: LatencyStats | None = None
     relay_latency: LatencyStats | None = None  # the streamed last stage's upstream (observed at the end)
     baseline_latency_s: float | None = None  # set by extension(): what the last stage alone would take
-    # The client went away before its answer was sent (or the server stopped it): not an error of the
-    # proxy or an upstream, so requests count it as outcome="cancelled" and its calls in flight as
-    # attempts "cancelled" ("stop generating" must not fire the error-ratio alerts).
+    # The client went away before its answer was sent: not an error of the proxy or an upstream, so the
+    # request counts as outcome="cancelled" and its calls in flight as attempts "cancelled" ("stop
+    # generating" must not fire the error-ratio alerts). The server's own cancellation is an error.
     cancelled: bool = False
 
     def client_gone(self) -> None:
