@@ -432,6 +432,18 @@ class LearningConfig(_Model):
             data["judge"] = old
         return data
 
+    @model_validator(mode="after")
+    def _window_holds_a_fit(self) -> LearningConfig:
+        # A window smaller than min_labels never holds enough labels: auto_tune silently never fitted.
+        if self.auto_tune and self.window and self.window < self.min_labels:
+            where = "window_labels" if self.window_labels else "4 x half_life_labels"
+            raise ValueError(
+                f"fits use at most {self.window} labelled requests ({where}), fewer than min_labels "
+                f"({self.min_labels}): auto_tune would never fit; raise window_labels / half_life_labels "
+                "or lower min_labels"
+            )
+        return self
+
     @property
     def window(self) -> int:
         """Labelled requests a fit uses at most (0: all)."""

@@ -307,3 +307,18 @@ def test_a_bad_flag_or_environment_value_is_named_as_such(
     with pytest.raises(ConfigError) as info:
         load_effective(str(path), {})
     assert info.value.problems == ["CASCADE_WORKERS: Input should be greater than or equal to 1"]
+
+
+def test_a_fit_window_smaller_than_min_labels_is_an_error_with_auto_tune() -> None:
+    """``half_life_labels: 4`` makes a window of 16 labelled requests, under the 20 a fit needs:
+    auto_tune never fitted, with no line in the log."""
+    raw = base_config()
+    raw["learning"] = {"store": "sqlite:///x.db", "auto_tune": True, "half_life_labels": 4}
+    [problem] = _problems(raw)
+    assert (
+        problem.startswith("learning: fits use at most 16 labelled requests") and "min_labels (20)" in problem
+    )
+    raw["learning"]["min_labels"] = 16
+    assert parse_config(raw, env={}).learning is not None
+    raw["learning"] = {"store": "sqlite:///x.db", "half_life_labels": 4}  # no auto_tune: calibrate reads all
+    assert parse_config(raw, env={}).learning is not None

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from app.answers import closed_form
 from app.cascade.accounting import account
 from app.cascade.calls import ask_logprobs
 from app.cascade.plan import Plan
@@ -108,6 +109,12 @@ class _Spend:
             self._mean[purpose] = (mean + (actual - mean) / (n + 1), min(n + 1, 100))
 
 
+def _closed(accepted: Attempt, request: dict[str, Any] | None) -> bool:
+    """Whether the accepted answer is a closed form (a number, a letter, JSON, a tool call)."""
+    got = answer_of(accepted.answer)
+    return got is not None and closed_form(got[0], prompt_of(request))
+
+
 class Shadow:
     def __init__(
         self,
@@ -153,12 +160,18 @@ class Shadow:
             return ""
         if self.rate <= 0 or self.rng() >= self.rate:
             return "not_drawn"
+        judge = self.judge_of(upstreams)
+        if compare != EXACT and judge is None and not _closed(a, trace.request):
+            # A free-form answer and no judge: no reference could label it, so no call is paid for
+            # (a free-form cascade with auto_tune paid for every draw and learned nothing from it).
+            self._metrics.labels_skipped(trace.cascade, "free_form")
+            return "no_label"
         up = plan.final.upstream
         why, estimate = self._admit(trace.cascade, "shadow", trace.baseline_usd, 1, up)
         if why:
             self._metrics.shadow_skip(trace.cascade, why)
             return why
-        self._start(self._run(trace, plan, self.judge_of(upstreams), compare, estimate))
+        self._start(self._run(trace, plan, judge, compare, estimate))
         return "drawn"
 
     def judge_free(

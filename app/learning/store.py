@@ -133,7 +133,7 @@ class NewTraces:
     traces: list[tuple[int, str, int, int | None, float]]
     # seqs of those whose shadow call was drawn and not made for the spend caps (sampling "budget")
     budget: list[int] = field(default_factory=list)
-    # seqs of those whose shadow call was drawn (sampling other than "" and "not_drawn"; "budget" too)
+    # seqs of those whose shadow call was drawn (sampling not "", "not_drawn", "no_label"; "budget" too)
     drawn: list[int] = field(default_factory=list)
 
 
@@ -361,9 +361,18 @@ class _Backend:
         """Delete up to ``limit`` of the oldest traces created before ``before`` (epoch seconds), with
         their attempts and labels. Returns how many; call again until it returns less than ``limit``."""
 
+        # The newest trace always stays: SQLite numbers new rows after the largest row id in the table,
+        # so an emptied table started again at 1, below the sequence the online tuner had read up to,
+        # and it missed every new trace until the numbers caught up (millions of requests).
+        newest = f"(SELECT max({self.seq}) FROM traces)"
+
         def work(cur: Any) -> int:
             cur.execute(
-                self._sql("SELECT id FROM traces WHERE created < ? ORDER BY created LIMIT ?"), (before, limit)
+                self._sql(
+                    f"SELECT id FROM traces WHERE created < ? AND {self.seq} < {newest} "
+                    "ORDER BY created LIMIT ?"
+                ),
+                (before, limit),
             )
             ids = [r[0] for r in cur.fetchall()]
             if ids:
@@ -444,7 +453,8 @@ class _Backend:
         return NewTraces(
             [(int(r[0]), str(r[1]), int(r[2]), r[3], float(r[4])) for r in rows],
             [int(r[0]) for r in rows if r[5] == "budget"],
-            [int(r[0]) for r in rows if r[5] not in ("", "not_drawn")],
+            # (not "no_label": a comparator that cannot label these answers is no sign of stale labels)
+            [int(r[0]) for r in rows if r[5] not in ("", "not_drawn", "no_label")],
         )
 
     def labels_after(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from app.learning.calibration import assemble, fit
 from app.learning.store import Store
@@ -307,3 +308,34 @@ async def test_auto_tune_without_shadow_labels_says_so_at_start(
         pass
     said = [r for r in caplog.records if r.getMessage().startswith("auto_tune with shadow_rate 0")]
     assert len(said) == (1 if warned else 0)
+
+
+async def test_free_form_answers_without_a_judge_pay_for_no_shadow_call_and_do_not_escalate(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Free-form answers, `compare: auto` and no judge: no label can ever come. Every drawn shadow call
+    was made and paid for, ended `no_label`, and counted as a call let through with no label, so the
+    tuner judged the stage stale and sent it to the upper bound (every request then paid both stages)."""
+    from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
+
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    cfg = _cfg(url, shadow_rate=1.0, shadow_max_share=None, compare="auto", tune_every=5)
+    cfg["upstreams"]["small"]["model"] = "answer-Paris_is_lovely_in_spring"
+    cfg["upstreams"]["large"]["model"] = "answer-Spring_in_Paris_is_lovely"
+    cfg["cascades"]["default"]["stages"][0].update(
+        threshold=0.1, scorers=[{"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}]
+    )
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        plan = app.state.cascade.runtime.plans.get("default")
+        for i in range(60):
+            r = await c.post("/v1/chat/completions", json=chat(content=f"Tell me about Paris {i} score=0.9"))
+            assert r.json()["cascade"]["stage"] == 0
+        await learning_of(app).settle()
+        await learning_of(app).tuner.sync()  # type: ignore[union-attr]
+        assert plan.thresholds[0] == pytest.approx(0.1)
+    assert fake.counts.get("answer-Spring_in_Paris_is_lovely", 0) == 0  # no shadow call made
+    assert query(url, "SELECT DISTINCT sampling FROM traces") == [("no_label",)]
+    skipped = {"cascade": "default", "reason": "free_form"}
+    assert reg.get_sample_value("cascade_labels_skipped_total", skipped) == 60
+    assert query(url, "SELECT count(*) FROM fits") == [(0,)]

@@ -128,3 +128,24 @@ async def test_a_version_1_store_migrates_to_the_current_schema(tmp_path: Path) 
     indexes = {r[0] for r in query(url, "SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"traces_created", "traces_plan_seq"} <= indexes
     assert query(url, "SELECT sampling FROM traces") == [("",)]
+
+
+async def test_pruning_keeps_the_newest_trace_so_sqlite_never_reuses_row_ids(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """SQLite numbers a new row after the largest row id in the table: once retention emptied ``traces``
+    (a quiet spell longer than ``retention_days``), new traces started again at 1, below what the online
+    tuner had read up to, and it missed every one of them until the numbers caught up."""
+    url = sqlite_url(tmp_path)
+    async with proxy(with_learning(two_stage("ok"), url, retention_days=7), fake) as (c, app):
+        ids = [(await c.post("/v1/chat/completions", json=chat())).json()["id"] for _ in range(3)]
+        await settle(app)
+        before = max(r[0] for r in query(url, "SELECT rowid FROM traces"))
+        age(url, ids, days=8)
+        assert await learning_of(app).prune() == 2  # all old; the newest stays
+        assert await learning_of(app).prune() == 0
+        new = (await c.post("/v1/chat/completions", json=chat())).json()["id"]
+        await settle(app)
+    [(rowid,)] = query(url, "SELECT rowid FROM traces WHERE id = ?", (new,))
+    assert rowid > before
+    assert [r[0] for r in query(url, "SELECT id FROM traces ORDER BY rowid")] == [ids[-1], new]
