@@ -25,7 +25,7 @@ from app.api.http_io import ClientGone, SSEResponse, parse_json, run_or_cancel, 
 from app.cascade.engine import Completed
 from app.cascade.streams import Streamed
 from app.cascade.trace import Trace
-from app.errors import InternalError, PayloadTooLarge, ProxyError
+from app.errors import InternalError, PayloadTooLarge, ProxyError, error_body
 from app.protocol import new_id, validate_chat_request
 from app.state import AppState
 
@@ -88,9 +88,17 @@ async def _read_body(receive: Receive, content_length: str | None, limit: int) -
 
 
 async def _send_json(send: Send, status: int, body: object, headers: Mapping[str, str]) -> None:
+    # Serialised before the status goes out: an answer orjson cannot write (an upstream reply nested
+    # past its 254 levels) was a 200 with an empty body; now it fails before the reply starts.
+    try:
+        payload = orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        status, headers = 502, {k: v for k, v in headers.items() if k == "x-request-id"}
+        message = f"The upstream's answer cannot be sent on: {exc}."
+        payload = orjson.dumps(error_body(message, "upstream_error", "upstream_protocol_error"))
     raw = [_JSON, *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": orjson.dumps(body), "more_body": False})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 def _cascade_headers(trace: Trace, request_id: str) -> dict[str, str]:

@@ -47,7 +47,7 @@ class Window:
 def _stage_value(raw: object, where: str, n: int) -> int:
     if isinstance(raw, str):
         text = raw.strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit() and len(text) <= 6):  # "²" is a digit to str.isdigit
             raise InvalidRequest(f"'{where}' must be a stage number (0 to {n - 1})", param=where)
         value = int(text)
     elif isinstance(raw, int) and not isinstance(raw, bool):

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from app.cascade.accounting import account, cancel_in_flight, charge_in_flight, record_failure, usage_of
 from app.cascade.assemble import Assembler
@@ -44,6 +44,19 @@ log = logging.getLogger("cascade.engine")
 class Completed:
     body: Json
     trace: Trace
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _detached(exc: E) -> E:
+    """``exc`` without its traceback and chain: kept in a local of the frame its traceback runs through,
+    it made a reference cycle holding every frame of the failed call (the request body, its serialised
+    payload, the reply) until a full garbage collection, which a tuned collector rarely runs: 100 failed
+    1 MB requests held 320 MB. What a failure needs later is on the exception itself."""
+    exc.__traceback__ = None
+    exc.__cause__ = exc.__context__ = None
+    return exc
 
 
 class Engine:
@@ -169,7 +182,7 @@ class Engine:
                             await up.complete(ask_logprobs(stage, body, up.prepare(body, stream=False)))
                         ).body
                 except (UpstreamError, EarlyAbort) as exc:
-                    res = exc
+                    res = _detached(exc)
             if isinstance(res, UpstreamError):
                 record_failure(att, res, t0, body, final)
                 if final and stream:

@@ -25,6 +25,7 @@ import orjson
 from app.config import Price, UpstreamConfig
 from app.errors import (
     CascadeBaseError,
+    InvalidRequest,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -79,13 +80,33 @@ class CompletionReply:
     latency_s: float
 
 
+def _serialised(body: Json) -> bytes:
+    """The request as JSON for the upstream; a body orjson parses (1,024 levels) but cannot write (254)
+    is the client's 400, not a 500."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(f"The request cannot be sent on: {exc}.") from None
+
+
+def _secrets_of(cfg: UpstreamConfig) -> tuple[str, ...]:
+    """What an upstream's error messages must never pass on: its ``api_key`` and every value of its
+    ``headers`` (an Azure ``api-key``, a gateway token: upstreams echo what they were sent), with and
+    without a scheme word (``Bearer xyz`` and ``xyz``), longest first. Values too short to be secrets
+    (``json``, ``v1``) are left alone."""
+    found = {v for value in cfg.headers.values() for v in (value, value.split(" ", 1)[-1]) if len(v) >= 8}
+    if cfg.api_key:
+        found.add(cfg.api_key)
+    return tuple(sorted(found, key=len, reverse=True))
+
+
 class Upstream:
     __slots__ = (
         "_headers",
         "_http",
         "_on_duration",
         "_on_error",
-        "_secret",
+        "_secrets",
         "_timeouts",
         "_url",
         "breaker",
@@ -113,7 +134,7 @@ class Upstream:
         self._headers.update(cfg.headers)
         if cfg.api_key:
             self._headers["authorization"] = f"Bearer {cfg.api_key}"
-        self._secret = cfg.api_key or None
+        self._secrets = _secrets_of(cfg)
         self._timeouts = Timeouts(connect=cfg.connect_timeout_s, read=cfg.timeout_s)
         self._on_error = on_error
         self._on_duration = on_duration
@@ -247,7 +268,7 @@ class Upstream:
             self.on_rejected(self.name, reason)
 
     async def _complete(self, body: Json) -> CompletionReply:
-        payload = orjson.dumps(body)
+        payload = _serialised(body)
         started = time.perf_counter()
         attempt = 0
         while True:
@@ -272,7 +293,7 @@ class Upstream:
 
     @asynccontextmanager
     async def _stream(self, body: Json) -> AsyncIterator[UpstreamEvents]:
-        payload = orjson.dumps(body)
+        payload = _serialised(body)
         started = time.perf_counter()
         attempt = 0
         while True:
@@ -403,11 +424,13 @@ class Upstream:
         err = body.get("error")
         msg: object = err.get("message") if isinstance(err, dict) else err
         text = str(msg) if msg else "no message"
-        return self.redact(text[:300])
+        # Redacted before it is cut: a key cut in two no longer matches, and its first part went out.
+        return self.redact(text)[:300]
 
     def redact(self, text: str) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "[redacted]")
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
         return _KEYLIKE.sub("[redacted]", text)
 
     def _backoff(self, attempt: int, err: UpstreamError) -> float:
