@@ -217,9 +217,11 @@ class Shadow:
         middle_spent = 0.0  # the middle stages' answers: on their attempt rows
         outcome = "no_label"
         up = plan.final.upstream
+        asked = False  # the shadow call itself answered (a failure after it is the judge's)
         try:
             body = trace.request or {}
             reply, spent = await _ask(up, up.prepare(body, stream=False), trace.cascade, self._metrics)
+            asked = True
             ref = answer_of(reply)
             if ref is None:
                 outcome = "no_answer"
@@ -261,7 +263,7 @@ class Shadow:
             self.spend.settle("shadow", estimate, spent + middle_spent)
             if outcome != "labelled":
                 self._metrics.labels_skipped(trace.cascade, outcome)
-                if outcome == "upstream_error":
+                if outcome == "upstream_error" and not asked:  # made and paid for: not "skipped"
                     self._metrics.shadow_skip(trace.cascade, outcome)
             self._settle(trace.cascade, trace.completion_id, outcome)
 

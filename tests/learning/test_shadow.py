@@ -275,3 +275,22 @@ async def test_shadow_middle_off_asks_the_last_stage_only(fake: FakeUpstream, tm
         await settle(app)
     assert query(url, "SELECT stage, outcome FROM attempts") == [(0, "accepted")]
     assert fake.counts.get("answer-London") is None
+
+
+async def test_a_judge_that_fails_after_the_shadow_call_is_no_shadow_skip(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The shadow call was made and paid for; only the judge after it failed. It was counted in
+    ``cascade_shadow_skipped_total{reason="upstream_error"}`` ("picked but not made") all the same."""
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    cfg = _cfg(url, judge="judge", compare="auto")
+    cfg["upstreams"]["judge"] = {**cfg["upstreams"]["small"], "model": "error-500", "max_retries": 0}
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        await c.post("/v1/chat/completions", json=chat("other"))  # Paris vs London: the judge is asked
+        await settle(app)
+    labels = {"cascade": "other", "reason": "upstream_error"}
+    assert reg.get_sample_value("cascade_labels_skipped_total", labels) == 1  # no label came
+    assert reg.get_sample_value("cascade_shadow_skipped_total", labels) is None  # but the call was made
+    spent = {"cascade": "other", "upstream": "london", "purpose": "shadow"}
+    assert reg.get_sample_value("cascade_cost_usd_total", spent) > 0
