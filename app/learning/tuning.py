@@ -581,11 +581,10 @@ class Tuner:
         the labels: e.g. a stage whose scorers give 1.0 to every answer (``heuristic`` on letters) keeps
         accepting at the upper bound, and the tuner, at the bound, can do nothing more about it."""
         key = (meta.name, meta.fingerprint)
-        ch = cal.chosen  # the fit's choice within the bounds (the search's own may lie beyond them)
-        reach = (
-            cal.search.feasible
-            and ch.quality - self.cfg.margin_z * ch.quality_se >= self.cfg.target_quality - 1e-9
-        )
+        # The fit's choice within the bounds (the search's own may lie beyond them). Its quality against
+        # the target itself: the search already kept its margin, in bootstrap standard errors; judging
+        # again with the analytic one warned of fits that had just reached the target.
+        reach = cal.search.feasible and cal.chosen.quality >= self.cfg.target_quality - 1e-9
         if not reach and key not in self._out_of_reach:
             self._out_of_reach.add(key)
             log.warning(
