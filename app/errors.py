@@ -11,7 +11,7 @@ Every exception the package raises on purpose derives from ``CascadeBaseError``:
     │   ├── UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, UpstreamStatusError
     │   └── UpstreamUnavailable (circuit open), UpstreamSaturated (concurrency limit full)
     ├── TransportError              the HTTP seam under the upstream client (app.upstream.transport)
-    │   └── TransportTimeout, TransportConnectError
+    │   └── TransportTimeout, TransportConnectError, TransportTooLarge
     ├── ScorerError                 a scorer could not score: its ``on_error`` policy applies (this module)
     │   └── ScorerCallError (app.scoring.asking), ScorerServiceError (app.scoring.http),
     │       MissingLogprobs (app.scoring.logprob)

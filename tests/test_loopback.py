@@ -340,3 +340,57 @@ async def test_every_reply_has_a_request_id_and_a_trailing_slash_is_the_same_rou
             check_completion(slash.json())
             assert slash.headers["x-request-id"] == "support-ticket-9"
         assert (await c.get("/models/")).json()["object"] == "list"
+
+
+async def test_an_upstream_reply_over_the_size_limit_is_refused_not_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broken upstream sending hundreds of megabytes (an answer or an error page) took the proxy's
+    memory with it: the whole reply was read into memory, without a limit. Over ``MAX_REPLY_BYTES`` the
+    call fails as a protocol error (the cascade escalates), with or without a declared length."""
+    from app.upstream import transport
+
+    monkeypatch.setattr(transport, "MAX_REPLY_BYTES", 2000)
+    async with stack(two_stage("words-2000", "ok")) as (url, _, _), httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(url + "/chat/completions", json=chat())
+        body = r.json()
+        assert r.status_code == 200 and body["cascade"]["stage"] == 1, body
+        first = body["cascade"]["attempts"][0]
+        assert first["outcome"] == "error" and "over the 2000-byte limit" in first["detail"], first
+
+
+async def test_a_chunked_upstream_reply_over_the_size_limit_is_refused_as_it_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same without a declared length (chunked transfer encoding): counted as it arrives."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from app.config import parse_config
+    from app.main import create_app
+    from app.upstream import transport
+    from tests.fake_upstream import serve_in_background
+
+    async def completions(request: Any) -> StreamingResponse:
+        async def body() -> Any:
+            yield b'{"id": "c1", "object": "chat.completion", "created": 1, "model": "m", '
+            yield b'"choices": [{"index": 0, '
+            for _ in range(50):
+                yield b'"finish_reason": "stop", ' * 10
+            yield b'"message": {"role": "assistant", "content": "hi"}}]}'
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    monkeypatch.setattr(transport, "MAX_REPLY_BYTES", 3000)
+    chunky = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    async with serve_in_background(chunky) as up_url:
+        cfg = base_config()
+        cfg["upstreams"]["chunky"] = {"base_url": up_url + "/v1", "model": "m"}
+        async with (
+            serve_in_background(create_app(parse_config(cfg, env={}))) as url,
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            r = await client.post(url + "/v1/chat/completions", json=chat("chunky"))
+    assert r.status_code == 502, r.text
+    assert "over the 3000-byte limit" in r.json()["error"]["message"]

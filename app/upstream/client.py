@@ -47,6 +47,7 @@ from app.upstream.transport import (
     TransportConnectError,
     TransportError,
     TransportTimeout,
+    TransportTooLarge,
 )
 
 Json = dict[str, Any]
@@ -323,6 +324,8 @@ class Upstream:
             raise UpstreamTimeout(self.name, "timed out") from exc
         except TransportConnectError as exc:
             raise UpstreamConnectError(self.name, "cannot connect", retryable=True) from exc
+        except TransportTooLarge as exc:
+            raise UpstreamProtocolError(self.name, str(exc)) from exc
         except TransportError as exc:
             raise UpstreamProtocolError(self.name, f"connection failed mid-answer ({exc})") from exc
         if r.status != 200:

@@ -34,6 +34,16 @@ class TransportConnectError(TransportError):
     pass
 
 
+class TransportTooLarge(TransportError):
+    """A whole reply over ``MAX_REPLY_BYTES``: refused, not held in memory."""
+
+
+# A non-streamed answer, or an error page, bigger than this is refused (the call fails as a protocol
+# error): a broken upstream sending hundreds of megabytes took the proxy's memory with it. A chat
+# completion of a million tokens is a few megabytes.
+MAX_REPLY_BYTES = 64 * 2**20
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float
@@ -110,8 +120,7 @@ class AiohttpTransport:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
         try:
             async with self._s().post(url, data=body, headers=headers, timeout=timeout) as r:
-                content = await r.read()
-                return RawReply(r.status, _lower(r.headers), content)
+                return RawReply(r.status, _lower(r.headers), await _read_capped(r))
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _from_aiohttp(exc, "timed out") from exc
 
@@ -141,6 +150,24 @@ async def _aiohttp_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
             yield chunk
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise _from_aiohttp(exc, "stalled") from exc
+
+
+async def _read_capped(r: aiohttp.ClientResponse) -> bytes:
+    """The whole body, at most ``MAX_REPLY_BYTES``: a declared length is checked first (the common case,
+    one read), a chunked body as it arrives."""
+    cap = MAX_REPLY_BYTES
+    if r.content_length is not None:
+        if r.content_length > cap:
+            raise TransportTooLarge(f"reply of {r.content_length} bytes, over the {cap}-byte limit")
+        return await r.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in r.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise TransportTooLarge(f"reply over the {cap}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _from_aiohttp(exc: BaseException, timed_out: str) -> TransportError:
