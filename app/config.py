@@ -731,7 +731,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def text_line(path: Path, offset: int) -> int:
+def _text_line(path: Path, offset: int) -> int:
     """The 1-based line of byte ``offset`` in ``path``."""
     try:
         return path.read_bytes()[:offset].count(b"\n") + 1
@@ -747,7 +747,7 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
         raise ConfigError([f"{p}: cannot read config file ({exc.strerror})"]) from exc
     except UnicodeDecodeError as exc:
         # Never the bytes themselves: the file holds keys (the decode error's repr quotes it whole).
-        line = text_line(p, exc.start)
+        line = _text_line(p, exc.start)
         raise ConfigError(
             [f"{p}: line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]
         ) from None

@@ -157,7 +157,7 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
         body = validate_chat_request(parsed, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
         window, key_name = admit(rt, state.budgets, metrics, key, plan, body, head.min_stage, head.max_stage)
-        plan.check_n(body, *((window.first, window.last) if window is not None else ()))
+        plan.check_n(body, window)
     except ProxyError as exc:
         refused(state, exc, rid, PATH, parsed)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})

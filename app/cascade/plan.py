@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.cascade.control import Window
 from app.config import Config
 from app.errors import InvalidRequest, ModelNotFound
 from app.scoring.base import Configured, StreamCheck
@@ -65,15 +66,16 @@ class Plan:
     def final(self) -> Stage:
         return self.stages[-1]
 
-    def check_n(self, body: Mapping[str, Any], first: int = 0, last: int | None = None) -> None:
-        """``n`` > 1 needs every stage the request may reach (``first`` to ``last``, its window) to honour
+    def check_n(self, body: Mapping[str, Any], window: Window | None = None) -> None:
+        """``n`` > 1 needs every stage the request may reach (its ``window``; None: all) to honour
         ``n`` (``supports_n``): one that ignores it would answer with one choice where the client asked
         for several, so the request is refused (400, param ``n``) rather than answered short. A stage
         outside the window (``max_stage``, ``min_stage``, a key's cap) cannot answer it."""
         n = body.get("n")
         if n is None or n == 1:
             return
-        for st in self.stages[first : None if last is None else last + 1]:
+        reach = self.stages if window is None else self.stages[window.first : window.last + 1]
+        for st in reach:
             if not st.upstream.cfg.supports_n:
                 where = "" if self.passthrough else f" (stage {st.index} of cascade '{self.name}')"
                 raise InvalidRequest(
