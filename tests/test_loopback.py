@@ -394,3 +394,55 @@ async def test_a_chunked_upstream_reply_over_the_size_limit_is_refused_as_it_arr
             r = await client.post(url + "/v1/chat/completions", json=chat("chunky"))
     assert r.status_code == 502, r.text
     assert "over the 3000-byte limit" in r.json()["error"]["message"]
+
+
+async def test_a_streamed_upstream_event_over_the_size_limit_is_refused_as_it_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream stream whose line never ends (a broken server, a hostile one) grew the decoder's
+    buffer without bound, and re-copied it on every read. Over ``MAX_EVENT_BYTES`` the call fails as
+    a protocol error, like a whole reply over its limit; a stream within it is relayed as sent."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from app.config import parse_config
+    from app.main import create_app
+    from app.upstream import sse
+    from tests.fake_upstream import serve_in_background
+
+    async def completions(request: Any) -> StreamingResponse:
+        words = int((await request.json())["messages"][0]["content"])
+
+        async def body() -> Any:
+            yield b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", '
+            yield b'"choices": [{"index": 0, "finish_reason": null, "delta": {"content": "'
+            for _ in range(words):
+                yield b"word " * 20
+                await asyncio.sleep(0.002)  # one read each
+            yield b'"}}]}\n\n'
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 3000)
+    chunky = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    async with serve_in_background(chunky) as up_url:
+        cfg = base_config()
+        cfg["upstreams"]["chunky"] = {"base_url": up_url + "/v1", "model": "m"}
+        async with (
+            serve_in_background(create_app(parse_config(cfg, env={}))) as url,
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            small = {**chat("chunky", "20"), "stream": True}
+            ok = await client.post(url + "/v1/chat/completions", json=small)
+            assert ok.status_code == 200, ok.text
+            text = "".join(
+                c["choices"][0]["delta"].get("content") or ""
+                for c in sse_events(ok.text)
+                if isinstance(c, dict) and c["choices"]
+            )
+            assert text == "word " * 400
+            r = await client.post(url + "/v1/chat/completions", json={**small, **chat("chunky", "50")})
+    assert r.status_code == 502, r.text
+    assert "over the 3000-byte limit" in r.json()["error"]["message"]

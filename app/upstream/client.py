@@ -39,7 +39,7 @@ from app.upstream.breaker import Breaker, Ticket
 from app.upstream.latency import LatencyStats
 from app.upstream.limits import Limiter
 from app.upstream.shapes import chunk_problem, completion_problem
-from app.upstream.sse import SSEDecoder
+from app.upstream.sse import SSEDecoder, SSEEventTooLarge
 from app.upstream.transport import (
     Stream,
     Timeouts,
@@ -495,7 +495,10 @@ class UpstreamEvents:
             except TransportError as exc:
                 raise UpstreamProtocolError(up.name, f"stream broke off ({exc})") from exc
             else:
-                events = self._decoder.feed(raw)
+                try:
+                    events = self._decoder.feed(raw)
+                except SSEEventTooLarge as exc:
+                    raise UpstreamProtocolError(up.name, str(exc)) from None
             out: list[tuple[bytes, Json]] = []
             for data, name in events:
                 if data == b"[DONE]":
