@@ -6,6 +6,8 @@ These catch what in-process ASGI hides: buffering, keep-alive, and a client goin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -359,39 +361,45 @@ async def test_an_upstream_reply_over_the_size_limit_is_refused_not_held(
         assert first["outcome"] == "error" and "over the 2000-byte limit" in first["detail"], first
 
 
-async def test_a_chunked_upstream_reply_over_the_size_limit_is_refused_as_it_arrives(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The same without a declared length (chunked transfer encoding): counted as it arrives."""
+@contextlib.asynccontextmanager
+async def _proxy_to(body: Callable[[Any], AsyncIterator[bytes]], media_type: str) -> AsyncIterator[str]:
+    """A proxy (base URL) whose upstream ``chunky`` answers every chat request with ``body(request)``,
+    sent as it is produced (chunked: no declared length)."""
     from starlette.applications import Starlette
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
     from app.config import parse_config
     from app.main import create_app
-    from app.upstream import transport
     from tests.fake_upstream import serve_in_background
 
     async def completions(request: Any) -> StreamingResponse:
-        async def body() -> Any:
-            yield b'{"id": "c1", "object": "chat.completion", "created": 1, "model": "m", '
-            yield b'"choices": [{"index": 0, '
-            for _ in range(50):
-                yield b'"finish_reason": "stop", ' * 10
-            yield b'"message": {"role": "assistant", "content": "hi"}}]}'
+        return StreamingResponse(body(await request.json()), media_type=media_type)
 
-        return StreamingResponse(body(), media_type="application/json")
-
-    monkeypatch.setattr(transport, "MAX_REPLY_BYTES", 3000)
     chunky = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
     async with serve_in_background(chunky) as up_url:
         cfg = base_config()
         cfg["upstreams"]["chunky"] = {"base_url": up_url + "/v1", "model": "m"}
-        async with (
-            serve_in_background(create_app(parse_config(cfg, env={}))) as url,
-            httpx.AsyncClient(timeout=30) as client,
-        ):
-            r = await client.post(url + "/v1/chat/completions", json=chat("chunky"))
+        async with serve_in_background(create_app(parse_config(cfg, env={}))) as url:
+            yield url + "/v1"
+
+
+async def test_a_chunked_upstream_reply_over_the_size_limit_is_refused_as_it_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same without a declared length (chunked transfer encoding): counted as it arrives."""
+    from app.upstream import transport
+
+    async def body(request: Any) -> AsyncIterator[bytes]:
+        yield b'{"id": "c1", "object": "chat.completion", "created": 1, "model": "m", '
+        yield b'"choices": [{"index": 0, '
+        for _ in range(50):
+            yield b'"finish_reason": "stop", ' * 10
+        yield b'"message": {"role": "assistant", "content": "hi"}}]}'
+
+    monkeypatch.setattr(transport, "MAX_REPLY_BYTES", 3000)
+    async with _proxy_to(body, "application/json") as url, httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(url + "/chat/completions", json=chat("chunky"))
     assert r.status_code == 502, r.text
     assert "over the 3000-byte limit" in r.json()["error"]["message"]
 
@@ -402,47 +410,28 @@ async def test_a_streamed_upstream_event_over_the_size_limit_is_refused_as_it_ar
     """An upstream stream whose line never ends (a broken server, a hostile one) grew the decoder's
     buffer without bound, and re-copied it on every read. Over ``MAX_EVENT_BYTES`` the call fails as
     a protocol error, like a whole reply over its limit; a stream within it is relayed as sent."""
-    from starlette.applications import Starlette
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
-    from app.config import parse_config
-    from app.main import create_app
     from app.upstream import sse
-    from tests.fake_upstream import serve_in_background
 
-    async def completions(request: Any) -> StreamingResponse:
-        words = int((await request.json())["messages"][0]["content"])
-
-        async def body() -> Any:
-            yield b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", '
-            yield b'"choices": [{"index": 0, "finish_reason": null, "delta": {"content": "'
-            for _ in range(words):
-                yield b"word " * 20
-                await asyncio.sleep(0.002)  # one read each
-            yield b'"}}]}\n\n'
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(body(), media_type="text/event-stream")
+    async def body(request: Any) -> AsyncIterator[bytes]:
+        yield b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", '
+        yield b'"choices": [{"index": 0, "finish_reason": null, "delta": {"content": "'
+        for _ in range(int(request["messages"][0]["content"])):
+            yield b"word " * 20
+            await asyncio.sleep(0.002)  # one read each
+        yield b'"}}]}\n\n'
+        yield b"data: [DONE]\n\n"
 
     monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 3000)
-    chunky = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
-    async with serve_in_background(chunky) as up_url:
-        cfg = base_config()
-        cfg["upstreams"]["chunky"] = {"base_url": up_url + "/v1", "model": "m"}
-        async with (
-            serve_in_background(create_app(parse_config(cfg, env={}))) as url,
-            httpx.AsyncClient(timeout=30) as client,
-        ):
-            small = {**chat("chunky", "20"), "stream": True}
-            ok = await client.post(url + "/v1/chat/completions", json=small)
-            assert ok.status_code == 200, ok.text
-            text = "".join(
-                c["choices"][0]["delta"].get("content") or ""
-                for c in sse_events(ok.text)
-                if isinstance(c, dict) and c["choices"]
-            )
-            assert text == "word " * 400
-            r = await client.post(url + "/v1/chat/completions", json={**small, **chat("chunky", "50")})
+    async with _proxy_to(body, "text/event-stream") as url, httpx.AsyncClient(timeout=30) as client:
+        small = {**chat("chunky", "20"), "stream": True}
+        ok = await client.post(url + "/chat/completions", json=small)
+        assert ok.status_code == 200, ok.text
+        text = "".join(
+            c["choices"][0]["delta"].get("content") or ""
+            for c in sse_events(ok.text)
+            if isinstance(c, dict) and c["choices"]
+        )
+        assert text == "word " * 400
+        r = await client.post(url + "/chat/completions", json={**small, **chat("chunky", "50")})
     assert r.status_code == 502, r.text
     assert "over the 3000-byte limit" in r.json()["error"]["message"]
