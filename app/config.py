@@ -85,6 +85,10 @@ class ServerConfig(_Model):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_messages: int = Field(2048, ge=1)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # A new connection sends its first request whole (head and body) within this many seconds of
+    # connecting, a kept-alive one each later request within this of its first byte; else the connection
+    # is closed (slow or stalled clients would otherwise hold a connection, a descriptor and a task).
+    read_timeout_s: float = Field(60.0, gt=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     # Tune the shared upstream connection pool (per upstream host).

@@ -27,6 +27,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import multiprocess
 
 from app.config import Config, ConfigError
@@ -198,6 +199,59 @@ class _Supervisor(multiprocess.Multiprocess):
                 os.kill(p.pid, signal.SIGHUP)
 
 
+class _Config(uvicorn.Config):
+    """uvicorn's config and what ``_Protocol`` reads from it (it travels to ``--workers`` processes)."""
+
+    read_timeout_s: float | None = None
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline for reading each request: a new connection must send its
+    first request whole (head and body) within ``server.read_timeout_s`` of connecting, and each later
+    one within that of its first byte, or it is closed (a request whose body was still awaited sees a
+    client gone). uvicorn times out only idle keep-alive connections: 3,000 connections that each sent
+    half a request head were all held, for ever. One timer per request (~2 us), as uvicorn's keep-alive
+    one."""
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._read_timeout = getattr(config, "read_timeout_s", None)
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:  # (a connection's first request: armed when it connected)
+            self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._read_timeout:
+            self._deadline = self.loop.call_later(self._read_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.Config:
     s = cfg.server
     try:
@@ -206,13 +260,13 @@ def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.
         loop = "uvloop"
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         loop = "asyncio"
-    return uvicorn.Config(
+    ucfg = _Config(
         app,
         host=s.host,
         port=s.port,
         factory=factory,
         loop=loop,
-        http="httptools",
+        http=_Protocol,
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -225,6 +279,8 @@ def _uvicorn_config(app: Any, cfg: Config, *, factory: bool = False) -> uvicorn.
         timeout_keep_alive=30,
         backlog=4096,
     )
+    ucfg.read_timeout_s = s.read_timeout_s
+    return ucfg
 
 
 def _load(path: str, cli: dict[str, Any]) -> Config:

@@ -245,6 +245,63 @@ async def test_a_request_still_running_when_the_grace_period_ends_gets_a_503_env
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+async def test_a_client_that_never_finishes_its_request_is_cut_off(
+    fake_url: str, tmp_path: Path, workers: int
+) -> None:
+    """uvicorn times out only idle keep-alive connections: one that never sent a byte, one that sent half
+    a request head and one that sent half its body were held for ever (3,000 of them were all held: a
+    file descriptor and a task each). Each is closed ``server.read_timeout_s`` after it began; a request
+    read in full is answered however long its answer takes, and the proxy serves on."""
+    cfg = _config(fake_url, slow="slow-2500", fast="ok")
+    cfg["server"]["read_timeout_s"] = 1
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    host = b"host: 127.0.0.1\r\nauthorization: " + AUTH["authorization"].encode() + b"\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\n" + host + b"content-type: application/json\r\n"
+    body = orjson.dumps({"model": "fast", "messages": ASK})
+    partial = {
+        "nothing": b"",
+        "half a head": head,
+        "half a body": head + b"content-length: %d\r\n\r\n" % len(body) + body[: len(body) // 2],
+    }
+    async with serve(path, workers) as s, httpx.AsyncClient(timeout=20) as client:
+        port = int(s.url.rsplit(":", 1)[1])
+        chat = s.url + "/v1/chat/completions"
+        slow = asyncio.create_task(client.post(chat, json={"model": "slow", "messages": ASK}, headers=AUTH))
+        opened = []
+        for sent in partial.values():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(sent)
+            await writer.drain()
+            opened.append((reader, writer))
+        for (what, _), (reader, writer) in zip(partial.items(), opened, strict=True):
+            try:
+                got = await asyncio.wait_for(reader.read(), 20)  # until the server closes it
+            except TimeoutError:
+                raise AssertionError(f"a connection that sent {what} was still open after 20 s") from None
+            assert got == b"", (what, got)
+            writer.close()
+        # A kept-alive connection: a whole request is answered, half of the next one is cut off.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + b"content-length: %d\r\n\r\n" % len(body) + body)
+        status = await reader.readuntil(b"\r\n")
+        fields = (await reader.readuntil(b"\r\n\r\n")).lower()
+        if b"content-length: " in fields:
+            await reader.readexactly(int(fields.split(b"content-length: ")[1].split(b"\r")[0]))
+        else:  # chunked
+            await reader.readuntil(b"\r\n0\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200"), status
+        writer.write(head)
+        got = await asyncio.wait_for(reader.read(), 20)
+        assert got == b"", got
+        writer.close()
+        r = await slow
+        assert r.status_code == 200, r.text
+        ok = await client.post(chat, json={"model": "fast", "messages": ASK}, headers=AUTH)
+        assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sighup_and_admin_reload_swap_the_config_and_keep_it_when_bad(
     fake_url: str, tmp_path: Path, workers: int
 ) -> None:
