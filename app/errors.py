@@ -12,6 +12,7 @@ Every exception the package raises on purpose derives from ``CascadeBaseError``:
     │   └── UpstreamUnavailable (circuit open), UpstreamSaturated (concurrency limit full)
     ├── TransportError              the HTTP seam under the upstream client (app.upstream.transport)
     │   └── TransportTimeout, TransportConnectError, TransportTooLarge
+    ├── SSEEventTooLarge            a streamed event over 64 MiB (app.upstream.sse): a protocol error
     ├── ScorerError                 a scorer could not score: its ``on_error`` policy applies (this module)
     │   └── ScorerCallError (app.scoring.asking), ScorerServiceError (app.scoring.http),
     │       MissingLogprobs (app.scoring.logprob)

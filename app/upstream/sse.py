@@ -11,6 +11,8 @@ multi-line or named event, a comment) goes through the line-by-line parser, with
 
 from __future__ import annotations
 
+from app.errors import CascadeBaseError
+
 # One event: its data, and its ``event:`` name ("message" when it has none). A plain tuple: the
 # decoder makes one per chunk.
 Event = tuple[bytes, str]
@@ -20,7 +22,7 @@ Event = tuple[bytes, str]
 MAX_EVENT_BYTES = 64 * 2**20
 
 
-class SSEEventTooLarge(ValueError):
+class SSEEventTooLarge(CascadeBaseError, ValueError):
     """An event (or a line still without its end) over ``MAX_EVENT_BYTES``."""
 
 
