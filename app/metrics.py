@@ -7,6 +7,8 @@ pays one dict lookup per update instead of prometheus-client's label validation.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -263,6 +265,16 @@ class Metrics:
 
     def set_threshold(self, cascade: str, stage: int, value: float) -> None:
         self._child(self.threshold, cascade, str(stage)).set(value)
+
+    def keep_thresholds(self, present: set[tuple[str, str]]) -> None:
+        """Drop the ``cascade_threshold`` series of (cascade, stage) pairs a reload removed. With
+        ``--workers N`` prometheus_client's files cannot drop a series: it reads NaN from then on."""
+        gone = [k for k in self._children if k[0] == id(self.threshold) and tuple(k[1:]) not in present]
+        files = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # as prometheus_client decides it
+        for key in gone:
+            self._children.pop(key).set(math.nan)
+            if not files:  # (there it would only warn that it cannot)
+                self.threshold.remove(*key[1:])
 
     def traces_dropped(self, reason: str, n: int = 1) -> None:
         self._child(self.trace_dropped, reason).inc(n)

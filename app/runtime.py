@@ -44,12 +44,16 @@ def build_runtime(config: Config, http: Transport, metrics: Metrics) -> Runtime:
         for name, ucfg in config.upstreams.items()
     }
     plans = build_plans(config, upstreams, ScorerDeps(http, upstreams), int(time.time()))
-    for plan in plans:
-        if plan.passthrough:
-            continue
-        for i, t in enumerate(plan.thresholds):
-            if t is not None:
-                metrics.set_threshold(plan.name, i, t)
+    scored = {
+        (plan.name, i, t)
+        for plan in plans
+        if not plan.passthrough
+        for i, t in enumerate(plan.thresholds)
+        if t is not None
+    }
+    metrics.keep_thresholds({(name, str(i)) for name, i, _ in scored})  # a reload may remove some
+    for name, i, t in scored:
+        metrics.set_threshold(name, i, t)
 
     hooks: list[Callable[[Trace, bool, float], None]] = []
 

@@ -37,7 +37,7 @@ log = logging.getLogger("cascade.reload")
 Loader = Callable[[], Config]
 
 # Server settings read once at startup: a reload that changes them only logs that a restart is needed.
-_RESTART_ONLY = ("host", "port", "workers", "max_connections", "log_level", "log_format")
+_RESTART_ONLY = ("host", "port", "workers", "max_connections", "log_level", "log_format", "read_timeout_s")
 
 
 @dataclass

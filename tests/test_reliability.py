@@ -555,6 +555,43 @@ async def test_admin_reload_is_disabled_without_keys(fake: FakeUpstream) -> None
     check_error(r.json())
 
 
+async def test_a_reload_drops_the_threshold_series_of_what_it_removed(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``cascade_threshold`` of a cascade (or stage) a reload removed stayed in /metrics, at its old
+    value, until the process restarted: a dashboard kept showing a cascade that no longer existed. (And
+    a changed ``read_timeout_s`` is logged as taking effect on restart only, as the port is.)"""
+    caplog.set_level(logging.WARNING, logger="cascade.reload")
+    old = _secret_config(base_config())
+    old["upstreams"]["medium"] = upstream("ok")
+    old["cascades"]["spare"] = copy.deepcopy(old["cascades"]["default"])
+    old["cascades"]["default"]["stages"].insert(
+        1, {"upstream": "medium", "threshold": 0.8, "scorers": [{"type": "heuristic"}]}
+    )
+    new = copy.deepcopy(old)
+    del new["cascades"]["spare"]
+    new["cascades"]["default"]["stages"].pop(1)
+    new["cascades"]["default"]["stages"][0]["threshold"] = 0.6
+    new["server"]["read_timeout_s"] = 5
+    path = tmp_path / "config.yaml"
+    _write(path, new)
+    registry = CollectorRegistry()
+    async with proxy(old, fake, registry=registry) as (c, app):
+        app.state.cascade.loader = lambda: load_config(path, env={})
+        series = {(s.labels["cascade"], s.labels["stage"]): s.value for s in _thresholds(registry)}
+        assert series == {("default", "0"): 0.7, ("default", "1"): 0.8, ("spare", "0"): 0.7}
+        assert (await c.post("/admin/reload", headers=AUTH)).status_code == 200
+        series = {(s.labels["cascade"], s.labels["stage"]): s.value for s in _thresholds(registry)}
+        assert series == {("default", "0"): 0.6}
+        assert 'cascade="spare"' not in (await c.get("/metrics")).text
+    restart = [r for r in caplog.records if "take effect on restart only" in r.msg]
+    assert [r.settings for r in restart] == [["server.read_timeout_s"]]  # type: ignore[attr-defined]
+
+
+def _thresholds(registry: CollectorRegistry) -> list[Any]:
+    return [s for m in registry.collect() if m.name == "cascade_threshold" for s in m.samples]
+
+
 async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
     fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
