@@ -252,8 +252,10 @@ async def test_a_client_that_never_finishes_its_request_is_cut_off(
     a request head and one that sent half its body were held for ever (3,000 of them were all held: a
     file descriptor and a task each). Each is closed ``server.read_timeout_s`` after it began; a request
     read in full is answered however long its answer takes, and the proxy serves on."""
-    cfg = _config(fake_url, slow="slow-2500", fast="ok")
-    cfg["server"]["read_timeout_s"] = 1
+    cfg = _config(fake_url, slow="slow-5000", fast="ok")
+    cfg["server"]["read_timeout_s"] = (
+        2  # (a whole request on loopback takes milliseconds, even on a loaded machine)
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     host = b"host: 127.0.0.1\r\nauthorization: " + AUTH["authorization"].encode() + b"\r\n"
