@@ -301,6 +301,8 @@ async def test_a_client_that_never_finishes_its_request_is_cut_off(
         assert r.status_code == 200, r.text
         ok = await client.post(chat, json={"model": "fast", "messages": ASK}, headers=AUTH)
         assert ok.status_code == 200, ok.text
+        s.proc.send_signal(signal.SIGTERM)  # (a stop it can clean up after: its metrics directory)
+        assert await asyncio.to_thread(s.proc.wait, 20) == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
