@@ -270,6 +270,7 @@ async def test_a_threshold_comes_down_only_on_enough_effective_labels_through_th
             evidence = json.loads(raw)
             await wait_for(lambda: list(plan.thresholds[:-1]) == json.loads(thresholds), "the fit in force")  # noqa: B023
         assert not evidence["missing_target"] and evidence["proposed"][0] < 0.65
+        assert evidence["kept_for_cost"] is False  # a cheaper choice: held for evidence, not kept
         held[rate] = (json.loads(thresholds)[0], evidence["held_for_evidence"])
     assert held[0.02][0] == 0.7 and 0 < held[0.02][1]["0"] < 60
     assert held[0.5] == (pytest.approx(0.65), {})

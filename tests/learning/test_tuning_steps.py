@@ -73,6 +73,27 @@ def test_a_miss_escalating_fixes_does_not_hurry_the_other_thresholds_down() -> N
     assert new[1] == pytest.approx(old[1] - cfg.max_step)
 
 
+def test_without_a_miss_a_dearer_choice_keeps_the_thresholds_in_force() -> None:
+    """The cheapest thresholds meeting the target on these labels, in force: the honest fit pays the
+    optimism of its choice among many and picks dearer ones; nothing missed, so nothing moves (without
+    the rule the middle stage would rise a max_step towards the dearer choice)."""
+    cfg = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0)
+    rows = _rows(150, 0)
+    old = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99)).thresholds
+    cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old, honest=True)
+    assert cal.optimism > 0 and cal.current is not None
+    assert cal.current.quality >= cfg.target_quality  # in force: on target
+    assert cal.chosen.cost > cal.current.cost and cal.thresholds[1] > old[1] + cfg.max_step
+    step = next_thresholds(old, cal, cfg, rows)
+    assert not step.missing and step.kept
+    assert step.thresholds == pytest.approx(old)
+    cheaper = fit(
+        rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=(0.99, 0.99), honest=True
+    )
+    moved = next_thresholds((0.99, 0.99), cheaper, cfg, rows)  # a cheaper choice still moves
+    assert not moved.kept and moved.thresholds != (0.99, 0.99)
+
+
 def _thin(n_shadow: int, weight: float, n: int = 200, seed: int = 1) -> Rows:
     """Two stages at a threshold of 0.6: the answers the first stage accepts are known from
     ``n_shadow`` shadow labels (all right) weighing ``weight`` each; the escalated ones have free labels
@@ -107,7 +128,7 @@ def test_a_threshold_comes_down_only_on_enough_effective_labels(
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.thresholds[0] < old[0] - cfg.max_step  # the fit would accept more
     assert (effective_labels(rows, cal.thresholds, 0) >= cfg.min_labels) == moves
-    new, missing, held, _ = next_thresholds(old, cal, cfg, rows)
+    new, missing, held, *_ = next_thresholds(old, cal, cfg, rows)
     assert not missing
     assert new == (pytest.approx((old[0] - cfg.max_step,)) if moves else old)
     assert (held == {}) == moves
@@ -179,13 +200,13 @@ def test_a_fit_correcting_a_miss_does_not_leave_a_stage_serving_on_a_handful_of_
     cal = fit(rows, cfg.target_quality, margin_z=0.0, bounds=(0.0, 0.99), current=old)
     assert cal.current is not None and cal.current.quality < cfg.target_quality
     assert cal.thresholds[0] > 0.3 and cal.thresholds[1] < 0.5  # the fit hands the middle stage the rest
-    new, missing, _, unproven = next_thresholds(old, cal, cfg, rows)
+    new, missing, _, unproven, _ = next_thresholds(old, cal, cfg, rows)
     assert missing
     assert new == (0.99, 0.99) and set(unproven) == {"0", "1"}
     assert all(0 < n < cfg.min_labels for n in unproven.values())
     # With enough labels of their own answers, the fit's choice stands.
     few = LearningConfig(target_quality=0.9, max_step=0.05, max_step_up=1.0, margin_z=0.0, min_labels=3)
-    new, _, _, unproven = next_thresholds(old, cal, few, rows)
+    new, _, _, unproven, _ = next_thresholds(old, cal, few, rows)
     assert unproven == {} and new[0] == pytest.approx(cal.thresholds[0]) and new[1] < 0.5
     flowing = (cal.thresholds[0], 0.9)  # the middle stage passes most of what it gets on
     assert unproven_stages(rows, old, flowing, cfg) == (flowing, {})
