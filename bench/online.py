@@ -17,7 +17,8 @@ target after it; and how many times the offline thresholds themselves dip under 
 windows), the final rolling quality within a point, savings >= 90 % of the offline thresholds', floor and
 savings both, label spend <= 10 %.
 
-The suite of the README's *Online learning* counts (42 runs, ~20 minutes on 2 CPUs):
+The suite of the README's *Online learning* counts (42 runs, ~20 minutes on 2 CPUs; ``--drift`` alone
+leaves the drift runs out, which the counts leave aside anyway):
 
     .venv/bin/python bench/online.py --seeds 0 1 --starts 0 1 fit --worlds 0 1 3 6 --drift
 """
@@ -97,7 +98,9 @@ def main() -> int:
     ap.add_argument("--worlds", type=int, nargs="*", default=[], help="generated worlds too")
     ap.add_argument("--world-passes", type=int, default=1, help="times each world is streamed")
     ap.add_argument("--starts", nargs="+", default=["0", "1"], help="start thresholds ('fit': the fit's)")
-    ap.add_argument("--drift", nargs="*", default=["winogrande:gsm8k"], help="A:B pairs")
+    ap.add_argument(
+        "--drift", nargs="*", default=["winogrande:gsm8k"], help="A:B pairs (the flag alone: no drift runs)"
+    )
     ap.add_argument("--shadow-rate", type=float, default=0.1)
     ap.add_argument("--feedback-rate", type=float, default=0.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
