@@ -77,23 +77,40 @@ def test_http_replay_equals_offline_simulation(syn_path: Path) -> None:
     assert t["calls"] > 0 and t["call_ms_p50"] < 50  # generous: a loaded CI box; README has real figures
 
 
+BLEND_WORLDS = (11, 3, 6, 0, 4, 7)
+
+
 @pytest.fixture(scope="module")
-def world6(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generated world 6 (1,000 train rows, 200 test): at 0.98 its fit blends agreement in."""
+def blend_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated world (1,000 train rows, 200 test) whose fit at 0.98 blends agreement into its middle
+    stage, without a router: the first of ``BLEND_WORLDS`` that does. Whether the blend is cheaper than
+    the learned score alone is a close call on most worlds (the same cost to the 4th digit on several),
+    and the last bits of numpy's arithmetic (its version, the CPU's vector paths) decide some of them:
+    world 6, where it won on the machines of December 5 2026, ties on a fresh install with numpy 2.4.6
+    and the learned score alone is kept; world 11 blends there with 1 % of cost to spare. The tests
+    below need a blended fit, not a particular world; none of these blending fails them."""
+    from app.learning.train import BLENDED, LEARNED, fit_cascade
     from bench import synthetic
 
-    path = tmp_path_factory.mktemp("world6") / "world6.jsonl"
-    synthetic.write(synthetic.generate(6, 1000, 200), str(path))
-    return path
+    folder = tmp_path_factory.mktemp("blend")
+    for world in BLEND_WORLDS:
+        path = folder / f"world{world}.jsonl"
+        synthetic.write(synthetic.generate(world, 1000, 200), str(path))
+        ds = load_dataset(path)
+        fit = fit_cascade(list(ds.train), ds.models, target_quality=0.98)
+        if fit.scoring == [LEARNED, BLENDED] and fit.router is None:
+            return path
+    pytest.fail(f"no fit of generated worlds {BLEND_WORLDS} at 0.98 blends agreement in")
 
 
-def test_a_fit_blending_agreement_is_what_the_proxy_serves(world6: Path) -> None:
-    """Generated world 6 at 0.98: the fit scores its middle stage by the mean of the agreement scorer and
-    the learned one; the config it writes has both scorers on that stage, and the proxy's decisions
-    through HTTP are the offline model's row by row (the learned score alone would decide otherwise)."""
+def test_a_fit_blending_agreement_is_what_the_proxy_serves(blend_world: Path) -> None:
+    """A generated world at 0.98 (``blend_world``): the fit scores its middle stage by the mean of the
+    agreement scorer and the learned one; the config it writes has both scorers on that stage, and the
+    proxy's decisions through HTTP are the offline model's row by row (the learned score alone would
+    decide otherwise)."""
     from app.learning.train import BLENDED, LEARNED
 
-    path = world6
+    path = blend_world
     result = run_replay(ReplayOptions(str(path), target_quality=0.98))
     fitted = result.fitted
     assert fitted is not None and not result.errors
@@ -136,10 +153,12 @@ def test_where_one_model_is_the_cheapest_policy_the_cascade_is_that_model(tmp_pa
     assert {o.model for o in result.outcomes} == {"zero-one-ai/Yi-34B-Chat"}
 
 
-def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(world6: Path, tmp_path: Path) -> None:
+def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(
+    blend_world: Path, tmp_path: Path
+) -> None:
     """`cascade fit-scorer` on the same world: cascade.yaml has both scorers on the blended stage and
     cascade.json says so; with --for-auto-tune (what the online tuner starts from) the fit has no blend."""
-    path = world6
+    path = blend_world
     for flags, want in (([], ["agreement", "learned"]), (["--for-auto-tune"], ["learned"])):
         out = tmp_path / ("tune" if flags else "plain")
         assert main(["fit-scorer", str(path), "--out", str(out), "--target-quality", "0.98", *flags]) == 0
