@@ -88,7 +88,7 @@ def blend_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and the last bits of numpy's arithmetic (its version, the CPU's vector paths) decide some of them:
     world 6, where it won on the machines of December 5 2026, ties on a fresh install with numpy 2.4.6
     and the learned score alone is kept; world 11 blends there with 1 % of cost to spare. The tests
-    below need a blended fit, not a particular world; none of these blending fails them."""
+    below need a blended fit, not a particular world."""
     from app.learning.train import BLENDED, LEARNED, fit_cascade
     from bench import synthetic
 
