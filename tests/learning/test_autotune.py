@@ -247,6 +247,33 @@ async def test_the_tuner_pays_the_optimism_of_its_choice(fake: FakeUpstream, tmp
     assert evidence[True]["rows"] == evidence[False]["rows"]
 
 
+async def test_thresholds_on_target_stay_when_the_tuners_choice_costs_more(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The plain search's choice on these labels, put in force in config.yaml: the honest tuner's own
+    choice (paying its optimism) is dearer, and nothing misses the target, so the fit keeps the
+    thresholds in force and its evidence says so (``kept_for_cost``); the gauge stays where it was."""
+    plain_url = sqlite_url(tmp_path / "plain")
+    cfg = _cfg(plain_url, optimism_correction=False, min_labels=20)
+    await _populate(plain_url, cfg, 120)
+    async with proxy(cfg, fake) as (_, app):
+        await _until(app, 0.65)
+    ((raw,),) = query(plain_url, "SELECT evidence FROM fits")
+    on_target = json.loads(raw)["proposed"][0]
+    url = sqlite_url(tmp_path / "honest")
+    cfg = _cfg(url, min_labels=20)
+    cfg["cascades"]["default"]["stages"][0]["threshold"] = on_target
+    await _populate(url, cfg, 120)
+    async with proxy(cfg, fake) as (_, app):
+        await wait_for(lambda: query(url, "SELECT count(*) FROM fits") == [(1,)], "a fit")
+        ((raw, thresholds),) = query(url, "SELECT evidence, thresholds FROM fits")
+        assert _gauge(app) == pytest.approx(on_target)
+    evidence = json.loads(raw)
+    assert not evidence["missing_target"] and evidence["kept_for_cost"] is True
+    assert evidence["proposed"][0] > on_target  # the honest choice escalates more ...
+    assert json.loads(thresholds) == [pytest.approx(on_target)]  # ... and the thresholds in force stay
+
+
 async def test_a_threshold_comes_down_only_on_enough_effective_labels_through_the_tuner(
     fake: FakeUpstream, tmp_path: Path
 ) -> None:
