@@ -272,8 +272,10 @@ class Metrics:
         gone = [k for k in self._children if k[0] == id(self.threshold) and tuple(k[1:]) not in present]
         files = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # as prometheus_client decides it
         for key in gone:
-            self._children.pop(key).set(math.nan)
-            if not files:  # (there it would only warn that it cannot)
+            child = self._children.pop(key)
+            if files:  # (remove() there would only warn that it cannot)
+                child.set(math.nan)
+            else:
                 self.threshold.remove(*key[1:])
 
     def traces_dropped(self, reason: str, n: int = 1) -> None:
