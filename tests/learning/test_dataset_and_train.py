@@ -173,8 +173,10 @@ def test_grid_budget_gives_a_lone_scored_stage_every_observed_score() -> None:
     from app.learning.thresholds import GRID_BUDGET, candidates_per_stage
 
     assert candidates_per_stage(1) == GRID_BUDGET
-    assert candidates_per_stage(2) == 40 and candidates_per_stage(3) == 40
+    assert candidates_per_stage(2) == 40
     assert candidates_per_stage(1, budget=10) == 40  # never fewer than asked for
+    # three thresholds: the budget bounds the grid (11^3 = 1,331 <= 1,600 < 12^3), never 40^3
+    assert candidates_per_stage(3) == 11 and candidates_per_stage(3, budget=27) == 3
 
 
 def test_two_stage_fit_takes_the_cheapest_of_every_observed_threshold(tmp_path: Path) -> None:
