@@ -5,7 +5,8 @@ stratified re-splits of the same sizes): the learned cascade against the agreeme
 at the same reach and the two oracles, every figure relative to the best single model on the test rows.
 
     .venv/bin/python bench/replay.py [--data ../shared/data] [--resplits 5] [--targets 0.95,0.98]
-                                     [--datasets winogrande,gsm8k,mbpp] [--json]
+                                     [--datasets winogrande,gsm8k,mbpp] [--max-stages 3]
+                                     [--json]
 
 Prints a Markdown table (the one in README.md) and the checks of the decisions issue, per dataset and
 target: every split's quality >= target - 0.01; the mean within +0.01 of the target; savings >= the
@@ -81,6 +82,7 @@ def main() -> int:
     ap.add_argument("--resplits", type=int, default=5)
     ap.add_argument("--targets", default="0.95,0.98")
     ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--max-stages", type=int, choices=(1, 2, 3, 4), default=3, help="default 3")
     ap.add_argument("--json", action="store_true", help="print the reports as one JSON object at the end")
     args = ap.parse_args()
     root = Path(args.data)
@@ -104,7 +106,12 @@ def main() -> int:
         for target in targets:
             t0 = time.perf_counter()
             res = run_replay(
-                ReplayOptions(str(root / DATASETS[name]), target_quality=target, resplits=args.resplits)
+                ReplayOptions(
+                    str(root / DATASETS[name]),
+                    target_quality=target,
+                    resplits=args.resplits,
+                    max_stages=args.max_stages,
+                )
             )
             rep = res.report
             reports[f"{name}@{target}"] = rep

@@ -10,7 +10,7 @@ chain, the bootstrap search and its optimism, the router), then every test row i
 scorers in process (the code a learned scorer runs at request time, router included).
 
     .venv/bin/python bench/synthetic.py [--worlds 0:16] [--targets 0.95,0.98] [--train 1000] [--test 10000]
-                                        [--json]
+                                        [--max-stages 4] [--json]
     .venv/bin/python bench/synthetic.py --write WORLD FILE.jsonl [--train 1000] [--test 470]
         # one world as a dataset for `cascade replay FILE.jsonl` (e.g. --online, --resplits)
 
@@ -19,7 +19,7 @@ the savings against that model, and what the fit promised (its train quality and
 and the agreement rule on the fit's chain with the fit's scorers swept to its quality on the test rows;
 then per target the mean, spread and lowest of the distances, the share of worlds within 0.01 under the
 target, the mean and median savings, and in how many worlds the swept scorers save as much as the rule.
-About 15 s per world and target on 2 CPUs. Generated data only:
+About 15 s per world and target on 2 CPUs (twice that with --max-stages 4). Generated data only:
 nothing of ../shared is read.
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from app.learning.train import FittedCascade, fit_cascade
+from app.learning.train import DEFAULT_MAX_STAGES, FittedCascade, fit_cascade
 from app.replay.baselines import baselines, learned_at_quality
 from app.replay.dataset import Dataset, Row, parse_rows
 
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="0.95,0.98")
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--test", type=int, default=None, help="test rows (default 10000; 470 with --write)")
+    ap.add_argument(
+        "--max-stages", type=int, choices=(1, 2, 3, 4), default=DEFAULT_MAX_STAGES, help="default 3"
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object last")
     ap.add_argument(
         "--write", nargs=2, metavar=("WORLD", "FILE"), help="write one world as a dataset, no fit"
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         best_cost = statistics.fmean(r.answers[best].cost_usd for r in test)
         for target in targets:
             t0 = time.monotonic()
-            fit = fit_cascade(list(ds.train), ds.models, target_quality=target)
+            fit = fit_cascade(list(ds.train), ds.models, target_quality=target, max_stages=args.max_stages)
             q, c = judge(fit, test)
             res = {
                 "world": world,

@@ -47,6 +47,7 @@ router is fitted and kept only when it pays (:mod:`app.learning.routing`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -62,7 +63,14 @@ from app.answers import agrees
 from app.learning.crossfit import CrossFit, crossfit, fold_ids
 from app.learning.routing import RouterFit, fit_router, request_for
 from app.learning.rows import Row
-from app.learning.search import PolicyGrid, Search, policy_grid, reference_quality, replicate_weights
+from app.learning.search import (
+    PolicyGrid,
+    Search,
+    live_stages,
+    policy_grid,
+    reference_quality,
+    replicate_weights,
+)
 from app.learning.thresholds import (
     best_single_model,
     candidate_thresholds,
@@ -77,11 +85,12 @@ from app.scoring.prompt_features import request_prompt_features
 
 DEFAULT_SPEC = FeatureSpec(hash_dim=0)
 DEFAULT_L2 = 10.0
+DEFAULT_MAX_STAGES = 3  # at most 4: three cheap answers voting before the last (README, Learned scorer)
 DEFAULT_MARGIN_Z = 0.0  # the optimism is paid; a margin on top is a choice (--margin-z)
 DEFAULT_CANDIDATES = 40
 DEFAULT_REPLICATES = 64
 DEFAULT_FOLDS = 5
-SHORTLIST = 24  # chains that get the full bootstrap search
+SHORTLIST = 24  # chains that get the full bootstrap search (Search.shortlist)
 LEARNED = "learned"
 BLENDED = "agreement+learned"  # the mean of the agreement scorer (with the previous stage) and the learned
 
@@ -326,7 +335,7 @@ def fit_cascade(
     *,
     target_quality: float = 0.95,
     relative: bool = True,
-    max_stages: int = 3,
+    max_stages: int = DEFAULT_MAX_STAGES,
     min_stages: int = 1,
     margin_z: float = DEFAULT_MARGIN_Z,
     l2: float = DEFAULT_L2,
@@ -414,6 +423,8 @@ def fit_cascade(
 
     def grid(ch: tuple[str, ...], w: Any, per: int = n_candidates, sc: tuple[str, ...] = ()) -> PolicyGrid:
         cols = columns(ch, sc)
+        if len(cols) >= 3:  # three thresholds: the grid's budget, not 40^3 combinations
+            per = min(per, candidates_per_stage(len(cols)))
         s = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
         c = np.stack([correct[m] for m in ch], axis=1)
         k = np.stack([cost[m] for m in ch], axis=1)
@@ -428,7 +439,8 @@ def fit_cascade(
             pre = Search(reference[:1], target_quality, 0.0)
             for ch in among:
                 pre.add(ch, grid(ch, W[:, :1]))
-            among = pre.shortlist(limit=SHORTLIST)
+            four = max(len(ch) for ch in among) > 3  # Search.shortlist: merged, with the higher aim
+            among = pre.shortlist(limit=SHORTLIST, above_limit=4 if four else 0, merge_prefixes=four)
         out = Search(reference, target_quality, margin_z)
         for ch in among:
             out.add(ch, grid(ch, W))
@@ -455,6 +467,28 @@ def fit_cascade(
         refined = both.result(min_optimism=pick.optimism)
         if refined.feasible or not pick.feasible:
             pick = refined
+    if chain is None and len(pick.chain) > 3:
+        # A middle stage accepting every answer (a threshold at or under its lowest score): the stages
+        # after it are never reached. The same policy without them (the shorter chain was searched too,
+        # on a grid of other candidates: rounding can leave the longer one a hair cheaper), so no config
+        # names an upstream no request reaches. Not where the last stage is kept for its quality
+        # (``last_min_quality``: the labels' reference).
+        cols_p = columns(pick.chain, pick.scoring)
+        live = live_stages(
+            [
+                -math.inf if t <= float(np.min(col)) else t
+                for t, col in zip(pick.thresholds, cols_p, strict=True)
+            ]
+        )
+        if min_stages <= live < len(pick.chain) and (
+            floor is None or stats[pick.chain[live - 1]][0] >= floor
+        ):
+            pick = dataclasses.replace(
+                pick,
+                chain=pick.chain[:live],
+                thresholds=pick.thresholds[: live - 1],
+                scoring=pick.scoring[: live - 1],
+            )
     fine = candidates_per_stage(len(pick.chain) - 1, n_candidates)
     if len(pick.chain) == 2 and fine > n_candidates:
         # Chains are compared on one grid (n_candidates quantiles per scored stage); the chosen chain's

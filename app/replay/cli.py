@@ -98,6 +98,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"cascade replay: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from app.config import ConfigError
+    from app.learning.train import DEFAULT_MAX_STAGES
     from app.replay.configure import ReplayError
     from app.replay.report import ProgressBar, format_table
     from app.replay.runner import ReplayOptions, run_replay
@@ -114,7 +115,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             mapping=_mapping(args.map),
             target_quality=args.target_quality,
             margin_z=args.margin_z,
-            max_stages=args.max_stages,
+            max_stages=args.max_stages if args.max_stages is not None else DEFAULT_MAX_STAGES,
             limit=args.limit,
             concurrency=args.concurrency,
             work_dir=args.work_dir,
@@ -215,7 +216,7 @@ def cmd_fit_scorer(args: argparse.Namespace) -> int:
 
 
 def _fit_from_dataset(args: argparse.Namespace) -> int:
-    from app.learning.train import fit_cascade
+    from app.learning.train import DEFAULT_MAX_STAGES, fit_cascade
     from app.replay.dataset import load_dataset
 
     try:
@@ -226,7 +227,7 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
     from app.replay.runner import MIN_TRAIN_ROWS
 
     chain = [c.strip() for c in args.chain.split(",") if c.strip()] if args.chain is not None else None
-    max_stages = args.max_stages if args.max_stages is not None else 3
+    max_stages = args.max_stages if args.max_stages is not None else DEFAULT_MAX_STAGES
     if (why := _chain_problem(chain, ds.models, max_stages, args.for_auto_tune)) is not None:
         print(f"cascade fit-scorer: --chain: {why} (models: {', '.join(ds.models)})", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -362,7 +363,7 @@ def _chain_problem(
     if twice := sorted({m for m in chain if chain.count(m) > 1}):
         return f"names {', '.join(twice)} more than once"
     if len(chain) > max_stages:
-        return f"{len(chain)} models, more than --max-stages {max_stages} (at most 3)"
+        return f"{len(chain)} models, more than --max-stages {max_stages} (at most 4)"
     if for_auto_tune and len(chain) < 2:
         return "one model: auto_tune needs two stages or more"
     return None
@@ -413,9 +414,8 @@ def add_commands(sub: Any) -> None:
     r.add_argument(
         "--max-stages",
         type=int,
-        choices=(1, 2, 3),
-        default=3,
-        help="most stages a fitted cascade may have (default 3)",
+        choices=(1, 2, 3, 4),
+        help="most stages a fitted cascade may have (default 3; 4: chains of four too, a slower fit)",
     )
     r.add_argument("--json", action="store_true", help="print the report object as the last line of stdout")
     r.add_argument(
@@ -513,7 +513,7 @@ def add_commands(sub: Any) -> None:
         "as good as the last stage's (default: learning.target_quality)",
     )
     f.add_argument("--margin-z", type=_margin, help="default 0 (--from-store: learning.margin_z)")
-    f.add_argument("--max-stages", type=int, choices=(1, 2, 3), help="default 3")
+    f.add_argument("--max-stages", type=int, choices=(1, 2, 3, 4), help="default 3")
     f.add_argument(
         "--for-auto-tune",
         action="store_true",

@@ -34,6 +34,7 @@ def offline_misuse(args: argparse.Namespace) -> str | None:
 
 
 def _options(args: argparse.Namespace) -> Any:
+    from app.learning.train import DEFAULT_MAX_STAGES
     from app.replay.cli import _mapping
     from app.replay.online import OnlineOptions
 
@@ -43,7 +44,7 @@ def _options(args: argparse.Namespace) -> Any:
         cascade=args.cascade,
         mapping=_mapping(args.map),
         margin_z=args.margin_z,
-        max_stages=args.max_stages,
+        max_stages=args.max_stages if args.max_stages is not None else DEFAULT_MAX_STAGES,
         limit=args.limit,
         work_dir=args.work_dir,
         judge=not args.no_judge,

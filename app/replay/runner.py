@@ -33,7 +33,7 @@ import uvicorn
 
 from app.config import Config
 from app.learning.rows import Row
-from app.learning.train import FittedCascade
+from app.learning.train import DEFAULT_MAX_STAGES, FittedCascade
 from app.replay.baselines import baselines, learned_at_quality
 from app.replay.configure import (
     ReplayError,
@@ -61,7 +61,7 @@ class ReplayOptions:
     mapping: dict[str, str] = field(default_factory=dict)
     target_quality: float | None = None
     margin_z: float = 0.0
-    max_stages: int = 3
+    max_stages: int = DEFAULT_MAX_STAGES
     limit: int | None = None
     concurrency: int = 8
     work_dir: str | None = None

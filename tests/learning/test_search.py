@@ -165,6 +165,35 @@ def test_when_nothing_reaches_the_aim_equal_policies_go_to_the_fewer_stages() ->
     assert not pick.feasible and pick.chain == ("a",)
 
 
+def test_the_shortlist_counts_chains_that_serve_their_first_models_alone_once() -> None:
+    """The quick pass keeps the chains worth a bootstrap search. Chains whose first stage takes every
+    request at the lower aim are that model alone: five of them filled a list of two and crowded out the
+    chain that differs (b -> c), and the cheapest chain at the higher aim (d, the aim the final choice
+    pays its optimism over) was not in it either. Merged (what a search with four-stage chains does),
+    both are in."""
+    from app.learning.search import PolicyGrid
+
+    def grid(thresholds: list[list[float]], quality: list[float], cost: list[float]) -> PolicyGrid:
+        return PolicyGrid(
+            np.asarray(thresholds, dtype=float).reshape(len(quality), -1),
+            np.asarray(quality)[:, None],
+            np.asarray(cost)[:, None],
+        )
+
+    search = Search(np.ones(1), target=0.9, margin_z=0.0)
+    search.add(("a",), grid([[]], [0.88], [1.0]))
+    for x in range(5):  # a's answer served to every request, or escalated at 0.5
+        search.add(("a", f"x{x}"), grid([[-math.inf], [0.5]], [0.88, 0.89], [1.0, 1.3]))
+    search.add(("b", "c"), grid([[-math.inf], [0.4]], [0.85, 0.90], [0.9, 1.2]))
+    for name, q, c in (("d", 0.93, 2.0), ("e", 0.95, 3.0), ("f", 0.96, 5.0), ("g", 0.97, 6.0)):
+        search.add((name,), grid([[]], [q], [c]))
+    assert search.shortlist(limit=2, above_limit=1, merge_prefixes=True) == [
+        ("a",), ("b", "c"), ("d",), ("g",), ("f",), ("e",)
+    ]  # fmt: skip
+    # as three-stage searches keep it: the duplicates fill the list
+    assert search.shortlist(limit=2) == [("a",), ("a", "x0"), ("g",), ("f",), ("e",)]
+
+
 def test_crossfit_scores_are_calibrated_probabilities() -> None:
     rng = np.random.default_rng(0)
     n, d = 1200, 6

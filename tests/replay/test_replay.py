@@ -153,6 +153,32 @@ def test_where_one_model_is_the_cheapest_policy_the_cascade_is_that_model(tmp_pa
     assert {o.model for o in result.outcomes} == {"zero-one-ai/Yi-34B-Chat"}
 
 
+def test_four_stages_three_cheap_answers_before_the_last(tmp_path: Path) -> None:
+    """`--max-stages 4`: generated world 0 at 0.98 chains four models (three cheap answers whose
+    agreement decides before the fourth). Every stage is reached by some requests (no stage the fit's
+    thresholds never reach), the config has three thresholds, and the proxy's decisions through HTTP
+    are the offline model's row by row."""
+    from bench import synthetic
+
+    path = tmp_path / "world0.jsonl"
+    synthetic.write(synthetic.generate(0, 1000, 200), str(path))
+    result = run_replay(ReplayOptions(str(path), target_quality=0.98, max_stages=4))
+    fitted = result.fitted
+    assert fitted is not None and not result.errors
+    assert len(fitted.models) == 4 and len(fitted.thresholds) == 3
+    assert all(share > 0 for share in fitted.train["reach"])
+    report = result.report
+    assert report["stages"] == fitted.models and len(report["thresholds"]) == 3
+    stages = result.plan.config.cascades[result.plan.cascade].stages
+    assert len(stages) == 4 and all(st.scorers for st in stages[:3])
+    test = load_dataset(path).test
+    sim = simulate(fitted, test)
+    assert [(o.stage, o.row.id) for o in result.outcomes] == [
+        (s, r.id) for s, r in zip(sim.accepted_stage, test, strict=True)
+    ]
+    assert len({o.stage for o in result.outcomes}) >= 3  # the middle stages answer too
+
+
 def test_fit_scorer_writes_the_blend_and_leaves_it_out_for_auto_tune(
     blend_world: Path, tmp_path: Path
 ) -> None:
