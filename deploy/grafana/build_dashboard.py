@@ -19,8 +19,9 @@ from typing import Any
 OUT = Path(__file__).resolve().parent / "dashboards" / "cascade.json"
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
-C = 'cascade=~"$cascade"'
-U = 'upstream=~"$upstream"'
+J = 'job=~"$job"'  # one Prometheus job (one deployment: compose's two proxies are two jobs); All sums them
+C = f'{J},cascade=~"$cascade"'
+U = f'{J},upstream=~"$upstream"'
 RI = "$__rate_interval"
 
 _ids = iter(range(1, 1000))
@@ -297,7 +298,7 @@ def panels() -> list[dict[str, Any]]:
         stat(
             "In flight",
             "Requests being served now (all workers).",
-            targets(("sum(cascade_in_flight_requests)", "in flight")),
+            targets((f"sum(cascade_in_flight_requests{{{J}}})", "in flight")),
             20,
             y,
             unit="short",
@@ -324,7 +325,7 @@ def panels() -> list[dict[str, Any]]:
         timeseries(
             "In-flight requests",
             "Concurrent requests across all workers.",
-            targets(("sum(cascade_in_flight_requests)", "in flight")),
+            targets((f"sum(cascade_in_flight_requests{{{J}}})", "in flight")),
             12,
             y,
             unit="short",
@@ -674,8 +675,9 @@ def variables() -> list[dict[str, Any]]:
             "multi": False,
             "includeAll": False,
         },
-        query_var("cascade", "Cascade", "label_values(cascade_requests_total, cascade)"),
-        query_var("upstream", "Upstream", "label_values(cascade_attempts_total, upstream)"),
+        query_var("job", "Job", "label_values(cascade_requests_total, job)"),
+        query_var("cascade", "Cascade", f"label_values(cascade_requests_total{{{J}}}, cascade)"),
+        query_var("upstream", "Upstream", f"label_values(cascade_attempts_total{{{J}}}, upstream)"),
     ]
 
 

@@ -88,6 +88,8 @@ def check_promql(expr: str, metrics: dict[str, Metric]) -> list[str]:
         allowed = set(metric.labels) | extra
         used_labels |= allowed
         for label, op, value in _MATCHER.findall(matchers):
+            if label in TARGET_LABELS:  # on every series Prometheus scrapes (a dashboard's job filter)
+                continue
             if label not in allowed:
                 problems.append(f"{series}: no label {label!r} (has {sorted(allowed)})")
                 continue

@@ -89,6 +89,7 @@ def test_every_query_parses_with_promtool(dashboard: dict[str, Any], tmp_path: P
         "$__rate_interval": "1m",
         "$__interval": "1m",
         "$__range": "1h",
+        "$job": ".*",
         "$cascade": ".*",
         "$upstream": ".*",
     }
@@ -103,6 +104,24 @@ def test_every_query_parses_with_promtool(dashboard: dict[str, Any], tmp_path: P
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     proc = run([tool("promtool"), "check", "rules", str(path)], timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_series_is_filtered_by_the_job_variable(dashboard: dict[str, Any]) -> None:
+    """Two deployments scraped by one Prometheus (compose's `cascade` and `cascade-local` jobs) were
+    summed in every panel; the Job variable picks one (All: both), and the Cascade and Upstream
+    variables list the values of the jobs picked."""
+    unfiltered = [
+        f"{where}: {series}"
+        for where, expr in _exprs(dashboard)
+        for series in re.findall(r"cascade_[a-z0-9_]+(?:\{[^}]*\})?", expr)
+        if 'job=~"$job"' not in series
+    ]
+    assert not unfiltered, "\n".join(unfiltered)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["job"]["query"]["query"] == "label_values(cascade_requests_total, job)"
+    assert variables["job"]["includeAll"] and variables["job"]["allValue"] == ".*"
+    for name in ("cascade", "upstream"):
+        assert '{job=~"$job"}' in variables[name]["query"]["query"]
 
 
 def test_queries_use_contract_metrics(dashboard: dict[str, Any]) -> None:

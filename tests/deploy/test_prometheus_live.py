@@ -371,6 +371,7 @@ async def test_real_prometheus_scrapes_alerts_and_dashboards() -> None:
         # Every Grafana panel's query returns data over the test's time range.
         now = time.time()
         subst = {
+            "$job": "cascade",
             "$cascade": ".*",
             "$upstream": ".*",
             "$__rate_interval": "10s",
