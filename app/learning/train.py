@@ -38,9 +38,10 @@ world at 0.98: train 0.988, test 0.961); on the chosen chain alone it changed no
 saved 20 points more on one generated world at 0.98 (55 -> 75 %, quality 0.983 -> 0.982).
 
 Method: per chain prefix an L2 logistic regression on the engineered features, cross-fitted and
-calibrated (:mod:`app.learning.crossfit`); every chain of up to ``max_stages`` models in mean-cost order
-(FrugalGPT's space) and every combination of candidate thresholds on the out-of-fold scores is searched
-over bootstrap replicates, and the cheapest policy reaching the target plus the search's measured
+calibrated (:mod:`app.learning.crossfit`); every chain of up to ``max_stages`` models (3 by default, at
+most 4) in mean-cost order (FrugalGPT's space) and every combination of candidate thresholds on the
+out-of-fold scores (40 per scored stage, 11 with three scored stages) is searched, the contenders of a
+quick pass over bootstrap replicates, and the cheapest policy reaching the target plus the search's measured
 optimism (plus ``margin_z`` bootstrap standard errors) wins (:mod:`app.learning.search`). Then the
 router is fitted and kept only when it pays (:mod:`app.learning.routing`).
 """
