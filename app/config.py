@@ -417,7 +417,8 @@ class LearningConfig(_Model):
     half_life_labels: int = Field(2000, ge=0)
     window_labels: int = Field(0, ge=0)
     # Abrupt change: when the newest `drift_labels` labelled requests' quality at the thresholds in force
-    # differs from the older ones' by 3 standard errors, fits start over from them (0: never).
+    # (or the newest 2, 4, 8 times as many) differs from the older ones' by 4 standard errors, fits
+    # start over from them (0: never).
     drift_labels: int = Field(200, ge=0)
     # How often a replica looks in the store for new labels and for fits made by other replicas.
     sync_every_s: float = Field(30.0, gt=0)

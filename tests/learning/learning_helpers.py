@@ -6,12 +6,14 @@ import random
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
 from app.config import parse_config
+from app.learning.calibration import Entry, make_entry
 from app.learning.records import AttemptRow, LabelRow, TraceRow, plan_fingerprint
 from app.learning.service import Learning
 
@@ -54,11 +56,18 @@ def db_bytes(url: str) -> bytes:
 
 
 def synthetic(
-    cfg: dict[str, Any], n: int, *, threshold: float = 0.7, shadow_rate: float = 0.5, seed: int = 1
+    cfg: dict[str, Any],
+    n: int,
+    *,
+    threshold: float = 0.7,
+    shadow_rate: float = 0.5,
+    seed: int = 1,
+    cut: Callable[[int], float] = lambda i: 0.4,
 ) -> tuple[list[TraceRow], list[LabelRow]]:
     """Labelled traces of the 2-stage cascade 'default' in ``cfg``, as the proxy would record them.
 
-    Stage 0's answer is right (as good as stage 1's) when its score is above ~0.4 (with 10 % noise).
+    Stage 0's answer is right (as good as stage 1's) when its score is above ~0.4 (``cut`` of the
+    request's index, with 10 % noise).
     Requests below ``threshold`` escalate (free labels, weight 1); a ``shadow_rate`` share of the others
     carry a shadow label (weight 1/rate). Costs: stage 0 $1e-6, stage 1 $1e-4 per request.
     """
@@ -69,7 +78,7 @@ def synthetic(
     t0 = time.time() - n  # recent: inside the store's retention window, one second apart
     for i in range(n):
         s = round(rng.random(), 4)
-        good = (s > 0.4) != (rng.random() < 0.1)
+        good = (s > cut(i)) != (rng.random() < 0.1)
         escalated = s < threshold
         tid = f"chatcmpl-syn{seed}-{i}"
         atts = [_attempt(0, "small", "rejected" if escalated else "accepted", s, threshold, 1e-6)]
@@ -109,3 +118,28 @@ def _attempt(
     return AttemptRow(
         stage, up, outcome, outcome, score, t, scores, "{}", 10, 5, cost, 5.0, "stop", "abc", 12, None
     )
+
+
+def sampled(
+    rng: random.Random, start: int, n: int, good: float, shadowed: set[int] | None = None, rate: float = 0.1
+) -> tuple[list[Entry], list[tuple[int, int]]]:
+    """Requests at a threshold of 0.5 on a 10 % shadow rate: accepted ones (score >= 0.5) get a shadow
+    label when drawn (``shadowed`` picks which, else every 1/rate-th), right with chance ``good``;
+    escalated ones get their free label (the early answer right a third of the time)."""
+    entries, population = [], []
+    for i in range(start, start + n):
+        s = rng.random()
+        early = s >= 0.5
+        population.append((i, 0 if early else 1))
+        drawn = (i in shadowed) if shadowed is not None else i % round(1 / rate) == 0
+        if early and not drawn:
+            continue
+        atts: dict[int, Any] = {0: ("accepted" if early else "rejected", s, 1e-6)}
+        if not early:
+            atts[1] = ("accepted", None, 1e-4)
+        value = float(rng.random() < (good if early else 0.33))
+        label = ("shadow" if early else "free", 0, value, 1 / rate if early else 1.0, 1e-4 if early else 0.0)
+        e = make_entry(i, 2, 0 if early else 1, 1e-4, atts, [label], 2)
+        assert e is not None
+        entries.append(e)
+    return entries, population

@@ -4,17 +4,21 @@ and the tuner reads the store incrementally: new traces and labels only, never t
 from __future__ import annotations
 
 import asyncio
+import bisect
+import json
 import random
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from app.learning.calibration import Entry, fit, make_entry, weigh
 from app.learning.store import Store
 from tests.conftest import base_config, proxy
 from tests.fake_upstream import FakeUpstream
-from tests.learning.learning_helpers import learning_of, query, sqlite_url, synthetic, with_learning
+from tests.learning.learning_helpers import learning_of, query, sampled, sqlite_url, synthetic, with_learning
 
 pytestmark = pytest.mark.anyio
 
@@ -174,31 +178,6 @@ def test_a_stage_whose_accepted_answers_go_unlabelled_is_stale() -> None:
     assert stale_stages(early, population, 1, cfg, (), drawn[-5:]) == [0]
 
 
-def _sampled(
-    rng: random.Random, start: int, n: int, good: float, shadowed: set[int] | None = None, rate: float = 0.1
-) -> tuple[list[Entry], list[tuple[int, int]]]:
-    """Requests at a threshold of 0.5 on a 10 % shadow rate: accepted ones (score >= 0.5) get a shadow
-    label when drawn (``shadowed`` picks which, else every 1/rate-th), right with chance ``good``;
-    escalated ones get their free label (the early answer right a third of the time)."""
-    entries, population = [], []
-    for i in range(start, start + n):
-        s = rng.random()
-        early = s >= 0.5
-        population.append((i, 0 if early else 1))
-        drawn = (i in shadowed) if shadowed is not None else i % round(1 / rate) == 0
-        if early and not drawn:
-            continue
-        atts: dict[int, Any] = {0: ("accepted" if early else "rejected", s, 1e-6)}
-        if not early:
-            atts[1] = ("accepted", None, 1e-4)
-        value = float(rng.random() < (good if early else 0.33))
-        label = ("shadow" if early else "free", 0, value, 1 / rate if early else 1.0, 1e-4 if early else 0.0)
-        e = make_entry(i, 2, 0 if early else 1, 1e-4, atts, [label], 2)
-        assert e is not None
-        entries.append(e)
-    return entries, population
-
-
 def test_ten_lucky_shadow_labels_are_not_a_change() -> None:
     """The newest 200 labelled requests of a steady stream at a 10 % shadow rate hold ~10 shadow
     labels; all of them right (0.68 ** 10: a few per cent of the checks) is no evidence of a change.
@@ -208,15 +187,123 @@ def test_ten_lucky_shadow_labels_are_not_a_change() -> None:
 
     cfg = LearningConfig(drift_labels=200, half_life_labels=2000)
     rng = random.Random(4)
-    old, pop_old = _sampled(rng, 0, 3000, good=0.68)
+    old, pop_old = sampled(rng, 0, 3000, good=0.68)
     accepted_next = [i for i in range(3000, 3400) if rng.random() >= 0.5]
     rng2 = random.Random(4)
-    new, pop_new = _sampled(rng2, 3000, 400, good=1.0, shadowed=set(accepted_next[::16]))
+    new, pop_new = sampled(rng2, 3000, 400, good=1.0, shadowed=set(accepted_next[::16]))
     labelled_new = [e for e in new if e.kind == "shadow"]
     assert 5 <= len(labelled_new) <= 20 and all(e.correct[0] == 1.0 for e in labelled_new)
     entries = old + new
     assert changed(entries[: len(old) + len(new)], pop_old + pop_new, 2, [0.5], cfg) is None
     # A real fall in what the accepted answers are worth is still caught at the same shadow rate.
-    worse, pop_worse = _sampled(random.Random(9), 3000, 800, good=0.1, rate=0.1)
+    worse, pop_worse = sampled(random.Random(9), 3000, 800, good=0.1, rate=0.1)
     got = changed(old + worse, pop_old + pop_worse, 2, [0.5], cfg)
     assert got is not None and got.evidence["z"] < -3
+
+
+def test_a_fall_the_newest_200_cannot_see_is_found_over_more_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of the accepted answers 68 % were right, now 40 %: a fall of 14 points in quality, seen through
+    ~18 shadow labels per 200 labelled requests: too few to tell at 4 standard errors. Over the newest
+    800 it shows, and the fit starts over from about where the change began."""
+    from app.config import LearningConfig
+    from app.learning import tuning
+
+    cfg = LearningConfig(drift_labels=200, half_life_labels=2000)
+    old, pop_old = sampled(random.Random(4), 0, 6000, good=0.68)
+    new, pop_new = sampled(random.Random(54), 6000, 1600, good=0.4)
+    got = tuning.changed(old + new, pop_old + pop_new, 2, [0.5], cfg)
+    assert got is not None and got.evidence["labelled_newest"] == 800 and got.evidence["z"] <= -4
+    assert 6000 <= got.since_seq <= 6200  # (800 labelled requests back: where the new traffic began)
+    monkeypatch.setattr(tuning, "DRIFT_SCALES", 1)
+    assert tuning.changed(old + new, pop_old + pop_new, 2, [0.5], cfg) is None
+
+
+def test_a_steady_stream_tested_at_every_fit_raises_no_alarm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test runs at every fit, so its false alarms add up over a long run. A steady stream (10 %
+    shadow rate) tested every 20 labelled requests: the newest 200 alone at 3 standard errors, as the
+    tuner did, fired twice here (the second time the other way: the alarm's lucky window had become the
+    history); at 4 over the four scales, never (measured over 20 such streams of 11,000: once)."""
+    from app.config import LearningConfig
+    from app.learning import tuning
+
+    cfg = LearningConfig(drift_labels=200, half_life_labels=2000)
+    rng = random.Random(6)
+    shadowed = {i for i in range(8000) if rng.random() < 0.1}
+    entries, population = sampled(random.Random(1006), 0, 8000, good=0.68, shadowed=shadowed)
+
+    def alarms() -> list[int]:
+        seen, since = [], 0
+        for m in range(2700, 4100, 20):
+            upto = bisect.bisect_right(population, entries[m - 1].seq, key=itemgetter(0))
+            got = tuning.changed(entries[since:m], population[:upto], 2, [0.5], cfg)
+            if got is not None:
+                seen.append(m)
+                since = next(i for i, e in enumerate(entries) if e.seq == got.since_seq)
+        return seen
+
+    assert alarms() == []
+    monkeypatch.setattr(tuning, "DRIFT_SCALES", 1)
+    monkeypatch.setattr(tuning, "DRIFT_Z", 3.0)
+    assert len(alarms()) == 2
+
+
+async def test_a_live_tuner_starts_over_where_a_smaller_fall_began(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a running proxy: 2,000 requests whose accepted answers (score >= 0.7) are right 90 % of
+    the time, then 1,000 where 55 % are (10 points of quality): the newest 200 labelled requests cannot
+    tell it at 4 standard errors, the newest 800 can; the tuner says so, remembers where the change
+    began and fits from there."""
+    from app.learning import tuning
+
+    async def first_fit(scales: int, where: Path) -> dict[str, Any]:
+        url = sqlite_url(where)
+        opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": 50, "sync_every_s": 3600}
+        cfg = with_learning(
+            base_config(), url, auto_tune=True, half_life_labels=2000, drift_labels=200, **opts
+        )
+        store = Store(url)
+        await store.open()
+        traces, labels = synthetic(cfg, 3000, cut=lambda i: 0.4 if i < 2000 else 0.83)
+        await store.write(traces, labels)
+        await store.close()
+        monkeypatch.setattr(tuning, "DRIFT_SCALES", scales)
+        async with proxy(cfg, fake) as (_, app):
+            await learning_of(app).settle()
+        (evidence,) = query(url, "SELECT evidence FROM fits WHERE version = 1")
+        return json.loads(evidence[0])  # type: ignore[no-any-return]
+
+    with caplog.at_level("WARNING", logger="cascade.learning"):
+        got = await first_fit(tuning.DRIFT_SCALES, tmp_path / "a")
+    change = got["change"]
+    assert change is not None and change["labelled_newest"] == 800 and change["z"] <= -4, change
+    assert change["quality_newest"] < change["quality_before"] - 0.05
+    assert any(r.getMessage().startswith("label quality changed") for r in caplog.records)
+    # The fit starts over from about where the new traffic began (request 2,000: the store numbers
+    # the requests it holds in order of arrival) and escalates more.
+    assert 1900 <= got["since_seq"] <= 2100, got["since_seq"]
+    assert got["rows"] <= 900 and got["proposed"][0] > 0.7
+    assert (await first_fit(1, tmp_path / "b"))["change"] is None  # the newest 200 alone: no change seen
+
+
+def test_a_stage_seen_in_one_sample_only_is_not_a_certainty() -> None:
+    """Which stage serves a request is chance too. The newest 200: 3 answers of the first stage, all
+    wrong, the rest escalated and right; the 1,000 before: all escalated. Per stage both samples agree
+    perfectly (0 and 1), so the labels alone give a standard error of 0 and any difference is a
+    "change" (an online run threw its history away on z = -50,834,157); the mix of stages gives it
+    its spread."""
+    from app.learning.calibration import Rows
+    from app.learning.tuning import pooled_se
+
+    def rows(early_wrong: int, n: int) -> Rows:
+        scores = np.array([[0.9, 0.0]] * early_wrong + [[0.1, 0.0]] * (n - early_wrong))
+        correct = np.array([[0.0, 1.0]] * early_wrong + [[0.0, 1.0]] * (n - early_wrong))
+        return Rows(scores, correct, np.ones((n, 2)), np.ones(n), [])
+
+    q_new, q_old, se = pooled_se(rows(3, 200), rows(0, 1000), [0.5], (200, 1000))
+    assert (q_new, q_old) == pytest.approx((0.985, 1.0))
+    assert 0.005 < se < 0.01 and (q_new - q_old) / se > -3  # 3 of 200: not 4 standard errors
+    # Fewer requests behind the same rows, more spread; a real change still stands out.
+    assert pooled_se(rows(3, 200), rows(0, 1000), [0.5], (100, 500))[2] > se
+    q_new, q_old, se = pooled_se(rows(40, 200), rows(0, 1000), [0.5], (200, 1000))
+    assert (q_new - q_old) / se < -4
