@@ -3,8 +3,10 @@ restart, exported as cascade_threshold, logged, and kept across a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +369,60 @@ async def test_free_form_answers_without_a_judge_pay_for_no_shadow_call_and_do_n
     skipped = {"cascade": "default", "reason": "free_form"}
     assert reg.get_sample_value("cascade_labels_skipped_total", skipped) == 60
     assert query(url, "SELECT count(*) FROM fits") == [(0,)]
+
+
+async def test_a_four_stage_cascade_is_tuned_and_calibrated_from_its_own_traffic(
+    fake: FakeUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four stages (three scored, as ``--max-stages 4`` writes them), traffic through the proxy: the
+    first stage's answers are all wrong, the second's and third's right. The tuner's fits hold three
+    thresholds and send the first stage's answers on; a request it used to accept is now answered by
+    the second stage; the gauges follow; ``cascade calibrate`` on the same store chooses three too."""
+    from app.cli import main
+    from tests.conftest import upstream
+    from tests.learning.learning_helpers import PromptScore  # noqa: F401 (the scorer the config names)
+
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url, shadow_rate=1.0, shadow_max_share=None, shadow_warmup=0, min_labels=30)
+    scorer = [{"type": "python", "class": "tests.learning.learning_helpers:PromptScore"}]
+    cfg["upstreams"] = {
+        "s0": upstream("answer-B", price={"input": 0.1, "output": 0.2}),
+        "s1": upstream("answer-A", price={"input": 0.5, "output": 1.0}),
+        "s2": upstream("answer-A", price={"input": 2.0, "output": 4.0}),
+        "large": upstream("answer-A", price={"input": 10.0, "output": 20.0}),
+    }
+    stages = [{"upstream": f"s{k}", "threshold": 0.5, "scorers": scorer} for k in range(3)]
+    cfg["cascades"]["default"]["stages"] = [*stages, {"upstream": "large"}]
+    reg = CollectorRegistry()
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        plan = app.state.cascade.runtime.plans.get("default")
+        first = await c.post("/v1/chat/completions", json=chat(content="q score=0.9"))
+        assert (
+            first.json()["cascade"]["stage"] == 0 and first.json()["choices"][0]["message"]["content"] == "B"
+        )
+        for i in range(80):
+            r = await c.post("/v1/chat/completions", json=chat(content=f"q{i} score={(i % 20) / 20:.2f}"))
+            assert r.status_code == 200
+        await learning_of(app).settle()
+        fits = query(url, "SELECT version, thresholds FROM fits ORDER BY version")
+        assert fits and all(len(json.loads(t)) == 3 for _, t in fits)
+        t0 = plan.thresholds[0]
+        assert t0 > 0.95  # its answers were all wrong: the fit sends them on (max_step_up)
+        for k, t in enumerate(plan.thresholds):
+            assert reg.get_sample_value("cascade_threshold", {"cascade": "default", "stage": str(k)}) == t
+        again = await c.post("/v1/chat/completions", json=chat(content="q again score=0.9"))
+        body = again.json()
+        assert body["cascade"]["stage"] == 1 and body["choices"][0]["message"]["content"] == "A"
+        assert [a["threshold"] for a in body["cascade"]["attempts"][:2]] == pytest.approx(
+            list(plan.thresholds[:2])
+        )
+    path = tmp_path / "config.yaml"
+    cfg["learning"]["auto_tune"] = False  # calibrate reads what the file says, not the tuner's fit
+    path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["calibrate", "--config", str(path), "--target-quality", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "cascade 'default': s0 -> s1 -> s2 -> large" in out
+    chosen = re.search(r"chosen\s+\[?([\d.]+),? ([\d.]+),? ([\d.]+)\]?: quality ([\d.]+)", out)
+    assert chosen is not None, out
+    assert float(chosen.group(1)) > 0.95 and float(chosen.group(2)) < 0.5 and float(chosen.group(4)) >= 0.9
