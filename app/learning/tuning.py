@@ -536,6 +536,8 @@ class Tuner:
         self._histories: dict[tuple[str, str], History] = {}
         self._lock = asyncio.Lock()
         self._out_of_reach: set[tuple[str, str]] = set()  # cascades whose last fit found no way to the target
+        # Fits this replica stored that started over on a change (``changed``): cascade and evidence.
+        self.changes: list[dict[str, Any]] = []
 
     def history(self, meta: PlanMeta) -> History:
         key = (meta.name, meta.fingerprint)
@@ -597,6 +599,8 @@ class Tuner:
         self._short.discard(key)
         if await store.save_fit(proposal):
             self.apply(proposal)
+            if (change := proposal.evidence.get("change")) is not None:
+                self.changes.append({"cascade": meta.name, "fit": proposal.version, **change})
             return
         winner = await store.latest_fit(meta.name, meta.fingerprint)  # another replica was first
         if winner is not None:

@@ -256,6 +256,8 @@ async def _pass(
     out: list[Served] = []
     extra: dict[str, Any] = {}
     feedback = random.Random(opts.seed + 1)
+    changes: list[dict[str, Any]] = []  # fits that started over on a change of label quality, in order
+    seen: dict[int, int] = {}
     async with contextlib.AsyncExitStack() as stack:
         clients = []
         for k, app in enumerate(apps):
@@ -282,6 +284,7 @@ async def _pass(
                     for each in learnings:
                         assert each is not None
                         await each.settle()
+                        changes.extend(_new_changes(each, i + 1, seen))
             served.thresholds = [float(t) for t in cplan.thresholds[:-1] if t is not None]
             out.append(served)
             if progress is not None:
@@ -290,11 +293,20 @@ async def _pass(
             for each in learnings:
                 assert each is not None
                 await each.settle()  # every replica ends on the newest fit in the store
+                changes.extend(_new_changes(each, len(out), seen))
             extra = await _labels_of(learnings[0].store, out, apps)
+            extra["changes"] = changes
             extra["thresholds_by_replica"] = [
                 [float(t) for t in p.thresholds[:-1] if t is not None] for p in plans if p is not None
             ]
     return out, extra
+
+
+def _new_changes(learning: Any, requests: int, seen: dict[int, int]) -> list[dict[str, Any]]:
+    """The changes of label quality ``learning``'s tuner stored since the last look, at ``requests``."""
+    got = learning.tuner.changes[seen.get(id(learning), 0) :]
+    seen[id(learning)] = len(learning.tuner.changes)
+    return [{"requests": requests, **c} for c in got]
 
 
 def _served(i: int, item: Item, r: httpx.Response, models: dict[str, str], stream: Stream) -> Served:
@@ -471,6 +483,7 @@ async def _run(
         labels_skipped=extra.get("labels_skipped", {}),
         replicas=opts.replicas,
         thresholds_by_replica=extra.get("thresholds_by_replica", []),
+        changes=extra.get("changes", []),
         learning={
             k: getattr(cfg.learning, k)
             for k in (

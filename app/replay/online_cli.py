@@ -154,4 +154,9 @@ def format_online(rep: dict[str, Any]) -> str:
             f"after the drift: labels to target {rep['labels_to_target_after_drift']}, lowest rolling "
             f"quality after {_pct(rep['min_rolling_quality_vs_best_after_drift_target'])}"
         )
+    changes = rep.get("changes") or []
+    said = ", ".join(
+        f"request {c['requests']} (z {c['z']:+.1f}, newest {c['labelled_newest']})" for c in changes
+    )
+    lines.append(f"label quality changed (fits started over): {said or 'never'}")
     return "\n".join(lines)

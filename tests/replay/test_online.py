@@ -31,6 +31,7 @@ SUMMARY_KEYS = {
 WINDOW_KEYS = {"requests", "labels", "quality_vs_best", "savings_vs_best", "thresholds"}
 # Another model family for the drift: same number of models, other names, other prices.
 OTHER = {"nano": (0.5, 3e-6), "midi": (0.7, 2e-5), "maxi": (0.88, 2e-4), "ultra": (0.9, 3e-4)}
+BIG = {"maxi": (0.88, 2e-4), "ultra": (0.9, 3e-4)}
 
 
 @pytest.fixture(scope="module")
@@ -520,3 +521,30 @@ def test_a_store_an_earlier_run_filled_is_refused(
     assert code == 0, text
     code, _, text = _run(capsys, *args)
     assert code == 2 and "--store already holds" in text and "traces" in text
+
+
+def test_the_report_says_where_the_fits_started_over(data: dict[str, Path], tmp_path: Path) -> None:
+    """A fit that started over on a change of label quality is in the report (``changes``: at which
+    request, the evidence) and in the printed summary: exactly the fits the store says so of."""
+    from app.replay.online import OnlineOptions, run_online
+    from app.replay.online_cli import format_online
+
+    # After the switch the cheap models are mostly wrong: what the thresholds accept is worth much less.
+    worse = synth.write(tmp_path / "worse.jsonl", 400, 13, {"nano": (0.1, 3e-6), "midi": (0.15, 2e-5), **BIG})
+    store = tmp_path / "store.db"
+    opts = OnlineOptions(
+        dataset=str(data["a"]), drift=str(worse), seed=1, shadow_rate=1.0, store=f"sqlite:///{store}",
+        learning={"drift_labels": 50, "shadow_max_share": None},
+    )  # fmt: skip
+    rep = run_online(opts).report
+    rows = sqlite3.connect(store).execute("SELECT version, evidence FROM fits ORDER BY version")
+    stored = [(v, json.loads(e)["change"]) for v, e in rows if json.loads(e).get("change")]
+    assert stored, "the switch to other models changes label quality"
+    assert [(c["fit"], c["z"]) for c in rep["changes"]] == [(v, c["z"]) for v, c in stored]
+    first = rep["changes"][0]
+    assert rep["drift_at"] < first["requests"] <= rep["requests"] and first["labelled_newest"] >= 50
+    assert first["z"] <= -4 and first["quality_newest"] < first["quality_before"]
+    text = format_online(rep)
+    assert (
+        f"label quality changed (fits started over): request {first['requests']} (z {first['z']:+.1f}" in text
+    )
