@@ -14,7 +14,7 @@ labels before it, as the tuner does. A change: after 6,000 requests the accepted
 
 Prints per rule: alarms per 10,000 labelled requests on the steady streams, and per fall the median
 labelled requests from the change to its alarm and how many streams it was missed in (4,000 requests
-after it). About 3 minutes per 10 streams of each kind on one CPU.
+after it). About 3.5 minutes per rule at 10 streams on one CPU.
 """
 
 from __future__ import annotations
