@@ -20,6 +20,10 @@ Every ``sync_every_s`` (and whenever labels were stored here) each cascade is sy
    ``n + 1`` first, the insert does nothing and that fit is adopted instead: one sequence of versions
    for the fleet, every replica ends on the newest.
 
+Between fits, every sync also looks for a shift of the traffic under the thresholds in force (a stage
+suddenly answering a far larger share of the requests, ``shifted_stages``): that stage escalates at once
+and the fits start over from the shift, without waiting for labels.
+
 Applying a fit changes ``Plan.thresholds`` in place (requests starting afterwards use it), sets the
 ``cascade_threshold`` gauge and logs before/after with the evidence. Fitting runs in a thread.
 """
@@ -34,7 +38,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -192,6 +196,81 @@ def pooled_se(
     between = sum(share * (p - q) ** 2 for share, _, p, _ in stages)
     var += between * sum(1.0 / (n or rows.n) for n, rows in zip(requests, (a, b), strict=True) if n or rows.n)
     return float(wa @ ga), float(wb @ gb), math.sqrt(var)
+
+
+SHIFT_REQUESTS = 50  # the newest requests whose accept shares are compared with the ones before them
+SHIFT_BEFORE = 100  # ... labelled requests before them, at least
+SHIFT_P = 1e-5  # ... a rise this unlikely at the share before (binomial tail, the share one SE higher)
+SHIFT_MIN = 0.2  # ... and of at least this share of the requests
+HEADING_DOWN = 0.02  # a fit choosing a threshold this much lower is tested there too (``changed``)
+
+
+def shifted_stages(
+    population: Sequence[tuple[int, int]],
+    thresholds: Sequence[float],
+    cfg: LearningConfig,
+    entries: Callable[[], Sequence[Entry]],
+    n_stages: int,
+    since: int = 0,
+) -> dict[str, list[float]]:
+    """The first scored stage through which a much larger share of the newest ``SHIFT_REQUESTS``
+    requests was answered (accepted by it or an earlier stage) than ``thresholds`` answer there of the
+    requests before them: {stage: [share before, share now]}, or {}. The share before is estimated from
+    the labelled requests before them (up to 40 times as many, weighted by their realised labelling
+    rates, as fits weigh them) at ``thresholds``, whatever thresholds served them then: the fits move
+    thresholds all the time, and where scores are packed (WinoGrande's middle stage: 15 % of the
+    requests within 0.008) a small move changes the share more than any shift. ``entries`` is called
+    only when the newest requests' share is well above the one the requests before were served at. Only
+    when ``thresholds`` served all of the newest (put in force before the request after ``since``): a fit
+    that has just raised a stage would otherwise read the requests served before it as a shift.
+
+    No label of the newest requests is needed: the traffic changed under the thresholds (new kinds of
+    prompts, a new model behind an upstream) so that a cheap stage suddenly takes what it used to pass
+    on, and labels of what it now accepts come slowly (shadow labels only). Without this a WinoGrande ->
+    GSM8K stream served 100 requests at 76 % of the best model, the middle stage taking all of them
+    against ~70 % before, until the next fit ~150 requests later. That stage escalates
+    (``max_step_up``): the requests it passes on label its answers for free at once. And the fits start
+    over from the shift, as after a change of label quality (``changed``): escalating alone, the fits,
+    mostly older labels, walked the stage back down within ~100 requests into answers now wrong (that
+    run then took 648 labelled requests after the switch to be back on target, against 472 without the
+    escalation and 193 with the new start). A shift the other way (fewer answered early) costs money,
+    not quality: left to the fits."""
+    n = SHIFT_REQUESTS
+    if len(population) < n + SHIFT_BEFORE or population[-n][0] <= since:
+        return {}
+    new, served = population[-n:], population[-41 * n : -n]
+    upper = cfg.threshold_bounds[1]
+    now = [sum(1 for _, s in new if s <= k) for k in range(len(thresholds))]
+    was = [sum(1 for _, s in served if s <= k) / len(served) for k in range(len(thresholds))]
+    wanted = [k for k, t in enumerate(thresholds) if t < upper and now[k] / n - was[k] >= SHIFT_MIN / 2]
+    if not wanted:
+        return {}
+    labelled = entries()
+    cut = bisect.bisect_left(labelled, new[0][0], key=attrgetter("seq"))
+    old = labelled[max(0, cut - 40 * n) : cut]
+    if len(old) < SHIFT_BEFORE:
+        return {}
+    lo = bisect.bisect_left(population, old[0].seq, key=itemgetter(0))
+    rows = weigh(old, n_stages, population[lo : len(population) - n])
+    stage = served_stages(rows.scores, thresholds)
+    w = rows.weights
+    total = float(w.sum())
+    if total <= 0:
+        return {}
+    n_eff = total * total / float((w * w).sum())
+    for k in wanted:
+        b = float(w[stage <= k].sum()) / total
+        x = now[k]
+        if x / n - b < SHIFT_MIN:
+            continue
+        # The chance of x or more of n at the share before, taken one standard error higher (its own
+        # estimate is noisy; at least one label's worth). Exact: at the edge (50 of 50 against 70 % of
+        # 100 before, a real shift) the normal approximation says 4.3 standard errors.
+        hi = min(1.0, max(b + math.sqrt(b * (1.0 - b) / n_eff), 1.0 / n_eff))
+        tail = sum(math.comb(n, j) * hi**j * (1.0 - hi) ** (n - j) for j in range(x, n + 1))
+        if tail <= SHIFT_P:
+            return {str(k): [round(b, 3), round(x / n, 3)]}
+    return {}
 
 
 STALE_LABELS = 20  # labels expected (at shadow_rate) over the stretch a stage's evidence is judged on
@@ -536,6 +615,7 @@ class Tuner:
         self._histories: dict[tuple[str, str], History] = {}
         self._lock = asyncio.Lock()
         self._out_of_reach: set[tuple[str, str]] = set()  # cascades whose last fit found no way to the target
+        self._applied_at: dict[tuple[str, str], int] = {}  # the newest request seen when a fit was applied
         # Fits this replica stored that started over on a change (``changed``): cascade and evidence.
         self.changes: list[dict[str, Any]] = []
 
@@ -576,12 +656,13 @@ class Tuner:
     async def _sync_one(self, meta: PlanMeta, refit: bool) -> None:
         store = self.store
         latest = await store.latest_fit(meta.name, meta.fingerprint)
-        if latest is not None and latest.version > meta.fit_version:
-            self.apply(latest)
-        if not refit:
-            return
         key = (meta.name, meta.fingerprint)
         history = self.history(meta)
+        if latest is not None and latest.version > meta.fit_version:
+            self.apply(latest)
+            self._applied_at[key] = history.last_seq
+        if not refit:
+            return
         await history.update(store)
         if latest is not None:  # a change found by any replica: every one forgets what came before
             history.forget_before(int(latest.evidence.get("since_seq", 0)))
@@ -589,7 +670,7 @@ class Tuner:
         top = history.last_label_id
         fresh = history.labels_after(since)
         due = fresh >= self.cfg.tune_every or (key in self._short and fresh > 0)
-        if not due and not self._stale(meta, latest, history):
+        if not due and not self._stale(meta, latest, history) and not self._shifted(meta, latest, history):
             return
         proposal = await self._fit(meta, latest, history)
         if proposal is None:  # too few labelled requests yet
@@ -599,12 +680,14 @@ class Tuner:
         self._short.discard(key)
         if await store.save_fit(proposal):
             self.apply(proposal)
+            self._applied_at[key] = history.last_seq
             if (change := proposal.evidence.get("change")) is not None:
                 self.changes.append({"cascade": meta.name, "fit": proposal.version, **change})
             return
         winner = await store.latest_fit(meta.name, meta.fingerprint)  # another replica was first
         if winner is not None:
             self.apply(winner)
+            self._applied_at[key] = history.last_seq
 
     def _stale_stages(self, history: History, n_scored: int) -> list[int]:
         return stale_stages(
@@ -618,6 +701,18 @@ class Tuner:
 
     def _short_of_labels(self, history: History, n_scored: int) -> list[int]:
         return short_of_labels(history.population, n_scored, self.cfg, history.budget_skipped, history.drawn)
+
+    def _shifted(self, meta: PlanMeta, latest: Fit | None, history: History) -> dict[str, list[float]]:
+        """``shifted_stages`` at the thresholds in force."""
+        thresholds = latest.thresholds if latest is not None else meta.config_thresholds
+        return shifted_stages(
+            history.population,
+            thresholds,
+            self.cfg,
+            functools.partial(history.entries, self.cfg.user_pass_score),
+            meta.n_stages,
+            self._applied_at.get((meta.name, meta.fingerprint), 0),
+        )
 
     def _stale(self, meta: PlanMeta, latest: Fit | None, history: History) -> bool:
         """A stage's evidence went stale, or the spend caps may starve it, and raising it would change
@@ -674,6 +769,91 @@ class Tuner:
             self._out_of_reach.discard(key)
             log.info("auto_tune: the target is within reach again", extra={"cascade": meta.name})
 
+    async def _changed(self, meta: PlanMeta, history: History, thresholds: Sequence[float]) -> Change | None:
+        """``changed`` at ``thresholds``; when it finds a change, the history before it is forgotten."""
+        cfg = self.cfg
+        change = await asyncio.to_thread(
+            changed, history.entries(cfg.user_pass_score), history.population, meta.n_stages, thresholds, cfg
+        )
+        if change is not None:
+            history.forget_before(change.since_seq)
+            log.warning(
+                "label quality changed: thresholds are fitted from the newest labels only",
+                extra={"cascade": meta.name, **change.evidence},
+            )
+        return change
+
+    def _escalation(
+        self,
+        meta: PlanMeta,
+        latest: Fit | None,
+        history: History,
+        rows: Rows,
+        raised: tuple[float, ...],
+        since: int,
+        why: dict[str, Any],
+    ) -> Fit:
+        """A fit that only raises stages (``why`` says which and why), before the next full fit."""
+        evidence = {
+            "rows": rows.n,
+            **why,
+            "effective_labels": {
+                str(k): round(effective_labels(rows, raised, k), 1) for k in range(len(raised))
+            },
+            "last_label_id": history.last_label_id,
+            "since_seq": since,
+        }
+        version = (latest.version if latest is not None else 0) + 1
+        return Fit(
+            meta.name,
+            meta.fingerprint,
+            version,
+            raised,
+            history.last_label_id,
+            rows.n,
+            None,
+            None,
+            False,
+            evidence,
+            self.clock(),
+        )
+
+    def _too_few(
+        self,
+        meta: PlanMeta,
+        latest: Fit | None,
+        history: History,
+        rows: Rows,
+        old: Sequence[float],
+        since: int,
+    ) -> Fit | None:
+        """Fewer than ``min_labels`` labelled requests: no fit, but stale or starved stages escalate."""
+        cfg = self.cfg
+        stale = self._stale_stages(history, len(old))
+        starved = starved_stages(rows, old, self._short_of_labels(history, len(old)), cfg)
+        if stale or starved:  # no evidence for what early stages accept: escalate, fit later
+            raised = _escalate(old, stale, starved, cfg)
+            if raised != tuple(old):
+                _log_escalation(meta.name, stale, starved)
+                why = {"stale_stages": stale, "starved_stages": starved}
+                return self._escalation(meta, latest, history, rows, raised, since, why)
+        log.info(
+            "not enough labelled requests to tune",
+            extra={"cascade": meta.name, "rows": rows.n, "min_labels": cfg.min_labels},
+        )
+        return None
+
+    def _calibrate(self, rows: Rows, old: Sequence[float]) -> Calibration:
+        cfg = self.cfg
+        return fit(
+            rows,
+            cfg.target_quality,
+            margin_z=cfg.margin_z,
+            bounds=cfg.threshold_bounds,
+            current=old,
+            honest=cfg.optimism_correction,
+        )
+
     async def _fit(self, meta: PlanMeta, latest: Fit | None, history: History) -> Fit | None:
         cfg = self.cfg
         old = latest.thresholds if latest is not None else meta.config_thresholds
@@ -683,64 +863,34 @@ class Tuner:
         )
         rows = await asyncio.to_thread(read)
         since = int(latest.evidence.get("since_seq", 0)) if latest is not None else 0
-        change = await asyncio.to_thread(
-            changed, history.entries(cfg.user_pass_score), history.population, meta.n_stages, old, cfg
-        )
+        change = await self._changed(meta, history, old)
         if change is not None:
-            since = change.since_seq
+            since, rows = change.since_seq, await asyncio.to_thread(read)
+        if shifted := self._shifted(meta, latest, history):
+            since = history.population[-SHIFT_REQUESTS][0]
             history.forget_before(since)
             rows = await asyncio.to_thread(read)
+            raised = _escalate(old, [], {k: 0.0 for k in shifted}, cfg)
             log.warning(
-                "label quality changed: thresholds are fitted from the newest labels only",
-                extra={"cascade": meta.name, **change.evidence},
+                "a stage answers a far larger share of the traffic than it did at these thresholds: "
+                "escalating it and fitting from the newest labels only",
+                extra={"cascade": meta.name, "shares": shifted, "since_seq": since},
             )
+            why = {"shifted_stages": shifted, "change": {"shifted_stages": shifted}}
+            return self._escalation(meta, latest, history, rows, raised, since, why)
         if rows.n < cfg.min_labels:
-            stale = self._stale_stages(history, len(old))
-            starved = starved_stages(rows, old, self._short_of_labels(history, len(old)), cfg)
-            if stale or starved:  # no evidence for what early stages accept: escalate, fit later
-                raised = _escalate(old, stale, starved, cfg)
-                if raised != tuple(old):
-                    _log_escalation(meta.name, stale, starved)
-                    evidence = {
-                        "rows": rows.n,
-                        "stale_stages": stale,
-                        "starved_stages": starved,
-                        "effective_labels": {
-                            str(k): round(effective_labels(rows, raised, k), 1) for k in range(len(raised))
-                        },
-                        "last_label_id": top,
-                        "since_seq": since,
-                    }
-                    version = (latest.version if latest is not None else 0) + 1
-                    return Fit(
-                        meta.name,
-                        meta.fingerprint,
-                        version,
-                        raised,
-                        top,
-                        rows.n,
-                        None,
-                        None,
-                        False,
-                        evidence,
-                        self.clock(),
-                    )
-            log.info(
-                "not enough labelled requests to tune",
-                extra={"cascade": meta.name, "rows": rows.n, "min_labels": cfg.min_labels},
-            )
-            return None
-        cal = await asyncio.to_thread(
-            functools.partial(
-                fit,
-                rows,
-                cfg.target_quality,
-                margin_z=cfg.margin_z,
-                bounds=cfg.threshold_bounds,
-                current=old,
-                honest=cfg.optimism_correction,
-            )
-        )
+            return self._too_few(meta, latest, history, rows, old, since)
+        cal = await asyncio.to_thread(self._calibrate, rows, old)
+        if change is None and any(c < t - HEADING_DOWN for c, t in zip(cal.thresholds, old, strict=True)):
+            # The same test where the fit heads when it would accept more: thresholds in force that
+            # escalate much see little of what the early stages' answers below them are now worth,
+            # and the fit, mostly older labels, would lower them into it (after a shift, above).
+            change = await self._changed(meta, history, cal.thresholds)
+            if change is not None:
+                since, rows = change.since_seq, await asyncio.to_thread(read)
+                if rows.n < cfg.min_labels:
+                    return self._too_few(meta, latest, history, rows, old, since)
+                cal = await asyncio.to_thread(self._calibrate, rows, old)
         new, missing, held, unproven, kept = next_thresholds(old, cal, cfg, rows)
         # No recent label for the answers a stage accepts although label calls were let through (the
         # last stage failing, its circuit open, too busy): its evidence is stale, so it escalates until

@@ -155,8 +155,16 @@ def format_online(rep: dict[str, Any]) -> str:
             f"quality after {_pct(rep['min_rolling_quality_vs_best_after_drift_target'])}"
         )
     changes = rep.get("changes") or []
-    said = ", ".join(
-        f"request {c['requests']} (z {c['z']:+.1f}, newest {c['labelled_newest']})" for c in changes
-    )
-    lines.append(f"label quality changed (fits started over): {said or 'never'}")
+    said = ", ".join(_change(c) for c in changes)
+    lines.append(f"label quality or traffic changed (fits started over): {said or 'never'}")
     return "\n".join(lines)
+
+
+def _change(c: dict[str, Any]) -> str:
+    shifted = c.get("shifted_stages")
+    if shifted:
+        (stage, (before, now)), *_ = shifted.items()
+        return (
+            f"request {c['requests']} (stage {stage} took {_pct(now)} of the newest, {_pct(before)} before)"
+        )
+    return f"request {c['requests']} (z {c['z']:+.1f}, newest {c['labelled_newest']})"

@@ -63,11 +63,12 @@ def synthetic(
     shadow_rate: float = 0.5,
     seed: int = 1,
     cut: Callable[[int], float] = lambda i: 0.4,
+    low: float = 0.0,
 ) -> tuple[list[TraceRow], list[LabelRow]]:
     """Labelled traces of the 2-stage cascade 'default' in ``cfg``, as the proxy would record them.
 
-    Stage 0's answer is right (as good as stage 1's) when its score is above ~0.4 (``cut`` of the
-    request's index, with 10 % noise).
+    Stage 0's answer is right (as good as stage 1's) when its score (uniform from ``low`` to 1) is above
+    ~0.4 (``cut`` of the request's index, with 10 % noise).
     Requests below ``threshold`` escalate (free labels, weight 1); a ``shadow_rate`` share of the others
     carry a shadow label (weight 1/rate). Costs: stage 0 $1e-6, stage 1 $1e-4 per request.
     """
@@ -77,7 +78,7 @@ def synthetic(
     traces, labels = [], []
     t0 = time.time() - n  # recent: inside the store's retention window, one second apart
     for i in range(n):
-        s = round(rng.random(), 4)
+        s = round(low + (1.0 - low) * rng.random(), 4)
         good = (s > cut(i)) != (rng.random() < 0.1)
         escalated = s < threshold
         tid = f"chatcmpl-syn{seed}-{i}"

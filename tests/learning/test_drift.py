@@ -307,3 +307,123 @@ def test_a_stage_seen_in_one_sample_only_is_not_a_certainty() -> None:
     assert pooled_se(rows(3, 200), rows(0, 1000), [0.5], (100, 500))[2] > se
     q_new, q_old, se = pooled_se(rows(40, 200), rows(0, 1000), [0.5], (200, 1000))
     assert (q_new - q_old) / se < -4
+
+
+def _served(
+    rng: random.Random, start: int, n: int, threshold: float, low: float = 0.0
+) -> tuple[list[Entry], list[tuple[int, int]]]:
+    """Requests at ``threshold`` whose stage-0 scores are uniform from ``low`` to 1: the escalated ones
+    labelled for free, half of the accepted ones by a shadow call (weight 2)."""
+    entries, population = [], []
+    for i in range(start, start + n):
+        s = low + (1.0 - low) * rng.random()
+        early = s >= threshold
+        population.append((i, 0 if early else 1))
+        if early and rng.random() < 0.5:
+            continue
+        atts: dict[int, Any] = {0: ("accepted" if early else "rejected", s, 1e-6)}
+        if not early:
+            atts[1] = ("accepted", None, 1e-4)
+        label = ("shadow" if early else "free", 0, 1.0, 2.0 if early else 1.0, 1e-4 if early else 0.0)
+        e = make_entry(i, 2, 0 if early else 1, 1e-4, atts, [label], 2)
+        assert e is not None
+        entries.append(e)
+    return entries, population
+
+
+def test_a_stage_taking_far_more_of_the_traffic_is_shifted() -> None:
+    """The share of the newest 50 requests answered by a stage against the share the thresholds in force
+    answer of the labelled requests before (weighted, at their scores): a jump from ~30 % to all is a
+    shift; noise, a fall, or a stage already at the upper bound are not, nor a share that grew because
+    the thresholds came down (the requests before were served at stricter ones)."""
+    from app.config import LearningConfig
+    from app.learning.tuning import shifted_stages
+
+    cfg = LearningConfig()
+    rng = random.Random(3)
+
+    def shifted(parts: list[tuple[list[Entry], list[tuple[int, int]]]], at: float) -> dict[str, list[float]]:
+        entries = [e for es, _ in parts for e in es]
+        population = [p for _, ps in parts for p in ps]
+        return shifted_stages(population, [at], cfg, lambda: entries, 2)
+
+    before = _served(rng, 1, 400, 0.7)
+    after = _served(rng, 401, 50, 0.7, low=0.7)
+    got = shifted([before, after], 0.7)
+    assert list(got) == ["0"] and 0.2 < got["0"][0] < 0.4 and got["0"][1] == 1.0, got
+    # ... unless the thresholds in force came after some of the newest (request 420): they may not
+    # have served them (a fit that has just raised a stage saw its old thresholds' requests as a shift).
+    everything = before[1] + after[1]
+    assert shifted_stages(everything, [0.7], cfg, lambda: before[0] + after[0], 2, since=420) == {}
+    assert shifted([before, _served(rng, 401, 50, 0.7)], 0.7) == {}  # the same traffic
+    assert shifted([before, _served(rng, 401, 50, 0.99)], 0.7) == {}  # fewer: money, not quality
+    assert shifted([before, _served(rng, 401, 50, 0.99, low=0.99)], 0.99) == {}  # escalating all it can
+    # Served at 0.8 before (20 % accepted), 0.5 now (50 %): the fits' doing, not the traffic's.
+    assert shifted([_served(rng, 1, 400, 0.8), _served(rng, 401, 50, 0.5)], 0.5) == {}
+    # A steady stream, looked at after every 10 requests as the tuner's syncs would: never.
+    steady = _served(rng, 1, 20000, 0.5)
+    pop = steady[1]
+    assert not any(shifted_stages(pop[:m], [0.5], cfg, lambda: steady[0], 2) for m in range(150, 20001, 10))
+
+
+async def test_a_shift_escalates_the_stage_before_any_label(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through a running proxy: 400 requests at threshold 0.7, stage 0 accepting ~30 %, then 50 whose
+    scores all lie above it (the traffic changed) and whose answers nobody has labelled yet. Too few
+    labels for a fit, but the tuner escalates stage 0 at once, says why, and starts the fits over from
+    the shift; without the 50, nothing."""
+
+    async def fits(shift: bool, where: Path) -> list[tuple[Any, ...]]:
+        url = sqlite_url(where)
+        opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": 500, "sync_every_s": 3600}
+        cfg = with_learning(base_config(), url, auto_tune=True, **opts)
+        store = Store(url)
+        await store.open()
+        await store.write(*synthetic(cfg, 400))
+        if shift:
+            await store.write(*synthetic(cfg, 50, seed=2, low=0.7, shadow_rate=0.0))
+        await store.close()
+        async with proxy(cfg, fake) as (_, app):
+            await learning_of(app).settle()
+        return query(url, "SELECT thresholds, evidence FROM fits ORDER BY version")
+
+    with caplog.at_level("WARNING", logger="cascade.learning"):
+        got = await fits(True, tmp_path / "a")
+    assert len(got) == 1, got
+    thresholds, evidence = json.loads(got[0][0]), json.loads(got[0][1])
+    assert thresholds == [0.99]
+    before, now = evidence["shifted_stages"]["0"]
+    assert before < 0.4 and now == 1.0
+    assert evidence["change"] == {"shifted_stages": evidence["shifted_stages"]}
+    assert evidence["since_seq"] == 401 and evidence["rows"] == 0  # the 50 (unlabelled) from the shift on
+    assert any("a far larger share" in r.getMessage() for r in caplog.records)
+    assert await fits(False, tmp_path / "b") == []  # steady traffic: too few labels, no fit
+
+
+async def test_a_fit_heading_down_is_tested_where_it_heads(fake: FakeUpstream, tmp_path: Path) -> None:
+    """Through a running proxy, stage 0 escalating everything (threshold 0.99): 2,000 older labelled
+    requests say its answers are right from a score of ~0.4 up, the newest 600 (all escalated, so all
+    labelled for free) from ~0.9 up. At 0.99 both say "quality 1" (the last stage serves all), so the
+    change test at the thresholds in force sees nothing, and the fit, mostly older labels, heads down
+    into answers that are now wrong. Tested where it heads, the change is seen, the fit starts over
+    from the newest labels and stays up."""
+    url = sqlite_url(tmp_path)
+    cfg = base_config()
+    cfg["cascades"]["default"]["stages"][0]["threshold"] = 0.99
+    opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": 50, "sync_every_s": 3600}
+    cfg = with_learning(cfg, url, auto_tune=True, half_life_labels=2000, drift_labels=200, **opts)
+    store = Store(url)
+    await store.open()
+    await store.write(*synthetic(cfg, 2000, cut=lambda i: 0.4))
+    await store.write(*synthetic(cfg, 600, seed=2, threshold=0.99, cut=lambda i: 0.9))
+    await store.close()
+    async with proxy(cfg, fake) as (_, app):
+        await learning_of(app).settle()
+    ((evidence,),) = query(url, "SELECT evidence FROM fits WHERE version = 1")
+    got = json.loads(evidence)
+    assert got["change"] is not None and got["change"]["z"] <= -4, got["change"]
+    # about where the newest began (the span that saw it, 800 labelled requests, reaches a little before)
+    assert 1700 <= got["since_seq"] <= 2200, got["since_seq"]
+    # (without the test where the fit heads: no change, 2,284 rows, 0.68 proposed)
+    assert got["rows"] <= 900 and got["proposed"][0] >= 0.8, got["proposed"]

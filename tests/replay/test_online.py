@@ -545,6 +545,14 @@ def test_the_report_says_where_the_fits_started_over(data: dict[str, Path], tmp_
     assert rep["drift_at"] < first["requests"] <= rep["requests"] and first["labelled_newest"] >= 50
     assert first["z"] <= -4 and first["quality_newest"] < first["quality_before"]
     text = format_online(rep)
-    assert (
-        f"label quality changed (fits started over): request {first['requests']} (z {first['z']:+.1f}" in text
-    )
+    said = f"request {first['requests']} (z {first['z']:+.1f}"
+    assert f"label quality or traffic changed (fits started over): {said}" in text
+
+
+def test_the_summary_names_a_shift_and_a_change_of_label_quality() -> None:
+    from app.replay.online_cli import _change
+
+    shift = {"requests": 1320, "cascade": "replay", "fit": 57, "shifted_stages": {"1": [0.7, 1.0]}}
+    assert _change(shift) == "request 1320 (stage 1 took 100.0% of the newest, 70.0% before)"
+    label = {"requests": 1680, "fit": 75, "z": -4.32, "labelled_newest": 200}
+    assert _change(label) == "request 1680 (z -4.3, newest 200)"
