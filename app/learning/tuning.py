@@ -670,7 +670,11 @@ class Tuner:
         top = history.last_label_id
         fresh = history.labels_after(since)
         due = fresh >= self.cfg.tune_every or (key in self._short and fresh > 0)
-        if not due and not self._stale(meta, latest, history) and not self._shifted(meta, latest, history):
+        if (
+            not due
+            and not self._stale(meta, latest, history)
+            and not await self._shifted(meta, latest, history)
+        ):
             return
         proposal = await self._fit(meta, latest, history)
         if proposal is None:  # too few labelled requests yet
@@ -702,10 +706,11 @@ class Tuner:
     def _short_of_labels(self, history: History, n_scored: int) -> list[int]:
         return short_of_labels(history.population, n_scored, self.cfg, history.budget_skipped, history.drawn)
 
-    def _shifted(self, meta: PlanMeta, latest: Fit | None, history: History) -> dict[str, list[float]]:
-        """``shifted_stages`` at the thresholds in force."""
+    async def _shifted(self, meta: PlanMeta, latest: Fit | None, history: History) -> dict[str, list[float]]:
+        """``shifted_stages`` at the thresholds in force (in a thread: it may weigh thousands of labels)."""
         thresholds = latest.thresholds if latest is not None else meta.config_thresholds
-        return shifted_stages(
+        return await asyncio.to_thread(
+            shifted_stages,
             history.population,
             thresholds,
             self.cfg,
@@ -866,7 +871,7 @@ class Tuner:
         change = await self._changed(meta, history, old)
         if change is not None:
             since, rows = change.since_seq, await asyncio.to_thread(read)
-        if shifted := self._shifted(meta, latest, history):
+        if shifted := await self._shifted(meta, latest, history):
             since = history.population[-SHIFT_REQUESTS][0]
             history.forget_before(since)
             rows = await asyncio.to_thread(read)
@@ -884,7 +889,7 @@ class Tuner:
         if change is None and any(c < t - HEADING_DOWN for c, t in zip(cal.thresholds, old, strict=True)):
             # The same test where the fit heads when it would accept more: thresholds in force that
             # escalate much see little of what the early stages' answers below them are now worth,
-            # and the fit, mostly older labels, would lower them into it (after a shift, above).
+            # and the fit, mostly older labels, would lower them into it.
             change = await self._changed(meta, history, cal.thresholds)
             if change is not None:
                 since, rows = change.since_seq, await asyncio.to_thread(read)
