@@ -372,9 +372,10 @@ async def test_a_shift_escalates_the_stage_before_any_label(
     """Through a running proxy: 400 requests at threshold 0.7, stage 0 accepting ~30 %, then 50 whose
     scores all lie above it (the traffic changed) and whose answers nobody has labelled yet. Too few
     labels for a fit, but the tuner escalates stage 0 at once, says why, and starts the fits over from
-    the shift; without the 50, nothing."""
+    the shift, and /metrics shows the new threshold; without the 50, nothing."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    async def fits(shift: bool, where: Path) -> list[tuple[Any, ...]]:
+    async def fits(shift: bool, where: Path) -> tuple[list[tuple[Any, ...]], float]:
         url = sqlite_url(where)
         opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": 500, "sync_every_s": 3600}
         cfg = with_learning(base_config(), url, auto_tune=True, **opts)
@@ -384,21 +385,29 @@ async def test_a_shift_escalates_the_stage_before_any_label(
         if shift:
             await store.write(*synthetic(cfg, 50, seed=2, low=0.7, shadow_rate=0.0))
         await store.close()
-        async with proxy(cfg, fake) as (_, app):
+        async with proxy(cfg, fake) as (c, app):
             await learning_of(app).settle()
-        return query(url, "SELECT thresholds, evidence FROM fits ORDER BY version")
+            text = (await c.get("/metrics")).text
+        (gauge,) = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "cascade_threshold" and s.labels == {"cascade": "default", "stage": "0"}
+        ]
+        return query(url, "SELECT thresholds, evidence FROM fits ORDER BY version"), gauge
 
     with caplog.at_level("WARNING", logger="cascade.learning"):
-        got = await fits(True, tmp_path / "a")
+        got, gauge = await fits(True, tmp_path / "a")
     assert len(got) == 1, got
     thresholds, evidence = json.loads(got[0][0]), json.loads(got[0][1])
-    assert thresholds == [0.99]
+    assert thresholds == [0.99] and gauge == 0.99  # in force: the proxy's gauge says so
     before, now = evidence["shifted_stages"]["0"]
     assert before < 0.4 and now == 1.0
     assert evidence["change"] == {"shifted_stages": evidence["shifted_stages"]}
     assert evidence["since_seq"] == 401 and evidence["rows"] == 0  # the 50 (unlabelled) from the shift on
     assert any("a far larger share" in r.getMessage() for r in caplog.records)
-    assert await fits(False, tmp_path / "b") == []  # steady traffic: too few labels, no fit
+    steady, gauge = await fits(False, tmp_path / "b")
+    assert steady == [] and gauge == 0.7  # steady traffic: too few labels, no fit
 
 
 async def test_a_fit_heading_down_is_tested_where_it_heads(fake: FakeUpstream, tmp_path: Path) -> None:
