@@ -373,11 +373,11 @@ def _tuner_target(ds: Any, fitted: Any, target: float) -> Any:
     """What ``learning.target_quality`` (labels' terms) serves ``target`` (relative to the best single
     model) with this fit, on its train rows (``app.replay.online_stream.tuner_target``); None for one
     model."""
-    from app.replay.online_stream import fit_scores, tuner_target
+    from app.replay.online_stream import train_scores, tuner_target
 
     if len(fitted.models) < 2:
         return None
-    scores = fit_scores(fitted, ds.train)
+    scores = train_scores(fitted, ds.train)
     return tuner_target(ds.train, ds.models, fitted.models, scores, target, at=fitted.thresholds)
 
 

@@ -67,7 +67,7 @@ from app.replay.configure import (
 from app.replay.dataset import Dataset, load_dataset
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
-from app.replay.online_stream import Item, Stream, build_stream, fit_scores, tuner_target
+from app.replay.online_stream import Item, Stream, build_stream, train_scores, tuner_target
 from app.replay.runner import MIN_TRAIN_ROWS, failed_attempt, serve_asgi
 from app.replay.upstream import ReplayUpstream
 
@@ -426,7 +426,7 @@ async def _run(
         async with serve_asgi(JudgedReplay(ReplayUpstream(list(rows.values())), judge)) as url:
             if fitted is not None:
                 plan = fitted_config(fitted, paths, url)
-                scores = fit_scores(fitted, ds.train)
+                scores = train_scores(fitted, ds.train)
                 at: list[float] | None = list(plan.thresholds)
             else:
                 assert user_cfg is not None
