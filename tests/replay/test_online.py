@@ -396,6 +396,33 @@ def test_a_stage_certified_on_the_warm_up_labels_is_escalated_once_the_caps_star
     assert rep["labels"] >= 60  # the escalated requests label themselves
 
 
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated world whose offline fit serves Mixtral -> Yi-34B -> GPT-4 at thresholds the first
+    labels of the offline start (seed 0) read as a miss."""
+    return _world(tmp_path_factory, 3)
+
+
+def test_labels_that_stop_after_a_fit_lowered_the_stages_bring_a_fit_that_escalates(
+    world3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The world-3 stall: the third fit, correcting a miss on 41 labelled requests, lowered both stages
+    (allowed on a miss: accepting more early can be the fix), so that nearly nothing reached the last
+    stage; the spend caps let almost no shadow call through, no label came, no fit came, and the run
+    served 0.90 of the best model (target 0.95) for the 1,300 requests after it on 45 labels. Now when
+    no fit has come for 2 x 20 / shadow_rate requests, a stage serving a tenth of them whose shadow calls
+    the caps rule out is held to the evidence test at the thresholds in force (the fit's evidence names
+    it under ``unproven_in_force``): the tuner fits without new labels and sends it up."""
+    code, rep, text, fits = _run_stored(capsys, tmp_path, str(world3), "--seed", "0", "--limit", "800")
+    assert code == 0, text
+    (first, _), (second, _), (third, evidence) = fits[:3]
+    assert evidence["missing_target"] and third[0] < second[0] and third[1] < second[1] < first[1]
+    assert rep["labels"] >= 100  # the requests reaching the last stage label themselves (before: 44)
+    assert evidence.get("unproven_in_force")  # serving a share on a handful of labels: named
+    fourth, evidence = fits[3]
+    assert evidence["rows"] <= 45 and evidence["unproven_stages"] and max(fourth) == 0.99
+
+
 def test_the_online_run_tunes_the_stages_its_offline_thresholds_serve(
     world15: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
