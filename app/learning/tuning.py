@@ -630,6 +630,7 @@ class Tuner:
         self._lock = asyncio.Lock()
         self._out_of_reach: set[tuple[str, str]] = set()  # cascades whose last fit found no way to the target
         self._applied_at: dict[tuple[str, str], int] = {}  # the newest request seen when a fit was applied
+        self._watching: dict[tuple[str, str], int] = {}  # ... and when this process first read the history
         # Fits this replica stored that started over on a change (``changed``): cascade and evidence.
         self.changes: list[dict[str, Any]] = []
 
@@ -678,6 +679,7 @@ class Tuner:
         if not refit:
             return
         await history.update(store)
+        self._watching.setdefault(key, history.last_seq)  # a restarted replica counts quiet from here
         if latest is not None:  # a change found by any replica: every one forgets what came before
             history.forget_before(int(latest.evidence.get("since_seq", 0)))
         since = max(latest.last_label_id if latest else 0, self._checked.get(key, 0))
@@ -729,9 +731,9 @@ class Tuner:
         if window is None:
             return False
         recent, limit = window
-        return len(recent) >= 2 * limit and recent[0][0] > self._applied_at.get(
-            (meta.name, meta.fingerprint), 0
-        )
+        key = (meta.name, meta.fingerprint)
+        since = max(self._applied_at.get(key, 0), self._watching.get(key, 0))
+        return len(recent) >= 2 * limit and recent[0][0] > since
 
     def _serving_unproven(self, meta: PlanMeta, history: History, n_scored: int) -> list[int]:
         """While the labels have stopped (``_quiet``): the stages serving ``SERVED_SHARE`` of the newest
