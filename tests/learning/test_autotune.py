@@ -230,6 +230,45 @@ async def test_a_stage_the_spend_caps_starve_of_evidence_escalates_for_free_labe
     assert evidence["stale_stages"] == []  # the caps ruled the calls out: not stale
 
 
+async def test_a_restarted_replica_counts_the_quiet_stretch_from_its_first_look(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The labels have stopped when no fit came over the newest 2 x 20 / shadow_rate requests
+    (``Tuner._quiet``; then stages serving on too few labels of their own are sent up: "the tuner never
+    goes blind"). A replica that restarts on a store already holding that many requests has put no fit
+    in force yet; it counts the stretch from its first look at the history, not from the first request
+    ever stored, or it would act at once on a stretch it never watched."""
+    url = sqlite_url(tmp_path)
+    cfg = _capped(url)  # shadow_rate 1: the stretch is 40 requests
+
+    async def serve(c: Any, start: int) -> None:
+        for i in range(start, start + 40):
+            r = await c.post("/v1/chat/completions", json=chat(content=f"q{i} score=0.9"))
+            assert r.json()["cascade"]["stage"] == 0
+
+    async with proxy(cfg, fake) as (c, app):
+        tuner = learning_of(app).tuner
+        assert tuner is not None
+        (meta,) = tuner.plans()
+        await tuner.sync()
+        await serve(c, 0)
+        await learning_of(app).settle()
+        await tuner.sync()
+        assert tuner._quiet(meta, tuner.history(meta))  # watched all 40, no fit: quiet
+    async with proxy(cfg, fake) as (c, app):  # the restart, on the same store
+        tuner = learning_of(app).tuner
+        assert tuner is not None
+        (meta,) = tuner.plans()
+        await tuner.sync()
+        assert len(tuner.history(meta).population) == 40
+        assert not tuner._quiet(meta, tuner.history(meta))
+        await serve(c, 40)
+        await learning_of(app).settle()
+        await tuner.sync()
+        assert tuner._quiet(meta, tuner.history(meta))
+    assert query(url, "SELECT count(*) FROM fits") == [(0,)]
+
+
 async def test_the_tuner_pays_the_optimism_of_its_choice(fake: FakeUpstream, tmp_path: Path) -> None:
     """With ``optimism_correction`` (the default) the tuner's fit is the honest one of ``cascade
     calibrate``: it measures, on bootstrap replicates of the labels, how much better the cheapest
