@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -184,6 +185,37 @@ class Metrics:
             ["cascade", "reason"],
             registry=r,
         )
+        # The fit in force, per cascade (set when a replica puts a fit in force: the fleet's fit).
+        self.tuner_quality = Gauge(
+            "cascade_tuner_estimated_quality",
+            "The fit in force: estimated share of answers as good as the last stage's, at its thresholds.",
+            ["cascade"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.tuner_target = Gauge(
+            "cascade_tuner_target_quality",
+            "The share of answers as good as the last stage's that the fit in force aimed at.",
+            ["cascade"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.tuner_labels = Gauge(
+            "cascade_tuner_effective_labels",
+            "The fit in force: effective labelled requests, (sum w)^2 / sum w^2, behind the answers each "
+            "scored stage accepts at its thresholds.",
+            ["cascade", "stage"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.tuner_fit_time = Gauge(
+            "cascade_tuner_fit_timestamp_seconds",
+            "When the fit in force was made (Unix time).",
+            ["cascade"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self._tuner = (self.tuner_quality, self.tuner_target, self.tuner_labels, self.tuner_fit_time)
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -267,16 +299,41 @@ class Metrics:
         self._child(self.threshold, cascade, str(stage)).set(value)
 
     def keep_thresholds(self, present: set[tuple[str, str]]) -> None:
-        """Drop the ``cascade_threshold`` series of (cascade, stage) pairs a reload removed. With
-        ``--workers N`` prometheus_client's files cannot drop a series: it reads NaN from then on."""
-        gone = [k for k in self._children if k[0] == id(self.threshold) and tuple(k[1:]) not in present]
+        """Drop the ``cascade_threshold`` series of (cascade, stage) pairs a reload removed."""
+        self._drop([k for k in self._children if k[0] == id(self.threshold) and tuple(k[1:]) not in present])
+
+    def set_fit(
+        self,
+        cascade: str,
+        quality: float | None,
+        target: float | None,
+        effective: Mapping[str, float],
+        created: float,
+    ) -> None:
+        """The fit in force for ``cascade`` (the ``cascade_tuner_*`` gauges); ``None``: not known."""
+        for gauge, value in ((self.tuner_quality, quality), (self.tuner_target, target)):
+            if value is not None:
+                self._child(gauge, cascade).set(value)
+        for stage, n in effective.items():
+            self._child(self.tuner_labels, cascade, stage).set(n)
+        self._child(self.tuner_fit_time, cascade).set(created)
+
+    def clear_fits(self) -> None:
+        """Drop every ``cascade_tuner_*`` series (a reload: the fits that still apply set them again)."""
+        tuner = {id(g) for g in self._tuner}
+        self._drop([k for k in self._children if k[0] in tuner])
+
+    def _drop(self, keys: list[tuple[Any, ...]]) -> None:
+        """Remove these labelled series. With ``--workers N`` prometheus_client's files cannot drop a
+        series: it reads NaN from then on."""
         files = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # as prometheus_client decides it
-        for key in gone:
+        metrics = {id(m): m for m in (self.threshold, *self._tuner)}
+        for key in keys:
             child = self._children.pop(key)
             if files:  # (remove() there would only warn that it cannot)
                 child.set(math.nan)
             else:
-                self.threshold.remove(*key[1:])
+                metrics[key[0]].remove(*key[1:])
 
     def traces_dropped(self, reason: str, n: int = 1) -> None:
         self._child(self.trace_dropped, reason).inc(n)

@@ -126,6 +126,7 @@ class Learning:
             compare = compare_mode(rt.config, self.cfg, plan.name)
             meta[plan.name] = PlanMeta(plan.name, plan, fp, len(plan.stages), base, compare=compare)
         self._meta = meta
+        self.metrics.clear_fits()  # a cascade the reload removed or changed has no fit in force
         for fit in list(self._adopted.values()):
             self.apply(fit, log_change=False)
 
@@ -144,6 +145,15 @@ class Learning:
             self.metrics.set_threshold(m.name, k, t)
         m.fit_version = fit.version
         self._adopted[(fit.cascade, fit.plan)] = fit
+        target = fit.evidence.get("target_quality")
+        labels = fit.evidence.get("effective_labels") or {}
+        self.metrics.set_fit(
+            m.name,
+            fit.quality,
+            float(target) if isinstance(target, int | float) else None,
+            {str(k): float(v) for k, v in labels.items()},
+            fit.created,
+        )
         if log_change:
             log.info(
                 "thresholds changed" if list(fit.thresholds) != before else "thresholds kept",

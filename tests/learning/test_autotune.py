@@ -4,6 +4,7 @@ restart, exported as cascade_threshold, logged, and kept across a restart."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -11,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
+from app.config import load_config
 from app.learning.calibration import assemble, fit
 from app.learning.store import Store
 from tests.conftest import base_config, chat, proxy, wait_for
@@ -108,6 +112,54 @@ async def test_auto_tune_moves_thresholds_within_guard_rails_and_survives_restar
         r = await c.post("/v1/chat/completions", json=chat())
         assert r.json()["cascade"]["attempts"][0]["threshold"] == pytest.approx(0.60)
         assert learning_of(app)._meta["default"].fit_version == 2
+
+
+def _tuner_series(text: str) -> dict[tuple[str, ...], float]:
+    """The ``cascade_tuner_*`` samples of a /metrics page: (name, cascade[, stage]) -> value."""
+    out: dict[tuple[str, ...], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name.startswith("cascade_tuner_"):
+                out[(smp.name, *(smp.labels[k] for k in sorted(smp.labels)))] = smp.value
+    return out
+
+
+async def test_the_fit_in_force_is_exported_and_a_reload_that_changes_the_cascade_drops_it(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """What the fit in force rests on is on /metrics (``cascade_tuner_*``): its estimated quality, the
+    target it aimed at, the effective labels behind each scored stage's answers, and when it was made;
+    the same after a restart, before any label; gone when a reload changes the cascade it was fitted
+    for, kept when a reload leaves it as it was."""
+    url = sqlite_url(tmp_path)
+    cfg = _cfg(url)
+    await _populate(url, cfg)
+    async with proxy(cfg, fake) as (c, app):
+        await _until(app, 0.65)
+        seen = _tuner_series((await c.get("/metrics")).text)
+    [(quality, evidence, created)] = query(url, "SELECT quality, evidence, created FROM fits")
+    labels = json.loads(evidence)["effective_labels"]
+    assert set(labels) == {"0"} and labels["0"] > 0
+    expected = {
+        ("cascade_tuner_estimated_quality", "default"): pytest.approx(quality),
+        ("cascade_tuner_target_quality", "default"): 0.9,
+        ("cascade_tuner_effective_labels", "default", "0"): pytest.approx(labels["0"]),
+        ("cascade_tuner_fit_timestamp_seconds", "default"): pytest.approx(created),
+    }
+    assert seen == expected
+    path = tmp_path / "config.yaml"
+    async with proxy(cfg, fake) as (c, app):
+        assert _tuner_series((await c.get("/metrics")).text) == expected  # a restart: the stored fit
+        app.state.cascade.loader = lambda: load_config(path, env={})
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        await app.state.cascade.reload()  # the same cascade: its fit stays in force
+        assert _tuner_series((await c.get("/metrics")).text) == expected
+        changed = copy.deepcopy(cfg)
+        changed["cascades"]["default"]["stages"][0]["scorers"].append({"type": "logprob"})
+        path.write_text(yaml.safe_dump(changed), encoding="utf-8")
+        await app.state.cascade.reload()  # another scorer: another cascade, no fit for it yet
+        assert _tuner_series((await c.get("/metrics")).text) == {}
+        assert app.state.cascade.runtime.plans.get("default").thresholds[0] == 0.7
 
 
 async def test_no_tuning_below_min_labels(
