@@ -185,35 +185,26 @@ class Metrics:
             ["cascade", "reason"],
             registry=r,
         )
+
         # The fit in force, per cascade (set when a replica puts a fit in force: the fleet's fit).
-        self.tuner_quality = Gauge(
-            "cascade_tuner_estimated_quality",
-            "The fit in force: estimated share of answers as good as the last stage's, at its thresholds.",
-            ["cascade"],
-            registry=r,
-            multiprocess_mode="mostrecent",
+        def fit_gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")
+
+        good = "share of answers as good as the last stage's"
+        self.tuner_quality = fit_gauge(
+            "cascade_tuner_estimated_quality", f"The fit in force: its estimated {good}.", ["cascade"]
         )
-        self.tuner_target = Gauge(
-            "cascade_tuner_target_quality",
-            "The share of answers as good as the last stage's that the fit in force aimed at.",
-            ["cascade"],
-            registry=r,
-            multiprocess_mode="mostrecent",
+        self.tuner_target = fit_gauge(
+            "cascade_tuner_target_quality", f"The {good} that the fit in force aimed at.", ["cascade"]
         )
-        self.tuner_labels = Gauge(
+        self.tuner_labels = fit_gauge(
             "cascade_tuner_effective_labels",
             "The fit in force: effective labelled requests, (sum w)^2 / sum w^2, behind the answers each "
             "scored stage accepts at its thresholds.",
             ["cascade", "stage"],
-            registry=r,
-            multiprocess_mode="mostrecent",
         )
-        self.tuner_fit_time = Gauge(
-            "cascade_tuner_fit_timestamp_seconds",
-            "When the fit in force was made (Unix time).",
-            ["cascade"],
-            registry=r,
-            multiprocess_mode="mostrecent",
+        self.tuner_fit_time = fit_gauge(
+            "cascade_tuner_fit_timestamp_seconds", "When the fit in force was made (Unix time).", ["cascade"]
         )
         self._tuner = (self.tuner_quality, self.tuner_target, self.tuner_labels, self.tuner_fit_time)
         self._children: dict[tuple[Any, ...], Any] = {}
