@@ -128,6 +128,28 @@ def test_the_offline_reference_dips_are_read_over_the_online_runs_own_span() -> 
     assert min(w["rolling_quality_vs_best"] for w in rep["offline"]["windows"]) < 0.8  # the early dip
 
 
+def test_labels_to_target_counts_the_labels_when_the_span_at_target_began_not_when_it_was_seen() -> None:
+    # 200 wrong answers, then every answer right, every request labelled (as where most escalate): the
+    # thresholds served at the target from request 200 on, but the first trailing 500-request span
+    # without a wrong answer ends at request 700, when 700 labels were in.
+    served = [Served(i, "a", str(i), i >= 200, 1.0, True, 2.0, labels=i + 1) for i in range(1500)]
+    rep = summarise(served, served, target=0.95)
+    seen = next(w for w in rep["windows"] if w["rolling_quality_vs_best"] >= 0.94)
+    assert seen["requests"] == 700 and seen["labels"] == 700
+    # The span that showed it began with the window ending at request 300.
+    assert rep["labels_to_target"] == 300
+    assert rep["min_rolling_quality_vs_best_after_target"] == 1.0
+    # A stream at the target from its first window: the labels of that window, as before.
+    rep = summarise(served[200:], served[200:], target=0.95)
+    assert rep["labels_to_target"] == 300 and rep["windows"][0]["rolling_quality_vs_best"] == 1.0
+    # After a drift the span never starts before the switch: the labels since it, from its first window.
+    drifted = served[:1000] + [
+        Served(1000 + i, "b", f"b{i}", i >= 100, 1.0, True, 2.0, labels=1001 + i) for i in range(1000)
+    ]
+    rep = summarise(drifted, drifted, target=0.95, drift_at=1000)
+    assert rep["labels_to_target_after_drift"] == 200  # the window ending at request 1200: 1200 - 1000
+
+
 def test_drift_mapping_by_place_in_the_cost_order() -> None:
     models = ["m0", "m1", "m2", "m3", "m4"]
     assert drift_mapping(["m0", "m2", "m4"], models, ["a", "b"]) == {"m0": "a", "m2": "b", "m4": "b"}
