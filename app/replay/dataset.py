@@ -387,6 +387,30 @@ def parse_rows(
     return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary), incomplete)
 
 
+def name_missing_texts(ds: Dataset) -> Dataset:
+    """``ds`` with the answers of each model that records no text in any row (RouteLLM's MT-Bench,
+    correctness-only exports) standing as a placeholder naming the model, for ``--online``: its labels
+    compare a stage's answer with the last stage's, and the replay judge finds each answer among the
+    row's recorded ones by its text, so empty texts, all alike, gave no label at all while the label
+    calls were paid for. The placeholder is no answer a model could give: the scorers learn nothing
+    from it, as from an empty text. Costs stay as recorded or estimated (from no text)."""
+    textless = [
+        m
+        for m in ds.models + ds.partial_models
+        if all(not r.answers[m].answer for r in ds.rows if m in r.answers)
+    ]
+    if not textless:
+        return ds
+    rows = []
+    for r in ds.rows:
+        answers = {
+            m: dataclasses.replace(a, answer=f"(no answer text recorded for {m})") if m in textless else a
+            for m, a in r.answers.items()
+        }
+        rows.append(dataclasses.replace(r, answers=answers))
+    return dataclasses.replace(ds, rows=rows)
+
+
 def load_dataset(
     path: str | os.PathLike[str],
     prices: Mapping[str, tuple[float, float]] | None = None,

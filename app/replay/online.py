@@ -64,7 +64,7 @@ from app.replay.configure import (
     stage_scores,
     with_thresholds,
 )
-from app.replay.dataset import Dataset, load_dataset
+from app.replay.dataset import Dataset, load_dataset, name_missing_texts
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
 from app.replay.online_stream import Item, Stream, build_stream, train_scores, tuner_target
@@ -530,6 +530,6 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
 
 def _load(path: str, pass_score: float | None) -> Dataset:
     try:
-        return load_dataset(path, pass_score=pass_score)
+        return name_missing_texts(load_dataset(path, pass_score=pass_score))
     except (OSError, ValueError) as exc:
         raise ReplayError(f"{path}: {exc}") from exc

@@ -102,6 +102,28 @@ def test_the_same_seed_gives_the_same_run(data: dict[str, Path], capsys: pytest.
     ]
 
 
+def test_a_dataset_that_records_no_answer_texts_is_labelled_by_the_judge(
+    data: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Correctness and cost only (RouteLLM's MT-Bench, correctness-only exports): every answer is the
+    # same empty text, so no label could tell one model's from another's while the label calls were paid
+    # for (0 labels, label spend 15 % of the total on a generated world). Each model's answers now stand as
+    # a placeholder naming it, which the replay judge finds among the row's answers.
+    textless = tmp_path / "textless.jsonl"
+    with data["a"].open() as src, textless.open("w") as dst:
+        for line in src:
+            row = json.loads(line)
+            for rec in row["models"].values():
+                rec.pop("answer", None)
+            dst.write(json.dumps(row) + "\n")
+    code, rep, text = _run(capsys, str(textless), "--seed", "3", "--start-threshold", "1", "--limit", "200")
+    assert code == 0, text
+    assert rep["labels"] >= 40 and rep["labels_by_comparator"] == {"judge": rep["labels"]}
+    assert "no_label" not in rep["labels_skipped"] and rep["label_cost_usd"] > 0
+    # The tuner learns from them: from the strict start the thresholds come down.
+    assert max(rep["windows"][-1]["thresholds"]) < 0.99
+
+
 def test_drift_to_another_dataset(data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     code, rep, text = _run(capsys, str(data["a"]), "--drift", str(data["b"]), "--seed", "1")
     assert code == 0, text
