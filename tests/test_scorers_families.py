@@ -355,6 +355,28 @@ async def test_agreement_between_tool_calls(fake: FakeUpstream, second: str, exp
         assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
+async def test_agreement_without_an_earlier_answer_is_0_whatever_on_error_says(
+    fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier stage that answered nothing leaves nothing to agree with: 0, as the fit's rule has it
+    (it raised, which logged a warning per request and, under ``on_error: accept``, scored 1)."""
+    cfg = base_config()
+    cfg["upstreams"]["small"] = upstream("empty")
+    cfg["upstreams"]["medium"] = upstream("answer-Paris")
+    cfg["cascades"]["default"]["stages"] = [
+        {"upstream": "small", "threshold": 0.5, "scorers": [{"type": "heuristic"}]},
+        {"upstream": "medium", "threshold": 0.5, "scorers": [{"type": "agreement", "on_error": "accept"}]},
+        {"upstream": "large"},
+    ]
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(content="Capital of France?"))
+    ext = _ext(r)
+    assert ext["upstream"] == "large"
+    assert ext["attempts"][1]["scores"] == {"agreement": 0.0}
+    assert ext["attempts"][1]["reasons"]["agreement"] == "no earlier answer to agree with"
+    assert "scorer agreement failed" not in caplog.text
+
+
 def test_agreement_on_the_first_stage_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(two_stage("ok", scorers=[{"type": "agreement"}]), env={})

@@ -81,7 +81,10 @@ class Agreement:
     async def score(self, ctx: ScoreContext) -> Score:
         earlier = [(a, t) for a in ctx.previous if (t := message_text(a.message)).strip()]
         if not earlier:
-            raise LookupError("no earlier answer to compare with")
+            # Nothing to agree with (the earlier stages failed or answered nothing): not agreeing, 0, as
+            # ``agreeing`` has it for the fit and the baselines. Not an error: it used to raise, which
+            # logged a warning per request and let ``on_error: accept`` score it 1.
+            return Score(0.0, "no earlier answer to agree with")
         i = agreeing(
             message_text(ctx.answer.message),
             [t for _, t in earlier],
