@@ -147,12 +147,15 @@ def _midpoint(t: float, observed: Any) -> float:
 
 
 def auc(score: Any, label: Any) -> float:
-    """Mann-Whitney AUC of ``score`` for ``label`` > 0.5 (0.5 when one class is missing)."""
+    """Mann-Whitney AUC of ``score`` for ``label`` > 0.5 (0.5 when one class is missing); tied scores
+    share their mean rank (a tie counts a half, whatever the rows' order)."""
     s = np.asarray(score, dtype=np.float64)
     y = np.asarray(label) > 0.5
     pos, neg = int(y.sum()), int((~y).sum())
     if not pos or not neg:
         return 0.5
+    order = np.argsort(s, kind="mergesort")
+    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
     ranks = np.empty(len(s))
-    ranks[np.argsort(s, kind="mergesort")] = np.arange(1, len(s) + 1)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))

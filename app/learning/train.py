@@ -154,10 +154,14 @@ class FittedCascade:
     def scoring_of(self, stage: int) -> str:
         return self.scoring[stage] if stage < len(self.scoring) else LEARNED
 
+    def probability(self, stage: int, prompt: str, answer: str, previous: Sequence[str] = ()) -> float:
+        """Stage ``stage``'s learned scorer: the probability that the answer is right."""
+        model = self.scorers[stage]
+        return model.predict_proba(extract_features(prompt, answer, previous, spec=model.feature_spec))
+
     def score(self, stage: int, prompt: str, answer: str, previous: Sequence[str] = ()) -> float:
         """Stage ``stage``'s score, as the proxy computes it from ``stage_scorers``."""
-        model = self.scorers[stage]
-        p = model.predict_proba(extract_features(prompt, answer, previous, spec=model.feature_spec))
+        p = self.probability(stage, prompt, answer, previous)
         if self.scoring_of(stage) == BLENDED:
             return (float(agrees(answer, previous, prompt)) + p) / 2.0
         return p

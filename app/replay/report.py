@@ -154,6 +154,22 @@ def _baseline_lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _calibration_lines(r: dict[str, Any]) -> list[str]:
+    cal = r.get("calibration")
+    if not cal:
+        return []
+    out = ["", "learned scorers on the test rows (probability the answer is right, against right):"]
+    for c in cal:
+        if not c["n"]:
+            continue
+        out.append(
+            f"  stage {c['stage']} {c['model']}: mean {c['mean_score']:.3f}, right {c['accuracy']:.3f}; "
+            f"calibration error {c['ece']:.3f} (a calibrated score: {c['ece_if_calibrated']:.3f} by chance), "
+            f"Brier {c['brier']:.3f}, AUC {c['auc']:.3f}"
+        )
+    return out
+
+
 def _resplit_lines(r: dict[str, Any]) -> list[str]:
     splits = r.get("resplits") or []
     if len(splits) < 2:
@@ -243,6 +259,7 @@ def format_table(result: ReplayResult) -> str:
             + (f"; skipped per stage: {skipped}" if rt.get("chosen") else "")
         )
     lines += _baseline_lines(r)
+    lines += _calibration_lines(r)
     lines += _resplit_lines(r)
     ok = n - len(result.errors)
     rate = n / result.elapsed_s if result.elapsed_s > 0 else 0.0

@@ -35,6 +35,7 @@ from app.config import Config
 from app.learning.rows import Row
 from app.learning.train import DEFAULT_MAX_STAGES, FittedCascade
 from app.replay.baselines import baselines, learned_at_quality
+from app.replay.calibration import calibration
 from app.replay.configure import (
     ReplayError,
     ReplayPlan,
@@ -325,6 +326,8 @@ async def _run_split(
         target_quality=0.95 if opts.target_quality is None else opts.target_quality,
         routed=skipped[0] if skipped else 0.0,
     )
+    if fitted is not None:
+        report["calibration"] = scorer_calibration(fitted, split.test)
     agreement = report["baselines"].get("agreement")
     if fitted is not None and agreement is not None:
         chain = fitted.models
@@ -348,6 +351,23 @@ async def _run_split(
         fitted=fitted,
         split=split,
     )
+
+
+def scorer_calibration(fitted: FittedCascade, test: Sequence[Row]) -> list[dict[str, Any]]:
+    """Each scored stage's learned probability against its model's correctness on every test row
+    (``app.replay.calibration``)."""
+    chain = fitted.models
+    out = []
+    for j in range(len(chain) - 1):
+        probs = [
+            fitted.probability(
+                j, r.prompt, r.answers[chain[j]].answer, [r.answers[p].answer for p in chain[:j]]
+            )
+            for r in test
+        ]
+        right = [r.answers[chain[j]].correct for r in test]
+        out.append({"stage": j, "model": chain[j], **calibration(probs, right)})
+    return out
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
