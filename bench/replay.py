@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,18 @@ def main() -> int:
                 print(f"  {name} @ {target}: {'ok' if ok else 'MISSED'}: {why}", file=sys.stderr)
             per = ", ".join(f"{s['quality_vs_best']:.3f}/{s['savings_vs_best']:.0%}" for s in rep["resplits"])
             print(f"  {name} @ {target}: splits {per} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            cal = [c for sp in rep["resplits"] for c in sp.get("calibration") or [] if c["n"]]
+            if cal:
+                gap = [c["mean_score"] - c["accuracy"] for c in cal]
+                chance = statistics.mean(c["ece_if_calibrated"] for c in cal)
+                print(
+                    f"  {name} @ {target}: learned scorers on the test rows ({len(cal)} stage-splits): "
+                    f"calibration error mean {statistics.mean(c['ece'] for c in cal):.3f} (a calibrated "
+                    f"score's by chance {chance:.3f}), mean score - right {statistics.mean(gap):+.3f} "
+                    f"[{min(gap):+.3f}, {max(gap):+.3f}], "
+                    f"AUC mean {statistics.mean(c['auc'] for c in cal):.3f}",
+                    file=sys.stderr,
+                )
             all_ok &= not res.errors
     if args.json:
         print(json.dumps(reports))

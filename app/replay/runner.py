@@ -391,6 +391,7 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
                 "stages": r["stages"],
                 "thresholds": r["thresholds"],
                 "escalation_rate": r["escalation_rate"],
+                "calibration": r.get("calibration"),
                 "baselines": {
                     k: None
                     if v is None

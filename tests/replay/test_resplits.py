@@ -102,7 +102,9 @@ def test_resplits_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str
     met = [s["quality_vs_best"] >= 0.9 - 0.01 for s in splits]
     assert [s["target_met"] for s in splits] == met
     assert rep["target_met_share"] == pytest.approx(sum(met) / 3)
+    assert splits[0]["calibration"] == rep["calibration"]  # each split's check of its own scorers
     for s in splits:
+        assert [c["stage"] for c in s["calibration"]] == list(range(len(s["stages"]) - 1))
         assert {"best_single", "agreement", "random", "oracle_chain", "oracle_all"} <= set(s["baselines"])
         b = s["baselines"]
         assert b["oracle_all"]["quality_vs_best"] >= b["oracle_chain"]["quality_vs_best"] - 1e-9
