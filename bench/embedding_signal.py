@@ -41,14 +41,11 @@ import numpy.typing as npt
 from app.learning.fitting import fit_logistic
 from app.learning.routing import auc
 from app.learning.train import DEFAULT_SPEC
-from app.replay.dataset import load_dataset
 from app.scoring.features import extract_features
 
-DATASETS = {
-    "winogrande": "routerbench/winogrande.jsonl",
-    "gsm8k": "routellm/gsm8k.jsonl",
-    "mbpp": "routerbench/mbpp.jsonl",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.prompt_signal import shared_dataset
+
 Matrix = npt.NDArray[np.float64]
 
 
@@ -128,11 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     variants = ("features", "+prompt", "+prompt+answer", "embeddings only")
     for name in args.datasets.split(","):
-        path = Path(args.data) / DATASETS[name]
-        if not path.is_file():
-            print(f"embedding_signal: {path}: not found (--data points at shared/data)", file=sys.stderr)
+        ds = shared_dataset(args.data, name, "embedding_signal")
+        if ds is None:
             return 2
-        ds = load_dataset(str(path))
         rows = list(ds.train) + list(ds.test)
         folds = rng.permutation(len(rows)) % args.folds
         prompt_emb = standardise(

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from app.learning.fitting import fit_logistic
 from app.learning.routing import auc
-from app.replay.dataset import load_dataset
+from app.replay.dataset import Dataset, load_dataset
 
 DATASETS = {
     "winogrande": "routerbench/winogrande.jsonl",
@@ -50,6 +50,15 @@ def features(prompt: str, chars: int) -> npt.NDArray[np.float64]:
     return v / n if n else v
 
 
+def shared_dataset(data: str, name: str, who: str) -> Dataset | None:
+    """The shared dataset ``name`` under ``data``; None, saying so on stderr, when it is not there."""
+    path = Path(data) / DATASETS[name]
+    if not path.is_file():
+        print(f"{who}: {path}: not found (--data points at shared/data)", file=sys.stderr)
+        return None
+    return load_dataset(str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -61,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     for name in args.datasets.split(","):
-        path = Path(args.data) / DATASETS[name]
-        if not path.is_file():
-            print(f"prompt_signal: {path}: not found (--data points at shared/data)", file=sys.stderr)
+        ds = shared_dataset(args.data, name, "prompt_signal")
+        if ds is None:
             return 2
-        ds = load_dataset(str(path))
         rows = list(ds.train) + list(ds.test)
         X = np.array([features(r.prompt, args.chars) for r in rows])
         folds = rng.permutation(len(rows)) % args.folds

@@ -316,16 +316,28 @@ async def test_consistency_of_an_empty_answer_is_0_and_samples_nothing(fake: Fak
     assert len([x for x in fake.requests if x["body"]["model"] == "empty"]) == 1
 
 
-@pytest.mark.parametrize(("second", "expected"), [("answer-Paris", "medium"), ("answer-London", "large")])
-async def test_agreement_with_the_previous_stage(fake: FakeUpstream, second: str, expected: str) -> None:
+def _agreement_cascade(
+    first: str,
+    second: str,
+    agreement: dict[str, Any],
+    first_scorer: str = "logprob",
+    first_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """small (``first``, scored by ``first_scorer``) -> medium (``second``, by ``agreement``) -> large."""
     cfg = base_config()
-    cfg["upstreams"]["small"] = upstream("answer-Paris+conf-0.1")
+    cfg["upstreams"]["small"] = upstream(first)
     cfg["upstreams"]["medium"] = upstream(second)
     cfg["cascades"]["default"]["stages"] = [
-        {"upstream": "small", "threshold": 0.5, "scorers": [{"type": "logprob"}]},
-        {"upstream": "medium", "threshold": 0.5, "scorers": [{"type": "agreement", "with": "previous"}]},
+        {"upstream": "small", "threshold": first_threshold, "scorers": [{"type": first_scorer}]},
+        {"upstream": "medium", "threshold": 0.5, "scorers": [agreement]},
         {"upstream": "large"},
     ]
+    return cfg
+
+
+@pytest.mark.parametrize(("second", "expected"), [("answer-Paris", "medium"), ("answer-London", "large")])
+async def test_agreement_with_the_previous_stage(fake: FakeUpstream, second: str, expected: str) -> None:
+    cfg = _agreement_cascade("answer-Paris+conf-0.1", second, {"type": "agreement", "with": "previous"})
     async with proxy(cfg, fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(content="Capital of France?"))
     ext = _ext(r)
@@ -338,14 +350,7 @@ async def test_agreement_with_the_previous_stage(fake: FakeUpstream, second: str
 async def test_agreement_between_tool_calls(fake: FakeUpstream, second: str, expected: str) -> None:
     """Two stages calling the same tool with the same arguments agree (compared as canonical JSON, as
     the fit and the labels compare them); other arguments do not."""
-    cfg = base_config()
-    cfg["upstreams"]["small"] = upstream("tools")
-    cfg["upstreams"]["medium"] = upstream(second)
-    cfg["cascades"]["default"]["stages"] = [
-        {"upstream": "small", "threshold": 0.99, "scorers": [{"type": "logprob"}]},
-        {"upstream": "medium", "threshold": 0.5, "scorers": [{"type": "agreement"}]},
-        {"upstream": "large"},
-    ]
+    cfg = _agreement_cascade("tools", second, {"type": "agreement"}, first_threshold=0.99)
     async with proxy(cfg, fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(content="Weather in Paris?", tools=[WEATHER]))
     ext = _ext(r)
@@ -360,14 +365,9 @@ async def test_agreement_without_an_earlier_answer_is_0_whatever_on_error_says(
 ) -> None:
     """An earlier stage that answered nothing leaves nothing to agree with: 0, as the fit's rule has it
     (it raised, which logged a warning per request and, under ``on_error: accept``, scored 1)."""
-    cfg = base_config()
-    cfg["upstreams"]["small"] = upstream("empty")
-    cfg["upstreams"]["medium"] = upstream("answer-Paris")
-    cfg["cascades"]["default"]["stages"] = [
-        {"upstream": "small", "threshold": 0.5, "scorers": [{"type": "heuristic"}]},
-        {"upstream": "medium", "threshold": 0.5, "scorers": [{"type": "agreement", "on_error": "accept"}]},
-        {"upstream": "large"},
-    ]
+    cfg = _agreement_cascade(
+        "empty", "answer-Paris", {"type": "agreement", "on_error": "accept"}, "heuristic"
+    )
     async with proxy(cfg, fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat(content="Capital of France?"))
     ext = _ext(r)
