@@ -82,6 +82,10 @@ def test_thresholds_are_learned_online_from_a_strict_start(
     low = rep["offline"]["min_rolling_quality_vs_best_after_target"]
     assert low in rolling and low <= rolling[-1]
     assert "labels to target" in text
+    # labels_to_target: the labels at the first window of the first 500-request span within a point.
+    ws = rep["windows"]
+    seen = next(i for i, w in enumerate(ws) if w["rolling_quality_vs_best"] >= rep["target_quality"] - 0.01)
+    assert rep["labels_to_target"] == ws[max(0, seen - 4)]["labels"]
 
 
 def test_the_same_seed_gives_the_same_run(data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
