@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -26,7 +27,7 @@ from app.cascade.engine import Completed
 from app.cascade.streams import Streamed
 from app.cascade.trace import Trace
 from app.errors import InternalError, PayloadTooLarge, ProxyError, error_body
-from app.protocol import new_id, validate_chat_request
+from app.protocol import Json, new_id, validate_chat_request
 from app.state import AppState
 
 log = logging.getLogger("cascade.app")
@@ -35,6 +36,7 @@ request_log = logging.getLogger("cascade.request")
 PATH = "/v1/chat/completions"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _JSON = (b"content-type", b"application/json")
+_NO_STATE: Mapping[str, Any] = {}
 
 
 class _Head:
@@ -143,23 +145,57 @@ def request_id(presented: str | None) -> str:
     return presented if presented and _REQUEST_ID.match(presented) else new_id("req-")
 
 
-async def chat(scope: Scope, receive: Receive, send: Send) -> None:
+def _body(request: object, body: Json, result: Completed) -> object:
+    return result.body
+
+
+def _events(request: object, body: Json, result: Streamed) -> AsyncIterator[bytes]:
+    return result.events
+
+
+class Api:
+    """What one OpenAI endpoint on the chat engine does of its own: ``to_chat`` checks the parsed JSON
+    body and gives the chat request to run (raising ``InvalidRequest`` naming the field), ``reply``
+    renders a completed answer (from the parsed body, the chat request and the engine's result),
+    ``events`` the SSE bytes of a streamed one. All else (keys, body limits, admission, running,
+    errors, closing the stream, metrics) is ``serve``'s, the same for every such endpoint."""
+
+    __slots__ = ("events", "path", "reply", "to_chat")
+
+    def __init__(
+        self,
+        path: str,
+        to_chat: Callable[..., Json],
+        reply: Callable[[object, Json, Completed], object] = _body,
+        events: Callable[[object, Json, Streamed], AsyncIterator[bytes]] = _events,
+    ) -> None:
+        self.path = path
+        self.to_chat = to_chat
+        self.reply = reply
+        self.events = events
+
+
+async def serve(scope: Scope, receive: Receive, send: Send, api: Api) -> None:
+    """One request to an ``Api``: parse, admit, run the engine once, render. The hot path of every
+    request (``chat`` and ``responses`` return this coroutine itself: no frame of their own, which
+    every resumption of the request would pass through)."""
     state: AppState = scope["app"].state.cascade
     rt = state.runtime  # read once: a reload mid-request does not change this request's config
     head = _Head(scope["headers"])
-    rid = request_id(head.request_id)
+    # the id CascadeApp gave the request where it went through the framework (its log lines use it)
+    rid = scope.get("state", _NO_STATE).get("request_id") or request_id(head.request_id)
     parsed: object = None
     metrics = state.metrics
     try:
         key = check_presented(head.authorization, head.x_api_key, rt.keys)
         raw = await _read_body(receive, head.content_length, rt.config.server.max_body_bytes)
         parsed = parse_json(raw)
-        body = validate_chat_request(parsed, max_messages=rt.config.server.max_messages)
+        body = api.to_chat(parsed, max_messages=rt.config.server.max_messages)
         plan = rt.plans.resolve(body["model"])
         window, key_name = admit(rt, state.budgets, metrics, key, plan, body, head.min_stage, head.max_stage)
         plan.check_n(body, window)
     except ProxyError as exc:
-        refused(state, exc, rid, PATH, parsed)
+        refused(state, exc, rid, api.path, parsed)
         await _send_json(send, exc.status, exc.body(), {**exc.headers, "x-request-id": rid})
         return
     except ClientGone:
@@ -183,15 +219,23 @@ async def chat(scope: Scope, receive: Receive, send: Send) -> None:
         headers = _cascade_headers(result.trace, rid)
         if isinstance(result, Completed):
             headers["x-cascade-cost-usd"] = f"{result.trace.cost_usd:.10f}"
-            await _send_json(send, 200, result.body, headers)
+            await _send_json(send, 200, api.reply(parsed, body, result), headers)
             return
-        await SSEResponse(result.events, headers, result.trace.client_gone)(scope, receive, send)
+        events = api.events(parsed, body, result)
+        await SSEResponse(events, headers, result.trace.client_gone)(scope, receive, send)
     finally:
         if isinstance(result, Streamed) and not result.ended:
             # This handler owns the stream: whatever happened since the engine opened it (even the
             # response failing to build), it is closed and the request recorded here, once.
             await result.aclose()
         metrics.in_flight.dec()
+
+
+CHAT = Api(PATH, validate_chat_request)
+
+
+def chat(scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+    return serve(scope, receive, send, CHAT)
 
 
 class ChatEndpoint(Response):
