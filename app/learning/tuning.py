@@ -199,6 +199,7 @@ def pooled_se(
 
 
 SHIFT_REQUESTS = 50  # the newest requests whose accept shares are compared with the ones before them
+SHIFT_SCALES = 3  # ... the newest 50, then 100 and 200 (a smaller rise shows on more requests)
 SHIFT_BEFORE = 100  # ... labelled requests before them, at least
 SHIFT_P = 1e-5  # ... a rise this unlikely at the share before (binomial tail, the share one SE higher)
 SHIFT_MIN = 0.2  # ... and of at least this share of the requests
@@ -214,15 +215,16 @@ def shifted_stages(
     since: int = 0,
 ) -> dict[str, list[float]]:
     """The first scored stage through which a much larger share of the newest ``SHIFT_REQUESTS``
-    requests was answered (accepted by it or an earlier stage) than ``thresholds`` answer there of the
-    requests before them: {stage: [share before, share now]}, or {}. The share before is estimated from
-    the labelled requests before them (up to 40 times as many, weighted by their realised labelling
-    rates, as fits weigh them) at ``thresholds``, whatever thresholds served them then: the fits move
-    thresholds all the time, and where scores are packed (WinoGrande's middle stage: 15 % of the
-    requests within 0.008) a small move changes the share more than any shift. ``entries`` is called
-    only when the newest requests' share is well above the one the requests before were served at. Only
-    when ``thresholds`` served all of the newest (put in force before the request after ``since``): a fit
-    that has just raised a stage would otherwise read the requests served before it as a shift.
+    requests (or 2 or 4 times as many, ``SHIFT_SCALES``) was answered (accepted by it or an earlier
+    stage) than ``thresholds`` answer there of the requests before them: {stage: [share before, share
+    now, newest requests]}, or {}. The share before is estimated from the labelled requests before them
+    (up to 40 times ``SHIFT_REQUESTS``, weighted by their realised labelling rates, as fits weigh them)
+    at ``thresholds``, whatever thresholds served them then: the fits move thresholds all the time, and
+    where scores are packed (WinoGrande's middle stage: 15 % of the requests within 0.008) a small move
+    changes the share more than any shift. ``entries`` is called only when the newest requests' share is
+    well above the one the requests before were served at. Only when ``thresholds`` served all of the
+    newest (put in force before the request after ``since``): a fit that has just raised a stage would
+    otherwise read the requests served before it as a shift.
 
     No label of the newest requests is needed: the traffic changed under the thresholds (new kinds of
     prompts, a new model behind an upstream) so that a cheap stage suddenly takes what it used to pass
@@ -234,42 +236,51 @@ def shifted_stages(
     mostly older labels, walked the stage back down within ~100 requests into answers now wrong (that
     run then took 648 labelled requests after the switch to be back on target, against 472 without the
     escalation and 193 with the new start). A shift the other way (fewer answered early) costs money,
-    not quality: left to the fits."""
-    n = SHIFT_REQUESTS
-    if len(population) < n + SHIFT_BEFORE or population[-n][0] <= since:
-        return {}
-    new, served = population[-n:], population[-41 * n : -n]
+    not quality: left to the fits.
+
+    The longer scales see what 50 requests cannot: an MBPP -> WinoGrande stream (``cascade replay
+    mbpp.jsonl --online --drift winogrande.jsonl --passes 3``) had its first stage, estimated at 75 % of
+    the requests before, take 50 of the newest 50 (a chance of 3e-5 at the share one standard error
+    higher, over ``SHIFT_P``), then every one of the 3,800 requests after the switch at 0.6-0.7 of the
+    best model: the spend caps let 6 shadow calls through, and the fits trusted the labels from before.
+    100 of 100 at that share is a chance of 1e-9."""
     upper = cfg.threshold_bounds[1]
-    now = [sum(1 for _, s in new if s <= k) for k in range(len(thresholds))]
-    was = [sum(1 for _, s in served if s <= k) / len(served) for k in range(len(thresholds))]
-    wanted = [k for k, t in enumerate(thresholds) if t < upper and now[k] / n - was[k] >= SHIFT_MIN / 2]
-    if not wanted:
-        return {}
-    labelled = entries()
-    cut = bisect.bisect_left(labelled, new[0][0], key=attrgetter("seq"))
-    old = labelled[max(0, cut - 40 * n) : cut]
-    if len(old) < SHIFT_BEFORE:
-        return {}
-    lo = bisect.bisect_left(population, old[0].seq, key=itemgetter(0))
-    rows = weigh(old, n_stages, population[lo : len(population) - n])
-    stage = served_stages(rows.scores, thresholds)
-    w = rows.weights
-    total = float(w.sum())
-    if total <= 0:
-        return {}
-    n_eff = total * total / float((w * w).sum())
-    for k in wanted:
-        b = float(w[stage <= k].sum()) / total
-        x = now[k]
-        if x / n - b < SHIFT_MIN:
+    labelled: Sequence[Entry] | None = None
+    for m in (SHIFT_REQUESTS << j for j in range(SHIFT_SCALES)):
+        if len(population) < m + SHIFT_BEFORE or population[-m][0] <= since:
+            break
+        new, served = population[-m:], population[-(m + 40 * SHIFT_REQUESTS) : -m]
+        now = [sum(1 for _, s in new if s <= k) for k in range(len(thresholds))]
+        was = [sum(1 for _, s in served if s <= k) / len(served) for k in range(len(thresholds))]
+        wanted = [k for k, t in enumerate(thresholds) if t < upper and now[k] / m - was[k] >= SHIFT_MIN / 2]
+        if not wanted:
             continue
-        # The chance of x or more of n at the share before, taken one standard error higher (its own
-        # estimate is noisy; at least one label's worth). Exact: at the edge (50 of 50 against 70 % of
-        # 100 before, a real shift) the normal approximation says 4.3 standard errors.
-        hi = min(1.0, max(b + math.sqrt(b * (1.0 - b) / n_eff), 1.0 / n_eff))
-        tail = sum(math.comb(n, j) * hi**j * (1.0 - hi) ** (n - j) for j in range(x, n + 1))
-        if tail <= SHIFT_P:
-            return {str(k): [round(b, 3), round(x / n, 3)]}
+        if labelled is None:
+            labelled = entries()
+        cut = bisect.bisect_left(labelled, new[0][0], key=attrgetter("seq"))
+        old = labelled[max(0, cut - 40 * SHIFT_REQUESTS) : cut]
+        if len(old) < SHIFT_BEFORE:
+            continue
+        lo = bisect.bisect_left(population, old[0].seq, key=itemgetter(0))
+        rows = weigh(old, n_stages, population[lo : len(population) - m])
+        stage = served_stages(rows.scores, thresholds)
+        w = rows.weights
+        total = float(w.sum())
+        if total <= 0:
+            continue
+        n_eff = total * total / float((w * w).sum())
+        for k in wanted:
+            b = float(w[stage <= k].sum()) / total
+            x = now[k]
+            if x / m - b < SHIFT_MIN:
+                continue
+            # The chance of x or more of m at the share before, taken one standard error higher (its own
+            # estimate is noisy; at least one label's worth). Exact: at the edge (50 of 50 against 70 %
+            # of 100 before, a real shift) the normal approximation says 4.3 standard errors.
+            hi = min(1.0, max(b + math.sqrt(b * (1.0 - b) / n_eff), 1.0 / n_eff))
+            tail = sum(math.comb(m, j) * hi**j * (1.0 - hi) ** (m - j) for j in range(x, m + 1))
+            if tail <= SHIFT_P:
+                return {str(k): [round(b, 3), round(x / m, 3), m]}
     return {}
 
 
@@ -914,7 +925,8 @@ class Tuner:
         if change is not None:
             since, rows = change.since_seq, await asyncio.to_thread(read)
         if shifted := await self._shifted(meta, latest, history):
-            since = history.population[-SHIFT_REQUESTS][0]
+            (_before, _now, newest), *_ = shifted.values()  # the shift began within the newest requests
+            since = history.population[-int(newest)][0]
             history.forget_before(since)
             rows = await asyncio.to_thread(read)
             raised = _escalate(old, [], {k: 0.0 for k in shifted}, cfg)

@@ -163,8 +163,7 @@ def format_online(rep: dict[str, Any]) -> str:
 def _change(c: dict[str, Any]) -> str:
     shifted = c.get("shifted_stages")
     if shifted:
-        (stage, (before, now)), *_ = shifted.items()
-        return (
-            f"request {c['requests']} (stage {stage} took {_pct(now)} of the newest, {_pct(before)} before)"
-        )
+        (stage, (before, now, *newest)), *_ = shifted.items()
+        of = f"the newest {newest[0]}" if newest else "the newest"
+        return f"request {c['requests']} (stage {stage} took {_pct(now)} of {of}, {_pct(before)} before)"
     return f"request {c['requests']} (z {c['z']:+.1f}, newest {c['labelled_newest']})"

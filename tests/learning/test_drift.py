@@ -360,10 +360,29 @@ def test_a_stage_taking_far_more_of_the_traffic_is_shifted() -> None:
     assert shifted([before, _served(rng, 401, 50, 0.99, low=0.99)], 0.99) == {}  # escalating all it can
     # Served at 0.8 before (20 % accepted), 0.5 now (50 %): the fits' doing, not the traffic's.
     assert shifted([_served(rng, 1, 400, 0.8), _served(rng, 401, 50, 0.5)], 0.5) == {}
-    # A steady stream, looked at after every 10 requests as the tuner's syncs would: never.
+    # A steady stream, looked at after every 10 requests as the tuner's syncs would: never (at any scale).
     steady = _served(rng, 1, 20000, 0.5)
     pop = steady[1]
     assert not any(shifted_stages(pop[:m], [0.5], cfg, lambda: steady[0], 2) for m in range(150, 20001, 10))
+
+
+def test_a_smaller_rise_in_a_stage_s_share_is_seen_on_more_requests() -> None:
+    """~77 % accepted before, every one of the newest after: 50 of 50 is not unlikely enough at the
+    share before (taken one standard error higher), 100 of 100 is. The shift is dated to the newest 100
+    (the fits start over from there)."""
+    from app.config import LearningConfig
+    from app.learning.tuning import shifted_stages
+
+    cfg = LearningConfig()
+    rng = random.Random(1)
+    before = _served(rng, 1, 400, 0.24)
+    after = _served(rng, 401, 100, 0.24, low=0.24)
+    entries, population = before[0] + after[0], before[1] + after[1]
+    assert shifted_stages(population[:450], [0.24], cfg, lambda: entries, 2) == {}
+    got = shifted_stages(population, [0.24], cfg, lambda: entries, 2)
+    assert list(got) == ["0"] and 0.7 < got["0"][0] < 0.8 and got["0"][1:] == [1.0, 100], got
+    # Thresholds put in force after the newest 100 began (request 420) served too few of them: nothing.
+    assert shifted_stages(population, [0.24], cfg, lambda: entries, 2, since=420) == {}
 
 
 async def test_a_shift_escalates_the_stage_before_any_label(
@@ -401,8 +420,8 @@ async def test_a_shift_escalates_the_stage_before_any_label(
     assert len(got) == 1, got
     thresholds, evidence = json.loads(got[0][0]), json.loads(got[0][1])
     assert thresholds == [0.99] and gauge == 0.99  # in force: the proxy's gauge says so
-    before, now = evidence["shifted_stages"]["0"]
-    assert before < 0.4 and now == 1.0
+    before, now, newest = evidence["shifted_stages"]["0"]
+    assert before < 0.4 and now == 1.0 and newest == 50
     assert evidence["change"] == {"shifted_stages": evidence["shifted_stages"]}
     assert evidence["since_seq"] == 401 and evidence["rows"] == 0  # the 50 (unlabelled) from the shift on
     assert any("a far larger share" in r.getMessage() for r in caplog.records)
