@@ -429,6 +429,34 @@ async def test_a_shift_escalates_the_stage_before_any_label(
     assert steady == [] and gauge == 0.7  # steady traffic: too few labels, no fit
 
 
+async def test_a_smaller_shift_is_escalated_on_the_newest_100(fake: FakeUpstream, tmp_path: Path) -> None:
+    """Through a running proxy, stage 0 at threshold 0.24 (~76 % of the requests accepted): 400 labelled
+    requests, then 100 whose scores all lie above it and that nobody has labelled. The newest 50 alone
+    are not unlikely enough at the share before; the newest 100 are: stage 0 escalates, and the fits
+    start over from the first of the 100."""
+
+    async def fits(extra: int, where: Path) -> list[tuple[Any, ...]]:
+        url = sqlite_url(where)
+        opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": 500, "sync_every_s": 3600}
+        cfg = with_learning(base_config(), url, auto_tune=True, **opts)
+        cfg["cascades"]["default"]["stages"][0]["threshold"] = 0.24
+        store = Store(url)
+        await store.open()
+        await store.write(*synthetic(cfg, 400, threshold=0.24))
+        await store.write(*synthetic(cfg, extra, seed=2, threshold=0.24, low=0.24, shadow_rate=0.0))
+        await store.close()
+        async with proxy(cfg, fake) as (_c, app):
+            await learning_of(app).settle()
+        return query(url, "SELECT thresholds, evidence FROM fits ORDER BY version")
+
+    assert await fits(50, tmp_path / "fifty") == []  # 50 of 50: not enough to call it a shift
+    (got,) = await fits(100, tmp_path / "hundred")
+    thresholds, evidence = json.loads(got[0]), json.loads(got[1])
+    before, now, newest = evidence["shifted_stages"]["0"]
+    assert thresholds == [0.99] and 0.7 < before < 0.8 and now == 1.0 and newest == 100, evidence
+    assert evidence["since_seq"] == 401 and evidence["rows"] == 0
+
+
 async def test_a_fit_heading_down_is_tested_where_it_heads(fake: FakeUpstream, tmp_path: Path) -> None:
     """Through a running proxy, stage 0 escalating everything (threshold 0.99): 2,000 older labelled
     requests say its answers are right from a score of ~0.4 up, the newest 600 (all escalated, so all
