@@ -21,6 +21,7 @@ from app.learning.calibration import AttemptT, Entry, LabelT, Rows, make_entry, 
 from app.learning.store import TAIL_IDS, Store
 
 PAGE = 5000  # rows per read
+FIRST_KEEP = 2000  # first-stage scores kept (the newest; the score-shift test reads at most 1,200)
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ class History:
         self._population: deque[tuple[int, int]] = deque()  # (seq, accepted stage) of answered requests
         self._budget: deque[int] = deque()  # seqs whose shadow call the spend caps ruled out
         self._drawn: deque[int] = deque()  # seqs whose shadow call was drawn (made or not)
+        # (seq, first stage's score) of the newest answered requests, labelled or not
+        self._first: deque[tuple[int, float]] = deque(maxlen=FIRST_KEEP)
         self._seen_seqs: set[int] = set()  # recent ones only (the PostgreSQL tail)
         self._requests: dict[str, _Request] = {}  # labelled requests by trace id
         self._label_ids: list[int] = []  # ids of the labels held, ascending
@@ -68,6 +71,7 @@ class History:
             got = new.traces
             capped = set(new.budget)
             drawn = set(new.drawn)
+            first = dict(new.first_scores)
             for seq, _tid, _n, accepted, _base in got:
                 if seq in self._seen_seqs or seq <= self.last_seq - tail:
                     continue
@@ -79,6 +83,8 @@ class History:
                         self._budget.append(seq)
                     if seq in drawn:
                         self._drawn.append(seq)
+                    if seq in first:
+                        self._first.append((seq, first[seq]))
                 self.last_seq = max(self.last_seq, seq)
             if len(got) < PAGE:
                 break
@@ -88,6 +94,7 @@ class History:
             self._population = deque(sorted(self._population))
             self._budget = deque(sorted(self._budget))
             self._drawn = deque(sorted(self._drawn))
+            self._first = deque(sorted(self._first), maxlen=FIRST_KEEP)
 
     async def _read_labels(self, store: Store, tail: int) -> int:
         after = max(0, self.last_label_id - tail)
@@ -154,6 +161,8 @@ class History:
             self._budget.popleft()
         while self._drawn and self._drawn[0] < seq:
             self._drawn.popleft()
+        while self._first and self._first[0][0] < seq:
+            self._first.popleft()
         if old:
             self._label_ids = sorted(i for r in self._requests.values() for i in r.label_ids)
 
@@ -200,6 +209,11 @@ class History:
     def drawn(self) -> list[int]:
         """Seqs of the requests held whose shadow call was drawn (made, or ruled out), ascending."""
         return list(self._drawn)
+
+    @property
+    def first_scores(self) -> list[tuple[int, float]]:
+        """(seq, score) of the first stage's answers of the newest answered requests, in arrival order."""
+        return list(self._first)
 
     @property
     def population(self) -> list[tuple[int, int]]:

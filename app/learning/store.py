@@ -135,6 +135,8 @@ class NewTraces:
     budget: list[int] = field(default_factory=list)
     # seqs of those whose shadow call was drawn (sampling not "", "not_drawn", "no_label"; "budget" too)
     drawn: list[int] = field(default_factory=list)
+    # (seq, score) of the answered ones whose first stage scored an answer (routed ones skip it)
+    first_scores: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -446,7 +448,8 @@ class _Backend:
 
     def traces_after(self, cascade: str, plan: str, after_seq: int, limit: int) -> NewTraces:
         rows = self._read(
-            f"SELECT t.{self.seq}, t.id, t.n_stages, t.accepted_stage, t.baseline_usd, t.sampling "
+            f"SELECT t.{self.seq}, t.id, t.n_stages, t.accepted_stage, t.baseline_usd, t.sampling, "
+            "(SELECT a.score FROM attempts a WHERE a.trace_id = t.id AND a.stage = 0) "
             f"FROM traces t WHERE {_SCOPE} AND t.{self.seq} > ? ORDER BY t.{self.seq} LIMIT ?",
             (cascade, plan, after_seq, limit),
         )
@@ -455,6 +458,7 @@ class _Backend:
             [int(r[0]) for r in rows if r[5] == "budget"],
             # (not "no_label": a comparator that cannot label these answers is no sign of stale labels)
             [int(r[0]) for r in rows if r[5] not in ("", "not_drawn", "no_label")],
+            [(int(r[0]), float(r[6])) for r in rows if r[3] is not None and r[6] is not None],
         )
 
     def labels_after(

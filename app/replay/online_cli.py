@@ -161,6 +161,12 @@ def format_online(rep: dict[str, Any]) -> str:
 
 
 def _change(c: dict[str, Any]) -> str:
+    moved = c.get("first_scores")
+    if moved:
+        return (
+            f"request {c['requests']} (first-stage scores of the newest {moved['requests']} averaged "
+            f"{moved['mean_now']:.2f} against {moved['mean_before']:.2f} before, KS D {moved['d']:.2f})"
+        )
     shifted = c.get("shifted_stages")
     if shifted:
         (stage, (before, now, *newest)), *_ = shifted.items()

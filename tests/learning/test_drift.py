@@ -429,6 +429,32 @@ async def test_a_shift_escalates_the_stage_before_any_label(
     assert steady == [] and gauge == 0.7  # steady traffic: too few labels, no fit
 
 
+async def _fits_after(
+    fake: FakeUpstream,
+    where: Path,
+    threshold: float,
+    labelled: tuple[int, float],
+    then: tuple[int, float],
+    *,
+    min_labels: int,
+) -> list[tuple[Any, ...]]:
+    """The fits a running proxy (stage 0 at ``threshold``) makes from a store holding ``labelled`` =
+    (requests, lowest score) as ``synthetic`` labels them, then ``then`` = (requests, lowest score)
+    nobody has labelled: (thresholds, evidence) per fit."""
+    url = sqlite_url(where)
+    opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": min_labels, "sync_every_s": 3600}
+    cfg = with_learning(base_config(), url, auto_tune=True, **opts)
+    cfg["cascades"]["default"]["stages"][0]["threshold"] = threshold
+    store = Store(url)
+    await store.open()
+    await store.write(*synthetic(cfg, labelled[0], threshold=threshold, low=labelled[1]))
+    await store.write(*synthetic(cfg, then[0], seed=2, threshold=threshold, low=then[1], shadow_rate=0.0))
+    await store.close()
+    async with proxy(cfg, fake) as (_c, app):
+        await learning_of(app).settle()
+    return query(url, "SELECT thresholds, evidence FROM fits ORDER BY version")
+
+
 async def test_a_smaller_shift_is_escalated_on_the_newest_100(fake: FakeUpstream, tmp_path: Path) -> None:
     """Through a running proxy, stage 0 at threshold 0.24 (~76 % of the requests accepted): 400 labelled
     requests, then 100 whose scores all lie above it and that nobody has labelled. The newest 50 alone
@@ -436,18 +462,7 @@ async def test_a_smaller_shift_is_escalated_on_the_newest_100(fake: FakeUpstream
     start over from the first of the 100."""
 
     async def fits(extra: int, where: Path) -> list[tuple[Any, ...]]:
-        url = sqlite_url(where)
-        opts = {"target_quality": 0.9, "tune_every": 10, "min_labels": 500, "sync_every_s": 3600}
-        cfg = with_learning(base_config(), url, auto_tune=True, **opts)
-        cfg["cascades"]["default"]["stages"][0]["threshold"] = 0.24
-        store = Store(url)
-        await store.open()
-        await store.write(*synthetic(cfg, 400, threshold=0.24))
-        await store.write(*synthetic(cfg, extra, seed=2, threshold=0.24, low=0.24, shadow_rate=0.0))
-        await store.close()
-        async with proxy(cfg, fake) as (_c, app):
-            await learning_of(app).settle()
-        return query(url, "SELECT thresholds, evidence FROM fits ORDER BY version")
+        return await _fits_after(fake, where, 0.24, (400, 0.0), (extra, 0.24), min_labels=500)
 
     assert await fits(50, tmp_path / "fifty") == []  # 50 of 50: not enough to call it a shift
     (got,) = await fits(100, tmp_path / "hundred")
@@ -455,6 +470,46 @@ async def test_a_smaller_shift_is_escalated_on_the_newest_100(fake: FakeUpstream
     before, now, newest = evidence["shifted_stages"]["0"]
     assert thresholds == [0.99] and 0.7 < before < 0.8 and now == 1.0 and newest == 100, evidence
     assert evidence["since_seq"] == 401 and evidence["rows"] == 0
+
+
+def test_the_first_stage_s_scores_moving_is_seen_without_labels() -> None:
+    """The first stage's scores of the newest 50 (100, 200) answered requests against the up to 1,000
+    before them: scores from 0.1-1 becoming 0.8-1 is a change at once, dated to the newest 50; the same
+    traffic looked at every 10 requests for 20,000 requests never is; too few before, nothing."""
+    from app.learning.tuning import first_scores_moved, ks_2samp
+
+    rng = random.Random(5)
+    steady = [(i, round(rng.uniform(0.1, 1.0), 4)) for i in range(1, 20001)]
+    assert not any(first_scores_moved(steady[max(0, m - 1200) : m]) for m in range(550, 20001, 10))
+    moved = steady[:1000] + [(i, round(rng.uniform(0.8, 1.0), 4)) for i in range(1001, 1051)]
+    got = first_scores_moved(moved)
+    assert got is not None and got["requests"] == 50 and got["since_seq"] == 1001, got
+    assert got["mean_now"] > 0.85 > 0.6 > got["mean_before"] and got["p"] < 1e-6 and got["d"] > 0.5
+    assert first_scores_moved(moved[-520:]) is None  # 470 before them: too few to compare with
+    assert ks_2samp([0.5] * 30, [0.5] * 60) == (0.0, 1.0)
+
+
+async def test_a_first_stage_scoring_differently_escalates_every_stage(
+    fake: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through a running proxy, stage 0 at threshold 0.05 answers ~95 % of 600 labelled requests, then
+    all of 100 unlabelled ones whose scores lie at 0.8-1 instead of 0-1 (new traffic): no accept-share
+    shift to see (95 -> 100 %), too few labels for a fit, but the first stage's scores moved. Every
+    stage escalates, the fits start over from the newest 50, and the log says why; the same traffic
+    without the move, nothing."""
+
+    async def fits(move: bool, where: Path) -> list[tuple[Any, ...]]:
+        return await _fits_after(fake, where, 0.05, (600, 0.0), (100, 0.8 if move else 0.0), min_labels=5000)
+
+    with caplog.at_level("WARNING", logger="cascade.learning"):
+        (got,) = await fits(True, tmp_path / "moved")
+    thresholds, evidence = json.loads(got[0]), json.loads(got[1])
+    moved = evidence["first_scores"]
+    assert thresholds == [0.99] and moved["requests"] == 50 and moved["mean_now"] > 0.8, evidence
+    assert evidence["change"] == {"first_scores": moved} and "shifted_stages" not in evidence
+    assert evidence["since_seq"] == 651 and evidence["rows"] == 0
+    assert any("first stage's scores changed" in r.getMessage() for r in caplog.records)
+    assert await fits(False, tmp_path / "steady") == []
 
 
 async def test_a_fit_heading_down_is_tested_where_it_heads(fake: FakeUpstream, tmp_path: Path) -> None:
