@@ -411,15 +411,21 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
     first["savings_vs_best_min"] = min(s) if s else None
     shares = [bool(e["target_met"]) for e in entries if e["target_met"] is not None]
     first["target_met_share"] = (sum(shares) / len(shares)) if shares else None
+    # A baseline can be missing from some splits (no agreement rule where the fit serves one model): its
+    # mean is over the splits that have it, and so is the cascade's beside it, so the two compare (the
+    # cascade's mean over every split next to the rule's over two of five read as the rule winning).
     means: dict[str, Any] = {}
     for name in dict.fromkeys(k for e in entries for k in e["baselines"]):
-        vals = [e["baselines"][name] for e in entries if e["baselines"].get(name) is not None]
+        have = [e for e in entries if e["baselines"].get(name) is not None]
         means[name] = (
             {
-                "quality_vs_best": sum(v["quality_vs_best"] for v in vals) / len(vals),
-                "savings_vs_best": _mean([v["savings_vs_best"] for v in vals]),
+                "quality_vs_best": sum(e["baselines"][name]["quality_vs_best"] for e in have) / len(have),
+                "savings_vs_best": _mean([e["baselines"][name]["savings_vs_best"] for e in have]),
+                "splits": len(have),
+                "cascade_quality_vs_best": sum(e["quality_vs_best"] for e in have) / len(have),
+                "cascade_savings_vs_best": _mean([e["savings_vs_best"] for e in have]),
             }
-            if vals
+            if have
             else None
         )
     first["baselines_mean"] = means

@@ -70,6 +70,39 @@ def test_baselines_by_hand() -> None:
     assert baselines(ROWS, ["cheap", "big"], ["big"], [1.0])["agreement"] is None
 
 
+def test_baselines_mean_pairs_the_cascade_with_the_splits_that_have_the_baseline() -> None:
+    """Where the fit serves one model alone a split has no agreement rule: the rule's mean is over the
+    other splits, and the cascade's mean beside it too (over all five it read as the rule saving more,
+    on a generated world where the fit saved more on every split that had the rule)."""
+    from types import SimpleNamespace
+
+    from app.replay.runner import _aggregate
+
+    def run(seed: int, q: float, sav: float, rule: tuple[float, float] | None) -> Any:
+        ag = None if rule is None else {"quality_vs_best": rule[0], "savings_vs_best": rule[1]}
+        report = {
+            "quality_vs_best": q, "savings_vs_best": sav, "stages": ["a"], "thresholds": [],
+            "escalation_rate": [1.0], "calibration": [], "baselines": {"agreement": ag},
+        }  # fmt: skip
+        return SimpleNamespace(report=report, split=SimpleNamespace(seed=seed, index=seed))
+
+    runs = [
+        run(0, 0.97, 0.94, (1.01, 0.89)),
+        run(1, 0.95, 0.94, None),
+        run(2, 0.95, 0.43, None),
+        run(3, 0.94, 0.42, None),
+        run(4, 0.97, 0.94, (1.05, 0.84)),
+    ]
+    first: dict[str, Any] = dict(runs[0].report)
+    _aggregate(first, runs, 0.95, 0.01)
+    m = first["baselines_mean"]["agreement"]
+    assert m["splits"] == 2
+    assert m["savings_vs_best"] == pytest.approx(0.865)
+    assert m["cascade_savings_vs_best"] == pytest.approx(0.94)  # not 0.734, the mean over all five
+    assert m["cascade_quality_vs_best"] == pytest.approx(0.97)
+    assert first["savings_vs_best_mean"] == pytest.approx(0.734)
+
+
 def test_resplit_keeps_sizes_and_strata() -> None:
     rows = [_row(i, {"m": ("A", i % 3 == 0, 1.0)}) for i in range(60)]
     strata = [r.answers["m"].correct for r in rows]
@@ -112,6 +145,21 @@ def test_resplits_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str
         b = rep["baselines"][name]
         if b is not None:
             assert {"quality_vs_best", "savings_vs_best"} <= set(b)
+        # the mean over the splits that have the baseline, with the cascade's over the same splits
+        have = [s for s in splits if s["baselines"][name] is not None]
+        m = rep["baselines_mean"][name]
+        if not have:
+            assert m is None
+            continue
+        assert m["splits"] == len(have)
+        bq = [s["baselines"][name]["quality_vs_best"] for s in have]
+        assert m["quality_vs_best"] == pytest.approx(sum(bq) / len(have))
+        assert m["cascade_quality_vs_best"] == pytest.approx(
+            sum(s["quality_vs_best"] for s in have) / len(have)
+        )
+        assert m["cascade_savings_vs_best"] == pytest.approx(
+            sum(s["savings_vs_best"] for s in have) / len(have)
+        )
     assert "re-splits (3)" in out and "agreement rule" in out and "oracle within the chain" in out
     # the splits really differ: the re-splits' test rows are not the dataset's
     assert len({s["quality_vs_best"] for s in splits} | {s["savings_vs_best"] for s in splits}) > 2
