@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 from app.config import Config, ConfigError
 from app.settings import load_effective
@@ -106,8 +109,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
-    return code
+    if args.command == "serve":  # uvicorn drains on SIGTERM and Ctrl-C (app.server)
+        served: int = args.func(args)
+        return served
+    return run_interruptible(f"cascade {args.command}", lambda: int(args.func(args)))
+
+
+def run_interruptible(name: str, command: Callable[[], int]) -> int:
+    """Run a batch command (replay, calibrate, fit-scorer) so that SIGTERM stops it as Ctrl-C does.
+
+    Python's default SIGTERM kills the process where it stands: no ``finally``, so `cascade replay`
+    left its temporary directory (the trace store, the fitted scorers) behind. Here SIGTERM takes the
+    SIGINT path: inside ``asyncio.run`` its handler cancels the main task, so the in-process servers
+    stop, the store closes and the temporary directory goes; elsewhere KeyboardInterrupt unwinds the
+    same way. Either way one line on stderr and the shell's exit status, 128 + the signal's number.
+    (Only from the main thread, where signal handlers can be set: a test calling ``main`` from another
+    thread gets the plain call.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return command()
+    received: list[int] = []
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        on_int = signal.getsignal(signal.SIGINT)
+        if callable(on_int):  # asyncio.run's own handler, or the default one that raises
+            on_int(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a background job of a script) or at its default
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return command()
+    except KeyboardInterrupt:
+        number = received[-1] if received else int(signal.SIGINT)
+        print(f"\n{name}: interrupted ({signal.Signals(number).name})", file=sys.stderr)
+        return 128 + number
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cli import run_interruptible
 from app.replay.dataset import load_dataset
 from app.replay.online import OnlineOptions, online_fit, run_online
 
@@ -214,4 +215,5 @@ def targets(runs: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM as Ctrl-C: the runs' and the generated worlds' temporary directories go with it
+    sys.exit(run_interruptible("bench/online.py", main))

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cli import run_interruptible
 from app.replay.report import _sv
 from app.replay.runner import ReplayOptions, run_replay
 
@@ -155,4 +156,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_interruptible("bench/replay.py", main))  # SIGTERM as Ctrl-C: the replays' temp dirs go

@@ -22,8 +22,8 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,23 @@ class ReplayResult:
         return [o for o in self.outcomes if o.error is not None]
 
 
+class _InProcessServer(uvicorn.Server):
+    """A server inside a command that owns its signals. uvicorn's own handlers took SIGINT and SIGTERM
+    to stop the server, then raised the signal again: Ctrl-C printed the client's connection errors as a
+    traceback, and SIGTERM then killed the command where it stood, leaving its temporary directory."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @asynccontextmanager
 async def serve_asgi(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
     """Run an ASGI app under uvicorn on this loop, on a free loopback port; yield its base URL."""
     config = uvicorn.Config(
         app, host=host, port=0, log_level="warning", log_config=None, access_log=False, lifespan="on"
     )
-    server = uvicorn.Server(config)
+    server = _InProcessServer(config)
     task = asyncio.get_running_loop().create_task(server.serve())
     try:
         while not server.started:
