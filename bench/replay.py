@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cli import run_interruptible
-from app.replay.report import _sv
+from app.replay.report import savings_text
 from app.replay.runner import ReplayOptions, run_replay
 
 DATASETS = {
@@ -76,11 +76,11 @@ def checks(rep: dict[str, Any], target: float) -> list[tuple[bool, str]]:
 def _cell(v: dict[str, Any] | None, splits: int = 0) -> str:
     if v is None:
         return "n/a"
-    cell = f"{v['quality_vs_best']:.3f} / {_sv(v['savings_vs_best'])}"
+    cell = f"{v['quality_vs_best']:.3f} / {savings_text(v['savings_vs_best'])}"
     if splits and v.get("splits", splits) < splits:  # the cascade's own figures over the same splits
         cell += (
             f" (on {v['splits']} of {splits} splits, where the cascade: "
-            f"{v['cascade_quality_vs_best']:.3f} / {_sv(v['cascade_savings_vs_best'])})"
+            f"{v['cascade_quality_vs_best']:.3f} / {savings_text(v['cascade_savings_vs_best'])})"
         )
     return cell
 
@@ -127,7 +127,7 @@ def main() -> int:
             means = rep["baselines_mean"]
             print(
                 f"| {name} | {target} | {rep['quality_vs_best_mean']:.3f} "
-                f"({rep['quality_vs_best_min']:.3f}) / {_sv(rep['savings_vs_best_mean'])} | "
+                f"({rep['quality_vs_best_min']:.3f}) / {savings_text(rep['savings_vs_best_mean'])} | "
                 + " | ".join(_cell(means.get(k), len(rep["resplits"])) for k in NAMES)
                 + " |",
                 flush=True,

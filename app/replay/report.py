@@ -133,7 +133,7 @@ _BASELINES = (
 )
 
 
-def _sv(x: float | None, width: int = 0) -> str:
+def savings_text(x: float | None, width: int = 0) -> str:
     """A savings share, or "n/a" where there is none (the best model costs nothing: ``savings_vs_best``)."""
     return f"{'n/a':>{width}}" if x is None else f"{x:{width}.1%}"
 
@@ -143,14 +143,18 @@ def _baseline_lines(r: dict[str, Any]) -> list[str]:
     if not b:
         return []
     out = ["", f"  {'against':34}  {'x best acc':>10}  {'savings':>8}"]
-    out.append(f"  {'CASCADE (learned)':34}  {r['quality_vs_best']:10.3f}  {_sv(r['savings_vs_best'], 8)}")
+    out.append(
+        f"  {'CASCADE (learned)':34}  {r['quality_vs_best']:10.3f}  {savings_text(r['savings_vs_best'], 8)}"
+    )
     for key, label in _BASELINES:
         v = b.get(key)
         if v is None:
             out.append(f"  {label:34}  {'n/a':>10}  {'n/a':>8}")
             continue
         extra = f"   ({' -> '.join(v['chain'])})" if key == "agreement" else ""
-        out.append(f"  {label:34}  {v['quality_vs_best']:10.3f}  {_sv(v['savings_vs_best'], 8)}{extra}")
+        out.append(
+            f"  {label:34}  {v['quality_vs_best']:10.3f}  {savings_text(v['savings_vs_best'], 8)}{extra}"
+        )
     return out
 
 
@@ -178,8 +182,8 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
     out = [
         "",
         f"re-splits ({len(splits)}): quality vs best min {r['quality_vs_best_min']:.3f} "
-        f"mean {r['quality_vs_best_mean']:.3f}; savings mean {_sv(r['savings_vs_best_mean'])} "
-        f"min {_sv(r['savings_vs_best_min'])}"
+        f"mean {r['quality_vs_best_mean']:.3f}; savings mean {savings_text(r['savings_vs_best_mean'])} "
+        f"min {savings_text(r['savings_vs_best_min'])}"
         + (
             f"; target {target:g} (-{r['target_tolerance']:g}) met on {r['target_met_share']:.0%}"
             if target is not None and r.get("target_met_share") is not None
@@ -191,11 +195,11 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
     for e in splits:
         ag = e["baselines"].get("agreement")
         rd = e["baselines"].get("random")
-        ag_s = f"{ag['quality_vs_best']:.3f} / {_sv(ag['savings_vs_best'], 6)}" if ag else "n/a"
-        rd_s = f"{rd['quality_vs_best']:.3f} / {_sv(rd['savings_vs_best'], 6)}" if rd else "n/a"
+        ag_s = f"{ag['quality_vs_best']:.3f} / {savings_text(ag['savings_vs_best'], 6)}" if ag else "n/a"
+        rd_s = f"{rd['quality_vs_best']:.3f} / {savings_text(rd['savings_vs_best'], 6)}" if rd else "n/a"
         name = "dataset" if e["seed"] is None else f"seed {e['seed']}"
         out.append(
-            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {_sv(e['savings_vs_best'], 8)}  "
+            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {savings_text(e['savings_vs_best'], 8)}  "
             f"{ag_s:>18}  {rd_s:>15}  " + " -> ".join(e["stages"])
         )
     return out
@@ -232,7 +236,9 @@ def format_table(result: ReplayResult) -> str:
     def row(label: str, acc: float, cost: float) -> str:
         q = acc / bs["accuracy"] if bs["accuracy"] else 0.0
         sv = savings_vs_best(cost, bs["cost_usd"])
-        return f"  {label:{w}}  {acc:8.4f}  {_usd(cost):>10}  {cost * n:10.4f}  {q:10.3f}  {_sv(sv, 8)}"
+        return (
+            f"  {label:{w}}  {acc:8.4f}  {_usd(cost):>10}  {cost * n:10.4f}  {q:10.3f}  {savings_text(sv, 8)}"
+        )
 
     lines.append(row("CASCADE", r["accuracy"], r["cost_usd"]))
     lines.append(row("oracle (perfect router)", r["oracle"]["accuracy"], r["oracle"]["cost_usd"]))
@@ -244,7 +250,7 @@ def format_table(result: ReplayResult) -> str:
         "",
         "reach per stage: "
         + "  ".join(f"{m} {x:.1%}" for m, x in zip(r["stages"], r["escalation_rate"], strict=True)),
-        f"savings vs best single: {_sv(r['savings_vs_best'])}   quality vs best single: "
+        f"savings vs best single: {savings_text(r['savings_vs_best'])}   quality vs best single: "
         f"{r['quality_vs_best']:.3f}",
     ]
     lines.append(_equal_cost(r))

@@ -21,10 +21,12 @@ pytestmark = pytest.mark.loopback
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _interrupt(tmp_path: Path, sig: signal.Signals, *args: str) -> tuple[int, str, list[str]]:
-    """Start `cascade replay DATA ARGS` with its own TMPDIR, send SIG once its requests flow (its first
-    progress line), wait; return (exit status, stderr, what is left in TMPDIR)."""
-    data = synth.write(tmp_path / "data.jsonl", n=400, seed=11)
+def _interrupt(tmp_path: Path, sig: signal.Signals, rows: int, *args: str) -> tuple[int, str, list[str]]:
+    """Start `cascade replay DATA ARGS` on ROWS generated rows with its own TMPDIR, send SIG once its
+    requests flow (its first progress line; the rest of the run is hundreds of requests more, so the
+    signal lands mid-run on a loaded machine too), wait; return (exit status, stderr, what is left in
+    TMPDIR)."""
+    data = synth.write(tmp_path / "data.jsonl", n=rows, seed=11)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
@@ -63,7 +65,7 @@ def _interrupt(tmp_path: Path, sig: signal.Signals, *args: str) -> tuple[int, st
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_an_online_run_stopped_by_a_signal_cleans_up_and_says_so(tmp_path: Path, sig: signal.Signals) -> None:
-    code, err, left = _interrupt(tmp_path, sig, "--online", "--passes", "40")
+    code, err, left = _interrupt(tmp_path, sig, 400, "--online", "--passes", "40")
     assert code == 128 + sig, err
     assert left == [], f"left behind: {left}"
     assert f"cascade replay: interrupted ({sig.name})" in err
@@ -71,7 +73,7 @@ def test_an_online_run_stopped_by_a_signal_cleans_up_and_says_so(tmp_path: Path,
 
 
 def test_an_offline_replay_stopped_by_sigterm_cleans_up(tmp_path: Path) -> None:
-    code, err, left = _interrupt(tmp_path, signal.SIGTERM, "--concurrency", "1")
+    code, err, left = _interrupt(tmp_path, signal.SIGTERM, 3000, "--concurrency", "1")
     assert code == 128 + signal.SIGTERM, err
     assert left == []
     assert "cascade replay: interrupted (SIGTERM)" in err
