@@ -137,6 +137,15 @@ def main() -> int:
                 print(f"  {name} @ {target}: {'ok' if ok else 'MISSED'}: {why}", file=sys.stderr)
             per = ", ".join(f"{s['quality_vs_best']:.3f}/{s['savings_vs_best']:.0%}" for s in rep["resplits"])
             print(f"  {name} @ {target}: splits {per} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            se, miss = rep.get("quality_vs_best_se_mean"), rep.get("test_noise_miss_chance")
+            if se is not None and miss is not None:
+                k = len(rep["resplits"])
+                print(
+                    f"  {name} @ {target}: the test rows' own standard error {se:.3f}: a cascade exactly on "
+                    f"target misses the tolerance on {miss:.0%} of splits by chance, on none of {k} "
+                    f"{(1 - miss) ** k:.0%} of the time",
+                    file=sys.stderr,
+                )
             cal = [c for sp in rep["resplits"] for c in sp.get("calibration") or [] if c["n"]]
             if cal:
                 gap = [c["mean_score"] - c["accuracy"] for c in cal]

@@ -189,7 +189,15 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
             if target is not None and r.get("target_met_share") is not None
             else ""
         ),
-        f"  {'split':>7}  {'quality':>7}  {'savings':>8}  {'agreement q / sav':>18}  "
+    ]
+    se, miss = r.get("quality_vs_best_se_mean"), r.get("test_noise_miss_chance")
+    if se is not None and miss is not None and target is not None:
+        out.append(
+            f"  the test rows alone move a split's quality by {se:.3f} (standard error): a cascade exactly "
+            f"on target lands under {target - r['target_tolerance']:g} on {miss:.0%} of splits by chance"
+        )
+    out += [
+        f"  {'split':>7}  {'quality':>7}  {'(se)':>7}  {'savings':>8}  {'agreement q / sav':>18}  "
         f"{'random q / sav':>15}  chain",
     ]
     for e in splits:
@@ -198,8 +206,9 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
         ag_s = f"{ag['quality_vs_best']:.3f} / {savings_text(ag['savings_vs_best'], 6)}" if ag else "n/a"
         rd_s = f"{rd['quality_vs_best']:.3f} / {savings_text(rd['savings_vs_best'], 6)}" if rd else "n/a"
         name = "dataset" if e["seed"] is None else f"seed {e['seed']}"
+        se_s = "n/a" if e.get("quality_vs_best_se") is None else f"{e['quality_vs_best_se']:.3f}"
         out.append(
-            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {savings_text(e['savings_vs_best'], 8)}  "
+            f"  {name:>7}  {e['quality_vs_best']:7.3f}  {se_s:>7}  {savings_text(e['savings_vs_best'], 8)}  "
             f"{ag_s:>18}  {rd_s:>15}  " + " -> ".join(e["stages"])
         )
     return out
@@ -251,7 +260,12 @@ def format_table(result: ReplayResult) -> str:
         "reach per stage: "
         + "  ".join(f"{m} {x:.1%}" for m, x in zip(r["stages"], r["escalation_rate"], strict=True)),
         f"savings vs best single: {savings_text(r['savings_vs_best'])}   quality vs best single: "
-        f"{r['quality_vs_best']:.3f}",
+        f"{r['quality_vs_best']:.3f}"
+        + (
+            f" (standard error {r['quality_vs_best_se']:.3f} from the test rows alone)"
+            if r.get("quality_vs_best_se") is not None
+            else ""
+        ),
     ]
     lines.append(_equal_cost(r))
     rt = r.get("router")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -46,7 +47,7 @@ from app.replay.configure import (
     stage_scores,
     train_curve,
 )
-from app.replay.dataset import Dataset, load_dataset
+from app.replay.dataset import Dataset, load_dataset, quality_vs_best_se
 from app.replay.report import time_learned_scorers
 from app.replay.simulate import report_object
 from app.replay.upstream import ReplayUpstream
@@ -315,6 +316,10 @@ async def _run_split(
     report = report_object(
         ds.name, len(split.train), split.test, ds.models, plan.stages, plan.thresholds, acc, cost, reach
     )
+    best = report["best_single"]["model"]
+    report["quality_vs_best_se"] = quality_vs_best_se(
+        [o.correct for o in outcomes], [o.row.answers[best].correct for o in outcomes]
+    )
     report["data"] = {
         "models_left_out": list(ds.partial_models),
         "rows_left_out": ds.n_dropped_incomplete,
@@ -396,6 +401,7 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
                 "seed": run.split.seed if run.split is not None else None,
                 "split": "dataset" if run.split is None or run.split.index == 0 else "random",
                 "quality_vs_best": r["quality_vs_best"],
+                "quality_vs_best_se": r.get("quality_vs_best_se"),
                 "savings_vs_best": r["savings_vs_best"],
                 "target_met": met,
                 "stages": r["stages"],
@@ -421,6 +427,14 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
     first["savings_vs_best_min"] = min(s) if s else None
     shares = [bool(e["target_met"]) for e in entries if e["target_met"] is not None]
     first["target_met_share"] = (sum(shares) / len(shares)) if shares else None
+    # What the test rows alone do to a split's figure: a policy whose expected quality is exactly the
+    # target still lands under target - tolerance on this share of splits (normal approximation).
+    ses = [e["quality_vs_best_se"] for e in entries if e["quality_vs_best_se"] is not None]
+    se = sum(ses) / len(ses) if ses else None
+    first["quality_vs_best_se_mean"] = se
+    first["test_noise_miss_chance"] = (
+        None if target is None or se is None or se <= 0 else 0.5 * math.erfc(tol / (se * math.sqrt(2.0)))
+    )
     # A baseline can be missing from some splits (no agreement rule where the fit serves one model): its
     # mean is over the splits that have it, and so is the cascade's beside it, so the two compare (the
     # cascade's mean over every split next to the rule's over two of five read as the rule winning).

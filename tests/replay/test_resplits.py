@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 from app.cli import main
 from app.learning.rows import ModelAnswer, Row
 from app.replay.baselines import agreement_rule, baselines, oracle_chain, random_at_reach
-from app.replay.dataset import load_dataset, resplit
+from app.replay.dataset import load_dataset, quality_vs_best_se, resplit
 from tests.replay import synth
 
 pytestmark = pytest.mark.loopback
@@ -103,6 +105,27 @@ def test_baselines_mean_pairs_the_cascade_with_the_splits_that_have_the_baseline
     assert first["savings_vs_best_mean"] == pytest.approx(0.734)
 
 
+def test_quality_se_is_the_test_rows_spread() -> None:
+    """The standard error a replay reports beside quality_vs_best is what another draw of as many test
+    rows does to the same policy's figure: checked against a bootstrap of those rows."""
+    rng = random.Random(3)
+    best = [rng.random() < 0.85 for _ in range(600)]
+    # the cascade agrees with the best model on most rows, and is wrong where it does not on 3 in 4
+    mine = [b if rng.random() < 0.8 else rng.random() < 0.25 for b in best]
+    se = quality_vs_best_se(mine, best)
+    assert se is not None
+    boot = []
+    for _ in range(2000):
+        idx = [rng.randrange(600) for _ in range(600)]
+        boot.append(sum(mine[i] for i in idx) / sum(best[i] for i in idx))
+    mean = sum(boot) / len(boot)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in boot) / (len(boot) - 1))
+    assert se == pytest.approx(sd, rel=0.1)
+    assert quality_vs_best_se(best, best) == 0.0  # the same answers as the best: no spread at all
+    assert quality_vs_best_se([True, False], [False, False]) is None  # the best never right: fixed at 1.0
+    assert quality_vs_best_se([True], [True]) is None
+
+
 def test_resplit_keeps_sizes_and_strata() -> None:
     rows = [_row(i, {"m": ("A", i % 3 == 0, 1.0)}) for i in range(60)]
     strata = [r.answers["m"].correct for r in rows]
@@ -136,6 +159,15 @@ def test_resplits_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert [s["target_met"] for s in splits] == met
     assert rep["target_met_share"] == pytest.approx(sum(met) / 3)
     assert splits[0]["calibration"] == rep["calibration"]  # each split's check of its own scorers
+    # the test rows' own noise: per split, and what it does to a cascade exactly on target
+    assert splits[0]["quality_vs_best_se"] == rep["quality_vs_best_se"]
+    ses = [s["quality_vs_best_se"] for s in splits]
+    assert all(0 < x < 0.5 for x in ses)
+    assert rep["quality_vs_best_se_mean"] == pytest.approx(sum(ses) / 3)
+    assert rep["test_noise_miss_chance"] == pytest.approx(
+        0.5 * math.erfc(0.01 / (rep["quality_vs_best_se_mean"] * math.sqrt(2)))
+    )
+    assert "the test rows alone move a split's quality by" in out
     for s in splits:
         assert [c["stage"] for c in s["calibration"]] == list(range(len(s["stages"]) - 1))
         assert {"best_single", "agreement", "random", "oracle_chain", "oracle_all"} <= set(s["baselines"])
