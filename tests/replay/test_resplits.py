@@ -265,3 +265,23 @@ def test_too_few_rows_per_split_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
     path = synth.write(tmp_path / "tiny.jsonl", n=24, seed=4)
     assert main(["replay", str(path), "--quiet"]) == 2
     assert "too few rows" in capsys.readouterr().err
+
+
+def test_both_checks_chance_against_a_simulation() -> None:
+    """bench/replay.py's bound on passing both quality checks (every split within the tolerance, the mean
+    within +tolerance) checked by drawing splits at its best aim: the formula and the draws agree."""
+    from bench.replay import both_checks_chance
+
+    se, k = 0.017, 5
+    best = both_checks_chance(se, k)
+    assert 0.1 < best < 0.25  # the shared sets' test rows: no method passes both in most runs
+    assert both_checks_chance(0.003, k) > 0.99 and both_checks_chance(0.0, k) == 1.0
+    rng = random.Random(7)
+    aims = [i / 1000 for i in range(-5, 21)]
+    passed = dict.fromkeys(aims, 0)
+    for _ in range(4000):
+        noise = [rng.gauss(0.0, se) for _ in range(k)]
+        for x in aims:
+            q = [x + e for e in noise]
+            passed[x] += min(q) >= -0.01 and sum(q) / k <= 0.01
+    assert max(passed.values()) / 4000 == pytest.approx(best, abs=0.03)
