@@ -145,7 +145,8 @@ def format_online(rep: dict[str, Any]) -> str:
         f"labels to target: {rep['labels_to_target']}; lowest rolling quality after: "
         f"{_pct(rep['min_rolling_quality_vs_best_after_target'])}",
         f"final (last 500): quality {_pct(rep['final_quality_vs_best'])}, savings "
-        f"{_pct(rep['final_savings_vs_best'])} (offline thresholds {_pct(off['final_quality_vs_best'])}, "
+        f"{_pct(rep['final_savings_vs_best'])}, {_pct(rep.get('final_serving_savings_vs_best'))} without the "
+        f"label calls (offline thresholds {_pct(off['final_quality_vs_best'])}, "
         f"{_pct(off['final_savings_vs_best'])}); label spend {_pct(rep.get('shadow_cost_share'))} "
         "of the total",
     ]

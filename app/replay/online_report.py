@@ -21,6 +21,9 @@ back over the drift point), and the convergence figures use those:
   figure from the end of that span on (until the drift, if any);
 * ``final_quality_vs_best``, ``final_savings_vs_best``: rolling, at the end; ``offline`` gives the
   same figures of the offline thresholds on the same rows, and ``savings_vs_offline`` the ratio;
+  ``final_serving_savings_vs_best`` and ``serving_savings_vs_offline`` the same with the label calls'
+  cost left out: what the thresholds the tuner ended on save, apart from what learning them cost (the
+  offline thresholds had every label free);
 * ``offline.min_rolling_quality_vs_best_after_target``: the offline thresholds' lowest rolling quality
   over the same windows: fixed thresholds dip too (a 500-request window carries 1.5-2 points of
   binomial noise), which is what the online floor is to be read against;
@@ -63,11 +66,13 @@ class Served:
     labels: int = 0  # labelled requests so far, this one included
 
 
-def _figures(rows: Sequence[Served]) -> tuple[float, float | None]:
+def _figures(rows: Sequence[Served], labels: bool = True) -> tuple[float, float | None]:
+    """(quality_vs_best, savings_vs_best) of ``rows``; ``labels=False`` leaves the label calls' cost out
+    (what the thresholds in force serve for)."""
     best = sum(s.best_correct for s in rows)
     best_cost = sum(s.best_cost for s in rows)
     acc = sum(s.correct for s in rows)
-    cost = sum(s.cost + s.label_cost for s in rows)
+    cost = sum(s.cost + (s.label_cost if labels else 0.0) for s in rows)
     quality = quality_vs_best(acc, best)
     savings = savings_vs_best(cost, best_cost)
     return round(quality, 4), None if savings is None else round(savings, 4)
@@ -131,6 +136,7 @@ def summarise(
     tail = online[-ROLLING:] if drift_at is None else online[max(drift_at, len(online) - ROLLING) :]
     off_tail = offline[-ROLLING:] if drift_at is None else offline[max(drift_at, len(offline) - ROLLING) :]
     fq, fs = _figures(tail)
+    _, serving = _figures(tail, labels=False)
     oq, os_ = _figures(off_tail)
     wq, wsv = _figures(offline)
     ows = windows(offline, drift_at)
@@ -153,6 +159,11 @@ def summarise(
             "min_rolling_quality_vs_best_after_target": _same_span(ows, c["after"]),
         },
         "savings_vs_offline": round(fs / os_, 4) if fs is not None and os_ is not None and os_ > 0 else None,
+        # The same without the label calls: what the tuner's thresholds save, apart from what learning cost.
+        "final_serving_savings_vs_best": serving,
+        "serving_savings_vs_offline": (
+            round(serving / os_, 4) if serving is not None and os_ is not None and os_ > 0 else None
+        ),
         "errors": sum(1 for s in online if s.error),
     }
     if drift_at is not None:

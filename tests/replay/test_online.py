@@ -77,6 +77,8 @@ def test_thresholds_are_learned_online_from_a_strict_start(
     assert rep["final_savings_vs_best"] > rep["windows"][0]["savings_vs_best"]
     assert {"free", "shadow", "user"} <= set(rep["labels_by_source"])
     assert 0 < rep["shadow_cost_share"] <= 0.5 and rep["label_cost_usd"] > 0
+    assert rep["final_serving_savings_vs_best"] >= rep["final_savings_vs_best"]  # the label calls left out
+    assert "without the label calls" in text
     assert rep["offline"]["final_quality_vs_best"] > 0 and rep["learning"]["tune_every"] >= 1
     rolling = [w["rolling_quality_vs_best"] for w in rep["offline"]["windows"]]
     low = rep["offline"]["min_rolling_quality_vs_best_after_target"]
@@ -174,6 +176,23 @@ def test_labels_to_target_counts_the_labels_when_the_span_at_target_began_not_wh
     ]
     rep = summarise(drifted, drifted, target=0.95, drift_at=1000)
     assert rep["labels_to_target_after_drift"] == 200  # the window ending at request 1200: 1200 - 1000
+
+
+def test_serving_savings_leave_the_label_calls_out() -> None:
+    """final_savings_vs_best counts what learning cost; the serving figures are the thresholds' alone."""
+    # 1,000 requests at 0.3 each against a best model at 1.0; the last 500 also paid 0.2 of label calls
+    # on every tenth request (0.02 per request), the offline thresholds 0.25 per request.
+    online = [
+        Served(i, "a", str(i), True, 0.3, True, 1.0, label_cost=0.2 if i >= 500 and i % 10 == 0 else 0.0)
+        for i in range(1000)
+    ]
+    offline = [Served(i, "a", str(i), True, 0.25, True, 1.0) for i in range(1000)]
+    rep = summarise(online, offline, target=0.95)
+    assert rep["final_savings_vs_best"] == pytest.approx(1 - 0.32)
+    assert rep["final_serving_savings_vs_best"] == pytest.approx(1 - 0.3)
+    assert rep["offline"]["final_savings_vs_best"] == pytest.approx(0.75)
+    assert rep["savings_vs_offline"] == pytest.approx(0.68 / 0.75, abs=1e-4)
+    assert rep["serving_savings_vs_offline"] == pytest.approx(0.7 / 0.75, abs=1e-4)
 
 
 def test_drift_mapping_by_place_in_the_cost_order() -> None:
