@@ -77,8 +77,8 @@ def both_checks_chance(se: float, splits: int, tol: float = 0.01, draws: int = 2
     """The best chance any method has of passing both quality checks (every split >= target - tol, the
     mean <= target + tol) when each split's test rows alone move its quality with standard error ``se``:
     splits drawn around an aim of target + x, the share passing maximised over x (the fit's own variance
-    left out, so a real method does worse). The two checks pull against each other (a low mean comes
-    with a low split), so it is drawn, not a product of two chances."""
+    left out, so a real method does worse). One aim serves both checks, and the lowest split and the
+    mean move together, so the chance is drawn, not a product of two independent ones."""
     import numpy as np
 
     if se <= 0:
