@@ -432,9 +432,11 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
     ses = [e["quality_vs_best_se"] for e in entries if e["quality_vs_best_se"] is not None]
     se = sum(ses) / len(ses) if ses else None
     first["quality_vs_best_se_mean"] = se
-    first["test_noise_miss_chance"] = (
-        None if target is None or se is None or se <= 0 else 0.5 * math.erfc(tol / (se * math.sqrt(2.0)))
-    )
+    # (A standard error of 0, every split's cascade answering as the best model does: no miss by chance.)
+    miss: float | None = None
+    if target is not None and se is not None:
+        miss = 0.5 * math.erfc(tol / (se * math.sqrt(2.0))) if se > 0 else 0.0
+    first["test_noise_miss_chance"] = miss
     # A baseline can be missing from some splits (no agreement rule where the fit serves one model): its
     # mean is over the splits that have it, and so is the cascade's beside it, so the two compare (the
     # cascade's mean over every split next to the rule's over two of five read as the rule winning).

@@ -103,6 +103,18 @@ def test_baselines_mean_pairs_the_cascade_with_the_splits_that_have_the_baseline
     assert m["cascade_savings_vs_best"] == pytest.approx(0.94)  # not 0.734, the mean over all five
     assert m["cascade_quality_vs_best"] == pytest.approx(0.97)
     assert first["savings_vs_best_mean"] == pytest.approx(0.734)
+    assert first["quality_vs_best_se_mean"] is None and first["test_noise_miss_chance"] is None  # none given
+    # Splits whose cascade answers as the best model does on every row: no noise, no miss by chance.
+    for run_ in runs:
+        run_.report["quality_vs_best_se"] = 0.0
+    first = dict(runs[0].report)
+    _aggregate(first, runs, 0.95, 0.01)
+    assert first["quality_vs_best_se_mean"] == 0.0 and first["test_noise_miss_chance"] == 0.0
+    for run_, se in zip(runs, (0.01, 0.02, 0.01, 0.02, 0.015), strict=True):
+        run_.report["quality_vs_best_se"] = se
+    _aggregate(first, runs, 0.95, 0.01)
+    assert first["quality_vs_best_se_mean"] == pytest.approx(0.015)
+    assert first["test_noise_miss_chance"] == pytest.approx(0.2525, abs=1e-3)  # P(Z < -0.01 / 0.015)
 
 
 def test_quality_se_is_the_test_rows_spread() -> None:
