@@ -117,7 +117,9 @@ async def discard(call: Call, body: Json, reason: str, detail: str) -> None:
             res = task.result()
             if isinstance(res, Opened):
                 partial = res.partial()
-                await res.stack.aclose()
+                # The call is not needed: closing it must not fail the request the cascade answers.
+                with contextlib.suppress(Exception):
+                    await res.stack.aclose()
             else:
                 partial = res
     else:
