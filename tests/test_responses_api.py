@@ -193,6 +193,94 @@ async def test_items_instructions_tools_and_format_are_translated_for_the_upstre
     assert (resp["service_tier"], resp["prompt_cache_key"]) == ("flex", "weather-bot")
 
 
+async def test_images_files_parallel_calls_and_allowed_tools_are_translated(fake: FakeUpstream) -> None:
+    """The other input shapes the chat API has a form for, as the upstream receives them."""
+    cfg = base_config()
+    cfg["upstreams"]["large"]["model"] = "echo"
+    image = {"type": "input_image", "image_url": "https://example.com/cat.png", "detail": "low"}
+    file = {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0=", "filename": "a.pdf"}
+    body = req(
+        "large",
+        [
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"}, image, file]},
+            {"type": "reasoning", "id": "rs_1", "summary": []},  # a model's reasoning passed back: dropped
+            {  # an earlier answer with no text: dropped
+                "type": "message",
+                "role": "assistant",
+                "id": "msg_1",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}],
+            },
+            {
+                "type": "function_call",
+                "call_id": "c1",
+                "name": "get_weather",
+                "arguments": '{"city":"Paris"}',
+            },
+            {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+            {
+                "type": "function_call_output",
+                "call_id": "c1",
+                "output": [{"type": "input_text", "text": "sun"}, {"type": "input_text", "text": "ny"}],
+            },
+            {"type": "function_call_output", "call_id": "c2", "output": "rain"},
+        ],
+        tools=[WEATHER],
+        tool_choice={
+            "type": "allowed_tools",
+            "mode": "required",
+            "tools": [{"type": "function", "name": "get_weather"}],
+        },
+        text={"format": {"type": "json_object"}},
+        reasoning={"effort": "low"},
+    )
+    async with proxy(cfg, fake) as (c, _):
+        r = await c.post("/v1/responses", json=body)
+        plain = await c.post("/v1/responses", json=req("large", "hi", text={"format": {"type": "text"}}))
+    assert r.status_code == 200, r.text
+    sent = orjson.loads(r.json()["output_text"])
+    assert sent["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}},
+                {
+                    "type": "file",
+                    "file": {"file_data": "data:application/pdf;base64,JVBERi0=", "filename": "a.pdf"},
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [  # calls of one turn are one assistant message in chat
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                },
+                {
+                    "id": "c2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+    ]
+    assert sent["tool_choice"] == {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "required",
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+        },
+    }
+    assert sent["response_format"] == {"type": "json_object"} and sent["reasoning_effort"] == "low"
+    assert plain.status_code == 200 and "response_format" not in orjson.loads(plain.json()["output_text"])
+
+
 async def test_a_function_call_answer_is_a_function_call_item(fake: FakeUpstream) -> None:
     async with proxy(two_stage("tools", "tools"), fake) as (c, _):
         r = await c.post("/v1/responses", json=req(tools=[WEATHER]))
@@ -312,6 +400,133 @@ async def test_stream_failure_mid_stream_is_an_error_event_then_response_failed(
         ({"model": "default", "input": "hi", "text": {"verbosity": "terse"}}, 400, "text.verbosity"),
         ({"model": "default", "input": "hi", "service_tier": 1}, 400, "service_tier"),
         ({"model": "nope", "input": "hi"}, 404, "model"),
+        # every other check of app/responses/request.py, each naming the field it refused
+        ({"model": "", "input": "hi"}, 400, "model"),
+        ({"model": "default", "input": "hi", "conversation": "conv_1"}, 400, "conversation"),
+        ({"model": "default", "input": "hi", "background": True}, 400, "background"),
+        ({"model": "default", "input": "hi", "prompt": {"id": "pmpt_1"}}, 400, "prompt"),
+        ({"model": "default", "input": "hi", "stream": "yes"}, 400, "stream"),
+        ({"model": "default", "input": "hi", "top_p": "high"}, 400, "top_p"),
+        ({"model": "default", "input": "hi", "max_output_tokens": 1.5}, 400, "max_output_tokens"),
+        ({"model": "default", "input": "hi", "metadata": ["a"]}, 400, "metadata"),
+        ({"model": "default", "input": "hi", "instructions": 7}, 400, "instructions"),
+        ({"model": "default", "input": ["hi"]}, 400, "input[0]"),
+        ({"model": "default", "input": [{"type": "web_search_call"}]}, 400, "input[0].type"),
+        ({"model": "default", "input": [{"role": "user", "content": 5}]}, 400, "input[0].content"),
+        ({"model": "default", "input": [{"role": "user", "content": ["x"]}]}, 400, "input[0].content[0]"),
+        (
+            {"model": "default", "input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+            400,
+            "input[0].content[0].text",
+        ),
+        (
+            {"model": "default", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            400,
+            "input[0].content[0].image_url",
+        ),
+        (
+            {
+                "model": "default",
+                "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}],
+            },
+            400,
+            "input[0].content[0].file_data",
+        ),
+        (
+            {"model": "default", "input": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            400,
+            "input[0].content[0].type",
+        ),
+        (
+            {
+                "model": "default",
+                "input": [
+                    {"role": "system", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}
+                ],
+            },
+            400,
+            "input[0].content",
+        ),
+        (
+            {"model": "default", "input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            400,
+            "input[0].call_id",
+        ),
+        (
+            {"model": "default", "input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]},
+            400,
+            "input[0].name",
+        ),
+        (
+            {
+                "model": "default",
+                "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}],
+            },
+            400,
+            "input[0].arguments",
+        ),
+        (
+            {"model": "default", "input": [{"type": "function_call_output", "output": "x"}]},
+            400,
+            "input[0].call_id",
+        ),
+        (
+            {"model": "default", "input": [{"type": "function_call_output", "call_id": "c", "output": 3}]},
+            400,
+            "input[0].output",
+        ),
+        (
+            {
+                "model": "default",
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [{"type": "input_image", "image_url": "https://x/y.png"}],
+                    }
+                ],
+            },
+            400,
+            "input[0].output[0].type",
+        ),
+        ({"model": "default", "input": "hi", "tools": {"type": "function"}}, 400, "tools"),
+        ({"model": "default", "input": "hi", "tools": ["f"]}, 400, "tools[0]"),
+        ({"model": "default", "input": "hi", "tools": [{"type": "function"}]}, 400, "tools[0].name"),
+        (
+            {
+                "model": "default",
+                "input": "hi",
+                "tools": [{"type": "function", "name": "f", "parameters": "x"}],
+            },
+            400,
+            "tools[0].parameters",
+        ),
+        ({"model": "default", "input": "hi", "tool_choice": {"type": "function"}}, 400, "tool_choice.name"),
+        (
+            {"model": "default", "input": "hi", "tool_choice": {"type": "allowed_tools", "mode": "any"}},
+            400,
+            "tool_choice",
+        ),
+        (
+            {
+                "model": "default",
+                "input": "hi",
+                "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]},
+            },
+            400,
+            "tool_choice.tools",
+        ),
+        ({"model": "default", "input": "hi", "tool_choice": "always"}, 400, "tool_choice"),
+        ({"model": "default", "input": "hi", "text": "json"}, 400, "text"),
+        ({"model": "default", "input": "hi", "text": {"format": "json"}}, 400, "text.format"),
+        (
+            {"model": "default", "input": "hi", "text": {"format": {"type": "json_schema", "name": "a"}}},
+            400,
+            "text.format.schema",
+        ),
+        ({"model": "default", "input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text.format.type"),
+        ({"model": "default", "input": "hi", "reasoning": "high"}, 400, "reasoning"),
+        ({"model": "default", "input": "hi", "reasoning": {"effort": 3}}, 400, "reasoning.effort"),
     ],
 )
 async def test_bad_requests_name_the_field(
