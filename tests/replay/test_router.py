@@ -104,6 +104,40 @@ def test_router_config_is_checked(tmp_path: Path) -> None:
     assert any("cascades.one.router.threshold" in p for p in err.value.problems)
 
 
+def test_a_router_file_that_cannot_serve_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cascade check-config`` (and so ``serve``) refuses a router it cannot load, or a stage scorer's file
+    given as the router, naming the key; never a traceback, never a cascade that routes on nonsense."""
+    from app.learning.fitting import fit_logistic
+    from app.scoring.feature_spec import FeatureSpec
+
+    stage_scorer = tmp_path / "stage0.json"
+    fit_logistic(
+        [[0.0] * FeatureSpec(hash_dim=0).dim, [1.0] * FeatureSpec(hash_dim=0).dim],
+        [0, 1],
+        feature_spec=FeatureSpec(hash_dim=0),
+    ).save(stage_scorer)
+    for model, says in ((tmp_path / "missing.json", "No such file"), (stage_scorer, "not a router")):
+        cfg = {
+            "upstreams": {n: {"base_url": "http://127.0.0.1:9/v1", "model": n} for n in ("a", "b")},
+            "cascades": {
+                "one": {
+                    "stages": [
+                        {"upstream": "a", "threshold": 0.5, "scorers": [{"type": "heuristic"}]},
+                        {"upstream": "b"},
+                    ],
+                    "router": {"model": str(model), "threshold": 0.5},
+                }
+            },
+        }
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["check-config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "cascades.one.router.model: cannot load" in err and says in err, err
+
+
 def test_with_the_router_no_stage_is_kept_that_no_request_reaches(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
