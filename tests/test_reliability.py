@@ -647,6 +647,30 @@ async def test_admin_reload_swaps_the_config_and_in_flight_requests_keep_theirs(
     assert "unknown upstream 'medum'" in rejected[0].problems[0]  # type: ignore[attr-defined]
 
 
+async def test_a_reload_that_fails_unforeseen_is_refused_without_its_text(
+    fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anything but a config problem while loading (a scorer module raising on import, a file the process
+    may not read) refuses the reload as a bad config does, naming only the exception's type: its text
+    may quote the file, secrets included. The running config stays."""
+    caplog.set_level(logging.ERROR, logger="cascade.reload")
+
+    def loader() -> Any:
+        raise RuntimeError(f"could not parse line 3: api_key: {SECRET_UPSTREAM_KEY}")
+
+    async with proxy(_secret_config(base_config()), fake) as (c, app):
+        app.state.cascade.loader = loader
+        r = await c.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 422, r.text
+        check_error(r.json())
+        assert "reload: the config could not be loaded (RuntimeError)" in r.json()["error"]["message"]
+        assert SECRET_UPSTREAM_KEY not in r.text
+        ok = await c.post("/v1/chat/completions", json=_ask(), headers=AUTH)
+        assert ok.status_code == 200 and app.state.cascade.reloads == 0
+    logged = [rec for rec in caplog.records if rec.msg.startswith("config reload rejected")]
+    assert len(logged) == 1 and SECRET_UPSTREAM_KEY not in str(logged[0].__dict__)
+
+
 class ThreadProbe:
     """A ``python`` scorer that notes the thread it is built on (a reload imports and builds scorers)."""
 
