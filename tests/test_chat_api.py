@@ -471,6 +471,66 @@ async def test_stream_tool_call_replay_is_valid(fake: FakeUpstream) -> None:
             "'tools[0]",
         ),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "'nope' does not exist"),
+        # the other checks of app/protocol.py, each naming the field it refused
+        (
+            b'{"model": "default", "messages": ["hi"]}',
+            400,
+            "'messages[0]': must be an object",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "stream_options": true}',
+            400,
+            "'stream_options': must be an object",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], '
+            b'"stream_options": {"include_usage": "yes"}}',
+            400,
+            "'stream_options.include_usage'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}',
+            400,
+            "'stop'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], '
+            b'"tools": {"type": "function"}}',
+            400,
+            "'tools': must be an array",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "tools": [5]}',
+            400,
+            "'tools[0]': must be an object",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], '
+            b'"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}',
+            400,
+            "'tools[0].function.parameters'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], '
+            b'"response_format": {"schema": {}}}',
+            400,
+            "'response_format.type'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "user": 7}',
+            400,
+            "'user'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "metadata": ["a"]}',
+            400,
+            "'metadata'",
+        ),
+        (
+            b'{"model": "default", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}',
+            400,
+            "'top_logprobs'",
+        ),
     ],
 )
 async def test_bad_requests_get_clear_errors(
@@ -485,6 +545,21 @@ async def test_bad_requests_get_clear_errors(
     check_error(body)
     assert needle in body["error"]["message"]
     assert not fake.requests
+
+
+async def test_more_messages_than_the_limit_are_refused_on_both_apis(fake: FakeUpstream) -> None:
+    cfg = base_config()
+    cfg["server"]["max_messages"] = 3
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(4)]
+    async with proxy(cfg, fake) as (c, _):
+        chat_r = await c.post("/v1/chat/completions", json={"model": "default", "messages": turns})
+        resp_r = await c.post("/v1/responses", json={"model": "default", "input": turns})
+        ok = await c.post("/v1/chat/completions", json={"model": "default", "messages": turns[:3]})
+    for r, param in ((chat_r, "messages"), (resp_r, "input")):
+        assert r.status_code == 400, r.text
+        check_error(r.json())
+        assert r.json()["error"]["param"] == param and "the limit is 3" in r.json()["error"]["message"]
+    assert ok.status_code == 200
 
 
 async def test_body_too_large_is_413(fake: FakeUpstream) -> None:
