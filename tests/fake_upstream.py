@@ -91,6 +91,7 @@ class Behaviour:
     gated: bool = False  # `gated`: the reply waits until the test sets `FakeUpstream.gate`
     agent: bool = False  # `agent`: a tool call; text quoting the tool's result once one is the last message
     details: bool = False  # `details`: usage with token details and a cost, and a system_fingerprint
+    bare: bool = False  # `bare`: a non-stream reply with only what sloppy servers send (no created, model...)
     tail_ms: int = 0  # `tail-<ms>-<pct>`: prompts whose seeded draw (prompt_draw) is under pct % wait ms more
     tail_pct: float = 0.0
     no_stream_tools: bool = (
@@ -126,6 +127,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "gated": {"gated": True},
     "agent": {"tools": "ok", "agent": True},
     "details": {"details": True},
+    "bare": {"bare": True},
     "nostreamtools": {"no_stream_tools": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
@@ -361,6 +363,12 @@ def build_completion(
     }
     if b.details:
         out["system_fingerprint"] = FINGERPRINT
+    if b.bare:  # what some OpenAI-compatible servers leave out, or send as null or their own words
+        del out["created"], out["model"]
+        out["system_fingerprint"] = None
+        for ch in choices:
+            del ch["index"], ch["logprobs"], ch["message"]["role"], ch["message"]["refusal"]
+            ch["finish_reason"] = "eos"
     return out
 
 

@@ -562,6 +562,26 @@ async def test_more_messages_than_the_limit_are_refused_on_both_apis(fake: FakeU
     assert ok.status_code == 200
 
 
+async def test_a_bare_upstream_reply_is_completed_to_the_schema(fake: FakeUpstream) -> None:
+    """An upstream that sends no ``created``, ``model``, choice ``index`` or message ``role``, a null
+    ``system_fingerprint`` and a finish reason of its own ("eos"): the client still gets a completion
+    that OpenAI's schema accepts, from the cascade and passed through alike."""
+    cfg = two_stage("bare+answer-small_is_fine", "bare+answer-large_says_hi")
+    async with proxy(cfg, fake) as (c, _):
+        replies = [
+            await c.post("/v1/chat/completions", json=chat()),
+            await c.post("/v1/chat/completions", json=chat(model="large")),
+        ]
+    for r, text in zip(replies, ("small is fine", "large says hi"), strict=True):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        check_completion(body)
+        assert isinstance(body["created"], int) and body["model"] and "system_fingerprint" not in body
+        ch = body["choices"][0]
+        assert (ch["index"], ch["finish_reason"], ch["message"]["role"]) == (0, "stop", "assistant")
+        assert ch["message"]["content"] == text
+
+
 async def test_body_too_large_is_413(fake: FakeUpstream) -> None:
     cfg = base_config()
     cfg["server"]["max_body_bytes"] = 2048
