@@ -11,6 +11,7 @@ import openai
 import orjson
 import pytest
 
+from app.cascade.assemble import Assembler
 from app.cascade.relay import StreamRelay
 from app.config import UpstreamConfig
 from app.errors import UpstreamProtocolError
@@ -219,6 +220,71 @@ def test_replay_keeps_finish_reason_usage_and_fingerprint() -> None:
         assert ch["system_fingerprint"] == "fp_1"
     assert [ch["choices"][0]["finish_reason"] for ch in chunks[:-1]][-1] == "length"
     assert all(ch["usage"] is None for ch in chunks[:-1]) and chunks[-1]["usage"] == usage
+
+
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+CALL2 = {
+    "id": "call_2",
+    "type": "function",
+    "function": {"name": "get_time", "arguments": '{"tz": "Europe/Paris"}'},
+}
+TOKENS = [
+    {"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []} for t in ("It", " is", " sunny", ".")
+]
+
+
+@pytest.mark.parametrize(
+    ("message", "logprobs"),
+    [
+        ({"content": "Let me look that up for you, then answer.", "tool_calls": [CALL, CALL2]}, None),
+        ({"content": None, "tool_calls": [CALL, CALL2]}, None),
+        ({"content": "", "refusal": "I can't help with that request, sorry."}, None),
+        ({"content": "It is sunny."}, {"content": TOKENS, "refusal": None}),
+        ({"content": "It is sunny today."}, {"content": TOKENS, "refusal": None}),  # tokens spell less
+        ({"content": None}, {"content": [], "refusal": None}),
+    ],
+)
+def test_any_answer_replayed_as_chunks_reassembles_to_itself(message: dict[str, Any], logprobs: Any) -> None:
+    """An earlier stage's buffered answer goes to a streaming client as chunks: text with tool calls (as
+    some models send), tool calls alone, a refusal, logprobs that do or do not spell the text. Every chunk
+    fits OpenAI's schema, and what a client assembles from them is the answer the stage gave."""
+    finish = "tool_calls" if message.get("tool_calls") else "stop"
+    whole = {
+        "id": "chatcmpl-ours",
+        "created": 3,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", **message},
+                "finish_reason": finish,
+                "logprobs": logprobs,
+            }
+        ],
+    }
+    chunks = completion_to_chunks(whole, with_usage=False, keep_logprobs=True)
+    asm = Assembler()
+    for ch in chunks:
+        check_chunk(ch)
+        asm.add(ch)
+    got = asm.completion()["choices"][0]
+    assert got["finish_reason"] == finish
+    assert got["message"].get("tool_calls") == message.get("tool_calls")
+    assert (got["message"]["content"] or None) == (message.get("content") or None)
+    assert got["message"]["refusal"] == message.get("refusal")
+    assert got["logprobs"] == logprobs
+
+
+def test_an_answer_without_choices_replays_as_one_empty_choice() -> None:
+    whole = {"id": "chatcmpl-ours", "created": 3, "model": "m", "choices": []}
+    chunks = completion_to_chunks(whole, with_usage=False, keep_logprobs=False)
+    for ch in chunks:
+        check_chunk(ch)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
 
 
 async def test_replayed_tool_call_arguments_come_in_pieces(fake: FakeUpstream) -> None:
