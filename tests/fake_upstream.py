@@ -146,7 +146,7 @@ _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 # `badchunk-<kind>`: valid JSON of the wrong shape. A stream's chunk CUT_AFTER carries BAD_CHUNKS[kind]
 # as its choice; a whole reply has BAD_CHOICES[kind] as its first choice.
-BAD_CHUNKS: dict[str, dict[str, Any]] = {
+BAD_CHUNKS: dict[str, Any] = {
     "toolcalls": {"index": 0, "delta": {"tool_calls": 5}, "finish_reason": None},
     "index": {"index": [0], "delta": {"content": "x"}, "finish_reason": None},
     "toolcall": {
@@ -155,9 +155,11 @@ BAD_CHUNKS: dict[str, dict[str, Any]] = {
         "finish_reason": None,
     },
     "choice": {"index": 0, "delta": "not an object", "finish_reason": None},
+    "finish": {"index": 0, "delta": {"content": "x"}, "finish_reason": 1},
+    "notobject": ["not", "a", "choice"],
 }
 _MSG = {"role": "assistant", "content": "x", "refusal": None}
-BAD_CHOICES: dict[str, dict[str, Any]] = {
+BAD_CHOICES: dict[str, Any] = {
     "toolcalls": {"index": 0, "message": {**_MSG, "tool_calls": 5}, "finish_reason": "stop"},
     "index": {"index": [0], "message": _MSG, "finish_reason": "stop"},
     "toolcall": {
@@ -166,6 +168,8 @@ BAD_CHOICES: dict[str, dict[str, Any]] = {
         "finish_reason": "stop",
     },
     "choice": {"index": 0, "message": "not an object", "finish_reason": "stop"},
+    "finish": {"index": 0, "message": _MSG, "finish_reason": 1},
+    "notobject": ["not", "a", "choice"],
 }
 # `chaos-<pct>`: each request, with probability pct/100 (seeded RNG: `FakeUpstream(seed=...)`), gets one
 # of these faults, chosen uniformly: HTTP 500, HTTP 429, a stall (timeout), a mid-body/mid-stream drop,

@@ -398,9 +398,9 @@ class Upstream:
         if "error" in body and not body.get("choices"):
             raise UpstreamProtocolError(self.name, f"error in a 200 reply: {self._message_of(body)}")
         choices = body.get("choices")
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+        if not isinstance(choices, list) or not choices:
             raise UpstreamProtocolError(self.name, "reply has no choices")
-        why = completion_problem(body)
+        why = completion_problem(body)  # choices that are not objects included
         if why is not None:
             raise UpstreamProtocolError(self.name, f"malformed reply: {why}")
         return body
