@@ -212,6 +212,24 @@ async def test_a_judge_call_that_times_out_is_still_charged(fake: FakeUpstream, 
     assert att0["cost_usd"] == pytest.approx(answer + spent)
 
 
+async def test_a_judge_call_the_upstream_refused_is_not_charged(fake: FakeUpstream) -> None:
+    """An error status is a call the upstream did not run (a 500 here, no retries): the estimate the
+    call was charged when sent comes off again; the answer's own cost stays."""
+    cfg = two_stage("ok", scorers=[{"type": "judge", "upstream": "grader", "on_error": "reject"}])
+    cfg["upstreams"]["grader"] = upstream("error-500", price={"input": 3.0, "output": 4.0}, max_retries=0)
+    registry = CollectorRegistry()
+    async with proxy(cfg, fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200
+    att0 = _ext(r)["attempts"][0]
+    assert att0["outcome"] == "rejected" and att0["reasons"]["judge"].startswith("error")
+    assert fake.counts.get("error-500") == 1 and _scoring_usd(registry) == 0
+    answer = registry.get_sample_value(
+        "cascade_cost_usd_total", {"cascade": "default", "upstream": "small", "purpose": "answer"}
+    )
+    assert answer and att0["cost_usd"] == pytest.approx(answer)
+
+
 @pytest.mark.parametrize("ending", ["deadline", "client_gone"])
 async def test_scoring_in_flight_when_the_request_ends_is_charged(fake: FakeUpstream, ending: str) -> None:
     registry = CollectorRegistry()
