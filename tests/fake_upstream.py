@@ -92,6 +92,7 @@ class Behaviour:
     agent: bool = False  # `agent`: a tool call; text quoting the tool's result once one is the last message
     details: bool = False  # `details`: usage with token details and a cost, and a system_fingerprint
     bare: bool = False  # `bare`: a non-stream reply with only what sloppy servers send (no created, model...)
+    hollow: bool = False  # `hollow`: a stream of no chunk at all, only `[DONE]`
     tail_ms: int = 0  # `tail-<ms>-<pct>`: prompts whose seeded draw (prompt_draw) is under pct % wait ms more
     tail_pct: float = 0.0
     no_stream_tools: bool = (
@@ -128,6 +129,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "agent": {"tools": "ok", "agent": True},
     "details": {"details": True},
     "bare": {"bare": True},
+    "hollow": {"hollow": True},
     "nostreamtools": {"no_stream_tools": True},
 }
 _PREFIXED: dict[str, Callable[[str], dict[str, Any]]] = {
@@ -648,6 +650,8 @@ class FakeUpstream:
             if await watch.pause(b.slow_ms / 1000):
                 return
             chunks = iter_chunks(request, b, completion_id=f"chatcmpl-fake-{next(self._ids)}")
+            if b.hollow:
+                chunks = iter(())
             cut = b.drop or b.stall
             for i, chunk in enumerate(chunks):
                 if b.badchunk is not None and i == CUT_AFTER:

@@ -408,6 +408,26 @@ async def test_stream_failure_before_first_byte_is_a_status_error(fake: FakeUpst
     check_error(r.json())
 
 
+async def test_a_stream_that_ends_before_any_chunk_is_an_upstream_error(fake: FakeUpstream) -> None:
+    """An upstream that opens a stream and sends only ``[DONE]``: nothing has reached the client yet, so
+    it gets a 502 that says what happened, not an empty 200 stream."""
+    registry = CollectorRegistry()
+    async with proxy(two_stage("refuse", "hollow"), fake, registry=registry) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.status_code == 502, r.text
+    check_error(r.json())
+    assert "stream ended before any chunk" in r.json()["error"]["message"]
+    assert _protocol_errors(registry, "large") == 1
+    # A scored stage read as a stream (early abort) that sends nothing: escalated past, as any failure.
+    cfg = two_stage("hollow", scorers=[{"type": "heuristic"}], early_abort=True)
+    async with proxy(cfg, fake, registry=(registry := CollectorRegistry())) as (c, _):
+        r = await c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200 and r.json()["cascade"]["upstream"] == "large"
+    first = r.json()["cascade"]["attempts"][0]
+    assert (first["outcome"], first["reason"]) == ("error", "upstream_error")
+    assert "stream ended before any chunk" in first["detail"] and _protocol_errors(registry, "small") == 1
+
+
 async def test_stream_passthrough_streams_straight_through(fake: FakeUpstream) -> None:
     async with proxy(base_config(), fake) as (c, _):
         r = await c.post("/v1/chat/completions", json=chat("large", stream=True))

@@ -451,9 +451,10 @@ class UpstreamEvents:
     every event one read from the socket completed, each with its ``data`` bytes (a relay forwards a
     batch in one write); ``async for`` gives the chunks one by one. The end is reported to the circuit
     breaker: [DONE] is a success, an ``UpstreamError`` a failure; a consumer that stops early leaves
-    no verdict. A stream that ends without [DONE] fails after its last complete event."""
+    no verdict. A stream that ends without [DONE] fails after its last complete event, and one that ends
+    before any chunk (only [DONE]: no role, no answer) fails: OpenAI's streams always carry a chunk."""
 
-    __slots__ = ("_cut", "_decoder", "_done", "_error", "_pending", "_raw", "_up", "ticket")
+    __slots__ = ("_cut", "_decoder", "_done", "_error", "_pending", "_raw", "_seen", "_up", "ticket")
 
     def __init__(self, up: Upstream, raw: AsyncIterator[bytes]) -> None:
         self._up = up
@@ -463,6 +464,7 @@ class UpstreamEvents:
         self._done = False
         self._cut = False
         self._error: UpstreamError | None = None
+        self._seen = False  # a chunk came
         self.ticket: Ticket | None = None
 
     async def batch(self) -> list[tuple[bytes, Json]]:
@@ -502,6 +504,8 @@ class UpstreamEvents:
             out: list[tuple[bytes, Json]] = []
             for data, name in events:
                 if data == b"[DONE]":
+                    if not (self._seen or out):
+                        raise UpstreamProtocolError(up.name, "stream ended before any chunk")
                     self._done = True
                     if self.ticket is not None:
                         self.ticket.success()
@@ -514,6 +518,7 @@ class UpstreamEvents:
                     self._error = err  # the good events before it go first
                     return out
             if out:
+                self._seen = True
                 return out
         return []
 
