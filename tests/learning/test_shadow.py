@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from app.upstream.breaker import OPEN
 from tests.conftest import base_config, chat, proxy, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.learning.learning_helpers import learning_of, query, settle, sqlite_url, with_learning
@@ -294,3 +295,39 @@ async def test_a_judge_that_fails_after_the_shadow_call_is_no_shadow_skip(
     assert reg.get_sample_value("cascade_shadow_skipped_total", labels) is None  # but the call was made
     spent = {"cascade": "other", "upstream": "london", "purpose": "shadow"}
     assert reg.get_sample_value("cascade_cost_usd_total", spent) > 0
+
+
+async def test_a_shadow_call_that_fails_is_a_recorded_skip_and_no_label(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The last stage refuses the shadow call (HTTP 500, no retries): no label, the trace says why, and
+    both counters name the reason ("picked but not made"; no label came)."""
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    cfg = _cfg(url, last="error-500")
+    cfg["upstreams"]["large"].update(max_retries=0, circuit=False)
+    async with proxy(cfg, fake, registry=reg) as (c, app):
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["stage"] == 0
+        await settle(app)
+    assert fake.counts.get("error-500") == 1 and _labels(url) == []
+    assert query(url, "SELECT sampling FROM traces") == [("upstream_error",)]
+    why = {"cascade": "default", "reason": "upstream_error"}
+    assert reg.get_sample_value("cascade_shadow_skipped_total", why) == 1
+    assert reg.get_sample_value("cascade_labels_skipped_total", why) == 1
+
+
+async def test_a_shadow_call_is_not_made_while_the_last_stage_circuit_is_open(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    url = sqlite_url(tmp_path)
+    reg = CollectorRegistry()
+    async with proxy(_cfg(url), fake, registry=reg) as (c, app):
+        app.state.cascade.runtime.upstreams["large"].breaker._set(OPEN)  # the last stage is failing
+        r = await c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200 and r.json()["cascade"]["stage"] == 0
+        await settle(app)
+    assert fake.counts.get("answer-Paris") == 1  # the answer; no shadow call
+    assert query(url, "SELECT sampling FROM traces") == [("circuit_open",)]
+    why = {"cascade": "default", "reason": "circuit_open"}
+    assert reg.get_sample_value("cascade_shadow_skipped_total", why) == 1
