@@ -10,7 +10,7 @@ from typing import Any
 
 from app.cascade.assemble import Assembler
 from app.cascade.plan import Stage
-from app.errors import CascadeBaseError, UpstreamProtocolError
+from app.errors import CascadeBaseError
 from app.upstream.client import UpstreamEvents
 
 Json = dict[str, Any]
@@ -85,9 +85,7 @@ async def open_stream(stage: Stage, body: Json) -> Opened:
     stack = AsyncExitStack()
     try:
         chunks = await stack.enter_async_context(up.stream(up.prepare(body, stream=True)))
-        first = await chunks.batch()
-        if not first:
-            raise UpstreamProtocolError(up.name, "stream ended before any chunk")
+        first = await chunks.batch()  # at least one chunk: a stream of none fails in ``batch``
     except BaseException:
         await stack.aclose()
         raise
