@@ -112,12 +112,8 @@ def test_a_router_file_that_cannot_serve_is_a_config_error(
     from app.learning.fitting import fit_logistic
     from app.scoring.feature_spec import FeatureSpec
 
-    stage_scorer = tmp_path / "stage0.json"
-    fit_logistic(
-        [[0.0] * FeatureSpec(hash_dim=0).dim, [1.0] * FeatureSpec(hash_dim=0).dim],
-        [0, 1],
-        feature_spec=FeatureSpec(hash_dim=0),
-    ).save(stage_scorer)
+    stage_scorer, spec = tmp_path / "stage0.json", FeatureSpec(hash_dim=0)
+    fit_logistic([[0.0] * spec.dim, [1.0] * spec.dim], [0, 1], feature_spec=spec).save(stage_scorer)
     for model, says in ((tmp_path / "missing.json", "No such file"), (stage_scorer, "not a router")):
         cfg = {
             "upstreams": {n: {"base_url": "http://127.0.0.1:9/v1", "model": n} for n in ("a", "b")},
