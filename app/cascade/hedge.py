@@ -94,6 +94,17 @@ async def outcome(call: Call) -> Result | UpstreamError | EarlyAbort:
         return exc
 
 
+async def _settled(res: Result) -> Json:
+    """What a finished call that is no longer needed sent: its whole answer, or what an opened stream had
+    delivered, the stream then closed. Closing must not fail the request the cascade answers."""
+    if not isinstance(res, Opened):
+        return res
+    partial = res.partial()
+    with contextlib.suppress(Exception):
+        await res.stack.aclose()
+    return partial
+
+
 async def discard(call: Call, body: Json, reason: str, detail: str) -> None:
     """End a call the cascade no longer needs and record its attempt as cancelled, charged what it
     generated. A call that had already failed keeps its error."""
@@ -114,14 +125,7 @@ async def discard(call: Call, body: Json, reason: str, detail: str) -> None:
         elif exc is not None:
             raise exc
         else:
-            res = task.result()
-            if isinstance(res, Opened):
-                partial = res.partial()
-                # The call is not needed: closing it must not fail the request the cascade answers.
-                with contextlib.suppress(Exception):
-                    await res.stack.aclose()
-            else:
-                partial = res
+            partial = await _settled(task.result())
     else:
         task.cancel()
         if call.asm is not None:
@@ -145,13 +149,7 @@ async def abandon(calls: list[Call], body: Json) -> None:
         if not t.done():
             t.cancel()
         elif not t.cancelled() and t.exception() is None:
-            res = t.result()
-            if isinstance(res, Opened):
-                partial = res.partial()
-                with contextlib.suppress(Exception):
-                    await res.stack.aclose()
-            else:
-                partial = res
+            partial = await _settled(t.result())
             charge_cancelled(c.att, c.stage, body, partial)
             c.att.outcome, c.att.reason = "cancelled", "request_ended"
             c.att.latency_ms = (time.perf_counter() - c.t0) * 1000
