@@ -552,6 +552,7 @@ def fit_cascade(
             "quality_se": pick.se * ref0,
             "quality_vs_best": pick.quality if relative else ev.quality / max(1e-12, stats[best][0]),
             "quality_vs_best_corrected": pick.quality_corrected,
+            "quality_vs_best_se": pick.se if relative else pick.se / max(1e-12, stats[best][0]),
             "optimism": pick.optimism,
             "aim": pick.aim,
             "cost_usd": ev.cost,

@@ -196,6 +196,12 @@ def _resplit_lines(r: dict[str, Any]) -> list[str]:
             f"  the test rows alone move a split's quality by {se:.3f} (standard error): a cascade exactly "
             f"on target lands under {target - r['target_tolerance']:g} on {miss:.0%} of splits by chance"
         )
+        fit_se, both = r.get("fit_quality_vs_best_se_mean"), r.get("noise_miss_chance")
+        if fit_se is not None and both is not None:
+            out.append(
+                f"  and the train rows' luck moves the fit's aim by {fit_se:.3f}: with both, {both:.0%} of "
+                "splits by chance"
+            )
     out += [
         f"  {'split':>7}  {'quality':>7}  {'(se)':>7}  {'savings':>8}  {'agreement q / sav':>18}  "
         f"{'random q / sav':>15}  chain",
@@ -267,6 +273,18 @@ def format_table(result: ReplayResult) -> str:
             else ""
         ),
     ]
+    fit = r.get("fit")
+    if fit:
+        lines.append(
+            f"the fit on its {fit['n_train']} train rows: quality vs best {fit['quality_vs_best']:.3f}, "
+            f"{fit['expected_quality_vs_best']:.3f} expected on new rows (less the search's optimism "
+            f"{fit['optimism']:.3f})"
+            + (
+                f", standard error {fit['quality_vs_best_se']:.3f} from the train rows alone"
+                if fit.get("quality_vs_best_se") is not None
+                else ""
+            )
+        )
     lines.append(_equal_cost(r))
     rt = r.get("router")
     if rt:

@@ -342,6 +342,7 @@ async def _run_split(
         routed=skipped[0] if skipped else 0.0,
     )
     if fitted is not None:
+        report["fit"] = fit_summary(fitted)
         report["calibration"] = scorer_calibration(fitted, split.test)
     agreement = report["baselines"].get("agreement")
     if fitted is not None and agreement is not None:
@@ -366,6 +367,21 @@ async def _run_split(
         fitted=fitted,
         split=split,
     )
+
+
+def fit_summary(fitted: FittedCascade) -> dict[str, Any]:
+    """What the fit expected of itself, from its train rows alone: the quality relative to the best
+    single model on them, less the search's measured optimism (what to expect on new rows), and the
+    bootstrap standard error of that figure: how far the train rows' own luck can put it off."""
+    t = fitted.train
+    return {
+        "n_train": t["n"],
+        "quality_vs_best": t["quality_vs_best"],
+        "expected_quality_vs_best": t["quality_vs_best_corrected"],
+        "optimism": t["optimism"],
+        "quality_vs_best_se": t.get("quality_vs_best_se"),
+        "feasible": fitted.feasible,
+    }
 
 
 def scorer_calibration(fitted: FittedCascade, test: Sequence[Row]) -> list[dict[str, Any]]:
@@ -404,6 +420,7 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
                 "quality_vs_best_se": r.get("quality_vs_best_se"),
                 "savings_vs_best": r["savings_vs_best"],
                 "target_met": met,
+                "fit": r.get("fit"),
                 "stages": r["stages"],
                 "thresholds": r["thresholds"],
                 "escalation_rate": r["escalation_rate"],
@@ -437,6 +454,16 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
     if target is not None and se is not None:
         miss = 0.5 * math.erfc(tol / (se * math.sqrt(2.0))) if se > 0 else 0.0
     first["test_noise_miss_chance"] = miss
+    # The fit's own estimate carries its train rows' luck on top (a fitted cascade only: a --config one
+    # calibrated on train has no bootstrap of its search): the chance of a miss from both draws.
+    fit_ses = [e["fit"].get("quality_vs_best_se") for e in entries if e.get("fit")]
+    known = [x for x in fit_ses if x is not None]
+    fit_se = sum(known) / len(known) if known and len(known) == len(entries) else None
+    first["fit_quality_vs_best_se_mean"] = fit_se
+    both: float | None = None
+    if target is not None and se is not None and fit_se is not None:
+        both = 0.5 * math.erfc(tol / (math.hypot(se, fit_se) * math.sqrt(2.0)))
+    first["noise_miss_chance"] = both
     # A baseline can be missing from some splits (no agreement rule where the fit serves one model): its
     # mean is over the splits that have it, and so is the cascade's beside it, so the two compare (the
     # cascade's mean over every split next to the rule's over two of five read as the rule winning).

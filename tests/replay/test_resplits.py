@@ -180,6 +180,20 @@ def test_resplits_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str
         0.5 * math.erfc(0.01 / (rep["quality_vs_best_se_mean"] * math.sqrt(2)))
     )
     assert "the test rows alone move a split's quality by" in out
+    # what each fit expected of itself on its train rows, and their luck on top of the test rows'
+    for s in splits:
+        fit = s["fit"]
+        assert fit["n_train"] == rep["n_train"]
+        assert fit["expected_quality_vs_best"] == pytest.approx(fit["quality_vs_best"] - fit["optimism"])
+        assert 0 <= fit["optimism"] < 0.2 and 0 <= fit["quality_vs_best_se"] < 0.5
+    assert rep["fit"] == splits[0]["fit"]
+    fit_se = sum(s["fit"]["quality_vs_best_se"] for s in splits) / 3
+    assert rep["fit_quality_vs_best_se_mean"] == pytest.approx(fit_se)
+    both = math.hypot(rep["quality_vs_best_se_mean"], fit_se)
+    assert rep["noise_miss_chance"] == pytest.approx(0.5 * math.erfc(0.01 / (both * math.sqrt(2))))
+    assert rep["noise_miss_chance"] >= rep["test_noise_miss_chance"]
+    assert f"the fit on its {rep['n_train']} train rows: quality vs best" in out
+    assert "and the train rows' luck moves the fit's aim by" in out
     for s in splits:
         assert [c["stage"] for c in s["calibration"]] == list(range(len(s["stages"]) - 1))
         assert {"best_single", "agreement", "random", "oracle_chain", "oracle_all"} <= set(s["baselines"])
