@@ -234,6 +234,13 @@ def format_table(result: ReplayResult) -> str:
     if result.feasible is False:
         lines.append("note: no chain met the quality target on train; this is the most accurate one")
     lines += [f"note: {x}" for x in result.plan.notes]
+    fit_se, tol = (r.get("fit") or {}).get("quality_vs_best_se"), r.get("target_tolerance")
+    if fit_se is not None and tol and fit_se > 2 * tol:
+        lines.append(
+            f"note: the fit's own standard error ({fit_se:.3f}, from {r['n_train']} train rows) is more than "
+            f"twice the tolerance ({tol:g}): the train rows' luck alone can put a split that far off the "
+            "target; more labelled rows narrow it, or --margin-z 1 aims one standard error higher"
+        )
     left_out = r.get("data", {}).get("models_left_out") or []
     if left_out:
         lines.append(f"note: left out (not recorded in every row): {', '.join(left_out)}")
