@@ -462,7 +462,8 @@ def _aggregate(first: dict[str, Any], runs: Sequence[ReplayResult], target: floa
     first["fit_quality_vs_best_se_mean"] = fit_se
     both: float | None = None
     if target is not None and se is not None and fit_se is not None:
-        both = 0.5 * math.erfc(tol / (math.hypot(se, fit_se) * math.sqrt(2.0)))
+        spread = math.hypot(se, fit_se)
+        both = 0.5 * math.erfc(tol / (spread * math.sqrt(2.0))) if spread > 0 else 0.0
     first["noise_miss_chance"] = both
     # A baseline can be missing from some splits (no agreement rule where the fit serves one model): its
     # mean is over the splits that have it, and so is the cascade's beside it, so the two compare (the
