@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -165,6 +166,15 @@ def main() -> int:
                     f"{both_checks_chance(se, k):.0%} of runs, whatever the method",
                     file=sys.stderr,
                 )
+                fit_se = rep.get("fit_quality_vs_best_se_mean")
+                if fit_se is not None:
+                    both = math.hypot(se, fit_se)
+                    print(
+                        f"  {name} @ {target}: with the fits' own standard error {fit_se:.3f} (their train "
+                        f"rows' luck) too: a miss on {rep['noise_miss_chance']:.0%} of splits, both checks "
+                        f"in at most {both_checks_chance(both, k):.0%} of runs",
+                        file=sys.stderr,
+                    )
             cal = [c for sp in rep["resplits"] for c in sp.get("calibration") or [] if c["n"]]
             if cal:
                 gap = [c["mean_score"] - c["accuracy"] for c in cal]
