@@ -441,6 +441,10 @@ def test_where_the_best_model_costs_nothing_savings_are_not_a_number(
     assert rep["savings_vs_best_mean"] is None and rep["savings_vs_best_min"] is None
     assert rep["baselines"]["best_single"]["savings_vs_best"] == 0.0  # nothing spent, nothing saved
     assert "savings vs best single: n/a" in out.out
+    # a --config cascade was not fitted: no fit to report, no train rows' luck to add
+    assert "fit" not in rep and all(s["fit"] is None for s in rep["resplits"])
+    assert rep["fit_quality_vs_best_se_mean"] is None and rep["noise_miss_chance"] is None
+    assert "the fit on its" not in out.out and "the train rows' luck" not in out.out
     # online, the windows' figures follow the same rule, and the printed summary says "-"
     served = [Served(i, "free", f"r{i}", True, 1e-6, True, 0.0, thresholds=[0.5]) for i in range(200)]
     online = summarise(served, served, target=0.95)
