@@ -36,6 +36,32 @@ def _mapping(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+MAX_PRICE = 1e6  # USD per 1M tokens: a million dollars a million tokens is no price
+
+
+def _price(v: str) -> tuple[str, tuple[float, float]]:
+    """``--price MODEL=INPUT[,OUTPUT]`` (USD per 1M tokens; OUTPUT defaults to INPUT)."""
+    model, eq, values = v.rpartition("=")
+    parts = values.split(",")
+    want = f"wants MODEL=INPUT[,OUTPUT] in USD per 1M tokens, e.g. gpt-4o=2.5,10; got {v!r}"
+    if not eq or not model.strip() or not 1 <= len(parts) <= 2:
+        raise argparse.ArgumentTypeError(want)
+    try:
+        nums = [float(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(want) from None
+    if not all(math.isfinite(x) and 0.0 <= x <= MAX_PRICE for x in nums):
+        raise argparse.ArgumentTypeError(
+            f"{model.strip()}: prices must be in [0, {MAX_PRICE:g}] USD per 1M tokens, got {values}"
+        )
+    return model.strip(), (nums[0], nums[-1])
+
+
+def prices_of(values: list[tuple[str, tuple[float, float]]] | None) -> dict[str, tuple[float, float]] | None:
+    """The ``--price`` options as a table (the last of a model's wins); None without any."""
+    return dict(values) if values else None
+
+
 def _quality(v: str) -> float:
     q = float(v)
     if not 0.0 < q <= 1.0:
@@ -124,6 +150,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             seed=args.seed,
             pass_score=args.pass_score,
             tolerance=args.tolerance,
+            prices=prices_of(args.price),
         )
         bar = None if args.quiet else ProgressBar("replay")
         result = run_replay(opts, bar)
@@ -217,10 +244,10 @@ def cmd_fit_scorer(args: argparse.Namespace) -> int:
 
 def _fit_from_dataset(args: argparse.Namespace) -> int:
     from app.learning.train import DEFAULT_MAX_STAGES, fit_cascade
-    from app.replay.dataset import load_dataset
+    from app.replay.dataset import load_dataset, price_notes
 
     try:
-        ds = load_dataset(args.dataset, pass_score=args.pass_score)
+        ds = load_dataset(args.dataset, prices=prices_of(args.price), pass_score=args.pass_score)
     except (OSError, ValueError) as exc:
         print(f"cascade fit-scorer: {args.dataset}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -306,6 +333,8 @@ def _fit_from_dataset(args: argparse.Namespace) -> int:
         f"${tr['cost_usd']:.3e}/request, "
         f"reach {', '.join(f'{x:.1%}' for x in tr['reach'])}"
     )
+    for note in price_notes(ds.prices):
+        print(f"note: {note}")
     costs = [fitted.single_models[m]["cost_usd"] for m in fitted.models]
     if chain is not None and any(b < a for a, b in itertools.pairwise(costs)):
         print(
@@ -381,6 +410,17 @@ def _tuner_target(ds: Any, fitted: Any, target: float) -> Any:
     return tuner_target(ds.train, ds.models, fitted.models, scores, target, at=fitted.thresholds)
 
 
+def _add_price(parser: Any) -> None:
+    parser.add_argument(
+        "--price",
+        type=_price,
+        action="append",
+        metavar="MODEL=IN[,OUT]",
+        help="USD per 1M input (and output) tokens of MODEL, for rows that record no cost_usd (their "
+        "cost is estimated from the text lengths; default: a list price, else $1/$2); repeatable",
+    )
+
+
 def add_commands(sub: Any) -> None:
     """Register ``replay`` and ``fit-scorer`` on the ``cascade`` parser."""
     r = sub.add_parser(
@@ -448,6 +488,7 @@ def add_commands(sub: Any) -> None:
         metavar="X",
         help="graded datasets (a 'score' per answer, no 'correct'): an answer scoring at least X is correct",
     )
+    _add_price(r)
     r.add_argument("--limit", type=_positive, help="replay only the first N test rows")
     r.add_argument("--concurrency", type=_positive, default=8, help="requests in flight (default 8)")
     r.add_argument("--work-dir", help="keep the fitted scorer files here (default: a temporary directory)")
@@ -527,4 +568,5 @@ def add_commands(sub: Any) -> None:
         metavar="X",
         help="DATASET: graded answers (a 'score', no 'correct') scoring at least X are correct",
     )
+    _add_price(f)
     f.set_defaults(func=cmd_fit_scorer)

@@ -38,7 +38,10 @@ Rules:
   with tokens ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
   :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
   any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
-  models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` to override or extend.
+  models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` (``--price MODEL=IN,OUT``) to
+  override or extend; each of its names must match a model whose cost is estimated somewhere (a
+  ``ValueError`` otherwise: a typo would price nothing). ``Dataset.prices`` says, for each model whose
+  cost was estimated, the price used and where it came from (``--price``, ``list``, ``fallback``).
 * The model set is discovered from the rows: models present in every kept row (others are listed in
   ``Dataset.partial_models`` and ignored); a model's record ``null`` means it is missing from that
   row. No model in every row, or a record that is not an object, is a ``ValueError`` naming the line.
@@ -89,20 +92,31 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 FALLBACK_PRICE: tuple[float, float] = (1.0, 2.0)
 
 
-def _price_for(model: str, prices: Mapping[str, tuple[float, float]] | None) -> tuple[float, float]:
-    tables: list[Mapping[str, tuple[float, float]]] = [prices] if prices else []
-    tables.append(DEFAULT_PRICES)
+PRICE_GIVEN, PRICE_LISTED, PRICE_FALLBACK = "--price", "list", "fallback"
+
+
+def price_key(model: str, table: Mapping[str, tuple[float, float]]) -> str | None:
+    """The key of ``table`` that prices ``model``: its name (any case, or without an ``org/`` prefix),
+    else the longest key contained in its lower-cased name; None when none does."""
+    low = {k.lower(): k for k in table}
     name = model.lower()
-    short = name.rsplit("/", 1)[-1]
-    for table in tables:
-        low = {k.lower(): v for k, v in table.items()}
-        for key in (model, name, short):
-            if key in low:
-                return low[key]
-        hits = [k for k in low if k in name]
-        if hits:
-            return low[max(hits, key=len)]
-    return FALLBACK_PRICE
+    for key in (name, name.rsplit("/", 1)[-1]):
+        if key in low:
+            return low[key]
+    hits = [k for k in low if k in name]
+    return low[max(hits, key=len)] if hits else None
+
+
+def price_for(
+    model: str, prices: Mapping[str, tuple[float, float]] | None = None
+) -> tuple[tuple[float, float], str]:
+    """(input, output) USD per 1M tokens for ``model``, and where it came from: ``prices`` (the user's,
+    first), the list prices, or the fallback."""
+    for table, source in ((prices or {}, PRICE_GIVEN), (DEFAULT_PRICES, PRICE_LISTED)):
+        key = price_key(model, table)
+        if key is not None:
+            return table[key], source
+    return FALLBACK_PRICE, PRICE_FALLBACK
 
 
 def estimate_tokens(text: str) -> int:
@@ -112,7 +126,7 @@ def estimate_tokens(text: str) -> int:
 def estimate_cost_usd(
     model: str, prompt: str, answer: str, prices: Mapping[str, tuple[float, float]] | None = None
 ) -> float:
-    pin, pout = _price_for(model, prices)
+    (pin, pout), _ = price_for(model, prices)
     return (estimate_tokens(prompt) * pin + estimate_tokens(answer) * pout) / 1e6
 
 
@@ -132,6 +146,8 @@ class Dataset:
     cost_estimated: bool = False
     scores_as_correct: bool = False  # 'score' 0/1 without 'correct', read as right/wrong
     n_dropped_incomplete: int = 0  # rows left out for lacking a model that nearly every row records
+    # per model whose cost was estimated in some row: {"input", "output" (USD per 1M tokens), "source"}
+    prices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def train(self) -> list[Row]:
@@ -285,6 +301,7 @@ def parse_rows(
     drop_contaminated: bool = True,
     name: str = "",
     pass_score: float | None = None,
+    check_prices: bool = True,
 ) -> Dataset:
     rows: list[Row] = []
     linenos: list[int] = []  # each row's line, for messages
@@ -293,6 +310,7 @@ def parse_rows(
     binary: dict[float, tuple[int, str, str]] = {}  # score 0/1 read as correctness: where each was first
     hashed = False
     estimated = False
+    priced: set[str] = set()  # models with an estimated cost in some row
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
@@ -353,6 +371,7 @@ def parse_rows(
                 answers[m] = ModelAnswer(text, corr, cost, False, score_f)
             else:
                 estimated = True
+                priced.add(m)
                 answers[m] = ModelAnswer(
                     text, corr, estimate_cost_usd(m, prompt, text, prices), True, score_f
                 )
@@ -384,7 +403,51 @@ def parse_rows(
     mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
     common.sort(key=lambda m: (mean_cost[m], m))
     ds_name = name or (rows[0].dataset if rows[0].dataset else "dataset")
-    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary), incomplete)
+    if prices and check_prices:
+        _check_prices(prices, sorted(all_models), priced)
+    used = {}
+    for m in sorted(priced & set(common)):
+        (pin, pout), source = price_for(m, prices)
+        used[m] = {"input": pin, "output": pout, "source": source}
+    return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary), incomplete, used)
+
+
+def price_notes(prices: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What a report says of the costs it estimated (``Dataset.prices``): at which price, from where,
+    and which models had no price known (their place in a cascade is then a guess)."""
+    if not prices:
+        return []
+    origin = {PRICE_GIVEN: "--price", PRICE_LISTED: "list price", PRICE_FALLBACK: "no price known"}
+    said = ", ".join(
+        f"{m} ${v['input']:g}/${v['output']:g} ({origin.get(v['source'], v['source'])})"
+        for m, v in sorted(prices.items())
+    )
+    notes = [
+        "no cost_usd recorded: costs estimated from the texts' lengths (about 4 characters a token) at "
+        f"USD per 1M input/output tokens: {said}"
+    ]
+    unknown = sorted(m for m, v in prices.items() if v["source"] == PRICE_FALLBACK)
+    if unknown:
+        notes.append(
+            f"no price known for {', '.join(unknown)}: ${FALLBACK_PRICE[0]:g}/${FALLBACK_PRICE[1]:g} "
+            "assumed, so the cascade's order and savings are guesses; give "
+            f"--price {unknown[0]}=INPUT,OUTPUT (USD per 1M tokens)"
+        )
+    return notes
+
+
+def _check_prices(prices: Mapping[str, tuple[float, float]], models: list[str], priced: set[str]) -> None:
+    """Each of the user's prices must price a model whose cost is estimated somewhere: a name that
+    matches nothing (a typo), or only models whose every cost is recorded, would change nothing."""
+    for key in prices:
+        matched = [m for m in models if price_key(m, {key: (0.0, 0.0)}) is not None]
+        if not matched:
+            raise ValueError(f"--price {key}: no model of the dataset matches (models: {', '.join(models)})")
+        if not any(m in priced and price_key(m, prices) == key for m in matched):
+            raise ValueError(
+                f"--price {key}: every row records the cost_usd of {', '.join(matched)}; --price only "
+                "prices answers without a recorded cost"
+            )
 
 
 def name_missing_texts(ds: Dataset) -> Dataset:
@@ -417,10 +480,13 @@ def load_dataset(
     test_fraction: float = 0.5,
     drop_contaminated: bool = True,
     pass_score: float | None = None,
+    check_prices: bool = True,
 ) -> Dataset:
     p = Path(path)
     with p.open(encoding="utf-8-sig") as fh:  # a BOM (as Windows tools write) is not data
-        return parse_rows(fh, prices, test_fraction, drop_contaminated, name=p.stem, pass_score=pass_score)
+        return parse_rows(
+            fh, prices, test_fraction, drop_contaminated, p.stem, pass_score, check_prices=check_prices
+        )
 
 
 def resplit(rows: Sequence[Row], n_test: int, seed: int, strata: Sequence[Any] | None = None) -> list[Row]:

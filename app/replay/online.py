@@ -64,7 +64,7 @@ from app.replay.configure import (
     stage_scores,
     with_thresholds,
 )
-from app.replay.dataset import Dataset, load_dataset, name_missing_texts
+from app.replay.dataset import PRICE_GIVEN, Dataset, load_dataset, name_missing_texts, price_key
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
 from app.replay.online_stream import Item, Stream, build_stream, train_scores, tuner_target
@@ -99,6 +99,7 @@ class OnlineOptions:
     replicas: int = 1  # proxies sharing the store; request i goes to replica i mod n
     store: str | None = None  # learning.store of the online run (default: a new SQLite file)
     pass_score: float | None = None  # graded datasets (and --drift's): a score at least this is correct
+    prices: dict[str, tuple[float, float]] | None = None  # --price: for rows without a recorded cost
     # Python API only (bench/online.py): a cascade fitted before (the same fit_cascade result, reused
     # across runs on one dataset), and learning settings over the defaults / the config's.
     fitted: Any = None
@@ -500,6 +501,7 @@ async def _run(
         },
         fit_s=round(fit_s, 2),
         online_s=round(online_s, 2),
+        prices={**(other.prices if other is not None else {}), **ds.prices},
     )
     total = sum(s.cost + s.label_cost for s in online)
     if total > 0:
@@ -511,7 +513,7 @@ async def _run(
 
 def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineResult:
     """Load, fit, stream; raises ReplayError on bad input."""
-    ds = _load(opts.dataset, opts.pass_score)
+    ds = _load(opts.dataset, opts.pass_score, opts.prices, check=not opts.drift)
     if not ds.train:
         raise ReplayError(f"{opts.dataset}: no train rows to fit on (rows need split 'train' or an id)")
     if len(ds.train) < MIN_TRAIN_ROWS:  # the fit and the tuner's target are made on them, as offline
@@ -519,7 +521,18 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
             f"{opts.dataset}: too few rows to fit on: {len(ds.train)} train rows "
             f"(at least {MIN_TRAIN_ROWS} are needed)"
         )
-    other = _load(opts.drift, opts.pass_score) if opts.drift else None
+    other = _load(opts.drift, opts.pass_score, opts.prices, check=False) if opts.drift else None
+    if other is not None and opts.prices:
+        for key in opts.prices:  # each --price must price a model of one of the two datasets
+            if not any(
+                v["source"] == PRICE_GIVEN and price_key(m, opts.prices) == key
+                for d in (ds, other)
+                for m, v in d.prices.items()
+            ):
+                raise ReplayError(
+                    f"--price {key}: prices no model without a recorded cost in {opts.dataset} or "
+                    f"{opts.drift} (models: {', '.join(sorted({*ds.models, *other.models}))})"
+                )
     if other is not None and len(other.models) < 2:
         raise ReplayError(f"--drift: {opts.drift} records fewer than two models in every row")
     with tempfile.TemporaryDirectory(prefix="cascade-online-") as tmp:
@@ -528,8 +541,14 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
         return asyncio.run(_run(opts, ds, other, work, progress))
 
 
-def _load(path: str, pass_score: float | None) -> Dataset:
+def _load(
+    path: str, pass_score: float | None, prices: dict[str, tuple[float, float]] | None, *, check: bool
+) -> Dataset:
+    """A dataset of the run; ``check``: each ``--price`` must price one of its models (with a drift
+    dataset, one of either's: checked on both)."""
     try:
-        return name_missing_texts(load_dataset(path, pass_score=pass_score))
+        return name_missing_texts(
+            load_dataset(path, prices=prices, pass_score=pass_score, check_prices=check)
+        )
     except (OSError, ValueError) as exc:
         raise ReplayError(f"{path}: {exc}") from exc

@@ -35,7 +35,7 @@ def offline_misuse(args: argparse.Namespace) -> str | None:
 
 def _options(args: argparse.Namespace) -> Any:
     from app.learning.train import DEFAULT_MAX_STAGES
-    from app.replay.cli import _mapping
+    from app.replay.cli import _mapping, prices_of
     from app.replay.online import OnlineOptions
 
     opts = OnlineOptions(
@@ -52,6 +52,7 @@ def _options(args: argparse.Namespace) -> Any:
         drift=args.drift,
         store=args.store,
         pass_score=args.pass_score,
+        prices=prices_of(args.price),
     )
     for dest in (
         "target_quality",
@@ -124,6 +125,8 @@ def _raised(rep: dict[str, Any]) -> str:
 
 def format_online(rep: dict[str, Any]) -> str:
     """The human summary: per window quality and savings against the best single model, thresholds."""
+    from app.replay.dataset import price_notes
+
     drift = f" -> {rep['drift']} at request {rep['drift_at']}" if rep.get("drift") else ""
     lines = [
         f"online: {rep['dataset']}{drift}, {rep['requests']} requests, seed {rep['seed']}, "
@@ -133,6 +136,7 @@ def format_online(rep: dict[str, Any]) -> str:
         f"{'requests':>8} {'labels':>6} {'quality':>8} {'savings':>8} {'rolling q':>9} {'rolling s':>9}"
         "  thresholds",
     ]
+    lines[2:2] = [f"note: {x}" for x in price_notes(rep.get("prices") or {})]
     for w in rep["windows"]:
         lines.append(
             f"{w['requests']:>8} {w['labels']:>6} {_pct(w['quality_vs_best']):>8} "

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from app.config import LearnedScorer as LearnedConfig
-from app.replay.dataset import MAX_MISSING_SHARE, savings_vs_best
+from app.replay.dataset import MAX_MISSING_SHARE, price_notes, savings_vs_best
 
 if TYPE_CHECKING:
     from app.replay.configure import ReplayPlan
@@ -241,6 +241,7 @@ def format_table(result: ReplayResult) -> str:
             f"twice the tolerance ({tol:g}): the train rows' luck alone can put a split that far off the "
             "target; more labelled rows narrow it, or --margin-z 1 aims one standard error higher"
         )
+    lines += [f"note: {x}" for x in price_notes(r.get("data", {}).get("prices") or {})]
     left_out = r.get("data", {}).get("models_left_out") or []
     if left_out:
         lines.append(f"note: left out (not recorded in every row): {', '.join(left_out)}")

@@ -72,6 +72,7 @@ class ReplayOptions:
     seed: int = 0
     pass_score: float | None = None  # graded datasets: a score at least this is correct
     tolerance: float = 0.01  # a split meets the target when quality_vs_best >= target - tolerance
+    prices: dict[str, tuple[float, float]] | None = None  # --price: for rows without a recorded cost
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,7 @@ async def _run_split(
         "cost_estimated": ds.cost_estimated,
         "split_from_hash": ds.split_from_hash,
         "scores_as_correct": ds.scores_as_correct,
+        "prices": ds.prices,
     }
     skipped = skipped_shares(outcomes, len(plan.stages))
     report["router"] = {
@@ -519,7 +521,7 @@ async def _run(
 def run_replay(opts: ReplayOptions, progress: Progress | None = None) -> ReplayResult:
     """Load, fit or calibrate, replay the test rows through HTTP; raises ReplayError on bad input."""
     try:
-        ds = load_dataset(opts.dataset, pass_score=opts.pass_score)
+        ds = load_dataset(opts.dataset, prices=opts.prices, pass_score=opts.pass_score)
     except (OSError, ValueError) as exc:
         raise ReplayError(f"{opts.dataset}: {exc}") from exc
     if not ds.train:
