@@ -46,6 +46,12 @@ def test_bundled_sentiment_set() -> None:
     said = [i["answers"] for i in items]
     assert said.count(["positive"]) == said.count(["negative"]) == 25
     assert {"neutral", "mixed"} <= set(labels)
+    # the calibration set: other reviews, asked and graded the same way
+    calib = json.loads((ROOT / "scripts" / "demo_sentiment_calibration.json").read_text())
+    assert (calib["prompt"], calib["labels"]) == (bundle["prompt"], labels)
+    said = [i["answers"] for i in calib["questions"]]
+    assert len(said) == 60 and said.count(["positive"]) == said.count(["negative"]) == 30
+    assert not {i["q"] for i in calib["questions"]} & {i["q"] for i in items}
 
 
 @pytest.mark.parametrize(
