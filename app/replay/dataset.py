@@ -39,7 +39,8 @@ Rules:
   :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
   any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
   models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` (``--price MODEL=IN,OUT``) to
-  override or extend; each of its names must match a model whose cost is estimated somewhere (a
+  override or extend: its names match a model's name exactly (any case, with or without the ``org/``
+  prefix), and each must match a model whose cost is estimated somewhere (a
   ``ValueError`` otherwise: a typo would price nothing). ``Dataset.prices`` says, for each model whose
   cost was estimated, the price used and where it came from (``--price``, ``list``, ``fallback``).
 * The model set is discovered from the rows: models present in every kept row (others are listed in
@@ -95,15 +96,17 @@ FALLBACK_PRICE: tuple[float, float] = (1.0, 2.0)
 PRICE_GIVEN, PRICE_LISTED, PRICE_FALLBACK = "--price", "list", "fallback"
 
 
-def price_key(model: str, table: Mapping[str, tuple[float, float]]) -> str | None:
+def price_key(model: str, table: Mapping[str, tuple[float, float]], *, contained: bool = True) -> str | None:
     """The key of ``table`` that prices ``model``: its name (any case, or without an ``org/`` prefix),
-    else the longest key contained in its lower-cased name; None when none does."""
+    else (``contained``, as for the list prices) the longest key contained in its lower-cased name;
+    None when none does. The user's ``--price`` names a model exactly: ``gpt-4`` must not price
+    ``gpt-4o-mini`` too."""
     low = {k.lower(): k for k in table}
     name = model.lower()
     for key in (name, name.rsplit("/", 1)[-1]):
         if key in low:
             return low[key]
-    hits = [k for k in low if k in name]
+    hits = [k for k in low if k in name] if contained else []
     return low[max(hits, key=len)] if hits else None
 
 
@@ -113,7 +116,7 @@ def price_for(
     """(input, output) USD per 1M tokens for ``model``, and where it came from: ``prices`` (the user's,
     first), the list prices, or the fallback."""
     for table, source in ((prices or {}, PRICE_GIVEN), (DEFAULT_PRICES, PRICE_LISTED)):
-        key = price_key(model, table)
+        key = price_key(model, table, contained=source == PRICE_LISTED)
         if key is not None:
             return table[key], source
     return FALLBACK_PRICE, PRICE_FALLBACK
@@ -440,10 +443,10 @@ def _check_prices(prices: Mapping[str, tuple[float, float]], models: list[str], 
     """Each of the user's prices must price a model whose cost is estimated somewhere: a name that
     matches nothing (a typo), or only models whose every cost is recorded, would change nothing."""
     for key in prices:
-        matched = [m for m in models if price_key(m, {key: (0.0, 0.0)}) is not None]
+        matched = [m for m in models if price_key(m, {key: (0.0, 0.0)}, contained=False) is not None]
         if not matched:
             raise ValueError(f"--price {key}: no model of the dataset matches (models: {', '.join(models)})")
-        if not any(m in priced and price_key(m, prices) == key for m in matched):
+        if not any(m in priced and price_key(m, prices, contained=False) == key for m in matched):
             raise ValueError(
                 f"--price {key}: every row records the cost_usd of {', '.join(matched)}; --price only "
                 "prices answers without a recorded cost"

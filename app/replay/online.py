@@ -525,7 +525,7 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
     if other is not None and opts.prices:
         for key in opts.prices:  # each --price must price a model of one of the two datasets
             if not any(
-                v["source"] == PRICE_GIVEN and price_key(m, opts.prices) == key
+                v["source"] == PRICE_GIVEN and price_key(m, opts.prices, contained=False) == key
                 for d in (ds, other)
                 for m, v in d.prices.items()
             ):

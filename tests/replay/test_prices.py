@@ -87,6 +87,7 @@ def test_a_price_puts_an_unknown_model_in_its_place(
     ("price", "message"),
     [
         ("quark-xxl=1,2", "--price quark-xxl: no model of the dataset matches (models: "),
+        ("quark=1,2", "--price quark: no model of the dataset matches"),  # names a model exactly
         ("bolt-mid=1,2", "--price bolt-mid: every row records the cost_usd of bolt-mid"),
     ],
 )
