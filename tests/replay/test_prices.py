@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from app.cli import main
+from app.config import load_config
 from app.replay.dataset import FALLBACK_PRICE, parse_rows
 from tests.replay import synth
 
@@ -134,10 +135,38 @@ def test_online_and_fit_scorer_take_the_price(tmp_path: Path, capsys: pytest.Cap
     assert rep["prices"] == {"quark-xl": {"input": 3.0, "output": 3.0, "source": "--price"}}
     assert "quark-xl $3/$3 (--price)" in out
     code, _, out, err = _run(
-        capsys, "fit-scorer", str(path), "--out", str(tmp_path / "fit"), "--price", "quark-xl=3"
+        capsys,
+        "fit-scorer",
+        str(path),
+        "--out",
+        str(tmp_path / "fit"),
+        "--price",
+        "quark-xl=3",
+        "--chain",
+        "acme/tiny-1,quark-xl",
     )
     assert code == 0, err
     assert "note: no cost_usd recorded" in out and "quark-xl $3/$3 (--price)" in out
+    # the config snippet carries the price, and says where each came from
+    snippet = (tmp_path / "fit" / "cascade.yaml").read_text()
+    cfg = load_config(tmp_path / "fit" / "cascade.yaml")
+    ups = {u.model: u.price for u in cfg.upstreams.values()}
+    assert (ups["quark-xl"].input, ups["quark-xl"].output) == (3.0, 3.0)
+    assert "price: {input: 3.0, output: 3.0}  # USD per 1M tokens, from --price" in snippet
+    assert "no price known: set yours" in snippet  # acme/tiny-1: recorded costs, no token price
+
+
+def test_the_snippet_takes_list_prices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = {"gpt-4o-mini": (0.75, None), "gpt-4o": (0.92, None)}
+    path = synth.write(tmp_path / "listed.jsonl", n=90, seed=4, models=models)
+    code, _, _, err = _run(
+        capsys, "fit-scorer", str(path), "--out", str(tmp_path / "fit"), "--chain", "gpt-4o-mini,gpt-4o"
+    )
+    assert code == 0, err
+    cfg = load_config(tmp_path / "fit" / "cascade.yaml")
+    ups = {u.model: (u.price.input, u.price.output) for u in cfg.upstreams.values()}
+    assert ups == {"gpt-4o-mini": (0.15, 0.6), "gpt-4o": (2.5, 10.0)}
+    assert "a list price of early 2024: check yours" in (tmp_path / "fit" / "cascade.yaml").read_text()
 
 
 def test_with_a_drift_a_price_may_be_for_either_dataset(
