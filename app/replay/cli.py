@@ -226,7 +226,12 @@ def _fit_usage(args: argparse.Namespace) -> str | None:
     if args.from_store:
         if args.dataset is not None:
             return "give DATASET.jsonl or --from-store, not both"
-        dataset_only = (("--chain", args.chain), ("--max-stages", args.max_stages))
+        dataset_only = (
+            ("--chain", args.chain),
+            ("--max-stages", args.max_stages),
+            ("--pass-score", args.pass_score),
+            ("--price", args.price),
+        )
         wrong = [o for o, v in dataset_only if v is not None] + (
             ["--for-auto-tune"] if args.for_auto_tune else []
         )

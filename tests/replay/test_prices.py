@@ -205,3 +205,10 @@ def test_the_loader_keeps_the_user_price_first() -> None:
     assert given.rows[0].answers["gpt-4o"].cost_usd == pytest.approx(
         2 * listed.rows[0].answers["gpt-4o"].cost_usd
     )
+
+
+def test_fit_scorer_from_the_store_takes_no_price(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Traces carry what each call cost: a --price (or --pass-score) there would be ignored."""
+    for extra, flag in ((["--price", "x=1"], "--price"), (["--pass-score", "8"], "--pass-score")):
+        code, _, _, err = _run(capsys, "fit-scorer", "--from-store", "--out", str(tmp_path / "o"), *extra)
+        assert code == 2 and f"{flag}: only with DATASET.jsonl" in err
