@@ -37,7 +37,8 @@ Rules:
   naming the line; missing or null -> estimated from a price table (USD per 1M tokens, input/output)
   with tokens ~= ceil(chars / 4): ``(ceil(len(prompt)/4) * input + ceil(len(answer)/4) * output) / 1e6``.
   :data:`DEFAULT_PRICES` holds list prices for common models, matched on the lower-cased name with
-  any ``org/`` prefix removed, exactly, then by the longest table key contained in the name. Unknown
+  any ``org/`` prefix removed, exactly, then by the longest table key that stands as whole parts of
+  the name (not preceded by a letter or digit, not followed by one or by a dot). Unknown
   models get :data:`FALLBACK_PRICE` ($1 / $2 per 1M). Pass ``prices`` (``--price MODEL=IN,OUT``) to
   override or extend: its names match a model's name exactly (any case, with or without the ``org/``
   prefix), and each must match a model whose cost is estimated somewhere (a
@@ -89,8 +90,20 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "yi-34b": (0.8, 0.8),
     "wizardlm-13b": (0.3, 0.3),
     "code-llama-instruct-34b": (0.776, 0.776),
+    # later in 2024 (as FrugalGPT's 2024 price table has them)
+    "claude-3.5-sonnet": (3.0, 15.0),
+    "claude-3-5-sonnet": (3.0, 15.0),
+    "gemini-1.5-pro": (1.25, 5.0),
+    "gemini-1.5-flash": (0.075, 0.3),
+    "gemini-1.5-flash-8b": (0.0375, 0.15),
+    "gemma-2-9b": (0.3, 0.3),
+    "jamba-1.5-large": (2.0, 8.0),
 }
 FALLBACK_PRICE: tuple[float, float] = (1.0, 2.0)
+# A listed name inside a longer one prices it only where it stands as whole parts of that name:
+# "gpt-4" prices "gpt-4-0613" and "openai/gpt-4", not "gpt-4.1-mini" or "gpt-4o" (other models).
+_BEFORE = re.compile(r"[a-z0-9]")
+_AFTER = re.compile(r"[a-z0-9.]")
 
 
 PRICE_GIVEN, PRICE_LISTED, PRICE_FALLBACK = "--price", "list", "fallback"
@@ -106,8 +119,20 @@ def price_key(model: str, table: Mapping[str, tuple[float, float]], *, contained
     for key in (name, name.rsplit("/", 1)[-1]):
         if key in low:
             return low[key]
-    hits = [k for k in low if k in name] if contained else []
+    hits = [k for k in low if _stands_in(k, name)] if contained else []
     return low[max(hits, key=len)] if hits else None
+
+
+def _stands_in(key: str, name: str) -> bool:
+    """Whether ``key`` is a run of whole parts of ``name``: not preceded by a letter or digit, and not
+    followed by one or by a dot (a version: "gpt-4" in "gpt-4.1" is another model)."""
+    at = name.find(key)
+    while at >= 0:
+        end = at + len(key)
+        if (at == 0 or not _BEFORE.match(name[at - 1])) and (end == len(name) or not _AFTER.match(name[end])):
+            return True
+        at = name.find(key, at + 1)
+    return False
 
 
 def price_for(

@@ -12,7 +12,7 @@ import pytest
 
 from app.cli import main
 from app.config import load_config
-from app.replay.dataset import FALLBACK_PRICE, parse_rows
+from app.replay.dataset import FALLBACK_PRICE, parse_rows, price_for
 from tests.replay import synth
 
 pytestmark = pytest.mark.loopback
@@ -212,3 +212,24 @@ def test_fit_scorer_from_the_store_takes_no_price(tmp_path: Path, capsys: pytest
     for extra, flag in ((["--price", "x=1"], "--price"), (["--pass-score", "8"], "--pass-score")):
         code, _, _, err = _run(capsys, "fit-scorer", "--from-store", "--out", str(tmp_path / "o"), *extra)
         assert code == 2 and f"{flag}: only with DATASET.jsonl" in err
+
+
+@pytest.mark.parametrize(
+    ("model", "price", "source"),
+    [
+        ("gpt-4-0613", (30.0, 60.0), "list"),  # a dated snapshot of a listed model
+        ("openai/gpt-4", (30.0, 60.0), "list"),
+        ("gpt-4o-2024-08-06", (2.5, 10.0), "list"),  # the longest listed name wins: gpt-4o, not gpt-4
+        ("gpt-4o-mini-2024-07-18", (0.15, 0.6), "list"),
+        ("anthropic.claude-instant-v1", (0.8, 2.4), "list"),
+        ("claude-3-5-sonnet-20240620", (3.0, 15.0), "list"),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", (0.6, 0.6), "list"),
+        # another model whose name holds a listed one: not that one's price
+        ("gpt-4.1-mini", FALLBACK_PRICE, "fallback"),
+        ("claude-v2.1", FALLBACK_PRICE, "fallback"),
+        ("superllama-2-70b", FALLBACK_PRICE, "fallback"),
+        ("llama-3.1-70b", FALLBACK_PRICE, "fallback"),
+    ],
+)
+def test_list_prices_match_whole_parts_of_a_name(model: str, price: tuple[float, float], source: str) -> None:
+    assert price_for(model) == (price, source)
