@@ -431,12 +431,12 @@ def parse_rows(
     mean_cost = {m: sum(r.answers[m].cost_usd for r in rows) / len(rows) for m in common}
     common.sort(key=lambda m: (mean_cost[m], m))
     ds_name = name or (rows[0].dataset if rows[0].dataset else "dataset")
-    if prices and check_prices:
-        _check_prices(prices, sorted(all_models), priced)
     used = {}
     for m in sorted(priced & set(common)):
         (pin, pout), source = price_for(m, prices)
         used[m] = {"input": pin, "output": pout, "source": source}
+    if prices and check_prices:
+        _check_prices(prices, sorted(all_models), common, used)
     return Dataset(ds_name, rows, common, partial, dropped, hashed, estimated, bool(binary), incomplete, used)
 
 
@@ -464,18 +464,43 @@ def price_notes(prices: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def _check_prices(prices: Mapping[str, tuple[float, float]], models: list[str], priced: set[str]) -> None:
-    """Each of the user's prices must price a model whose cost is estimated somewhere: a name that
-    matches nothing (a typo), or only models whose every cost is recorded, would change nothing."""
-    for key in prices:
-        matched = [m for m in models if price_key(m, {key: (0.0, 0.0)}, contained=False) is not None]
-        if not matched:
-            raise ValueError(f"--price {key}: no model of the dataset matches (models: {', '.join(models)})")
-        if not any(m in priced and price_key(m, prices, contained=False) == key for m in matched):
-            raise ValueError(
-                f"--price {key}: every row records the cost_usd of {', '.join(matched)}; --price only "
-                "prices answers without a recorded cost"
-            )
+def unused_prices(
+    prices: Mapping[str, tuple[float, float]], *used: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """The names of ``prices`` (``--price``) that priced no model in any of ``used`` (``Dataset.prices``
+    of the datasets of a run): a typo, or a model whose every cost is recorded, would change nothing."""
+    return [
+        key
+        for key in prices
+        if not any(
+            v["source"] == PRICE_GIVEN and price_key(m, prices, contained=False) == key
+            for table in used
+            for m, v in table.items()
+        )
+    ]
+
+
+def _check_prices(
+    prices: Mapping[str, tuple[float, float]],
+    models: list[str],
+    common: list[str],
+    used: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Each of the user's prices must price a model the replay uses, else a ``ValueError`` saying why."""
+    unused = unused_prices(prices, used)
+    if not unused:
+        return
+    key = unused[0]
+    named = [m for m in models if price_key(m, {key: (0.0, 0.0)}, contained=False) is not None]
+    if not named:
+        raise ValueError(f"--price {key}: no model of the dataset matches (models: {', '.join(models)})")
+    kept = [m for m in named if m in common]
+    if not kept:
+        raise ValueError(f"--price {key}: {', '.join(named)} is left out (not recorded in every row)")
+    raise ValueError(
+        f"--price {key}: every row records the cost_usd of {', '.join(kept)}; --price only prices "
+        "answers without a recorded cost"
+    )
 
 
 def name_missing_texts(ds: Dataset) -> Dataset:

@@ -64,7 +64,7 @@ from app.replay.configure import (
     stage_scores,
     with_thresholds,
 )
-from app.replay.dataset import PRICE_GIVEN, Dataset, load_dataset, name_missing_texts, price_key
+from app.replay.dataset import Dataset, load_dataset, name_missing_texts, unused_prices
 from app.replay.judge import JUDGE_MODEL, JudgedReplay, OracleJudge, usd_per_token
 from app.replay.online_report import Served, summarise
 from app.replay.online_stream import Item, Stream, build_stream, train_scores, tuner_target
@@ -522,17 +522,12 @@ def run_online(opts: OnlineOptions, progress: Progress | None = None) -> OnlineR
             f"(at least {MIN_TRAIN_ROWS} are needed)"
         )
     other = _load(opts.drift, opts.pass_score, opts.prices, check=False) if opts.drift else None
-    if other is not None and opts.prices:
-        for key in opts.prices:  # each --price must price a model of one of the two datasets
-            if not any(
-                v["source"] == PRICE_GIVEN and price_key(m, opts.prices, contained=False) == key
-                for d in (ds, other)
-                for m, v in d.prices.items()
-            ):
-                raise ReplayError(
-                    f"--price {key}: prices no model without a recorded cost in {opts.dataset} or "
-                    f"{opts.drift} (models: {', '.join(sorted({*ds.models, *other.models}))})"
-                )
+    # each --price must price a model of one of the two datasets
+    if other is not None and opts.prices and (unused := unused_prices(opts.prices, ds.prices, other.prices)):
+        raise ReplayError(
+            f"--price {unused[0]}: prices no model without a recorded cost in {opts.dataset} or "
+            f"{opts.drift} (models: {', '.join(sorted({*ds.models, *other.models}))})"
+        )
     if other is not None and len(other.models) < 2:
         raise ReplayError(f"--drift: {opts.drift} records fewer than two models in every row")
     with tempfile.TemporaryDirectory(prefix="cascade-online-") as tmp:

@@ -233,3 +233,14 @@ def test_fit_scorer_from_the_store_takes_no_price(tmp_path: Path, capsys: pytest
 )
 def test_list_prices_match_whole_parts_of_a_name(model: str, price: tuple[float, float], source: str) -> None:
     assert price_for(model) == (price, source)
+
+
+def test_a_price_for_a_model_left_out_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """quark-xl (no recorded cost) missing from 10 rows of 90 is left out: its price would price nothing."""
+    rows = synth.rows(n=90, seed=2)
+    for i in range(5, 95, 9):
+        rows[i]["models"]["quark-xl"] = None
+    path = tmp_path / "gap.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    code, _, _, err = _run(capsys, "replay", str(path), "--price", "quark-xl=3")
+    assert code == 2 and "--price quark-xl: quark-xl is left out (not recorded in every row)" in err
